@@ -1,0 +1,144 @@
+//! Layer discovery: the trainable parameters of a VarStore grouped into layers as
+//! METRICS.md defines them (the name without its last component and any `__N` suffix), in the
+//! model's creation order.
+use crate::error::{GuardError, Result};
+use serde::Serialize;
+use tch::{nn::VarStore, Tensor};
+
+/// One trainable parameter tensor of a layer.
+#[derive(Debug)]
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub numel: usize,
+    /// Shares storage (and `.grad()`) with the VarStore's variable.
+    pub tensor: Tensor,
+}
+
+/// A layer: the parameters that share a module path.
+#[derive(Debug)]
+pub struct Layer {
+    pub name: String,
+    pub params: Vec<Param>,
+}
+
+impl Layer {
+    /// P_l: the number of scalars in the layer.
+    pub fn numel(&self) -> usize {
+        self.params.iter().map(|p| p.numel).sum()
+    }
+}
+
+/// What a report says about a layer's identity.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct LayerInfo {
+    pub name: String,
+    pub params: usize,
+}
+
+/// The model's layers in creation order.
+#[derive(Debug)]
+pub struct LayerMap {
+    layers: Vec<Layer>,
+}
+
+/// The layer a parameter name belongs to: drop the last component (and with it any `__N`
+/// duplicate suffix). A top-level parameter with no path is its own layer.
+pub fn layer_name(param_name: &str) -> String {
+    match param_name.rsplit_once('.') {
+        Some((path, _)) => path.to_string(),
+        None => strip_duplicate_suffix(param_name).to_string(),
+    }
+}
+
+fn strip_duplicate_suffix(name: &str) -> &str {
+    match name.rsplit_once("__") {
+        Some((base, n)) if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => name,
+    }
+}
+
+impl LayerMap {
+    /// Discovers the layers of a VarStore. `trainable_variables()` gives creation order without
+    /// names, `variables()` names without order: they are matched by tensor identity
+    /// (storage pointer, shape and dtype). Buffers (not requiring grad) are excluded.
+    pub fn from_var_store(vs: &VarStore) -> Result<Self> {
+        let named = vs.variables();
+        let mut named: Vec<(String, Tensor)> = named.into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut params = Vec::new();
+        for tensor in vs.trainable_variables() {
+            if !tensor.requires_grad() {
+                continue; // a frozen VarStore keeps its variables listed but not trainable
+            }
+            let name = named
+                .iter()
+                .find(|(_, t)| same_tensor(t, &tensor))
+                .map(|(n, _)| n.clone())
+                .ok_or_else(|| GuardError::Layers("a trainable variable has no name in the VarStore".into()))?;
+            params.push((name, tensor));
+        }
+        Self::from_named_params(params)
+    }
+
+    /// Builds the map from parameters already in model order (TorchScript modules, tests).
+    pub fn from_named_params(params: Vec<(String, Tensor)>) -> Result<Self> {
+        if params.is_empty() {
+            return Err(GuardError::NoParameters);
+        }
+        let mut layers: Vec<Layer> = Vec::new();
+        for (name, tensor) in params {
+            let shape = tensor.size();
+            let numel = tensor.numel();
+            let lname = layer_name(&name);
+            let param = Param { name, shape, numel, tensor };
+            match layers.iter_mut().find(|l| l.name == lname) {
+                Some(layer) => layer.params.push(param),
+                None => layers.push(Layer { name: lname, params: vec![param] }),
+            }
+        }
+        Ok(Self { layers })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.name.clone()).collect()
+    }
+
+    pub fn infos(&self) -> Vec<LayerInfo> {
+        self.layers.iter().map(|l| LayerInfo { name: l.name.clone(), params: l.numel() }).collect()
+    }
+
+    /// All parameter tensors in model order, with the index of the layer of each.
+    pub fn flat_params(&self) -> (Vec<Tensor>, Vec<usize>) {
+        let mut tensors = Vec::new();
+        let mut owner = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            for p in &layer.params {
+                tensors.push(p.tensor.shallow_clone());
+                owner.push(li);
+            }
+        }
+        (tensors, owner)
+    }
+
+    /// Total number of trainable scalars.
+    pub fn numel(&self) -> usize {
+        self.layers.iter().map(|l| l.numel()).sum()
+    }
+}
+
+fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
+    a.data_ptr() == b.data_ptr() && a.size() == b.size() && a.kind() == b.kind() && a.numel() > 0
+}

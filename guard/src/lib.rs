@@ -1,0 +1,34 @@
+//! gradguard's core: the layer map, the leakage estimators of METRICS.md (M1 sensitivity, M2
+//! subspace distance), per-layer gradient statistics, and the [`Guard`] that schedules them
+//! inside a training loop. Reports are serde types.
+//!
+//! ```ignore
+//! let mut guard = Guard::new(&vs, GuardConfig::default())?;
+//! // ... opt.zero_grad(); loss.backward();
+//! let report = guard.after_backward(&Batch::new(&x, &y), &|x: &Tensor, y: &Tensor| {
+//!     net.forward(x).f_cross_entropy_for_logits(y)
+//! })?;
+//! // ... opt.step();
+//! println!("{}", report.table());
+//! ```
+pub mod batch;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod layers;
+pub mod loss;
+pub mod report;
+pub mod sensitivity;
+pub mod stats;
+pub mod subspace;
+pub mod tensors;
+
+pub use batch::Batch;
+pub use device::parse_device;
+pub use engine::{Guard, GuardConfig};
+pub use error::{GuardError, Result};
+pub use layers::{LayerInfo, LayerMap};
+pub use loss::LossFn;
+pub use report::{GradientStats, JvpMethod, LayerReport, Metric, Report, Sensitivity, Subspace};
+pub use sensitivity::SensitivitySettings;
+pub use subspace::SubspaceSettings;

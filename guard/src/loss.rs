@@ -1,0 +1,68 @@
+//! How the guard recomputes the loss of a batch: the one thing it needs from the user's model.
+use crate::error::{GuardError, Result, TorchContext};
+use tch::{Kind, TchError, Tensor};
+
+/// Recomputes the mean loss of a batch from its inputs. M1 differentiates the released gradient
+/// with respect to the inputs, so the guard must rebuild the graph from inputs that require
+/// grad; M2 calls it on one sample (or one micro-batch) at a time.
+///
+/// Any `Fn(&Tensor, &Tensor) -> Result<Tensor, TchError>` is a `LossFn`:
+/// ```ignore
+/// let loss_fn = |x: &Tensor, y: &Tensor| net.forward(x).f_cross_entropy_for_logits(y);
+/// ```
+/// The closure should compute the loss the way the training step does (same mode, mean
+/// reduction); a model with dropout should be called in a mode that gives the same mask on
+/// repeated calls when central differences are used.
+pub trait LossFn {
+    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError>;
+}
+
+impl<F> LossFn for F
+where
+    F: Fn(&Tensor, &Tensor) -> std::result::Result<Tensor, TchError>,
+{
+    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError> {
+        self(inputs, targets)
+    }
+}
+
+/// Calls the loss function and checks it returned a finite scalar.
+/// `check_finite` costs one host read; probe loops skip it and check their result instead.
+pub(crate) fn scalar_loss(
+    loss_fn: &dyn LossFn,
+    x: &Tensor,
+    y: &Tensor,
+    step: u64,
+    check_finite: bool,
+) -> Result<Tensor> {
+    let loss = loss_fn.loss(x, y).during("computing the loss from the batch")?;
+    if !loss.defined() || loss.numel() != 1 {
+        return Err(GuardError::LossNotScalar(if loss.defined() { loss.size() } else { vec![] }));
+    }
+    if !check_finite {
+        return Ok(loss);
+    }
+    let value = loss
+        .f_reshape([-1])
+        .and_then(|l| l.f_to_kind(Kind::Double))
+        .and_then(|l| l.f_double_value(&[0]))
+        .during("reading the loss")?;
+    if !value.is_finite() {
+        return Err(GuardError::NonFiniteLoss { step, value });
+    }
+    Ok(loss)
+}
+
+/// Plain parameter gradients of the loss at `x` (no graph kept); undefined where a parameter
+/// is not reached.
+pub(crate) fn parameter_grads(
+    loss_fn: &dyn LossFn,
+    x: &Tensor,
+    y: &Tensor,
+    params: &[Tensor],
+    step: u64,
+    check_finite: bool,
+) -> Result<Vec<Tensor>> {
+    let loss = scalar_loss(loss_fn, x, y, step, check_finite)?;
+    Tensor::f_run_backward(&[&loss], params, false, false).during("computing parameter gradients")
+}

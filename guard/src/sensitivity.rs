@@ -1,0 +1,339 @@
+//! M1, sensitivity of the released gradient to the private inputs (METRICS.md, M1).
+//!
+//! The estimator forms one Jacobian-vector product of the whole released gradient per probe,
+//! which serves every layer at once: S_l^2 ~= (1/(nK)) sum_k ||(J v_k)_l||^2. Per-layer sums
+//! stay on the device and are read back once per estimate.
+use crate::error::{GuardError, Result, TorchContext};
+use crate::layers::LayerMap;
+use crate::loss::{parameter_grads, scalar_loss, LossFn};
+use crate::report::{JvpMethod, Metric, Sensitivity};
+use crate::tensors::{gaussian_probes, rng_for, sum_sq, to_f64_vec};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// How M1 is estimated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SensitivitySettings {
+    /// Probes K (at least 2, for a standard error).
+    pub probes: usize,
+    pub method: JvpMethod,
+    /// Enumerate basis vectors instead of probing (small models and tests).
+    pub exact: bool,
+}
+
+impl Default for SensitivitySettings {
+    fn default() -> Self {
+        Self { probes: 8, method: JvpMethod::DoubleBackward, exact: false }
+    }
+}
+
+impl SensitivitySettings {
+    pub fn validate(&self) -> Result<()> {
+        if !self.exact && self.probes < 2 {
+            return Err(GuardError::Config {
+                setting: "sensitivity.probes",
+                why: format!("needs at least 2 probes for a standard error, got {}", self.probes),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Squared Frobenius norms of the Jacobian blocks: `sq[k][l]` for probe (or basis block) k.
+struct JacobianSquares {
+    per_probe: Vec<Vec<f64>>,
+    grad_norms: Vec<f64>,
+    used: Vec<bool>,
+}
+
+/// Estimates M1 for every layer on one batch. `step` and `seed` pick the probes.
+pub fn estimate_sensitivity(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+    settings: &SensitivitySettings,
+    seed: u64,
+    step: u64,
+) -> Result<Vec<Metric<Sensitivity>>> {
+    settings.validate()?;
+    let n = inputs.size().first().copied().unwrap_or(0);
+    if n <= 0 {
+        return Err(GuardError::EmptyBatch);
+    }
+    let squares = if settings.exact {
+        exact_squares(layers, loss_fn, inputs, targets, step)?
+    } else {
+        match settings.method {
+            JvpMethod::DoubleBackward => double_backward_squares(layers, loss_fn, inputs, targets, settings.probes, seed, step)?,
+            JvpMethod::CentralDifference => central_difference_squares(layers, loss_fn, inputs, targets, settings.probes, seed, step)?,
+        }
+    };
+    Ok(summarise(layers, &squares, n as usize, settings, seed, step))
+}
+
+fn summarise(
+    layers: &LayerMap,
+    sq: &JacobianSquares,
+    n: usize,
+    settings: &SensitivitySettings,
+    seed: u64,
+    step: u64,
+) -> Vec<Metric<Sensitivity>> {
+    layers
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(l, layer)| {
+            if !sq.used[l] {
+                return Metric::absent("layer not used by the loss (gradient undefined)");
+            }
+            let params = layer.numel();
+            let per: Vec<f64> = sq.per_probe.iter().map(|row| row[l] / n as f64).collect();
+            let (s2, se2) = if settings.exact {
+                (per.iter().sum::<f64>(), 0.0)
+            } else {
+                mean_and_standard_error(&per)
+            };
+            if !s2.is_finite() {
+                return Metric::absent("non-finite Jacobian estimate (the loss or its gradient overflowed)");
+            }
+            let s = s2.max(0.0).sqrt();
+            // Delta method: se(S) = se(S^2) / (2 S).
+            let se = if s > 0.0 { se2 / (2.0 * s) } else { 0.0 };
+            let norm = sq.grad_norms[l];
+            Metric::Measured(Sensitivity {
+                sensitivity: s,
+                sensitivity_se: se,
+                sensitivity_rms: s / (params as f64).sqrt(),
+                relative_sensitivity: (norm > 0.0 && norm.is_finite()).then(|| s / norm),
+                step,
+                n,
+                probes: (!settings.exact).then_some(settings.probes),
+                exact: settings.exact,
+                method: settings.method,
+                seed,
+                params,
+            })
+        })
+        .collect()
+}
+
+/// Mean of the values and the standard error of that mean (sample standard deviation / sqrt K).
+pub fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
+    let k = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / k;
+    if values.len() < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (k - 1.0);
+    (mean, (var / k).sqrt())
+}
+
+/// Per-layer sums of squares of per-parameter tensors, as one [L] tensor on the device.
+fn layer_square_sums(per_param: &[Tensor], owner: &[usize], layer_count: usize, like: &Tensor) -> Result<Tensor> {
+    let zero = Tensor::f_zeros([], (Kind::Double, like.device())).during("allocating layer sums")?;
+    let mut sums: Vec<Tensor> = (0..layer_count).map(|_| zero.shallow_clone()).collect();
+    for (t, &l) in per_param.iter().zip(owner) {
+        if t.defined() {
+            sums[l] = sums[l].f_add(&sum_sq(t)?).during("adding layer sums")?;
+        }
+    }
+    Tensor::f_stack(&sums, 0).during("stacking layer sums")
+}
+
+fn used_layers(grads: &[Tensor], owner: &[usize], layer_count: usize) -> Vec<bool> {
+    let mut used = vec![false; layer_count];
+    for (g, &l) in grads.iter().zip(owner) {
+        used[l] |= g.defined();
+    }
+    used
+}
+
+fn leaf_inputs(inputs: &Tensor) -> Result<Tensor> {
+    inputs
+        .f_detach()
+        .and_then(|x| x.f_set_requires_grad(true))
+        .during("preparing inputs for differentiation")
+}
+
+fn read_rows(rows: Vec<Tensor>, layer_count: usize) -> Result<Vec<Vec<f64>>> {
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let all = to_f64_vec(&Tensor::f_stack(&rows, 0).during("stacking probe results")?)?;
+    Ok(all.chunks(layer_count).map(|c| c.to_vec()).collect())
+}
+
+/// The released gradient G(x) built with create_graph, so that it can be differentiated again.
+struct GradientGraph {
+    x: Tensor,
+    grads: Vec<Tensor>,
+    owner: Vec<usize>,
+    used: Vec<bool>,
+    grad_norms: Vec<f64>,
+}
+
+impl GradientGraph {
+    fn build(layers: &LayerMap, loss_fn: &dyn LossFn, inputs: &Tensor, targets: &Tensor, step: u64) -> Result<Self> {
+        let (params, owner) = layers.flat_params();
+        let x = leaf_inputs(inputs)?;
+        let loss = scalar_loss(loss_fn, &x, targets, step, true)?;
+        let grads = Tensor::f_run_backward(&[&loss], &params, true, true).during("building the gradient graph")?;
+        let used = used_layers(&grads, &owner, layers.len());
+        let grad_norms = to_f64_vec(&layer_square_sums(&grads, &owner, layers.len(), &x)?)?
+            .into_iter()
+            .map(f64::sqrt)
+            .collect();
+        Ok(Self { x, grads, owner, used, grad_norms })
+    }
+
+    fn squares(self, per_probe: Vec<Vec<f64>>) -> JacobianSquares {
+        JacobianSquares { per_probe, grad_norms: self.grad_norms, used: self.used }
+    }
+
+    /// h(w) = J^T w = d<G, w>/dx for dummies w (one per defined gradient, requiring grad).
+    /// h is linear in w, so d<h, v>/dw = J v. None when G does not move with the inputs.
+    fn transpose_product(&self) -> Result<Option<(Tensor, Vec<Tensor>, Vec<usize>)>> {
+        let mut dummies = Vec::new();
+        let mut dummy_owner = Vec::new();
+        let mut inner: Option<Tensor> = None;
+        for (g, &l) in self.grads.iter().zip(&self.owner) {
+            if !g.defined() {
+                continue;
+            }
+            let w = g.f_zeros_like().and_then(|w| w.f_set_requires_grad(true)).during("allocating dummy vectors")?;
+            let term = g.f_mul(&w).and_then(|p| p.f_sum(Kind::Double)).during("forming <G, w>")?;
+            inner = Some(match inner {
+                None => term,
+                Some(acc) => acc.f_add(&term).during("forming <G, w>")?,
+            });
+            dummies.push(w);
+            dummy_owner.push(l);
+        }
+        let Some(inner) = inner else { return Ok(None) };
+        let h = Tensor::f_run_backward(&[&inner], &[&self.x], true, true).during("forming J^T w")?.remove(0);
+        if !h.defined() || !h.requires_grad() {
+            return Ok(None);
+        }
+        Ok(Some((h, dummies, dummy_owner)))
+    }
+}
+
+/// The double-backward trick: one backward pass through the retained graph per probe.
+fn double_backward_squares(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+    probes: usize,
+    seed: u64,
+    step: u64,
+) -> Result<JacobianSquares> {
+    let l_count = layers.len();
+    let graph = GradientGraph::build(layers, loss_fn, inputs, targets, step)?;
+    let Some((h, dummies, dummy_owner)) = graph.transpose_product()? else {
+        // The released gradient does not move with the inputs: every Jacobian is exactly 0.
+        return Ok(graph.squares(vec![vec![0.0; l_count]; probes]));
+    };
+    let v = gaussian_probes(&graph.x, probes, &mut rng_for(seed, step, 1))?;
+    let mut rows = Vec::with_capacity(probes);
+    for k in 0..probes as i64 {
+        let vk = v.f_get(k).during("selecting a probe")?;
+        let t = h.f_mul(&vk).and_then(|p| p.f_sum(Kind::Double)).during("forming <J^T w, v>")?;
+        let jv = Tensor::f_run_backward(&[&t], &dummies, true, false).during("computing a JVP")?;
+        rows.push(layer_square_sums(&jv, &dummy_owner, l_count, &graph.x)?);
+    }
+    let rows = read_rows(rows, l_count)?;
+    Ok(graph.squares(rows))
+}
+
+/// Central differences (G(X + e v) - G(X - e v)) / 2e, e = 1e-3 rms(X) in f32, 1e-6 in f64.
+fn central_difference_squares(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+    probes: usize,
+    seed: u64,
+    step: u64,
+) -> Result<JacobianSquares> {
+    let (params, owner) = layers.flat_params();
+    let l_count = layers.len();
+    let x = inputs.f_detach().during("preparing inputs")?;
+    let grads = parameter_grads(loss_fn, &x, targets, &params, step, true)?;
+    let used = used_layers(&grads, &owner, l_count);
+    let grad_norms = to_f64_vec(&layer_square_sums(&grads, &owner, l_count, &x)?)?.into_iter().map(f64::sqrt).collect();
+    let rms = to_f64_vec(&x.f_square().and_then(|s| s.f_mean(Kind::Double)).during("rms of inputs")?)?[0].sqrt();
+    let rel = if x.kind() == Kind::Double { 1e-6 } else { 1e-3 };
+    let eps = rel * if rms > 0.0 { rms } else { 1.0 };
+    let v = gaussian_probes(&x, probes, &mut rng_for(seed, step, 1))?;
+    let mut rows = Vec::with_capacity(probes);
+    for k in 0..probes as i64 {
+        let dv = v.f_get(k).and_then(|vk| vk.f_mul_scalar(eps)).during("scaling a probe")?;
+        let plus = parameter_grads(loss_fn, &x.f_add(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
+        let minus = parameter_grads(loss_fn, &x.f_sub(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
+        let diffs = plus
+            .iter()
+            .zip(&minus)
+            .map(|(p, m)| {
+                if p.defined() && m.defined() {
+                    p.f_sub(m).and_then(|d| d.f_div_scalar(2.0 * eps)).during("differencing gradients")
+                } else {
+                    Ok(Tensor::new())
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        rows.push(layer_square_sums(&diffs, &owner, l_count, &x)?);
+    }
+    Ok(JacobianSquares { per_probe: read_rows(rows, l_count)?, grad_norms, used })
+}
+
+/// Exact mode: enumerate the basis of the smaller side. Input basis: one JVP per input scalar
+/// (n*D of them); parameter basis: one VJP per parameter scalar (P of them). Either way the
+/// sum over the basis of the squared blocks is ||J_l||_F^2 = sum_i ||J_{l,i}||_F^2, returned as
+/// a single row.
+fn exact_squares(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+    step: u64,
+) -> Result<JacobianSquares> {
+    let l_count = layers.len();
+    let graph = GradientGraph::build(layers, loss_fn, inputs, targets, step)?;
+    let x = &graph.x;
+    let mut rows = Vec::new();
+    if x.numel() <= layers.numel() {
+        if let Some((h, dummies, dummy_owner)) = graph.transpose_product()? {
+            let flat = h.f_reshape([-1]).during("flattening J^T w")?;
+            for j in 0..flat.numel() as i64 {
+                let t = flat.f_get(j).during("selecting an input coordinate")?;
+                let jv = Tensor::f_run_backward(&[&t], &dummies, true, false).during("computing a basis JVP")?;
+                rows.push(layer_square_sums(&jv, &dummy_owner, l_count, x)?);
+            }
+        }
+    } else {
+        for (g, &l) in graph.grads.iter().zip(&graph.owner) {
+            if !g.defined() || !g.requires_grad() {
+                continue;
+            }
+            let flat = g.f_reshape([-1]).during("flattening a gradient")?;
+            for q in 0..flat.numel() as i64 {
+                let t = flat.f_get(q).during("selecting a parameter coordinate")?;
+                let row = Tensor::f_run_backward(&[&t], &[x], true, false).during("computing a basis VJP")?;
+                let mut placed: Vec<Tensor> = (0..l_count).map(|_| Tensor::new()).collect();
+                placed[l] = row.into_iter().next().unwrap_or_else(Tensor::new);
+                rows.push(layer_square_sums(&placed, &(0..l_count).collect::<Vec<_>>(), l_count, x)?);
+            }
+        }
+    }
+    let mut total = vec![0.0; l_count];
+    for row in read_rows(rows, l_count)? {
+        for (acc, v) in total.iter_mut().zip(row) {
+            *acc += v;
+        }
+    }
+    Ok(graph.squares(vec![total]))
+}

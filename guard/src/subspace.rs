@@ -1,0 +1,240 @@
+//! M2, subspace distance and separation between the per-sample gradients of groups that differ
+//! in a private attribute (METRICS.md, M2). The linear algebra runs on the host in f64.
+use crate::error::{GuardError, Result, TorchContext};
+use crate::layers::LayerMap;
+use crate::loss::{parameter_grads, LossFn};
+use crate::report::{Metric, Subspace};
+use crate::tensors::{rng_for, to_f64_vec};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// How M2 is computed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubspaceSettings {
+    /// m: per-sample gradients per attribute value.
+    pub samples_per_group: usize,
+    /// r: rank of each subspace.
+    pub rank: usize,
+    /// Centre the gradients on their overall mean before taking subspaces.
+    pub centre: bool,
+}
+
+impl Default for SubspaceSettings {
+    fn default() -> Self {
+        Self { samples_per_group: 16, rank: 4, centre: false }
+    }
+}
+
+/// Fewest gradients per attribute value: two halves of two.
+pub const MIN_PER_GROUP: usize = 4;
+
+impl SubspaceSettings {
+    pub fn validate(&self) -> Result<()> {
+        if self.samples_per_group < MIN_PER_GROUP {
+            return Err(GuardError::Config {
+                setting: "subspace.samples_per_group",
+                why: format!("needs at least {MIN_PER_GROUP} (two halves of two), got {}", self.samples_per_group),
+            });
+        }
+        if self.rank == 0 {
+            return Err(GuardError::Config { setting: "subspace.rank", why: "must be at least 1".into() });
+        }
+        Ok(())
+    }
+}
+
+/// Orthonormal basis (P x k, f64, host) of the top-r left singular vectors of the columns,
+/// k = min(r, numerical rank). None when every column is zero.
+pub fn orthonormal_basis(columns: &Tensor, rank: usize, eps: f64) -> Result<Option<Tensor>> {
+    let a = columns.f_to_device(Device::Cpu).and_then(|a| a.f_to_kind(Kind::Double)).during("preparing gradient columns")?;
+    // Legacy svd: linalg_svd fails on CPU through tch (see TCH-NOTES).
+    let (u, s, _v) = a.f_svd(true, true).during("taking the SVD of gradient columns")?;
+    let s = to_f64_vec(&s)?;
+    let top = s.first().copied().unwrap_or(0.0);
+    if top <= 0.0 || !top.is_finite() {
+        return Ok(None);
+    }
+    let size = a.size();
+    let tol = top * eps * size.iter().copied().max().unwrap_or(1) as f64;
+    let k = s.iter().take(rank).filter(|&&v| v > tol).count();
+    Ok(Some(u.f_narrow(1, 0, k as i64).during("selecting singular vectors")?))
+}
+
+/// Principal angles (radians, ascending) between the spans of two orthonormal bases, k = the
+/// smaller rank. Cosines from sigma(U_S^T U_T); near zero the sines from
+/// sigma((I - U_big U_big^T) U_small), which keep precision where acos does not.
+pub fn principal_angles(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
+    let (small, big) = if a.size()[1] <= b.size()[1] { (a, b) } else { (b, a) };
+    let cross = big.f_transpose(0, 1).and_then(|bt| bt.f_matmul(small)).during("forming U_S^T U_T")?;
+    let cos = to_f64_vec(&cross.f_svd(true, false).during("singular values of U_S^T U_T")?.1)?;
+    let residual = small.f_sub(&big.f_matmul(&cross).during("projecting a basis")?).during("projecting a basis")?;
+    let mut sin = to_f64_vec(&residual.f_svd(true, false).during("singular values of the residual")?.1)?;
+    sin.reverse(); // ascending sines pair with descending cosines
+    Ok(cos
+        .iter()
+        .zip(sin)
+        .map(|(&c, s)| if c > std::f64::consts::FRAC_1_SQRT_2 { s.clamp(0.0, 1.0).asin() } else { c.clamp(-1.0, 1.0).acos() })
+        .collect())
+}
+
+/// d(S, T) = sqrt((1/k) sum_j sin^2 theta_j), the normalised projection distance in [0, 1].
+/// sum_j sin^2 theta_j = ||(I - U_big U_big^T) U_small||_F^2 exactly, with no acos.
+pub fn projection_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (small, big) = if a.size()[1] <= b.size()[1] { (a, b) } else { (b, a) };
+    let k = small.size()[1];
+    if k == 0 {
+        return Ok(1.0);
+    }
+    let cross = big.f_transpose(0, 1).and_then(|bt| bt.f_matmul(small)).during("forming U_S^T U_T")?;
+    let residual = small.f_sub(&big.f_matmul(&cross).during("projecting a basis")?).during("projecting a basis")?;
+    let ss = to_f64_vec(&residual.f_square().and_then(|r| r.f_sum(Kind::Double)).during("residual norm")?)?[0];
+    Ok((ss / k as f64).sqrt().clamp(0.0, 1.0))
+}
+
+/// Per-layer gradient columns of one group half: P_l x cols, host f64.
+type HalfColumns = Vec<Tensor>;
+
+/// The attribute values present, with the batch indices of each, as chosen for M2.
+struct Selection {
+    /// For each attribute value: its two halves of batch indices.
+    halves: Vec<(Vec<usize>, Vec<usize>)>,
+    m: usize,
+}
+
+fn select(attribute: &[i64], settings: &SubspaceSettings, seed: u64, step: u64) -> std::result::Result<Selection, String> {
+    let mut values: Vec<i64> = attribute.to_vec();
+    values.sort_unstable();
+    values.dedup();
+    if values.len() < 2 {
+        return Err("attribute has a single value in this batch".into());
+    }
+    let mut rng = rng_for(seed, step, 2);
+    let mut groups = Vec::new();
+    for v in &values {
+        let mut idx: Vec<usize> = attribute.iter().enumerate().filter(|(_, a)| *a == v).map(|(i, _)| i).collect();
+        idx.shuffle(&mut rng);
+        groups.push((v, idx));
+    }
+    let m = groups.iter().map(|(_, idx)| idx.len()).min().unwrap_or(0).min(settings.samples_per_group);
+    if m < MIN_PER_GROUP {
+        let (v, idx) = groups.iter().min_by_key(|(_, idx)| idx.len()).expect("two groups");
+        return Err(format!(
+            "insufficient samples: attribute value {v} has {} in this batch, at least {MIN_PER_GROUP} needed",
+            idx.len()
+        ));
+    }
+    let half = m / 2;
+    let halves = groups.into_iter().map(|(_, idx)| (idx[..half].to_vec(), idx[half..2 * half].to_vec())).collect();
+    Ok(Selection { halves, m: 2 * half })
+}
+
+/// Per-layer flattened gradients of one sample (zeros where a parameter is not reached).
+fn sample_gradient(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor, i: usize, step: u64) -> Result<Vec<Tensor>> {
+    let (params, owner) = layers.flat_params();
+    let xi = x.f_narrow(0, i as i64, 1).during("selecting a sample")?;
+    let yi = y.f_narrow(0, i as i64, 1).during("selecting a sample")?;
+    let grads = parameter_grads(loss_fn, &xi, &yi, &params, step, false)?;
+    let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
+    for ((g, p), &l) in grads.iter().zip(&params).zip(&owner) {
+        let flat = if g.defined() { g.f_reshape([-1]) } else { p.f_zeros_like().and_then(|z| z.f_reshape([-1])) };
+        per_layer[l].push(flat.and_then(|f| f.f_to_kind(Kind::Double)).during("flattening a per-sample gradient")?);
+    }
+    per_layer
+        .into_iter()
+        .map(|parts| Tensor::f_cat(&parts, 0).and_then(|t| t.f_to_device(Device::Cpu)).during("joining a per-sample gradient"))
+        .collect()
+}
+
+fn columns(layers: &LayerMap, samples: &[Vec<Tensor>], which: &[usize]) -> Result<HalfColumns> {
+    (0..layers.len())
+        .map(|l| {
+            let cols: Vec<&Tensor> = which.iter().map(|&i| &samples[i][l]).collect();
+            Tensor::f_stack(&cols, 1).during("stacking gradient columns")
+        })
+        .collect()
+}
+
+/// Estimates M2 for every layer. `attribute` holds one integer label per sample.
+#[allow(clippy::too_many_arguments)]
+pub fn estimate_subspace(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+    attribute: &[i64],
+    settings: &SubspaceSettings,
+    seed: u64,
+    step: u64,
+) -> Result<Vec<Metric<Subspace>>> {
+    settings.validate()?;
+    let selection = match select(attribute, settings, seed, step) {
+        Ok(s) => s,
+        Err(reason) => return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect()),
+    };
+    // Per-sample gradients of the selected samples only, keyed by batch index.
+    let mut samples: Vec<Vec<Tensor>> = (0..attribute.len()).map(|_| Vec::new()).collect();
+    for (a, b) in &selection.halves {
+        for &i in a.iter().chain(b) {
+            samples[i] = sample_gradient(layers, loss_fn, inputs, targets, i, step)?;
+        }
+    }
+    if settings.centre {
+        let chosen: Vec<usize> = selection.halves.iter().flat_map(|(a, b)| a.iter().chain(b).copied()).collect();
+        for l in 0..layers.len() {
+            let cols: Vec<&Tensor> = chosen.iter().map(|&i| &samples[i][l]).collect();
+            let mean = Tensor::f_stack(&cols, 0).and_then(|s| s.f_mean_dim(0, false, Kind::Double)).during("centring")?;
+            for &i in &chosen {
+                samples[i][l] = samples[i][l].f_sub(&mean).during("centring")?;
+            }
+        }
+    }
+    let eps = if inputs.kind() == Kind::Double { f64::EPSILON } else { f32::EPSILON as f64 };
+    let mut bases: Vec<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> = Vec::new();
+    for (a, b) in &selection.halves {
+        let ca = columns(layers, &samples, a)?;
+        let cb = columns(layers, &samples, b)?;
+        let ua = ca.iter().map(|c| orthonormal_basis(c, settings.rank, eps)).collect::<Result<Vec<_>>>()?;
+        let ub = cb.iter().map(|c| orthonormal_basis(c, settings.rank, eps)).collect::<Result<Vec<_>>>()?;
+        bases.push((ua, ub));
+    }
+    let groups = selection.halves.len();
+    let mut out = Vec::with_capacity(layers.len());
+    for (l, layer) in layers.layers().iter().enumerate() {
+        let mut between = Vec::new();
+        let mut within = Vec::new();
+        let mut zero = false;
+        for g in 0..groups {
+            for h in g + 1..groups {
+                let (Some(a1), Some(a2), Some(b1), Some(b2)) =
+                    (&bases[g].0[l], &bases[g].1[l], &bases[h].0[l], &bases[h].1[l])
+                else {
+                    zero = true;
+                    continue;
+                };
+                between.push((projection_distance(a1, b1)? + projection_distance(a2, b2)?) / 2.0);
+                within.push((projection_distance(a1, a2)? + projection_distance(b1, b2)?) / 2.0);
+            }
+        }
+        if zero {
+            out.push(Metric::absent("zero per-sample gradients in a group: no subspace to compare"));
+            continue;
+        }
+        let d_between = between.iter().sum::<f64>() / between.len() as f64;
+        let d_within = within.iter().sum::<f64>() / within.len() as f64;
+        out.push(Metric::Measured(Subspace {
+            subspace_distance: d_between,
+            subspace_separation: d_between - d_within,
+            within_distance: d_within,
+            step,
+            m: selection.m,
+            rank: settings.rank,
+            groups,
+            centred: settings.centre,
+            seed,
+            params: layer.numel(),
+        }));
+    }
+    Ok(out)
+}
