@@ -64,11 +64,15 @@ pub enum DefenceError {
     },
 
     /// `GradientAccumulator::add` was told a micro-batch had zero samples.
-    #[error("accumulator add with samples = 0: a micro-batch gradient must cover at least one sample")]
+    #[error(
+        "accumulator add with samples = 0: a micro-batch gradient must cover at least one sample"
+    )]
     ZeroSamples,
 
     /// A layer's gradient shape differs from the one seen in an earlier `add`.
-    #[error("layer {layer}: gradient shape {got:?} differs from the shape {expected:?} of earlier adds")]
+    #[error(
+        "layer {layer}: gradient shape {got:?} differs from the shape {expected:?} of earlier adds"
+    )]
     ShapeMismatch {
         /// Layer index.
         layer: usize,

@@ -2,7 +2,7 @@
 //! subspace distance), per-layer gradient statistics, and the [`Guard`] that schedules them
 //! inside a training loop. Reports are serde types.
 //!
-//! ```ignore
+//! ```text
 //! let mut guard = Guard::new(&vs, GuardConfig::default())?;
 //! // ... opt.zero_grad(); loss.backward();
 //! let report = guard.after_backward(&Batch::new(&x, &y), &|x: &Tensor, y: &Tensor| {

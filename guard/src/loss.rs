@@ -7,7 +7,7 @@ use tch::{Kind, TchError, Tensor};
 /// grad; M2 calls it on one sample (or one micro-batch) at a time.
 ///
 /// Any `Fn(&Tensor, &Tensor) -> Result<Tensor, TchError>` is a `LossFn`:
-/// ```ignore
+/// ```text
 /// let loss_fn = |x: &Tensor, y: &Tensor| net.forward(x).f_cross_entropy_for_logits(y);
 /// ```
 /// The closure should compute the loss the way the training step does (same mode, mean

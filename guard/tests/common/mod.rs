@@ -1,0 +1,44 @@
+//! Small models and data shared by the guard's tests.
+#![allow(dead_code)]
+use tch::{nn, Device, Kind, TchError, Tensor};
+
+/// i.i.d. standard normal inputs [n, d] from a fixed libtorch seed.
+pub fn gaussian(n: i64, d: i64, seed: i64, kind: Kind) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randn([n, d], (kind, Device::Cpu))
+}
+
+/// A ReLU MLP with layers fc0, fc1, ... (no batch coupling).
+pub struct Mlp {
+    pub layers: Vec<nn::Linear>,
+}
+
+impl Mlp {
+    pub fn new(p: &nn::Path, widths: &[i64]) -> Self {
+        let layers = widths
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| nn::linear(p / format!("fc{i}"), w[0], w[1], Default::default()))
+            .collect();
+        Self { layers }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let mut h = x.shallow_clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            h = h.f_linear(&l.ws, l.bs.as_ref())?;
+            if i + 1 < self.layers.len() {
+                h = h.f_relu()?;
+            }
+        }
+        Ok(h)
+    }
+
+    pub fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        cross_entropy(&self.forward(x)?, y)
+    }
+}
+
+pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+    logits.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
+}
