@@ -29,6 +29,8 @@ pub enum GuardError {
     Config { setting: &'static str, why: String },
     #[error("layer discovery failed: {0}")]
     Layers(String),
+    #[error("a defence failed: {0}")]
+    Defence(#[from] gradguard_defenses::DefenceError),
     #[error("libtorch error while {context}: {source}")]
     Torch {
         context: &'static str,

@@ -66,8 +66,7 @@ pub fn estimate_sensitivity(
         exact_squares(layers, loss_fn, inputs, targets, step)?
     } else {
         match settings.method {
-            JvpMethod::DoubleBackward => double_backward_squares(layers, loss_fn, inputs, targets, settings.probes, seed, step)?,
-            JvpMethod::CentralDifference => central_difference_squares(layers, loss_fn, inputs, targets, settings.probes, seed, step)?,
+            method => probe_squares(layers, loss_fn, inputs, targets, method, settings.probes, seed, step)?,
         }
     };
     Ok(summarise(layers, &squares, n as usize, settings, seed, step))
@@ -194,12 +193,13 @@ impl GradientGraph {
     }
 
     /// h(w) = J^T w = d<G, w>/dx for dummies w (one per defined gradient, requiring grad).
-    /// h is linear in w, so d<h, v>/dw = J v. None when G does not move with the inputs.
+    /// h is linear in w, so d<h, v>/dw = J v. Returns h, the dummies and the index of the
+    /// parameter of each; None when G does not move with the inputs.
     fn transpose_product(&self) -> Result<Option<(Tensor, Vec<Tensor>, Vec<usize>)>> {
         let mut dummies = Vec::new();
-        let mut dummy_owner = Vec::new();
+        let mut dummy_param = Vec::new();
         let mut inner: Option<Tensor> = None;
-        for (g, &l) in self.grads.iter().zip(&self.owner) {
+        for (p, g) in self.grads.iter().enumerate() {
             if !g.defined() {
                 continue;
             }
@@ -210,84 +210,188 @@ impl GradientGraph {
                 Some(acc) => acc.f_add(&term).during("forming <G, w>")?,
             });
             dummies.push(w);
-            dummy_owner.push(l);
+            dummy_param.push(p);
         }
         let Some(inner) = inner else { return Ok(None) };
         let h = Tensor::f_run_backward(&[&inner], &[&self.x], true, true).during("forming J^T w")?.remove(0);
         if !h.defined() || !h.requires_grad() {
             return Ok(None);
         }
-        Ok(Some((h, dummies, dummy_owner)))
+        Ok(Some((h, dummies, dummy_param)))
     }
 }
 
-/// The double-backward trick: one backward pass through the retained graph per probe.
-fn double_backward_squares(
+/// What a probe pass leaves besides the JVPs: which layers the loss reaches, ||G_l||, and the
+/// released gradient per parameter (detached).
+struct ProbeContext {
+    used: Vec<bool>,
+    grad_norms: Vec<f64>,
+    grads: Vec<Tensor>,
+}
+
+/// Runs K probes and hands each probe's JVP, one tensor per parameter in `flat_params` order
+/// (undefined where the parameter's gradient does not move with the inputs), to `sink`.
+#[allow(clippy::too_many_arguments)]
+fn probe_jvps(
     layers: &LayerMap,
     loss_fn: &dyn LossFn,
     inputs: &Tensor,
     targets: &Tensor,
+    method: JvpMethod,
     probes: usize,
     seed: u64,
     step: u64,
-) -> Result<JacobianSquares> {
-    let l_count = layers.len();
-    let graph = GradientGraph::build(layers, loss_fn, inputs, targets, step)?;
-    let Some((h, dummies, dummy_owner)) = graph.transpose_product()? else {
-        // The released gradient does not move with the inputs: every Jacobian is exactly 0.
-        return Ok(graph.squares(vec![vec![0.0; l_count]; probes]));
-    };
-    let v = gaussian_probes(&graph.x, probes, &mut rng_for(seed, step, 1))?;
-    let mut rows = Vec::with_capacity(probes);
-    for k in 0..probes as i64 {
-        let vk = v.f_get(k).during("selecting a probe")?;
-        let t = h.f_mul(&vk).and_then(|p| p.f_sum(Kind::Double)).during("forming <J^T w, v>")?;
-        let jv = Tensor::f_run_backward(&[&t], &dummies, true, false).during("computing a JVP")?;
-        rows.push(layer_square_sums(&jv, &dummy_owner, l_count, &graph.x)?);
-    }
-    let rows = read_rows(rows, l_count)?;
-    Ok(graph.squares(rows))
-}
-
-/// Central differences (G(X + e v) - G(X - e v)) / 2e, e = 1e-3 rms(X) in f32, 1e-6 in f64.
-fn central_difference_squares(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    probes: usize,
-    seed: u64,
-    step: u64,
-) -> Result<JacobianSquares> {
-    let (params, owner) = layers.flat_params();
-    let l_count = layers.len();
-    let x = inputs.f_detach().during("preparing inputs")?;
-    let grads = parameter_grads(loss_fn, &x, targets, &params, step, true)?;
-    let used = used_layers(&grads, &owner, l_count);
-    let grad_norms = to_f64_vec(&layer_square_sums(&grads, &owner, l_count, &x)?)?.into_iter().map(f64::sqrt).collect();
-    let rms = to_f64_vec(&x.f_square().and_then(|s| s.f_mean(Kind::Double)).during("rms of inputs")?)?[0].sqrt();
-    let rel = if x.kind() == Kind::Double { 1e-6 } else { 1e-3 };
-    let eps = rel * if rms > 0.0 { rms } else { 1.0 };
-    let v = gaussian_probes(&x, probes, &mut rng_for(seed, step, 1))?;
-    let mut rows = Vec::with_capacity(probes);
-    for k in 0..probes as i64 {
-        let dv = v.f_get(k).and_then(|vk| vk.f_mul_scalar(eps)).during("scaling a probe")?;
-        let plus = parameter_grads(loss_fn, &x.f_add(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
-        let minus = parameter_grads(loss_fn, &x.f_sub(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
-        let diffs = plus
-            .iter()
-            .zip(&minus)
-            .map(|(p, m)| {
-                if p.defined() && m.defined() {
-                    p.f_sub(m).and_then(|d| d.f_div_scalar(2.0 * eps)).during("differencing gradients")
-                } else {
-                    Ok(Tensor::new())
+    sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>,
+) -> Result<ProbeContext> {
+    match method {
+        JvpMethod::DoubleBackward => {
+            let graph = GradientGraph::build(layers, loss_fn, inputs, targets, step)?;
+            let grads = graph
+                .grads
+                .iter()
+                .map(|g| if g.defined() { g.f_detach() } else { Ok(Tensor::new()) })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .during("detaching gradients")?;
+            let param_count = graph.grads.len();
+            match graph.transpose_product()? {
+                None => {
+                    // The released gradient does not move with the inputs: every JVP is 0.
+                    for _ in 0..probes {
+                        sink((0..param_count).map(|_| Tensor::new()).collect())?;
+                    }
                 }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        rows.push(layer_square_sums(&diffs, &owner, l_count, &x)?);
+                Some((h, dummies, dummy_param)) => {
+                    let v = gaussian_probes(&graph.x, probes, &mut rng_for(seed, step, 1))?;
+                    for k in 0..probes as i64 {
+                        let vk = v.f_get(k).during("selecting a probe")?;
+                        let t = h.f_mul(&vk).and_then(|p| p.f_sum(Kind::Double)).during("forming <J^T w, v>")?;
+                        let jv = Tensor::f_run_backward(&[&t], &dummies, true, false).during("computing a JVP")?;
+                        let mut per_param: Vec<Tensor> = (0..param_count).map(|_| Tensor::new()).collect();
+                        for (t, &p) in jv.into_iter().zip(&dummy_param) {
+                            per_param[p] = t;
+                        }
+                        sink(per_param)?;
+                    }
+                }
+            }
+            Ok(ProbeContext { used: graph.used, grad_norms: graph.grad_norms, grads })
+        }
+        JvpMethod::CentralDifference => {
+            let l_count = layers.len();
+            let (params, owner) = layers.flat_params();
+            let x = inputs.f_detach().during("preparing inputs")?;
+            let grads = parameter_grads(loss_fn, &x, targets, &params, step, true)?;
+            let used = used_layers(&grads, &owner, l_count);
+            let grad_norms = to_f64_vec(&layer_square_sums(&grads, &owner, l_count, &x)?)?.into_iter().map(f64::sqrt).collect();
+            let rms = to_f64_vec(&x.f_square().and_then(|s| s.f_mean(Kind::Double)).during("rms of inputs")?)?[0].sqrt();
+            let rel = if x.kind() == Kind::Double { 1e-6 } else { 1e-3 };
+            let eps = rel * if rms > 0.0 { rms } else { 1.0 };
+            let v = gaussian_probes(&x, probes, &mut rng_for(seed, step, 1))?;
+            for k in 0..probes as i64 {
+                let dv = v.f_get(k).and_then(|vk| vk.f_mul_scalar(eps)).during("scaling a probe")?;
+                let plus = parameter_grads(loss_fn, &x.f_add(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
+                let minus = parameter_grads(loss_fn, &x.f_sub(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
+                let diffs = plus
+                    .iter()
+                    .zip(&minus)
+                    .map(|(p, m)| {
+                        if p.defined() && m.defined() {
+                            p.f_sub(m).and_then(|d| d.f_div_scalar(2.0 * eps)).during("differencing gradients")
+                        } else {
+                            Ok(Tensor::new())
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                sink(diffs)?;
+            }
+            Ok(ProbeContext { used, grad_norms, grads })
+        }
     }
-    Ok(JacobianSquares { per_probe: read_rows(rows, l_count)?, grad_norms, used })
+}
+
+/// The probe estimator: per-layer squared JVP norms, summed on the device, read once.
+#[allow(clippy::too_many_arguments)]
+fn probe_squares(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+    method: JvpMethod,
+    probes: usize,
+    seed: u64,
+    step: u64,
+) -> Result<JacobianSquares> {
+    let (_, owner) = layers.flat_params();
+    let l_count = layers.len();
+    let mut rows = Vec::with_capacity(probes);
+    let ctx = probe_jvps(layers, loss_fn, inputs, targets, method, probes, seed, step, &mut |jv| {
+        rows.push(layer_square_sums(&jv, &owner, l_count, inputs)?);
+        Ok(())
+    })?;
+    Ok(JacobianSquares { per_probe: read_rows(rows, l_count)?, grad_norms: ctx.grad_norms, used: ctx.used })
+}
+
+/// One layer's released gradient and its K probe JVPs, each flattened over the layer's
+/// parameters: what the closed loop needs to measure M1 on a transformed release.
+pub struct LayerJvps {
+    pub grad: Tensor,
+    pub jvps: Vec<Tensor>,
+}
+
+/// JVPs kept per layer (None for a layer the loss does not reach), for batch size `n`.
+pub struct JvpSamples {
+    pub n: usize,
+    pub probes: usize,
+    pub method: JvpMethod,
+    pub layers: Vec<Option<LayerJvps>>,
+}
+
+/// Runs the probe estimator and keeps every layer's JVPs (memory K x P) instead of only their
+/// norms, so that the sensitivity of any linearised transformation of the release can be
+/// measured afterwards without another backward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn jvp_samples(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+    settings: &SensitivitySettings,
+    seed: u64,
+    step: u64,
+) -> Result<JvpSamples> {
+    settings.validate()?;
+    let n = inputs.size().first().copied().unwrap_or(0);
+    if n <= 0 {
+        return Err(GuardError::EmptyBatch);
+    }
+    let (params, owner) = layers.flat_params();
+    let flat_layer = |per_param: &[Tensor]| -> Result<Vec<Tensor>> {
+        let mut out: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
+        for ((t, p), &l) in per_param.iter().zip(&params).zip(&owner) {
+            let flat = if t.defined() { t.f_reshape([-1]) } else { p.f_zeros_like().and_then(|z| z.f_reshape([-1])) };
+            out[l].push(flat.and_then(|f| f.f_to_kind(Kind::Double)).during("flattening a JVP")?);
+        }
+        out.iter().map(|parts| Tensor::f_cat(parts, 0).during("joining a layer's JVP")).collect()
+    };
+    let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
+    let ctx = probe_jvps(layers, loss_fn, inputs, targets, settings.method, settings.probes, seed, step, &mut |jv| {
+        for (l, t) in flat_layer(&jv)?.into_iter().enumerate() {
+            per_layer[l].push(t);
+        }
+        Ok(())
+    })?;
+    let grads = flat_layer(&ctx.grads)?;
+    Ok(JvpSamples {
+        n: n as usize,
+        probes: settings.probes,
+        method: settings.method,
+        layers: grads
+            .into_iter()
+            .zip(per_layer)
+            .zip(ctx.used)
+            .map(|((grad, jvps), used)| used.then_some(LayerJvps { grad, jvps }))
+            .collect(),
+    })
 }
 
 /// Exact mode: enumerate the basis of the smaller side. Input basis: one JVP per input scalar
@@ -306,7 +410,8 @@ fn exact_squares(
     let x = &graph.x;
     let mut rows = Vec::new();
     if x.numel() <= layers.numel() {
-        if let Some((h, dummies, dummy_owner)) = graph.transpose_product()? {
+        if let Some((h, dummies, dummy_param)) = graph.transpose_product()? {
+            let dummy_owner: Vec<usize> = dummy_param.iter().map(|&p| graph.owner[p]).collect();
             let flat = h.f_reshape([-1]).during("flattening J^T w")?;
             for j in 0..flat.numel() as i64 {
                 let t = flat.f_get(j).during("selecting an input coordinate")?;

@@ -93,9 +93,6 @@ pub fn projection_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok((ss / k as f64).sqrt().clamp(0.0, 1.0))
 }
 
-/// Per-layer gradient columns of one group half: P_l x cols, host f64.
-type HalfColumns = Vec<Tensor>;
-
 /// The attribute values present, with the batch indices of each, as chosen for M2.
 struct Selection {
     /// For each attribute value: its two halves of batch indices.
@@ -147,18 +144,23 @@ fn sample_gradient(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tensor, y: &Tens
         .collect()
 }
 
-fn columns(layers: &LayerMap, samples: &[Vec<Tensor>], which: &[usize]) -> Result<HalfColumns> {
-    (0..layers.len())
-        .map(|l| {
-            let cols: Vec<&Tensor> = which.iter().map(|&i| &samples[i][l]).collect();
-            Tensor::f_stack(&cols, 1).during("stacking gradient columns")
-        })
-        .collect()
+
+/// The per-sample gradients chosen for M2 on one batch, kept so that M2 can be measured on
+/// the raw gradients and again on transformed ones (the closed loop).
+pub struct SubspaceSamples {
+    selection: Selection,
+    /// samples[i][l]: flattened f64 host gradient of batch sample i, layer l (empty if unused).
+    samples: Vec<Vec<Tensor>>,
+    params: Vec<usize>,
+    eps: f64,
+    settings: SubspaceSettings,
+    seed: u64,
+    step: u64,
 }
 
-/// Estimates M2 for every layer. `attribute` holds one integer label per sample.
+/// Computes the per-sample gradients M2 needs, or the reason M2 cannot be computed.
 #[allow(clippy::too_many_arguments)]
-pub fn estimate_subspace(
+pub fn subspace_samples(
     layers: &LayerMap,
     loss_fn: &dyn LossFn,
     inputs: &Tensor,
@@ -167,13 +169,12 @@ pub fn estimate_subspace(
     settings: &SubspaceSettings,
     seed: u64,
     step: u64,
-) -> Result<Vec<Metric<Subspace>>> {
+) -> Result<std::result::Result<SubspaceSamples, String>> {
     settings.validate()?;
     let selection = match select(attribute, settings, seed, step) {
         Ok(s) => s,
-        Err(reason) => return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect()),
+        Err(reason) => return Ok(Err(reason)),
     };
-    // Per-sample gradients of the selected samples only, keyed by batch index.
     let mut samples: Vec<Vec<Tensor>> = (0..attribute.len()).map(|_| Vec::new()).collect();
     for (a, b) in &selection.halves {
         for &i in a.iter().chain(b) {
@@ -191,50 +192,81 @@ pub fn estimate_subspace(
         }
     }
     let eps = if inputs.kind() == Kind::Double { f64::EPSILON } else { f32::EPSILON as f64 };
-    let mut bases: Vec<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> = Vec::new();
-    for (a, b) in &selection.halves {
-        let ca = columns(layers, &samples, a)?;
-        let cb = columns(layers, &samples, b)?;
-        let ua = ca.iter().map(|c| orthonormal_basis(c, settings.rank, eps)).collect::<Result<Vec<_>>>()?;
-        let ub = cb.iter().map(|c| orthonormal_basis(c, settings.rank, eps)).collect::<Result<Vec<_>>>()?;
-        bases.push((ua, ub));
-    }
-    let groups = selection.halves.len();
-    let mut out = Vec::with_capacity(layers.len());
-    for (l, layer) in layers.layers().iter().enumerate() {
+    Ok(Ok(SubspaceSamples {
+        selection,
+        samples,
+        params: layers.layers().iter().map(|l| l.numel()).collect(),
+        eps,
+        settings: settings.clone(),
+        seed,
+        step,
+    }))
+}
+
+/// A transformation of one per-sample gradient column (the seed is distinct per column).
+pub type ColumnTransform<'a> = dyn Fn(&Tensor, u64) -> Result<Tensor> + 'a;
+
+impl SubspaceSamples {
+    /// M2 of layer `l`, on each per-sample gradient passed through `transform` (None: raw).
+    pub fn layer_metric(&self, l: usize, transform: Option<&ColumnTransform>) -> Result<Metric<Subspace>> {
+        let bases_of = |which: &[usize]| -> Result<Option<Tensor>> {
+            let cols = which
+                .iter()
+                .map(|&i| match transform {
+                    None => Ok(self.samples[i][l].shallow_clone()),
+                    Some(t) => t(&self.samples[i][l], self.seed ^ ((i as u64) << 32) ^ self.step),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            orthonormal_basis(&Tensor::f_stack(&cols, 1).during("stacking gradient columns")?, self.settings.rank, self.eps)
+        };
+        let mut bases = Vec::new();
+        for (a, b) in &self.selection.halves {
+            match (bases_of(a)?, bases_of(b)?) {
+                (Some(ua), Some(ub)) => bases.push((ua, ub)),
+                _ => return Ok(Metric::absent("zero per-sample gradients in a group: no subspace to compare")),
+            }
+        }
+        let groups = bases.len();
         let mut between = Vec::new();
         let mut within = Vec::new();
-        let mut zero = false;
         for g in 0..groups {
             for h in g + 1..groups {
-                let (Some(a1), Some(a2), Some(b1), Some(b2)) =
-                    (&bases[g].0[l], &bases[g].1[l], &bases[h].0[l], &bases[h].1[l])
-                else {
-                    zero = true;
-                    continue;
-                };
+                let ((a1, a2), (b1, b2)) = (&bases[g], &bases[h]);
                 between.push((projection_distance(a1, b1)? + projection_distance(a2, b2)?) / 2.0);
                 within.push((projection_distance(a1, a2)? + projection_distance(b1, b2)?) / 2.0);
             }
         }
-        if zero {
-            out.push(Metric::absent("zero per-sample gradients in a group: no subspace to compare"));
-            continue;
-        }
         let d_between = between.iter().sum::<f64>() / between.len() as f64;
         let d_within = within.iter().sum::<f64>() / within.len() as f64;
-        out.push(Metric::Measured(Subspace {
+        Ok(Metric::Measured(Subspace {
             subspace_distance: d_between,
             subspace_separation: d_between - d_within,
             within_distance: d_within,
-            step,
-            m: selection.m,
-            rank: settings.rank,
+            step: self.step,
+            m: self.selection.m,
+            rank: self.settings.rank,
             groups,
-            centred: settings.centre,
-            seed,
-            params: layer.numel(),
-        }));
+            centred: self.settings.centre,
+            seed: self.seed,
+            params: self.params[l],
+        }))
     }
-    Ok(out)
+}
+
+/// Estimates M2 for every layer. `attribute` holds one integer label per sample.
+#[allow(clippy::too_many_arguments)]
+pub fn estimate_subspace(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+    attribute: &[i64],
+    settings: &SubspaceSettings,
+    seed: u64,
+    step: u64,
+) -> Result<Vec<Metric<Subspace>>> {
+    match subspace_samples(layers, loss_fn, inputs, targets, attribute, settings, seed, step)? {
+        Err(reason) => Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect()),
+        Ok(samples) => (0..layers.len()).map(|l| samples.layer_metric(l, None)).collect(),
+    }
 }

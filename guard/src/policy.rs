@@ -1,0 +1,347 @@
+//! The policy file: global settings, then rules. A rule names a metric, the layers it covers
+//! (names or globs), a threshold to act above, a lower one to relax below, and an escalation
+//! ladder of actions. See `examples/policy.toml`.
+use gradguard_defenses::Defence;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// The policy format version this build reads.
+pub const POLICY_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy {path}: {why}")]
+    Io { path: String, why: String },
+    #[error("policy {origin}: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("policy {origin}: version {found} is not supported (this build reads version {POLICY_VERSION})")]
+    Version { origin: String, found: u32 },
+    #[error("policy {origin}, {location}: {why}")]
+    Invalid { origin: String, location: String, why: String },
+    #[error("policy {origin}, rule '{rule}': layer pattern '{pattern}' matches no layer of the model (layers: {layers:?})")]
+    UnmatchedPattern { origin: String, rule: String, pattern: String, layers: Vec<String> },
+}
+
+/// The metric a rule acts on, by its METRICS.md name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakageMetric {
+    Sensitivity,
+    SensitivityRms,
+    RelativeSensitivity,
+    SubspaceSeparation,
+    UsableInformationBits,
+}
+
+impl LeakageMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sensitivity => "sensitivity",
+            Self::SensitivityRms => "sensitivity_rms",
+            Self::RelativeSensitivity => "relative_sensitivity",
+            Self::SubspaceSeparation => "subspace_separation",
+            Self::UsableInformationBits => "usable_information_bits",
+        }
+    }
+
+    pub const ALL: [LeakageMetric; 5] = [
+        Self::Sensitivity,
+        Self::SensitivityRms,
+        Self::RelativeSensitivity,
+        Self::SubspaceSeparation,
+        Self::UsableInformationBits,
+    ];
+}
+
+/// What happens to a release the guard cannot make compliant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnViolation {
+    /// The whole release is refused.
+    #[default]
+    Block,
+    /// The offending layer is withheld; the rest is released.
+    Withhold,
+}
+
+/// Global settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub seed: u64,
+    /// Steps between estimates.
+    pub estimate_every: u64,
+    /// Estimate before every release (federated rounds) instead of every `estimate_every`.
+    pub estimate_before_release: bool,
+    /// Steps after which an estimate is stale: the guard then fails closed.
+    pub max_estimate_age_steps: u64,
+    /// Samples a release must cover at least (accumulating micro-batches).
+    pub aggregation_floor: usize,
+    /// The floor escalation may raise to, at most.
+    pub aggregation_ceiling: usize,
+    pub on_violation: OnViolation,
+    /// A layer pattern that matches no layer is an error (true) or a warning (false).
+    pub strict_layers: bool,
+    /// Withheld layers still update the local model (only the release omits them).
+    pub withheld_layers_train_locally: bool,
+    /// Probes K for M1.
+    pub probes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            estimate_every: 10,
+            estimate_before_release: false,
+            max_estimate_age_steps: 50,
+            aggregation_floor: 1,
+            aggregation_ceiling: 1024,
+            on_violation: OnViolation::Block,
+            strict_layers: true,
+            withheld_layers_train_locally: true,
+            probes: 8,
+        }
+    }
+}
+
+/// One rung of an escalation ladder.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum LadderStep {
+    /// A transformation of the layer's released gradient.
+    Defence(Defence),
+    /// Raise the aggregation floor by `factor` (up to the ceiling): releases cover more samples.
+    Aggregate { factor: f64 },
+}
+
+impl LadderStep {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LadderStep::Defence(d) => d.name(),
+            LadderStep::Aggregate { .. } => "aggregate",
+        }
+    }
+}
+
+impl std::fmt::Display for LadderStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LadderStep::Defence(d) => write!(f, "{d}"),
+            LadderStep::Aggregate { factor } => write!(f, "aggregate(factor={factor})"),
+        }
+    }
+}
+
+/// A rule: act on `metric` of the covered layers above `act_above`, relax below `relax_below`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rule {
+    pub name: String,
+    pub metric: LeakageMetric,
+    pub layers: Vec<String>,
+    pub act_above: f64,
+    pub relax_below: f64,
+    pub ladder: Vec<LadderStep>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    version: u32,
+    #[serde(default)]
+    settings: Settings,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    name: String,
+    metric: LeakageMetric,
+    layers: Vec<String>,
+    act_above: f64,
+    relax_below: f64,
+    ladder: Vec<toml::Value>,
+}
+
+/// A validated policy with the hash of its text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub version: u32,
+    pub settings: Settings,
+    pub rules: Vec<Rule>,
+    /// sha256 of the file's text, hex: part of every decision record.
+    pub hash: String,
+    /// Where it came from (a path or a label).
+    pub origin: String,
+}
+
+/// Which layers each rule covers on a given model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Coverage {
+    /// For each rule (in policy order), the covered layer indices in model order.
+    pub rule_layers: Vec<Vec<usize>>,
+    /// Patterns that matched nothing (only when `strict_layers` is false).
+    pub warnings: Vec<String>,
+}
+
+impl Policy {
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PolicyError::Io { path: path.display().to_string(), why: e.to_string() })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// A policy with no rules: the guard measures and releases, checking only finiteness and
+    /// staleness.
+    pub fn permissive() -> Self {
+        Self::from_toml_str("version = 1\n", "built-in permissive policy").expect("the built-in policy is valid")
+    }
+
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile = toml::from_str(text)
+            .map_err(|e| PolicyError::Syntax { origin: origin.into(), message: e.to_string().trim_end().to_string() })?;
+        if file.version != POLICY_VERSION {
+            return Err(PolicyError::Version { origin: origin.into(), found: file.version });
+        }
+        let invalid = |location: String, why: String| PolicyError::Invalid { origin: origin.into(), location, why };
+        validate_settings(&file.settings).map_err(|(field, why)| invalid(format!("settings.{field}"), why))?;
+        let mut rules = Vec::new();
+        for (i, r) in file.rules.into_iter().enumerate() {
+            let at = |field: &str| format!("rule {} ('{}'), {field}", i + 1, r.name);
+            if r.name.trim().is_empty() {
+                return Err(invalid(format!("rule {}", i + 1), "name must not be empty".into()));
+            }
+            if r.metric == LeakageMetric::UsableInformationBits {
+                return Err(invalid(
+                    at("metric"),
+                    "usable_information_bits is not estimated online by this build: a rule on it could never be checked".into(),
+                ));
+            }
+            if !(r.act_above.is_finite() && r.act_above >= 0.0) {
+                return Err(invalid(at("act_above"), format!("must be a finite number >= 0, got {}", r.act_above)));
+            }
+            if !(r.relax_below.is_finite() && r.relax_below >= 0.0) {
+                return Err(invalid(at("relax_below"), format!("must be a finite number >= 0, got {}", r.relax_below)));
+            }
+            if r.relax_below > r.act_above {
+                return Err(invalid(
+                    at("relax_below"),
+                    format!("inverted thresholds: relax_below {} is above act_above {}", r.relax_below, r.act_above),
+                ));
+            }
+            if r.layers.is_empty() {
+                return Err(invalid(at("layers"), "names no layer".into()));
+            }
+            for pattern in &r.layers {
+                globset::Glob::new(pattern).map_err(|e| invalid(at("layers"), format!("bad pattern '{pattern}': {e}")))?;
+            }
+            if r.ladder.is_empty() {
+                return Err(invalid(at("ladder"), "is empty: a rule needs at least one action".into()));
+            }
+            let ladder = r
+                .ladder
+                .iter()
+                .enumerate()
+                .map(|(k, v)| parse_step(v).map_err(|why| invalid(at(&format!("ladder step {}", k + 1)), why)))
+                .collect::<Result<Vec<_>, _>>()?;
+            rules.push(Rule {
+                name: r.name.clone(),
+                metric: r.metric,
+                layers: r.layers.clone(),
+                act_above: r.act_above,
+                relax_below: r.relax_below,
+                ladder,
+            });
+        }
+        let hash = hex(&Sha256::digest(text.as_bytes()));
+        Ok(Self { version: file.version, settings: file.settings, rules, hash, origin: origin.into() })
+    }
+
+    /// Matches each rule's patterns against the model's layer names.
+    pub fn coverage(&self, layer_names: &[String]) -> Result<Coverage, PolicyError> {
+        let mut rule_layers = Vec::new();
+        let mut warnings = Vec::new();
+        for rule in &self.rules {
+            let mut covered = Vec::new();
+            for pattern in &rule.layers {
+                let matcher = globset::Glob::new(pattern).expect("validated at load").compile_matcher();
+                let hits: Vec<usize> = (0..layer_names.len()).filter(|&i| matcher.is_match(&layer_names[i])).collect();
+                if hits.is_empty() {
+                    if self.settings.strict_layers {
+                        return Err(PolicyError::UnmatchedPattern {
+                            origin: self.origin.clone(),
+                            rule: rule.name.clone(),
+                            pattern: pattern.clone(),
+                            layers: layer_names.to_vec(),
+                        });
+                    }
+                    warnings.push(format!("rule '{}': layer pattern '{pattern}' matches no layer", rule.name));
+                }
+                covered.extend(hits);
+            }
+            covered.sort_unstable();
+            covered.dedup();
+            rule_layers.push(covered);
+        }
+        Ok(Coverage { rule_layers, warnings })
+    }
+
+    /// The short form of the hash used in logs and labels.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12]
+    }
+}
+
+fn parse_step(value: &toml::Value) -> Result<LadderStep, String> {
+    let table = value.as_table().ok_or("must be a table such as { action = \"clip\", max_norm = 1.0 }")?;
+    let action = table.get("action").and_then(|a| a.as_str()).ok_or("missing field `action`")?;
+    if action == "aggregate" {
+        let mut factor = 2.0;
+        for (k, v) in table {
+            match k.as_str() {
+                "action" => {}
+                "factor" => factor = v.as_float().or(v.as_integer().map(|i| i as f64)).ok_or("`factor` must be a number")?,
+                other => return Err(format!("unknown field `{other}` for action `aggregate` (expected `factor`)")),
+            }
+        }
+        if !(factor.is_finite() && factor > 1.0) {
+            return Err(format!("aggregate factor must be a finite number > 1, got {factor}"));
+        }
+        return Ok(LadderStep::Aggregate { factor });
+    }
+    let defence: Defence = value.clone().try_into().map_err(|e: toml::de::Error| e.to_string().trim_end().to_string())?;
+    defence.validate().map_err(|e| e.to_string())?;
+    Ok(LadderStep::Defence(defence))
+}
+
+fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
+    if s.estimate_every == 0 {
+        return Err(("estimate_every", "must be at least 1".into()));
+    }
+    if s.max_estimate_age_steps < s.estimate_every {
+        return Err((
+            "max_estimate_age_steps",
+            format!("{} is below estimate_every {}: every estimate would be stale", s.max_estimate_age_steps, s.estimate_every),
+        ));
+    }
+    if s.aggregation_floor == 0 {
+        return Err(("aggregation_floor", "must be at least 1 sample".into()));
+    }
+    if s.aggregation_ceiling < s.aggregation_floor {
+        return Err((
+            "aggregation_ceiling",
+            format!("{} is below aggregation_floor {}", s.aggregation_ceiling, s.aggregation_floor),
+        ));
+    }
+    if s.probes < 2 {
+        return Err(("probes", format!("needs at least 2 for a standard error, got {}", s.probes)));
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
