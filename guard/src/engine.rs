@@ -1,21 +1,27 @@
-//! The guard: holds the layer map and settings, inspects each step's released gradient and
-//! schedules the M1/M2 estimates.
+//! The guard: holds the layer map, the policy and its protection state; inspects each step's
+//! released gradient, schedules the M1/M2 estimates, and decides every release (closed loop,
+//! fail closed).
+use crate::audit::AuditLog;
 use crate::batch::Batch;
-use crate::error::{GuardError, Result};
+use crate::error::{GuardError, Result, TorchContext};
 use crate::layers::LayerMap;
 use crate::loss::LossFn;
-use crate::report::{LayerReport, Metric, Report, Sensitivity, Subspace};
-use crate::sensitivity::{estimate_sensitivity, SensitivitySettings};
+use crate::policy::{LeakageMetric, Policy};
+use crate::release::{Decision, Manifest, Protection, ReleaseOutcome};
+use crate::report::{GradientStats, LayerReport, Metric, Report, Sensitivity, Subspace};
+use crate::sensitivity::{estimate_sensitivity, jvp_samples, JvpSamples, SensitivitySettings};
 use crate::stats::{current_grads, gradient_stats};
-use crate::subspace::{estimate_subspace, SubspaceSettings};
+use crate::subspace::{subspace_samples, SubspaceSamples, SubspaceSettings};
+use gradguard_defenses::{apply_all, GradientAccumulator};
 use serde::{Deserialize, Serialize};
-use tch::nn::VarStore;
+use std::time::Instant;
+use tch::{nn::VarStore, Tensor};
 
 /// Guard settings. Serde so that a policy file can carry them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GuardConfig {
-    /// Seed of every random choice (probes, splits): the same seed gives the same report.
+    /// Seed of every random choice (probes, splits, noise): the same seed gives the same report.
     pub seed: u64,
     /// Estimate M1/M2 every this many steps (1: every step).
     pub estimate_every: u64,
@@ -37,37 +43,90 @@ impl GuardConfig {
         self.sensitivity.validate()?;
         self.subspace.validate()
     }
+
+    /// The settings a policy file declares.
+    pub fn from_policy(policy: &Policy) -> Self {
+        let s = &policy.settings;
+        Self {
+            seed: s.seed,
+            estimate_every: s.estimate_every,
+            sensitivity: SensitivitySettings { probes: s.probes, ..Default::default() },
+            subspace: SubspaceSettings::default(),
+        }
+    }
 }
 
-/// Per-layer leakage estimation for one model.
+/// Micro-batches held back until the release covers the aggregation floor.
+struct Held {
+    grads: GradientAccumulator,
+    inputs: Vec<Tensor>,
+    targets: Vec<Tensor>,
+    attributes: Vec<Tensor>,
+}
+
+/// The protected update of the explicit release API: per-parameter tensors of the released
+/// layers (withheld layers absent) and the manifest of what was done to each layer.
+pub struct ProtectedUpdate {
+    pub tensors: Vec<(String, Tensor)>,
+    pub manifest: Manifest,
+}
+
+/// Per-layer leakage estimation and protection for one model.
 pub struct Guard {
     config: GuardConfig,
     layers: LayerMap,
+    protection: Protection,
     step: u64,
     sample_shape: Option<Vec<i64>>,
     latest_sensitivity: Vec<Metric<Sensitivity>>,
     latest_subspace: Vec<Metric<Subspace>>,
+    last_estimate_step: Option<u64>,
+    last_estimate_seconds: Option<f64>,
+    held: Option<Held>,
+    audit: Option<AuditLog>,
     last_report: Option<Report>,
 }
 
 impl Guard {
-    /// A guard over every trainable parameter of the VarStore.
+    /// A guard that measures every trainable parameter of the VarStore and releases what is
+    /// finite (a policy with no rules).
     pub fn new(vs: &VarStore, config: GuardConfig) -> Result<Self> {
-        Self::from_layers(LayerMap::from_var_store(vs)?, config)
+        Self::build(LayerMap::from_var_store(vs)?, config, Policy::permissive())
+    }
+
+    /// A guard that enforces `policy` (its settings replace the defaults).
+    pub fn with_policy(vs: &VarStore, policy: Policy) -> Result<Self> {
+        let config = GuardConfig::from_policy(&policy);
+        Self::build(LayerMap::from_var_store(vs)?, config, policy)
     }
 
     pub fn from_layers(layers: LayerMap, config: GuardConfig) -> Result<Self> {
+        Self::build(layers, config, Policy::permissive())
+    }
+
+    pub fn build(layers: LayerMap, config: GuardConfig, policy: Policy) -> Result<Self> {
         config.validate()?;
+        let protection = Protection::new(policy, layers.names()).map_err(GuardError::Policy)?;
         let l = layers.len();
         Ok(Self {
             config,
             layers,
+            protection,
             step: 0,
             sample_shape: None,
             latest_sensitivity: (0..l).map(|_| Metric::absent("not estimated yet")).collect(),
             latest_subspace: (0..l).map(|_| Metric::absent("not estimated yet")).collect(),
+            last_estimate_step: None,
+            last_estimate_seconds: None,
+            held: None,
+            audit: None,
             last_report: None,
         })
+    }
+
+    /// Every decision from now on is appended to this log before the release it decides.
+    pub fn set_audit_log(&mut self, log: AuditLog) {
+        self.audit = Some(log);
     }
 
     pub fn config(&self) -> &GuardConfig {
@@ -76,6 +135,14 @@ impl Guard {
 
     pub fn layers(&self) -> &LayerMap {
         &self.layers
+    }
+
+    pub fn policy(&self) -> &Policy {
+        self.protection.policy()
+    }
+
+    pub fn protection(&self) -> &Protection {
+        &self.protection
     }
 
     /// Steps inspected so far; the next call of `after_backward` reports this step.
@@ -87,40 +154,387 @@ impl Guard {
         self.last_report.as_ref()
     }
 
-    /// The explicit hook for loops that run `zero_grad(); backward(); step()`: call it between
-    /// backward and step. Reads the released gradient from `.grad()`, estimates M1/M2 when they
-    /// are due, and returns the step's report. A non-finite gradient is an error (the caller
-    /// must not apply or release it); the report is still kept in `last_report`.
+    /// The in-place form, for loops that run `zero_grad(); backward(); step()`: call it between
+    /// backward and step. It reads the released gradient from `.grad()`, estimates when due,
+    /// decides the release under the policy and edits `.grad()` to the protected gradient.
+    ///
+    /// - `Ok(report)` with `report.step_allowed()`: `.grad()` holds what may be applied or
+    ///   shared (protected layers transformed, withheld layers zeroed unless the policy lets
+    ///   them train locally).
+    /// - `Ok(report)` without it: the batch was held back to reach the aggregation floor;
+    ///   `.grad()` is zeroed and the optimizer must not step.
+    /// - `Err(_)`: blocked (or bad input); `.grad()` is zeroed. Nothing unprotected is left.
     pub fn after_backward(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Report> {
         let n = self.check_batch(batch)?;
         let step = self.step;
         self.step += 1;
-        let stats = gradient_stats(&self.layers, &current_grads(&self.layers), step)?;
-        let due = step % self.config.estimate_every == 0;
-        let mut report = self.assemble(step, n, due, stats);
-        let non_finite = report.non_finite_layers();
+        let grads = current_grads(&self.layers);
+        let stats = gradient_stats(&self.layers, &grads, step)?;
+        let non_finite: Vec<String> = self
+            .layers
+            .names()
+            .into_iter()
+            .zip(&stats)
+            .filter(|(_, s)| s.measured().is_some_and(|g| g.non_finite > 0))
+            .map(|(name, _)| name)
+            .collect();
         if !non_finite.is_empty() {
+            let decision = self.protection.block(step, format!("non-finite gradient in {non_finite:?}"));
+            let report = self.finish(step, n, false, stats, &decision, None)?;
+            self.clear_grads()?;
+            self.held = None;
             self.last_report = Some(report);
             return Err(GuardError::NonFiniteGradient { step, layers: non_finite });
         }
-        if due {
-            self.estimate_into(batch, loss_fn, step)?;
-            report = self.assemble(step, n, true, report.layers.into_iter().map(|l| l.gradient).collect());
+        let result = self.decide_in_place(batch, loss_fn, step, n, grads, stats);
+        if result.is_err() {
+            self.clear_grads()?;
         }
+        result
+    }
+
+    fn decide_in_place(
+        &mut self,
+        batch: &Batch,
+        loss_fn: &dyn LossFn,
+        step: u64,
+        n: usize,
+        grads: Vec<Vec<Tensor>>,
+        stats: Vec<Metric<GradientStats>>,
+    ) -> Result<Report> {
+        let floor = self.protection.floor();
+        let owned;
+        let (batch, samples, release_grads) = if floor > 1 || self.held.is_some() {
+            let held = self.hold(batch, n, &grads)?;
+            let samples = held.grads.samples();
+            if samples < floor {
+                let decision = Decision {
+                    chains: vec![None; self.layers.len()],
+                    outcome: ReleaseOutcome::Pending { reason: format!("holding {samples} of {floor} samples (aggregation floor)") },
+                    layers: vec![],
+                    records: vec![],
+                    violation: None,
+                };
+                let report = self.finish(step, samples, false, stats, &decision, None)?;
+                self.clear_grads()?;
+                self.last_report = Some(report.clone());
+                return Ok(report);
+            }
+            let held = self.held.as_ref().expect("just held");
+            let mean = held.grads.mean()?;
+            owned = (
+                Tensor::f_cat(&held.inputs, 0).during("joining held inputs")?,
+                Tensor::f_cat(&held.targets, 0).during("joining held targets")?,
+                if held.attributes.len() == held.inputs.len() { Some(Tensor::f_cat(&held.attributes, 0).during("joining held attributes")?) } else { None },
+            );
+            let mut per_layer = Vec::new();
+            let mut it = mean.into_iter();
+            for layer in self.layers.layers() {
+                per_layer.push(layer.params.iter().map(|_| it.next().flatten().unwrap_or_else(Tensor::new)).collect::<Vec<_>>());
+            }
+            let b = Batch { inputs: &owned.0, targets: &owned.1, attribute: owned.2.as_ref() };
+            (b, samples, per_layer)
+        } else {
+            (*batch, n, grads)
+        };
+        let (decision, estimated) = self.decide(&batch, loss_fn, step)?;
+        let protected = self.protect(&release_grads, &decision, step)?;
+        let report = self.finish(step, samples, estimated, stats, &decision, Some(samples))?;
+        match &decision.outcome {
+            ReleaseOutcome::Released => {
+                self.write_grads(&protected)?;
+                self.held = None;
+                self.last_report = Some(report.clone());
+                Ok(report)
+            }
+            ReleaseOutcome::Pending { .. } => {
+                self.clear_grads()?;
+                self.last_report = Some(report.clone());
+                Ok(report)
+            }
+            ReleaseOutcome::Blocked { reason } => {
+                self.held = None;
+                self.last_report = Some(report);
+                Err(self.blocked_error(step, &decision, reason))
+            }
+        }
+    }
+
+    /// The explicit release API (federated use): given the update about to be shared (named
+    /// per-parameter tensors, as `VarStore::variables()` names them) and the batch it was
+    /// computed on, return the protected update and its manifest, or the block. The update is
+    /// not edited. The aggregation floor is not accumulated here: an update that covers fewer
+    /// samples than the floor is blocked.
+    pub fn release(&mut self, update: &[(String, Tensor)], batch: &Batch, loss_fn: &dyn LossFn) -> Result<ProtectedUpdate> {
+        let n = self.check_batch(batch)?;
+        let step = self.step;
+        self.step += 1;
+        let mut per_layer: Vec<Vec<Tensor>> = self.layers.layers().iter().map(|l| l.params.iter().map(|_| Tensor::new()).collect()).collect();
+        for (name, t) in update {
+            let (l, p) = self
+                .find_param(name)
+                .ok_or_else(|| GuardError::UnknownParameter { name: name.clone(), known: self.param_names() })?;
+            let expected = &self.layers.layers()[l].params[p].shape;
+            if t.size() != *expected {
+                return Err(GuardError::ParameterShape { name: name.clone(), expected: expected.clone(), got: t.size() });
+            }
+            per_layer[l][p] = t.shallow_clone();
+        }
+        let stats = gradient_stats(&self.layers, &per_layer, step)?;
+        let non_finite: Vec<String> =
+            self.layers.names().into_iter().zip(&stats).filter(|(_, s)| s.measured().is_some_and(|g| g.non_finite > 0)).map(|(n, _)| n).collect();
+        let floor = self.protection.floor();
+        let decision = if !non_finite.is_empty() {
+            self.protection.block(step, format!("non-finite values in {non_finite:?}"))
+        } else if n < floor {
+            self.protection.block(step, format!("the update covers {n} samples, below the aggregation floor of {floor}"))
+        } else {
+            self.decide(batch, loss_fn, step)?.0
+        };
+        let protected = self.protect(&per_layer, &decision, step)?;
+        let report = self.finish(step, n, true, stats, &decision, Some(n))?;
+        let manifest = report.release.clone().expect("a release report has a manifest");
+        self.last_report = Some(report);
+        match &decision.outcome {
+            ReleaseOutcome::Blocked { reason } => Err(self.blocked_error(step, &decision, reason)),
+            _ => {
+                let mut tensors = Vec::new();
+                for (layer, per_param) in self.layers.layers().iter().zip(protected) {
+                    let Some(per_param) = per_param else { continue };
+                    for (p, t) in layer.params.iter().zip(per_param) {
+                        if t.defined() {
+                            tensors.push((p.name.clone(), t));
+                        }
+                    }
+                }
+                Ok(ProtectedUpdate { tensors, manifest })
+            }
+        }
+    }
+
+    /// Estimates M1 (and M2 when attribute labels are given) on a batch now, without reading
+    /// `.grad()`, deciding anything or advancing the step: an audit of the model as it is.
+    pub fn estimate(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Report> {
+        let n = self.check_batch(batch)?;
+        let step = self.step;
+        self.measure(batch, loss_fn, step, false)?;
+        let stats = (0..self.layers.len()).map(|_| Metric::absent("audit: no released gradient")).collect();
+        let report = self.assemble(step, n, true, stats, None);
         self.last_report = Some(report.clone());
         Ok(report)
     }
 
-    /// Estimates M1 (and M2 when attribute labels are given) on a batch now, without reading
-    /// `.grad()` or advancing the step: an audit of the model at its current parameters.
-    pub fn estimate(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Report> {
-        let n = self.check_batch(batch)?;
-        let step = self.step;
-        self.estimate_into(batch, loss_fn, step)?;
-        let stats = (0..self.layers.len()).map(|_| Metric::absent("audit: no released gradient")).collect();
-        let report = self.assemble(step, n, true, stats);
-        self.last_report = Some(report.clone());
-        Ok(report)
+    fn blocked_error(&self, step: u64, decision: &Decision, reason: &str) -> GuardError {
+        match &decision.violation {
+            Some((layer, metric, value, threshold)) => GuardError::Blocked {
+                step,
+                layer: layer.clone(),
+                metric: metric.clone(),
+                value: *value,
+                threshold: *threshold,
+            },
+            None => GuardError::ReleaseRefused { step, reason: reason.to_string() },
+        }
+    }
+
+    /// Decides with fresh measurements when due, else reuses the levels in force (failing
+    /// closed on a stale estimate).
+    fn decide(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64) -> Result<(Decision, bool)> {
+        let settings = &self.protection.policy().settings;
+        let due = settings.estimate_before_release
+            || self.last_estimate_step.is_none_or(|last| step.saturating_sub(last) >= self.config.estimate_every);
+        if !due {
+            let last = self.last_estimate_step.expect("not due means estimated before");
+            let age = step - last;
+            if !self.protection.policy().rules.is_empty() && age > settings.max_estimate_age_steps {
+                let max = settings.max_estimate_age_steps;
+                return Ok((self.protection.block(step, format!("stale estimate: {age} steps old, the policy allows {max}")), false));
+            }
+            return Ok((self.protection.reuse(step, last), false));
+        }
+        let keep = self.protection.uses(LeakageMetric::Sensitivity)
+            || self.protection.uses(LeakageMetric::SensitivityRms)
+            || self.protection.uses(LeakageMetric::RelativeSensitivity);
+        let (jvps, subspace) = match self.measure(batch, loss_fn, step, keep) {
+            Ok(kept) => kept,
+            Err(e) if !self.protection.policy().rules.is_empty() => {
+                return Ok((self.protection.block(step, format!("the estimate failed: {e}")), true));
+            }
+            Err(e) => return Err(e),
+        };
+        let seeds = self.release_seeds(step);
+        let params: Vec<usize> = self.layers.layers().iter().map(|l| l.numel()).collect();
+        let m = crate::release::Measurements { jvps: jvps.as_ref(), subspace: subspace.as_ref(), seeds: &seeds, params: &params };
+        Ok((self.protection.decide(step, &m)?, true))
+    }
+
+    fn release_seeds(&self, step: u64) -> Vec<u64> {
+        (0..self.layers.len() as u64).map(|l| gradguard_defenses::derive_seed(self.config.seed ^ step.rotate_left(20), l as usize)).collect()
+    }
+
+    /// Runs the estimators, updates the latest metrics, and returns what the closed loop
+    /// needs to re-measure transformed releases (when `keep_jvps` or attribute labels).
+    #[allow(clippy::type_complexity)]
+    fn measure(
+        &mut self,
+        batch: &Batch,
+        loss_fn: &dyn LossFn,
+        step: u64,
+        keep_jvps: bool,
+    ) -> Result<(Option<JvpSamples>, Option<std::result::Result<SubspaceSamples, String>>)> {
+        let started = Instant::now();
+        let seed = self.config.seed;
+        let mut kept = None;
+        if keep_jvps {
+            let samples = jvp_samples(&self.layers, loss_fn, batch.inputs, batch.targets, &self.config.sensitivity, seed, step)?;
+            self.latest_sensitivity = self.sensitivity_from(&samples, seed, step)?;
+            kept = Some(samples);
+        } else {
+            self.latest_sensitivity =
+                estimate_sensitivity(&self.layers, loss_fn, batch.inputs, batch.targets, &self.config.sensitivity, seed, step)?;
+        }
+        let subspace = match batch.attribute_values()? {
+            None => {
+                self.latest_subspace = (0..self.layers.len()).map(|_| Metric::absent("no attribute labels given")).collect();
+                None
+            }
+            Some(attribute) => {
+                let samples = subspace_samples(
+                    &self.layers,
+                    loss_fn,
+                    batch.inputs,
+                    batch.targets,
+                    &attribute,
+                    &self.config.subspace,
+                    seed,
+                    step,
+                )?;
+                self.latest_subspace = match &samples {
+                    Err(reason) => (0..self.layers.len()).map(|_| Metric::absent(reason.clone())).collect(),
+                    Ok(s) => (0..self.layers.len()).map(|l| s.layer_metric(l, None)).collect::<Result<_>>()?,
+                };
+                Some(samples)
+            }
+        };
+        self.last_estimate_step = Some(step);
+        self.last_estimate_seconds = Some(started.elapsed().as_secs_f64());
+        Ok((kept, subspace))
+    }
+
+    /// M1 of the raw release from kept JVPs (the same numbers the streaming estimator gives).
+    fn sensitivity_from(&self, samples: &JvpSamples, seed: u64, step: u64) -> Result<Vec<Metric<Sensitivity>>> {
+        let mut out = Vec::new();
+        for (layer, kept) in self.layers.layers().iter().zip(&samples.layers) {
+            let Some(kept) = kept else {
+                out.push(Metric::absent("layer not used by the loss (gradient undefined)"));
+                continue;
+            };
+            let mut per = Vec::new();
+            for jv in &kept.jvps {
+                per.push(crate::tensors::to_f64_vec(&crate::tensors::sum_sq(jv)?)?[0] / samples.n as f64);
+            }
+            let norm = crate::tensors::to_f64_vec(&crate::tensors::sum_sq(&kept.grad)?)?[0].sqrt();
+            out.push(crate::sensitivity::summarise_layer(&per, norm, layer.numel(), samples, seed, step));
+        }
+        Ok(out)
+    }
+
+    /// Applies each layer's chain to its joined gradient; None for a withheld layer.
+    fn protect(&self, grads: &[Vec<Tensor>], decision: &Decision, step: u64) -> Result<Vec<Option<Vec<Tensor>>>> {
+        if let ReleaseOutcome::Blocked { .. } = decision.outcome {
+            return Ok((0..self.layers.len()).map(|_| None).collect());
+        }
+        let seeds = self.release_seeds(step);
+        let mut out = Vec::new();
+        for (l, chain) in decision.chains.iter().enumerate() {
+            let Some(chain) = chain else {
+                out.push(None);
+                continue;
+            };
+            let Some(joined) = self.layers.join(l, &grads[l])? else {
+                out.push(Some(grads[l].iter().map(|_| Tensor::new()).collect()));
+                continue;
+            };
+            match apply_all(chain, &joined, seeds[l])? {
+                None => out.push(None),
+                Some(released) => out.push(Some(self.layers.split(l, &released)?)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn hold(&mut self, batch: &Batch, n: usize, grads: &[Vec<Tensor>]) -> Result<&Held> {
+        let params = self.layers.flat_params().0.len();
+        let held = self.held.get_or_insert_with(|| Held {
+            grads: GradientAccumulator::new(params),
+            inputs: vec![],
+            targets: vec![],
+            attributes: vec![],
+        });
+        let flat: Vec<Option<Tensor>> = grads.iter().flatten().map(|g| g.defined().then(|| g.shallow_clone())).collect();
+        held.grads.add(&flat, n)?;
+        let copy = |t: &Tensor| {
+            t.f_empty_like()
+                .and_then(|mut out| out.f_copy_(t).map(|_| out))
+                .during("holding a micro-batch")
+        };
+        held.inputs.push(copy(batch.inputs)?);
+        held.targets.push(copy(batch.targets)?);
+        if let Some(a) = batch.attribute {
+            held.attributes.push(copy(a)?);
+        }
+        Ok(held)
+    }
+
+    fn write_grads(&self, protected: &[Option<Vec<Tensor>>]) -> Result<()> {
+        let local = self.protection.policy().settings.withheld_layers_train_locally;
+        tch::no_grad(|| -> Result<()> {
+            for (layer, released) in self.layers.layers().iter().zip(protected) {
+                for (i, p) in layer.params.iter().enumerate() {
+                    let mut g = p.tensor.grad();
+                    if !g.defined() {
+                        continue;
+                    }
+                    match released {
+                        Some(ts) if ts[i].defined() => {
+                            g.f_copy_(&ts[i]).during("writing the protected gradient")?;
+                        }
+                        Some(_) => {}
+                        None if local => {}
+                        None => {
+                            let _ = g.f_zero_().during("zeroing a withheld gradient")?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn clear_grads(&self) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for layer in self.layers.layers() {
+                for p in &layer.params {
+                    let mut g = p.tensor.grad();
+                    if g.defined() {
+                        let _ = g.f_zero_().during("clearing gradients")?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn find_param(&self, name: &str) -> Option<(usize, usize)> {
+        self.layers
+            .layers()
+            .iter()
+            .enumerate()
+            .find_map(|(l, layer)| layer.params.iter().position(|p| p.name == name).map(|p| (l, p)))
+    }
+
+    fn param_names(&self) -> Vec<String> {
+        self.layers.layers().iter().flat_map(|l| l.params.iter().map(|p| p.name.clone())).collect()
     }
 
     fn check_batch(&mut self, batch: &Batch) -> Result<usize> {
@@ -136,34 +550,37 @@ impl Guard {
         Ok(n)
     }
 
-    fn estimate_into(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64) -> Result<()> {
-        let seed = self.config.seed;
-        self.latest_sensitivity = estimate_sensitivity(
-            &self.layers,
-            loss_fn,
-            batch.inputs,
-            batch.targets,
-            &self.config.sensitivity,
-            seed,
+    /// Builds the report with the decision's manifest and writes its records to the audit log.
+    fn finish(
+        &mut self,
+        step: u64,
+        n: usize,
+        estimated: bool,
+        stats: Vec<Metric<GradientStats>>,
+        decision: &Decision,
+        samples: Option<usize>,
+    ) -> Result<Report> {
+        let policy = self.protection.policy();
+        let manifest = Manifest {
             step,
-        )?;
-        self.latest_subspace = match batch.attribute_values()? {
-            None => (0..self.layers.len()).map(|_| Metric::absent("no attribute labels given")).collect(),
-            Some(attribute) => estimate_subspace(
-                &self.layers,
-                loss_fn,
-                batch.inputs,
-                batch.targets,
-                &attribute,
-                &self.config.subspace,
-                seed,
-                step,
-            )?,
+            policy_hash: policy.hash.clone(),
+            policy_version: policy.version,
+            samples: samples.unwrap_or(n),
+            aggregation_floor: self.protection.floor(),
+            estimate_step: self.last_estimate_step,
+            outcome: decision.outcome.clone(),
+            layers: decision.layers.clone(),
         };
-        Ok(())
+        if let Some(log) = self.audit.as_mut() {
+            for record in &decision.records {
+                log.record(record)?;
+            }
+        }
+        Ok(self.assemble(step, n, estimated, stats, Some(manifest)))
     }
 
-    fn assemble(&self, step: u64, n: usize, estimated: bool, stats: Vec<Metric<crate::report::GradientStats>>) -> Report {
+    fn assemble(&self, step: u64, n: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, release: Option<Manifest>) -> Report {
+        let levels = self.protection.layer_levels();
         let layers = self
             .layers
             .layers()
@@ -176,8 +593,17 @@ impl Guard {
                 gradient,
                 sensitivity: self.latest_sensitivity[l].clone(),
                 subspace: self.latest_subspace[l].clone(),
+                protection_level: levels[l],
             })
             .collect();
-        Report { step, batch_size: n, seed: self.config.seed, estimated, layers }
+        Report {
+            step,
+            batch_size: n,
+            seed: self.config.seed,
+            estimated,
+            estimate_seconds: if estimated { self.last_estimate_seconds } else { None },
+            layers,
+            release,
+        }
     }
 }

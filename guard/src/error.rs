@@ -29,6 +29,18 @@ pub enum GuardError {
     Config { setting: &'static str, why: String },
     #[error("layer discovery failed: {0}")]
     Layers(String),
+    #[error("release blocked at step {step}: layer {layer}, {metric} = {} above threshold {threshold} with every defence of the policy applied", value.map_or("(not measurable)".to_string(), |v| format!("{v:.4e}")))]
+    Blocked { step: u64, layer: String, metric: String, value: Option<f64>, threshold: f64 },
+    #[error("release refused at step {step}: {reason}")]
+    ReleaseRefused { step: u64, reason: String },
+    #[error("unknown parameter {name:?} in the update (the model has {known:?})")]
+    UnknownParameter { name: String, known: Vec<String> },
+    #[error("parameter {name}: the update has shape {got:?}, the model {expected:?}")]
+    ParameterShape { name: String, expected: Vec<i64>, got: Vec<i64> },
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
     #[error("a defence failed: {0}")]
     Defence(#[from] gradguard_defenses::DefenceError),
     #[error("libtorch error while {context}: {source}")]

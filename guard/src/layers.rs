@@ -142,3 +142,45 @@ impl LayerMap {
 fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
     a.data_ptr() == b.data_ptr() && a.size() == b.size() && a.kind() == b.kind() && a.numel() > 0
 }
+
+/// Per-layer vectors of per-parameter tensors: one flattened vector per layer (parameters in
+/// order, undefined ones as zeros), and back. Defences act on a layer as a whole.
+impl LayerMap {
+    /// The layer's per-parameter tensors joined into one flat vector; None when all are
+    /// undefined (the layer is not used by the loss).
+    pub fn join(&self, l: usize, per_param: &[Tensor]) -> Result<Option<Tensor>> {
+        if per_param.iter().all(|t| !t.defined()) {
+            return Ok(None);
+        }
+        let layer = &self.layers[l];
+        let kind = per_param.iter().find(|t| t.defined()).map(|t| (t.kind(), t.device())).expect("one defined");
+        let parts = per_param
+            .iter()
+            .zip(&layer.params)
+            .map(|(t, p)| {
+                if t.defined() {
+                    t.f_detach().and_then(|t| t.f_reshape([-1]))
+                } else {
+                    Tensor::f_zeros([p.numel as i64], kind)
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| GuardError::Torch { context: "joining a layer's tensors", source: e })?;
+        Tensor::f_cat(&parts, 0).map(Some).map_err(|e| GuardError::Torch { context: "joining a layer's tensors", source: e })
+    }
+
+    /// Splits a layer's flat vector back into tensors shaped like its parameters.
+    pub fn split(&self, l: usize, flat: &Tensor) -> Result<Vec<Tensor>> {
+        let mut offset = 0i64;
+        let mut out = Vec::new();
+        for p in &self.layers[l].params {
+            let part = flat
+                .f_narrow(0, offset, p.numel as i64)
+                .and_then(|t| t.f_reshape(p.shape.as_slice()))
+                .map_err(|e| GuardError::Torch { context: "splitting a layer's vector", source: e })?;
+            offset += p.numel as i64;
+            out.push(part);
+        }
+        Ok(out)
+    }
+}

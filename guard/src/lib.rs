@@ -11,6 +11,7 @@
 //! // ... opt.step();
 //! println!("{}", report.table());
 //! ```
+pub mod audit;
 pub mod batch;
 pub mod device;
 pub mod engine;
@@ -18,12 +19,15 @@ pub mod error;
 pub mod layers;
 pub mod loss;
 pub mod policy;
+pub mod release;
 pub mod report;
 pub mod sensitivity;
 pub mod stats;
 pub mod subspace;
 pub mod tensors;
+pub mod transform;
 
+pub use audit::{AuditError, AuditLog, DecisionRecord, Durability, LogContents, Outcome};
 pub use batch::Batch;
 pub use device::parse_device;
 pub use engine::{Guard, GuardConfig};

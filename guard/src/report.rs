@@ -100,6 +100,8 @@ pub struct LayerReport {
     pub gradient: Metric<GradientStats>,
     pub sensitivity: Metric<Sensitivity>,
     pub subspace: Metric<Subspace>,
+    /// Ladder rungs in force on this layer (0: unprotected), the highest over its rules.
+    pub protection_level: usize,
 }
 
 /// The guard's report for one training step.
@@ -111,10 +113,20 @@ pub struct Report {
     /// Whether M1/M2 were estimated at this step (otherwise the metrics are the latest
     /// estimates, each carrying the step it was computed at).
     pub estimated: bool,
+    /// Wall time of the estimate, when one ran at this step.
+    pub estimate_seconds: Option<f64>,
     pub layers: Vec<LayerReport>,
+    /// What was released and why (None for an audit estimate).
+    pub release: Option<crate::release::Manifest>,
 }
 
 impl Report {
+    /// Whether the optimizer may step on (or the loop may share) the gradient now: false
+    /// while micro-batches are held back for the aggregation floor, or when blocked.
+    pub fn step_allowed(&self) -> bool {
+        self.release.as_ref().is_none_or(|m| matches!(m.outcome, crate::release::ReleaseOutcome::Released))
+    }
+
     /// Layers whose released gradient has non-finite entries.
     pub fn non_finite_layers(&self) -> Vec<String> {
         self.layers

@@ -72,6 +72,28 @@ pub fn estimate_sensitivity(
     Ok(summarise(layers, &squares, n as usize, settings, seed, step))
 }
 
+/// M1 of one layer from its per-probe estimates of S_l^2 (kept JVPs).
+pub(crate) fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &JvpSamples, seed: u64, step: u64) -> Metric<Sensitivity> {
+    let (s2, se2) = mean_and_standard_error(per);
+    if !s2.is_finite() {
+        return Metric::absent("non-finite Jacobian estimate (the loss or its gradient overflowed)");
+    }
+    let s = s2.max(0.0).sqrt();
+    Metric::Measured(Sensitivity {
+        sensitivity: s,
+        sensitivity_se: if s > 0.0 { se2 / (2.0 * s) } else { 0.0 },
+        sensitivity_rms: s / (params as f64).sqrt(),
+        relative_sensitivity: (norm > 0.0 && norm.is_finite()).then(|| s / norm),
+        step,
+        n: samples.n,
+        probes: Some(samples.probes),
+        exact: false,
+        method: samples.method,
+        seed,
+        params,
+    })
+}
+
 fn summarise(
     layers: &LayerMap,
     sq: &JacobianSquares,

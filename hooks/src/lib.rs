@@ -21,14 +21,18 @@ impl GuardedOptimizer {
         Self { optimizer, guard }
     }
 
-    /// zero_grad, backward, guard, step. On any guard error (a non-finite gradient, a bad
-    /// batch) the step is not applied and the gradients are cleared: nothing unchecked is used.
+    /// zero_grad, backward, guard, step. The step is skipped while the guard holds batches back
+    /// for the aggregation floor (`report.step_allowed()` is false). On any guard error (a block,
+    /// a non-finite gradient, a bad batch) the step is not applied and the gradients are
+    /// cleared: nothing unchecked is used.
     pub fn backward_step(&mut self, loss: &Tensor, batch: Batch, loss_fn: impl LossFn) -> Result<Report, GuardError> {
         self.optimizer.zero_grad();
         loss.f_backward().map_err(|source| GuardError::Torch { context: "running backward on the training loss", source })?;
         match self.guard.after_backward(&batch, &loss_fn) {
             Ok(report) => {
-                self.optimizer.step();
+                if report.step_allowed() {
+                    self.optimizer.step();
+                }
                 Ok(report)
             }
             Err(e) => {
