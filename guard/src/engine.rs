@@ -124,6 +124,23 @@ impl Guard {
         })
     }
 
+    /// Replaces the policy while training. An invalid policy (or one that does not fit this
+    /// model) is rejected and the policy in force stays, which the error says. A new policy
+    /// starts from level 0 and forces a fresh estimate at the next release, so its first
+    /// decision is a measured one.
+    pub fn reload_policy(&mut self, text: &str, origin: &str) -> Result<()> {
+        let kept = || self.protection.policy().short_hash().to_string();
+        let policy = Policy::from_toml_str(text, origin)
+            .map_err(|e| GuardError::PolicyRejected { kept: kept(), source: e })?;
+        let protection = Protection::new(policy, self.layers.names())
+            .map_err(|e| GuardError::PolicyRejected { kept: kept(), source: e })?;
+        self.config = GuardConfig { subspace: self.config.subspace.clone(), ..GuardConfig::from_policy(protection.policy()) };
+        self.config.validate()?;
+        self.protection = protection;
+        self.last_estimate_step = None;
+        Ok(())
+    }
+
     /// Every decision from now on is appended to this log before the release it decides.
     pub fn set_audit_log(&mut self, log: AuditLog) {
         self.audit = Some(log);

@@ -39,6 +39,12 @@ pub enum GuardError {
     ParameterShape { name: String, expected: Vec<i64>, got: Vec<i64> },
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    #[error("new policy rejected, the policy in force (hash {kept}) stays: {source}")]
+    PolicyRejected {
+        kept: String,
+        #[source]
+        source: crate::policy::PolicyError,
+    },
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
     #[error("a defence failed: {0}")]

@@ -69,6 +69,7 @@ pub enum OnViolation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
+    /// Seed of every random draw (0 ..= 2^63 - 1: TOML integers are signed 64-bit).
     pub seed: u64,
     /// Steps between estimates.
     pub estimate_every: u64,

@@ -363,6 +363,13 @@ impl Protection {
             layers.push(LayerManifest { name, released: !withheld, actions, checks });
             chains.push(if withheld { None } else { Some(chain) });
         }
+        if violation.is_some() {
+            // A block releases nothing, whatever the other layers' checks said.
+            for layer in &mut layers {
+                layer.released = false;
+            }
+            chains = vec![None; self.layer_names.len()];
+        }
         let outcome = if let Some((layer, metric, value, threshold)) = &violation {
             ReleaseOutcome::Blocked {
                 reason: format!("layer {layer}: {metric} {} above threshold {threshold} with every defence applied (or not measurable)", fmt_opt(*value)),
