@@ -14,12 +14,15 @@ struct Cli {
 enum Command {
     /// Train the digits CNN on the shipped data with the guard on, printing per-layer leakage.
     Demo(commands::demo::DemoArgs),
+    /// Validate a policy file and show what its rules cover.
+    Policy(commands::policy::PolicyArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => commands::demo::run(args),
+        Command::Policy(args) => commands::policy::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

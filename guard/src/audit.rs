@@ -114,7 +114,9 @@ pub enum AuditError {
     Open { path: PathBuf, source: std::io::Error },
     #[error("audit log {path}: cannot encode the record for step {step}, layer '{layer}': {source}")]
     Encode { path: PathBuf, step: u64, layer: String, source: serde_json::Error },
-    #[error("audit log {path}: write failed (the record for step {step}, layer '{layer}' is not acknowledged): {source}")]
+    #[error(
+        "audit log {path}: write failed (the record for step {step}, layer '{layer}' is not acknowledged): {source}"
+    )]
     Write { path: PathBuf, step: u64, layer: String, source: std::io::Error },
     #[error("audit log {path}: cannot read: {source}")]
     Read { path: PathBuf, source: std::io::Error },

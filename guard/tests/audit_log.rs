@@ -83,6 +83,11 @@ fn acknowledged_records_survive_sigkill() {
     child.kill().expect("SIGKILL the child");
     let status = child.wait().unwrap();
     assert!(!status.success(), "the child was killed, not finished: {status:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    }
 
     // Every complete line parses (read_log errors on a corrupt complete line); at most the
     // last, unterminated line is a torn fragment.
@@ -145,7 +150,12 @@ fn torn_tail_is_skipped_and_reported_and_the_next_record_starts_a_line() {
     }
     // Simulate a process killed mid-write: half a record, no newline.
     let full = serde_json::to_string(&record(2, "conv1")).unwrap();
-    std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&full.as_bytes()[..full.len() / 2]).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&full.as_bytes()[..full.len() / 2])
+        .unwrap();
     let contents = AuditLog::read_log(&path).unwrap();
     assert_eq!(contents.records.len(), 2);
     assert_eq!((contents.skipped, contents.skipped_lines.clone()), (1, vec![3]));

@@ -154,7 +154,10 @@ fn an_unknown_settings_field_is_named() {
 #[test]
 fn invalid_settings_values_are_named() {
     let (err, msg) = load_err("version = 1\n[settings]\nestimate_every = 0\n");
-    assert!(matches!(err, PolicyError::Invalid { ref location, .. } if location == "settings.estimate_every"), "{err:?}");
+    assert!(
+        matches!(err, PolicyError::Invalid { ref location, .. } if location == "settings.estimate_every"),
+        "{err:?}"
+    );
     assert_contains(&msg, &["settings.estimate_every"]);
     let (_, msg) = load_err("version = 1\n[settings]\naggregation_floor = 64\naggregation_ceiling = 32\n");
     assert_contains(&msg, &["settings.aggregation_ceiling", "32", "64"]);
@@ -176,7 +179,10 @@ fn unsupported_version_is_rejected() {
 fn aggregate_needs_a_factor_above_one() {
     for bad in ["1", "1.0", "0.5", "-2", "inf"] {
         let (err, msg) = load_err(&with_ladder(&format!("[{{ action = \"aggregate\", factor = {bad} }}]")));
-        assert!(matches!(err, PolicyError::Invalid { ref location, .. } if location.ends_with("ladder step 1")), "{bad}: {err:?}");
+        assert!(
+            matches!(err, PolicyError::Invalid { ref location, .. } if location.ends_with("ladder step 1")),
+            "{bad}: {err:?}"
+        );
         assert_contains(&msg, &["aggregate factor", "> 1"]);
     }
     let (_, msg) = load_err(&with_ladder(r#"[{ action = "aggregate", factr = 4 }]"#));
@@ -201,7 +207,8 @@ fn an_unmatched_glob_is_an_error_when_strict_and_a_warning_otherwise() {
     }
     assert_contains(&err.to_string(), &["conv9*", "rule 'r'", "matches no layer", "conv1"]);
 
-    let lax = load(&format!("version = 1\n[settings]\nstrict_layers = false\n\n[[rule]]\nname = \"r\"\n{rule}\n")).unwrap();
+    let lax =
+        load(&format!("version = 1\n[settings]\nstrict_layers = false\n\n[[rule]]\nname = \"r\"\n{rule}\n")).unwrap();
     let coverage = lax.coverage(&cnn_layers()).unwrap();
     assert_eq!(coverage.rule_layers, vec![vec![0]]);
     assert_eq!(coverage.warnings.len(), 1);
@@ -316,7 +323,8 @@ fn the_bad_policy_fixtures_are_rejected() {
         assert!(msg.contains(&name), "{name}: the message names the file: {msg}");
         // Each fixture says in its first line what the message must mention.
         let first = std::fs::read_to_string(&path).unwrap().lines().next().unwrap_or_default().to_string();
-        let expected = first.strip_prefix("# expect: ").unwrap_or_else(|| panic!("{name}: first line is `# expect: ...`"));
+        let expected =
+            first.strip_prefix("# expect: ").unwrap_or_else(|| panic!("{name}: first line is `# expect: ...`"));
         for needle in expected.split(" && ") {
             assert!(msg.contains(needle), "{name}: message lacks {needle:?}:\n{msg}");
         }
