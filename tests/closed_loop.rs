@@ -136,7 +136,8 @@ fn a_rule_whose_metric_cannot_be_measured_fails_closed() {
 fn a_failed_estimate_fails_closed() {
     let s = setup();
     let rules = "[[rule]]\nname = \"r\"\nmetric = \"sensitivity\"\nlayers = [\"conv1\"]\nact_above = 100.0\nrelax_below = 50.0\nladder = [{ action = \"withhold\" }]\n";
-    let p = Policy::from_toml_str(&format!("version = 1\n[settings]\nestimate_every = 4\nmax_estimate_age_steps = 4\n{rules}"), "t").unwrap();
+    // The whole wall time is the guard's budget here, so the estimate is due every 4 steps.
+    let p = Policy::from_toml_str(&format!("version = 1\n[settings]\nestimate_every = 4\nmax_estimate_age_steps = 4\nbudget_share = 1.0\n{rules}"), "t").unwrap();
     let mut guard = Guard::with_policy(&s.vs, p).unwrap();
     assert!(guarded_step(&s, &mut guard, 0, 16).0.unwrap().estimated);
     for step in 1..4 {

@@ -7,15 +7,22 @@ use crate::error::{GuardError, Result, TorchContext};
 use crate::layers::LayerMap;
 use crate::loss::LossFn;
 use crate::policy::{LeakageMetric, Policy};
+use crate::latent_table::LatentTable;
 use crate::release::{Decision, Manifest, Protection, ReleaseOutcome};
-use crate::report::{GradientStats, LayerReport, Metric, Report, Sensitivity, Subspace};
+use crate::report::{GradientStats, GuardHealth, LayerReport, Metric, Report, Sensitivity};
+use crate::schedule::{Clock, Scheduler, SystemClock};
 use crate::sensitivity::{estimate_sensitivity, jvp_samples, JvpSamples, SensitivitySettings};
 use crate::stats::{current_grads, gradient_stats};
-use crate::subspace::{subspace_samples, SubspaceSamples, SubspaceSettings};
+use crate::subspace::{subspace_samples, SubspaceSettings};
+use crate::worker::Worker;
 use gradguard_defenses::{apply_all, GradientAccumulator};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
+use std::sync::Arc;
 use tch::{nn::VarStore, Tensor};
+
+/// Called with every report, on the worker thread (an exporter, a log).
+pub type ReportSink = Arc<dyn Fn(&Report) + Send + Sync>;
 
 /// Guard settings. Serde so that a policy file can carry them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -27,11 +34,23 @@ pub struct GuardConfig {
     pub estimate_every: u64,
     pub sensitivity: SensitivitySettings,
     pub subspace: SubspaceSettings,
+    /// The share of wall time the guard may spend, in (0, 1]. The budget can only make
+    /// estimates rarer than `estimate_every`.
+    pub budget_share: f64,
+    /// M2's linear algebra and report sinks on a worker thread (false: inline, deterministic).
+    pub background: bool,
 }
 
 impl Default for GuardConfig {
     fn default() -> Self {
-        Self { seed: 0, estimate_every: 10, sensitivity: SensitivitySettings::default(), subspace: SubspaceSettings::default() }
+        Self {
+            seed: 0,
+            estimate_every: 10,
+            sensitivity: SensitivitySettings::default(),
+            subspace: SubspaceSettings::default(),
+            budget_share: 1.0,
+            background: true,
+        }
     }
 }
 
@@ -39,6 +58,9 @@ impl GuardConfig {
     pub fn validate(&self) -> Result<()> {
         if self.estimate_every == 0 {
             return Err(GuardError::Config { setting: "estimate_every", why: "must be at least 1".into() });
+        }
+        if !(self.budget_share > 0.0 && self.budget_share <= 1.0) {
+            return Err(GuardError::Config { setting: "budget_share", why: format!("must be in (0, 1], got {}", self.budget_share) });
         }
         self.sensitivity.validate()?;
         self.subspace.validate()
@@ -52,6 +74,8 @@ impl GuardConfig {
             estimate_every: s.estimate_every,
             sensitivity: SensitivitySettings { probes: s.probes, ..Default::default() },
             subspace: SubspaceSettings::default(),
+            budget_share: s.budget_share,
+            background: s.background_estimates,
         }
     }
 }
@@ -79,12 +103,16 @@ pub struct Guard {
     step: u64,
     sample_shape: Option<Vec<i64>>,
     latest_sensitivity: Vec<Metric<Sensitivity>>,
-    latest_subspace: Vec<Metric<Subspace>>,
+    /// The latest M2 results, written by the worker.
+    latent: Arc<Mutex<Option<LatentTable>>>,
     last_estimate_step: Option<u64>,
     last_estimate_seconds: Option<f64>,
     held: Option<Held>,
     audit: Option<AuditLog>,
     last_report: Option<Report>,
+    scheduler: Scheduler,
+    worker: Option<Worker>,
+    sinks: Vec<ReportSink>,
 }
 
 impl Guard {
@@ -108,20 +136,44 @@ impl Guard {
         config.validate()?;
         let protection = Protection::new(policy, layers.names()).map_err(GuardError::Policy)?;
         let l = layers.len();
+        let worker = if config.background {
+            Some(Worker::spawn(2).map_err(|e| GuardError::Config { setting: "background", why: format!("cannot start the worker thread: {e}") })?)
+        } else {
+            None
+        };
         Ok(Self {
+            scheduler: Scheduler::new(config.budget_share, Box::new(SystemClock::default())),
             config,
             layers,
             protection,
             step: 0,
             sample_shape: None,
             latest_sensitivity: (0..l).map(|_| Metric::absent("not estimated yet")).collect(),
-            latest_subspace: (0..l).map(|_| Metric::absent("not estimated yet")).collect(),
+            latent: Arc::new(Mutex::new(None)),
             last_estimate_step: None,
             last_estimate_seconds: None,
             held: None,
             audit: None,
             last_report: None,
+            worker,
+            sinks: Vec::new(),
         })
+    }
+
+    /// Replaces the clock the budget is measured with (tests drive a synthetic one).
+    pub fn set_clock(&mut self, clock: Box<dyn Clock>) {
+        self.scheduler = Scheduler::new(self.config.budget_share, clock);
+    }
+
+    /// Every report is also handed to `sink`, on the worker thread (inline without one). A
+    /// sink that falls behind loses reports (counted), it never slows training.
+    pub fn add_report_sink(&mut self, sink: ReportSink) {
+        self.sinks.push(sink);
+    }
+
+    /// The worker, when estimates run in the background.
+    pub fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
     }
 
     /// Replaces the policy while training. An invalid policy (or one that does not fit this
@@ -136,6 +188,7 @@ impl Guard {
             .map_err(|e| GuardError::PolicyRejected { kept: kept(), source: e })?;
         self.config = GuardConfig { subspace: self.config.subspace.clone(), ..GuardConfig::from_policy(protection.policy()) };
         self.config.validate()?;
+        self.scheduler.set_share(self.config.budget_share);
         self.protection = protection;
         self.last_estimate_step = None;
         Ok(())
@@ -182,6 +235,16 @@ impl Guard {
     ///   `.grad()` is zeroed and the optimizer must not step.
     /// - `Err(_)`: blocked (or bad input); `.grad()` is zeroed. Nothing unprotected is left.
     pub fn after_backward(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Report> {
+        self.scheduler.enter();
+        let result = self.after_backward_timed(batch, loss_fn);
+        self.scheduler.leave();
+        if let Ok(report) = &result {
+            self.fan_out(report);
+        }
+        result
+    }
+
+    fn after_backward_timed(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Report> {
         let n = self.check_batch(batch)?;
         let step = self.step;
         self.step += 1;
@@ -283,6 +346,16 @@ impl Guard {
     /// not edited. The aggregation floor is not accumulated here: an update that covers fewer
     /// samples than the floor is blocked.
     pub fn release(&mut self, update: &[(String, Tensor)], batch: &Batch, loss_fn: &dyn LossFn) -> Result<ProtectedUpdate> {
+        self.scheduler.enter();
+        let result = self.release_timed(update, batch, loss_fn);
+        self.scheduler.leave();
+        if let Some(report) = self.last_report.clone() {
+            self.fan_out(&report);
+        }
+        result
+    }
+
+    fn release_timed(&mut self, update: &[(String, Tensor)], batch: &Batch, loss_fn: &dyn LossFn) -> Result<ProtectedUpdate> {
         let n = self.check_batch(batch)?;
         let step = self.step;
         self.step += 1;
@@ -334,7 +407,7 @@ impl Guard {
     pub fn estimate(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Report> {
         let n = self.check_batch(batch)?;
         let step = self.step;
-        self.measure(batch, loss_fn, step, false)?;
+        self.measure(batch, loss_fn, step, false, true)?;
         let stats = (0..self.layers.len()).map(|_| Metric::absent("audit: no released gradient")).collect();
         let report = self.assemble(step, n, true, stats, None);
         self.last_report = Some(report.clone());
@@ -354,34 +427,58 @@ impl Guard {
         }
     }
 
-    /// Decides with fresh measurements when due, else reuses the levels in force (failing
-    /// closed on a stale estimate).
+    /// Decides with fresh measurements when due (the interval has passed and the budget
+    /// allows, or the policy forces an estimate before every release), else reuses the levels
+    /// in force, failing closed on a stale estimate or a failed worker.
     fn decide(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64) -> Result<(Decision, bool)> {
-        let settings = &self.protection.policy().settings;
-        let due = settings.estimate_before_release
-            || self.last_estimate_step.is_none_or(|last| step.saturating_sub(last) >= self.config.estimate_every);
+        let has_rules = !self.protection.policy().rules.is_empty();
+        if let Some(error) = self.worker.as_ref().and_then(|w| w.last_error()) {
+            if has_rules {
+                return Ok((self.protection.block(step, format!("the estimator worker failed: {error}")), false));
+            }
+        }
+        let settings = self.protection.policy().settings.clone();
+        let forced = settings.estimate_before_release;
+        let due = forced
+            || self.last_estimate_step.is_none_or(|last| {
+                step.saturating_sub(last) >= self.config.estimate_every && self.scheduler.within_budget()
+            });
         if !due {
             let last = self.last_estimate_step.expect("not due means estimated before");
             let age = step - last;
-            if !self.protection.policy().rules.is_empty() && age > settings.max_estimate_age_steps {
+            if has_rules && age > settings.max_estimate_age_steps {
                 let max = settings.max_estimate_age_steps;
-                return Ok((self.protection.block(step, format!("stale estimate: {age} steps old, the policy allows {max}")), false));
+                let reason = format!("stale estimate: {age} steps old, the policy allows {max} (the budget of {} allowed no newer one)", settings.budget_share);
+                return Ok((self.protection.block(step, reason), false));
             }
             return Ok((self.protection.reuse(step, last), false));
         }
         let keep = self.protection.uses(LeakageMetric::Sensitivity)
             || self.protection.uses(LeakageMetric::SensitivityRms)
             || self.protection.uses(LeakageMetric::RelativeSensitivity);
-        let (jvps, subspace) = match self.measure(batch, loss_fn, step, keep) {
+        // Inline when forced (the decision needs this estimate) or before the first result.
+        let inline = forced || self.latent.lock().is_none();
+        let started = self.scheduler.now();
+        let measured = self.measure(batch, loss_fn, step, keep, inline);
+        self.scheduler.record_estimate(self.scheduler.now() - started);
+        let jvps = match measured {
             Ok(kept) => kept,
-            Err(e) if !self.protection.policy().rules.is_empty() => {
+            Err(e) if has_rules => {
                 return Ok((self.protection.block(step, format!("the estimate failed: {e}")), true));
             }
             Err(e) => return Err(e),
         };
         let seeds = self.release_seeds(step);
         let params: Vec<usize> = self.layers.layers().iter().map(|l| l.numel()).collect();
-        let m = crate::release::Measurements { jvps: jvps.as_ref(), subspace: subspace.as_ref(), seeds: &seeds, params: &params };
+        let latent = self.latent.lock().clone();
+        let m = crate::release::Measurements {
+            jvps: jvps.as_ref(),
+            latent: latent.as_ref(),
+            step,
+            max_age_steps: settings.max_estimate_age_steps,
+            seeds: &seeds,
+            params: &params,
+        };
         Ok((self.protection.decide(step, &m)?, true))
     }
 
@@ -389,17 +486,11 @@ impl Guard {
         (0..self.layers.len() as u64).map(|l| gradguard_defenses::derive_seed(self.config.seed ^ step.rotate_left(20), l as usize)).collect()
     }
 
-    /// Runs the estimators, updates the latest metrics, and returns what the closed loop
-    /// needs to re-measure transformed releases (when `keep_jvps` or attribute labels).
-    #[allow(clippy::type_complexity)]
-    fn measure(
-        &mut self,
-        batch: &Batch,
-        loss_fn: &dyn LossFn,
-        step: u64,
-        keep_jvps: bool,
-    ) -> Result<(Option<JvpSamples>, Option<std::result::Result<SubspaceSamples, String>>)> {
-        let started = Instant::now();
+    /// Runs the estimators: M1 on this thread (it needs the graph), the per-sample gradients of
+    /// M2 here too, and M2's linear algebra on the worker unless `inline`. Returns the kept JVPs
+    /// when `keep_jvps` (the closed loop re-measures M1 on transformed releases from them).
+    fn measure(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64, keep_jvps: bool, inline: bool) -> Result<Option<JvpSamples>> {
+        let started = std::time::Instant::now();
         let seed = self.config.seed;
         let mut kept = None;
         if keep_jvps {
@@ -410,32 +501,50 @@ impl Guard {
             self.latest_sensitivity =
                 estimate_sensitivity(&self.layers, loss_fn, batch.inputs, batch.targets, &self.config.sensitivity, seed, step)?;
         }
-        let subspace = match batch.attribute_values()? {
-            None => {
-                self.latest_subspace = (0..self.layers.len()).map(|_| Metric::absent("no attribute labels given")).collect();
-                None
-            }
+        let l = self.layers.len();
+        match batch.attribute_values()? {
+            None => *self.latent.lock() = Some(LatentTable::unavailable(step, l, "no attribute labels given".into())),
             Some(attribute) => {
-                let samples = subspace_samples(
-                    &self.layers,
-                    loss_fn,
-                    batch.inputs,
-                    batch.targets,
-                    &attribute,
-                    &self.config.subspace,
-                    seed,
-                    step,
-                )?;
-                self.latest_subspace = match &samples {
-                    Err(reason) => (0..self.layers.len()).map(|_| Metric::absent(reason.clone())).collect(),
-                    Ok(s) => (0..self.layers.len()).map(|l| s.layer_metric(l, None)).collect::<Result<_>>()?,
-                };
-                Some(samples)
+                let settings = &self.config.subspace;
+                match subspace_samples(&self.layers, loss_fn, batch.inputs, batch.targets, &attribute, settings, seed, step)? {
+                    Err(reason) => *self.latent.lock() = Some(LatentTable::unavailable(step, l, reason)),
+                    Ok(samples) => {
+                        let requests = self.protection.latent_requests();
+                        match self.worker.as_ref().filter(|_| !inline) {
+                            None => *self.latent.lock() = Some(LatentTable::compute(&samples, l, &requests)?),
+                            Some(worker) => {
+                                let shared = self.latent.clone();
+                                // The samples are fresh host copies, owned by the job.
+                                worker.submit(Box::new(move || {
+                                    let table = LatentTable::compute(&samples, l, &requests).map_err(|e| e.to_string())?;
+                                    *shared.lock() = Some(table);
+                                    Ok(())
+                                }));
+                            }
+                        }
+                    }
+                }
             }
-        };
+        }
         self.last_estimate_step = Some(step);
         self.last_estimate_seconds = Some(started.elapsed().as_secs_f64());
-        Ok((kept, subspace))
+        Ok(kept)
+    }
+
+    /// Hands the report to the sinks, on the worker when there is one.
+    fn fan_out(&self, report: &Report) {
+        for sink in &self.sinks {
+            match &self.worker {
+                Some(worker) => {
+                    let (sink, report) = (sink.clone(), report.clone());
+                    worker.submit(Box::new(move || {
+                        sink(&report);
+                        Ok(())
+                    }));
+                }
+                None => sink(report),
+            }
+        }
     }
 
     /// M1 of the raw release from kept JVPs (the same numbers the streaming estimator gives).
@@ -598,6 +707,7 @@ impl Guard {
 
     fn assemble(&self, step: u64, n: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, release: Option<Manifest>) -> Report {
         let levels = self.protection.layer_levels();
+        let latent = self.latent.lock().as_ref().map(|t| t.raw.clone());
         let layers = self
             .layers
             .layers()
@@ -609,7 +719,7 @@ impl Guard {
                 params: layer.numel(),
                 gradient,
                 sensitivity: self.latest_sensitivity[l].clone(),
-                subspace: self.latest_subspace[l].clone(),
+                subspace: latent.as_ref().map_or_else(|| Metric::absent("not estimated yet"), |raw| raw[l].clone()),
                 protection_level: levels[l],
             })
             .collect();
@@ -621,6 +731,14 @@ impl Guard {
             estimate_seconds: if estimated { self.last_estimate_seconds } else { None },
             layers,
             release,
+            health: GuardHealth {
+                estimate_age_steps: self.last_estimate_step.map(|s| step.saturating_sub(s)),
+                budget_share: self.config.budget_share,
+                spent_share: self.scheduler.spent_share(),
+                estimates_dropped: self.worker.as_ref().map_or(0, |w| w.dropped()),
+                worker_failures: self.worker.as_ref().map_or(0, |w| w.failures()),
+                worker_error: self.worker.as_ref().and_then(|w| w.last_error()),
+            },
         }
     }
 }

@@ -88,6 +88,11 @@ pub struct Settings {
     pub withheld_layers_train_locally: bool,
     /// Probes K for M1.
     pub probes: usize,
+    /// The share of wall time the guard may spend (estimates included), in (0, 1].
+    pub budget_share: f64,
+    /// Run M2's linear algebra and report fan-out on a worker thread (false: all inline, and
+    /// reports are deterministic step by step).
+    pub background_estimates: bool,
 }
 
 impl Default for Settings {
@@ -103,6 +108,8 @@ impl Default for Settings {
             strict_layers: true,
             withheld_layers_train_locally: true,
             probes: 8,
+            budget_share: 0.05,
+            background_estimates: true,
         }
     }
 }
@@ -336,6 +343,9 @@ fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
             "aggregation_ceiling",
             format!("{} is below aggregation_floor {}", s.aggregation_ceiling, s.aggregation_floor),
         ));
+    }
+    if !(s.budget_share > 0.0 && s.budget_share <= 1.0) {
+        return Err(("budget_share", format!("must be in (0, 1], got {}", s.budget_share)));
     }
     if s.probes < 2 {
         return Err(("probes", format!("needs at least 2 for a standard error, got {}", s.probes)));

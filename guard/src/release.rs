@@ -7,11 +7,10 @@ use crate::audit::{DecisionRecord, Outcome};
 use crate::error::{Result, TorchContext};
 use crate::policy::{Coverage, LadderStep, LeakageMetric, OnViolation, Policy};
 use crate::sensitivity::JvpSamples;
-use crate::subspace::SubspaceSamples;
+use crate::latent_table::LatentTable;
 use crate::transform::transform;
-use gradguard_defenses::{apply_all, Defence};
+use gradguard_defenses::Defence;
 use serde::{Deserialize, Serialize};
-use tch::Kind;
 
 /// What happened to one release.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,7 +66,10 @@ pub struct Manifest {
 /// closed.
 pub struct Measurements<'a> {
     pub jvps: Option<&'a JvpSamples>,
-    pub subspace: Option<&'a std::result::Result<SubspaceSamples, String>>,
+    /// The latest M2 table (computed on the worker), with the current step and the age bound.
+    pub latent: Option<&'a LatentTable>,
+    pub step: u64,
+    pub max_age_steps: u64,
     /// Seed of the defences' randomness for this release, per layer.
     pub seeds: &'a [u64],
     pub params: &'a [usize],
@@ -83,10 +85,9 @@ impl Measurements<'_> {
                 let Some(jvps) = self.jvps else { return Ok(Err("sensitivity was not estimated".into())) };
                 let Some(layer) = &jvps.layers[l] else { return Ok(Ok(None)) };
                 let Some(t) = transform(chain, &layer.grad, &layer.jvps, self.seeds[l])? else { return Ok(Ok(None)) };
-                let mut total = 0.0;
-                for tangent in &t.tangents {
-                    total += tangent.f_square().and_then(|s| s.f_sum(Kind::Double)).and_then(|s| s.f_double_value(&[])).during("a tangent's norm")?;
-                }
+                // One host read for all probes.
+                let squares = t.tangents.iter().map(crate::tensors::sum_sq).collect::<Result<Vec<_>>>()?;
+                let total: f64 = crate::tensors::to_f64_vec(&tch::Tensor::f_stack(&squares, 0).during("stacking tangent norms")?)?.iter().sum();
                 let s = (total / (jvps.probes as f64 * jvps.n as f64)).sqrt();
                 Ok(Ok(Some(match metric {
                     LeakageMetric::Sensitivity => s,
@@ -98,22 +99,17 @@ impl Measurements<'_> {
                 })))
             }
             LeakageMetric::SubspaceSeparation => {
-                let samples = match self.subspace {
-                    None => return Ok(Err("subspace separation was not estimated (no attribute labels)".into())),
-                    Some(Err(reason)) => return Ok(Err(reason.clone())),
-                    Some(Ok(s)) => s,
-                };
                 if chain.iter().any(|d| matches!(d, Defence::Withhold)) {
                     return Ok(Ok(None));
                 }
-                let column = |col: &tch::Tensor, seed: u64| -> Result<tch::Tensor> {
-                    Ok(apply_all(chain, col, seed)?.expect("no withhold in the chain"))
+                let Some(table) = self.latent else {
+                    return Ok(Err("subspace separation not estimated yet (no attribute labels, or the worker has not finished)".into()));
                 };
-                let metric = if chain.is_empty() { samples.layer_metric(l, None)? } else { samples.layer_metric(l, Some(&column))? };
-                Ok(match metric.measured() {
-                    Some(m) => Ok(Some(m.subspace_separation)),
-                    None => Err(metric.absent_reason().unwrap_or("absent").to_string()),
-                })
+                let age = self.step.saturating_sub(table.step);
+                if age > self.max_age_steps {
+                    return Ok(Err(format!("subspace estimate is stale: {age} steps old, the policy allows {}", self.max_age_steps)));
+                }
+                Ok(table.separation(l, chain).map(Some))
             }
             LeakageMetric::UsableInformationBits => Ok(Err("usable information is not estimated online".into())),
         }
@@ -159,6 +155,25 @@ impl Protection {
         (0..self.layer_names.len()).map(|l| self.levels.iter().map(|r| r[l]).max().unwrap_or(0)).collect()
     }
 
+    /// The (layer, chain) pairs whose M2 a decision may look up: the raw gradient of every
+    /// layer, and for each subspace rule every rung from one below its level in force to the
+    /// top, the other rules held at theirs.
+    pub fn latent_requests(&self) -> Vec<(usize, Vec<Defence>)> {
+        let mut out: Vec<(usize, Vec<Defence>)> = (0..self.layer_names.len()).map(|l| (l, vec![])).collect();
+        for (r, rule) in self.policy.rules.iter().enumerate() {
+            if rule.metric != LeakageMetric::SubspaceSeparation {
+                continue;
+            }
+            for &l in &self.coverage.rule_layers[r] {
+                let from = self.levels[r][l].saturating_sub(1);
+                for level in from..=rule.ladder.len() {
+                    out.push((l, self.chain_with(l, Some((r, level)))));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether any rule acts on this metric.
     pub fn uses(&self, metric: LeakageMetric) -> bool {
         self.policy.rules.iter().zip(&self.coverage.rule_layers).any(|(r, l)| r.metric == metric && !l.is_empty())
@@ -197,12 +212,21 @@ impl Protection {
 
     /// The defences in force on layer l, rules in policy order.
     fn chain(&self, l: usize) -> Vec<Defence> {
+        self.chain_with(l, None)
+    }
+
+    /// The chain of layer l with rule `r` at `level` instead of its level in force.
+    fn chain_with(&self, l: usize, overridden: Option<(usize, usize)>) -> Vec<Defence> {
         let mut chain = Vec::new();
         for (r, rule) in self.policy.rules.iter().enumerate() {
             if !self.coverage.rule_layers[r].contains(&l) {
                 continue;
             }
-            for step in &rule.ladder[..self.levels[r][l]] {
+            let level = match overridden {
+                Some((o, level)) if o == r => level,
+                _ => self.levels[r][l],
+            };
+            for step in &rule.ladder[..level] {
                 if let LadderStep::Defence(d) = step {
                     chain.push(d.clone());
                 }

@@ -104,6 +104,20 @@ pub struct LayerReport {
     pub protection_level: usize,
 }
 
+/// The guard's own state: its cost against its budget and the worker's health.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct GuardHealth {
+    /// Steps since the estimate the metrics come from (None before the first).
+    pub estimate_age_steps: Option<u64>,
+    pub budget_share: f64,
+    /// The guard's share of wall time so far.
+    pub spent_share: f64,
+    /// Worker jobs dropped because it was behind.
+    pub estimates_dropped: u64,
+    pub worker_failures: u64,
+    pub worker_error: Option<String>,
+}
+
 /// The guard's report for one training step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
@@ -118,6 +132,7 @@ pub struct Report {
     pub layers: Vec<LayerReport>,
     /// What was released and why (None for an audit estimate).
     pub release: Option<crate::release::Manifest>,
+    pub health: GuardHealth,
 }
 
 impl Report {

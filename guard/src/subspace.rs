@@ -128,7 +128,7 @@ fn select(attribute: &[i64], settings: &SubspaceSettings, seed: u64, step: u64) 
 }
 
 /// Per-layer flattened gradients of one sample (zeros where a parameter is not reached).
-fn sample_gradient(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor, i: usize, step: u64) -> Result<Vec<Tensor>> {
+pub(crate) fn sample_gradient(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor, i: usize, step: u64) -> Result<Vec<Tensor>> {
     let (params, owner) = layers.flat_params();
     let xi = x.f_narrow(0, i as i64, 1).during("selecting a sample")?;
     let yi = y.f_narrow(0, i as i64, 1).during("selecting a sample")?;
@@ -207,6 +207,11 @@ pub fn subspace_samples(
 pub type ColumnTransform<'a> = dyn Fn(&Tensor, u64) -> Result<Tensor> + 'a;
 
 impl SubspaceSamples {
+    /// The step these gradients were taken at.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
     /// M2 of layer `l`, on each per-sample gradient passed through `transform` (None: raw).
     pub fn layer_metric(&self, l: usize, transform: Option<&ColumnTransform>) -> Result<Metric<Subspace>> {
         let bases_of = |which: &[usize]| -> Result<Option<Tensor>> {

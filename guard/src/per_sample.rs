@@ -1,0 +1,118 @@
+//! Per-sample gradients as host matrices, for the estimators that run off the training thread
+//! (M3). The gradients come from `subspace::sample_gradient` (one micro-batch of one sample per
+//! backward pass, the same code M2 uses); this module only stacks them by layer.
+use crate::error::{GuardError, Result, TorchContext};
+use crate::layers::LayerMap;
+use crate::loss::LossFn;
+use crate::subspace::sample_gradient;
+use crate::tensors::to_f64_vec;
+use tch::Tensor;
+
+/// A row-major host matrix of f64: one row per sample (or per release), one column per
+/// parameter scalar of a layer. Plain data: Send + Sync, no autograd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f64>,
+}
+
+impl GradientMatrix {
+    /// Checks that `data` holds `rows * cols` values.
+    pub fn new(rows: usize, cols: usize, data: Vec<f64>) -> Result<Self> {
+        if rows.checked_mul(cols) != Some(data.len()) {
+            return Err(GuardError::Config {
+                setting: "gradient matrix",
+                why: format!("{rows} rows x {cols} columns need {} values, got {}", rows.saturating_mul(cols), data.len()),
+            });
+        }
+        Ok(Self { rows, cols, data })
+    }
+
+    pub fn row(&self, i: usize) -> &[f64] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+
+    /// The mean of the rows at `indices`, as a new one-row vector (a batch-mean release built
+    /// from per-sample gradients, exact for models that do not couple samples).
+    pub fn mean_of_rows(&self, indices: &[usize]) -> Vec<f64> {
+        let mut out = vec![0.0; self.cols];
+        for &i in indices {
+            for (o, v) in out.iter_mut().zip(self.row(i)) {
+                *o += v;
+            }
+        }
+        let k = indices.len().max(1) as f64;
+        out.iter_mut().for_each(|o| *o /= k);
+        out
+    }
+
+    /// Builds a matrix from rows of equal length.
+    pub fn from_rows(rows: Vec<Vec<f64>>) -> Result<Self> {
+        let cols = rows.first().map_or(0, |r| r.len());
+        if let Some(bad) = rows.iter().position(|r| r.len() != cols) {
+            return Err(GuardError::Config {
+                setting: "gradient matrix",
+                why: format!("row {bad} has {} values, row 0 has {cols}", rows[bad].len()),
+            });
+        }
+        let n = rows.len();
+        Ok(Self { rows: n, cols, data: rows.concat() })
+    }
+}
+
+/// Per-sample gradients of every layer: entry l is the n x P_l matrix of dl_i/dW_l, or None
+/// when the loss does not reach layer l (its gradient is undefined for every sample).
+/// `inputs` and `targets` hold n samples along dimension 0; each sample is its own backward
+/// pass (the loss function is called with a batch of one).
+pub fn per_sample_gradients(
+    layers: &LayerMap,
+    loss_fn: &dyn LossFn,
+    inputs: &Tensor,
+    targets: &Tensor,
+) -> Result<Vec<Option<GradientMatrix>>> {
+    let n = inputs.size().first().copied().unwrap_or(0);
+    if n <= 0 {
+        return Err(GuardError::EmptyBatch);
+    }
+    let t = targets.size().first().copied().unwrap_or(-1);
+    if t != n {
+        return Err(GuardError::BatchMismatch { what: "targets", inputs: n, got: t });
+    }
+    let (params, owner) = layers.flat_params();
+    // Which layers the loss reaches: one plain backward on the first sample.
+    let x0 = inputs.f_narrow(0, 0, 1).during("selecting a sample")?;
+    let y0 = targets.f_narrow(0, 0, 1).during("selecting a sample")?;
+    let loss = loss_fn.loss(&x0, &y0).during("computing the loss of one sample")?;
+    if !loss.defined() || loss.numel() != 1 {
+        return Err(GuardError::LossNotScalar(if loss.defined() { loss.size() } else { vec![] }));
+    }
+    let grads = Tensor::f_run_backward(&[&loss], &params, false, false).during("finding the layers the loss reaches")?;
+    let mut used = vec![false; layers.len()];
+    for (g, &l) in grads.iter().zip(&owner) {
+        used[l] |= g.defined();
+    }
+    let mut data: Vec<Vec<f64>> = layers.layers().iter().map(|l| Vec::with_capacity(n as usize * l.numel())).collect();
+    for i in 0..n as usize {
+        let per_layer = sample_gradient(layers, loss_fn, inputs, targets, i, 0)?;
+        for (l, g) in per_layer.iter().enumerate() {
+            if used[l] {
+                let values = to_f64_vec(g)?;
+                if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(GuardError::NonFiniteGradient {
+                        step: 0,
+                        layers: vec![format!("{} (sample {i}, entry {bad})", layers.layers()[l].name)],
+                    });
+                }
+                data[l].extend(values);
+            }
+        }
+    }
+    Ok(layers
+        .layers()
+        .iter()
+        .zip(data)
+        .zip(used)
+        .map(|((layer, data), used)| used.then(|| GradientMatrix { rows: n as usize, cols: layer.numel(), data }))
+        .collect())
+}
