@@ -88,6 +88,13 @@ struct Held {
     attributes: Vec<Tensor>,
 }
 
+/// What a decision does to one layer's tensors.
+enum LayerRelease {
+    Unchanged,
+    Replaced(Vec<Tensor>),
+    Withheld,
+}
+
 /// The protected update of the explicit release API: per-parameter tensors of the released
 /// layers (withheld layers absent) and the manifest of what was done to each layer.
 pub struct ProtectedUpdate {
@@ -111,7 +118,10 @@ pub struct Guard {
     audit: Option<AuditLog>,
     last_report: Option<Report>,
     scheduler: Scheduler,
+    /// M2's linear algebra.
     worker: Option<Worker>,
+    /// Report sinks, on a queue of their own so that a slow sink never costs an estimate.
+    fan_out: Option<Worker>,
     sinks: Vec<ReportSink>,
 }
 
@@ -136,11 +146,10 @@ impl Guard {
         config.validate()?;
         let protection = Protection::new(policy, layers.names()).map_err(GuardError::Policy)?;
         let l = layers.len();
-        let worker = if config.background {
-            Some(Worker::spawn(2).map_err(|e| GuardError::Config { setting: "background", why: format!("cannot start the worker thread: {e}") })?)
-        } else {
-            None
+        let spawn = |capacity| {
+            Worker::spawn(capacity).map_err(|e| GuardError::Config { setting: "background", why: format!("cannot start a worker thread: {e}") })
         };
+        let (worker, fan_out) = if config.background { (Some(spawn(2)?), Some(spawn(8)?)) } else { (None, None) };
         Ok(Self {
             scheduler: Scheduler::new(config.budget_share, Box::new(SystemClock::default())),
             config,
@@ -156,6 +165,7 @@ impl Guard {
             audit: None,
             last_report: None,
             worker,
+            fan_out,
             sinks: Vec::new(),
         })
     }
@@ -171,9 +181,14 @@ impl Guard {
         self.sinks.push(sink);
     }
 
-    /// The worker, when estimates run in the background.
+    /// The estimator's worker, when estimates run in the background.
     pub fn worker(&self) -> Option<&Worker> {
         self.worker.as_ref()
+    }
+
+    /// The report sinks' worker, when they run in the background.
+    pub fn fan_out_worker(&self) -> Option<&Worker> {
+        self.fan_out.as_ref()
     }
 
     /// Replaces the policy while training. An invalid policy (or one that does not fit this
@@ -238,8 +253,15 @@ impl Guard {
         self.scheduler.enter();
         let result = self.after_backward_timed(batch, loss_fn);
         self.scheduler.leave();
-        if let Ok(report) = &result {
-            self.fan_out(report);
+        if !self.sinks.is_empty() {
+            // Blocked steps are reported too: the sinks see every decided release.
+            let decided = match &result {
+                Ok(report) => Some(report.clone()),
+                Err(_) => self.last_report.clone().filter(|r| r.step + 1 == self.step),
+            };
+            if let Some(report) = decided {
+                self.fan_out(&report);
+            }
         }
         result
     }
@@ -284,7 +306,9 @@ impl Guard {
     ) -> Result<Report> {
         let floor = self.protection.floor();
         let owned;
-        let (batch, samples, release_grads) = if floor > 1 || self.held.is_some() {
+        // Hold micro-batches only while they are needed to reach the floor.
+        let held = self.held.is_some() || n < floor;
+        let (batch, samples, release_grads) = if held {
             let held = self.hold(batch, n, &grads)?;
             let samples = held.grads.samples();
             if samples < floor {
@@ -322,7 +346,7 @@ impl Guard {
         let report = self.finish(step, samples, estimated, stats, &decision, Some(samples))?;
         match &decision.outcome {
             ReleaseOutcome::Released => {
-                self.write_grads(&protected)?;
+                self.write_grads(&protected, &release_grads, held)?;
                 self.held = None;
                 self.last_report = Some(report.clone());
                 Ok(report)
@@ -349,7 +373,7 @@ impl Guard {
         self.scheduler.enter();
         let result = self.release_timed(update, batch, loss_fn);
         self.scheduler.leave();
-        if let Some(report) = self.last_report.clone() {
+        if let Some(report) = self.last_report.clone().filter(|r| r.step + 1 == self.step && !self.sinks.is_empty()) {
             self.fan_out(&report);
         }
         result
@@ -389,9 +413,13 @@ impl Guard {
             ReleaseOutcome::Blocked { reason } => Err(self.blocked_error(step, &decision, reason)),
             _ => {
                 let mut tensors = Vec::new();
-                for (layer, per_param) in self.layers.layers().iter().zip(protected) {
-                    let Some(per_param) = per_param else { continue };
-                    for (p, t) in layer.params.iter().zip(per_param) {
+                for ((layer, decision), given) in self.layers.layers().iter().zip(protected).zip(&per_layer) {
+                    let released: Vec<Tensor> = match decision {
+                        LayerRelease::Withheld => continue,
+                        LayerRelease::Unchanged => given.iter().map(|t| t.shallow_clone()).collect(),
+                        LayerRelease::Replaced(ts) => ts,
+                    };
+                    for (p, t) in layer.params.iter().zip(released) {
                         if t.defined() {
                             tensors.push((p.name.clone(), t));
                         }
@@ -428,29 +456,27 @@ impl Guard {
     }
 
     /// Decides with fresh measurements when due (the interval has passed and the budget
-    /// allows, or the policy forces an estimate before every release), else reuses the levels
-    /// in force, failing closed on a stale estimate or a failed worker.
+    /// allows, the last estimate is about to exceed the policy's age bound, or the policy forces
+    /// an estimate before every release), else reuses the levels in force. Fails closed on a
+    /// failed worker, a failed estimate, and (in the decision) on M2 results that are too old.
     fn decide(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64) -> Result<(Decision, bool)> {
         let has_rules = !self.protection.policy().rules.is_empty();
-        if let Some(error) = self.worker.as_ref().and_then(|w| w.last_error()) {
+        let failed = self.worker.iter().chain(&self.fan_out).find_map(|w| w.last_error());
+        if let Some(error) = failed {
             if has_rules {
                 return Ok((self.protection.block(step, format!("the estimator worker failed: {error}")), false));
             }
         }
         let settings = self.protection.policy().settings.clone();
         let forced = settings.estimate_before_release;
-        let due = forced
-            || self.last_estimate_step.is_none_or(|last| {
-                step.saturating_sub(last) >= self.config.estimate_every && self.scheduler.within_budget()
-            });
+        let age = self.last_estimate_step.map(|last| step.saturating_sub(last));
+        let in_budget = age.is_none_or(|age| age >= self.config.estimate_every && self.scheduler.within_budget());
+        // Freshness comes before the budget: an estimate that would be too old for the policy
+        // at this release is renewed now, and the overrun is counted.
+        let keep_fresh = has_rules && age.is_some_and(|age| age >= settings.max_estimate_age_steps);
+        let due = forced || in_budget || keep_fresh;
         if !due {
             let last = self.last_estimate_step.expect("not due means estimated before");
-            let age = step - last;
-            if has_rules && age > settings.max_estimate_age_steps {
-                let max = settings.max_estimate_age_steps;
-                let reason = format!("stale estimate: {age} steps old, the policy allows {max} (the budget of {} allowed no newer one)", settings.budget_share);
-                return Ok((self.protection.block(step, reason), false));
-            }
             return Ok((self.protection.reuse(step, last), false));
         }
         let keep = self.protection.uses(LeakageMetric::Sensitivity)
@@ -460,7 +486,7 @@ impl Guard {
         let inline = forced || self.latent.lock().is_none();
         let started = self.scheduler.now();
         let measured = self.measure(batch, loss_fn, step, keep, inline);
-        self.scheduler.record_estimate(self.scheduler.now() - started);
+        self.scheduler.record_estimate(self.scheduler.now() - started, !forced && !in_budget);
         let jvps = match measured {
             Ok(kept) => kept,
             Err(e) if has_rules => {
@@ -534,7 +560,7 @@ impl Guard {
     /// Hands the report to the sinks, on the worker when there is one.
     fn fan_out(&self, report: &Report) {
         for sink in &self.sinks {
-            match &self.worker {
+            match &self.fan_out {
                 Some(worker) => {
                     let (sink, report) = (sink.clone(), report.clone());
                     worker.submit(Box::new(move || {
@@ -565,25 +591,25 @@ impl Guard {
         Ok(out)
     }
 
-    /// Applies each layer's chain to its joined gradient; None for a withheld layer.
-    fn protect(&self, grads: &[Vec<Tensor>], decision: &Decision, step: u64) -> Result<Vec<Option<Vec<Tensor>>>> {
+    /// Applies each layer's chain to its joined gradient.
+    fn protect(&self, grads: &[Vec<Tensor>], decision: &Decision, step: u64) -> Result<Vec<LayerRelease>> {
         if let ReleaseOutcome::Blocked { .. } = decision.outcome {
-            return Ok((0..self.layers.len()).map(|_| None).collect());
+            return Ok((0..self.layers.len()).map(|_| LayerRelease::Withheld).collect());
         }
         let seeds = self.release_seeds(step);
         let mut out = Vec::new();
         for (l, chain) in decision.chains.iter().enumerate() {
-            let Some(chain) = chain else {
-                out.push(None);
-                continue;
-            };
-            let Some(joined) = self.layers.join(l, &grads[l])? else {
-                out.push(Some(grads[l].iter().map(|_| Tensor::new()).collect()));
-                continue;
-            };
-            match apply_all(chain, &joined, seeds[l])? {
-                None => out.push(None),
-                Some(released) => out.push(Some(self.layers.split(l, &released)?)),
+            match chain {
+                None => out.push(LayerRelease::Withheld),
+                // Finiteness was checked on the whole release before any decision.
+                Some(chain) if chain.is_empty() => out.push(LayerRelease::Unchanged),
+                Some(chain) => match self.layers.join(l, &grads[l])? {
+                    None => out.push(LayerRelease::Unchanged),
+                    Some(joined) => match apply_all(chain, &joined, seeds[l])? {
+                        None => out.push(LayerRelease::Withheld),
+                        Some(released) => out.push(LayerRelease::Replaced(self.layers.split(l, &released)?)),
+                    },
+                },
             }
         }
         Ok(out)
@@ -612,22 +638,24 @@ impl Guard {
         Ok(held)
     }
 
-    fn write_grads(&self, protected: &[Option<Vec<Tensor>>]) -> Result<()> {
+    /// Leaves in `.grad()` what is released: transformed layers replaced, withheld ones zeroed
+    /// (unless they train locally), and, for a release of held micro-batches, their mean.
+    fn write_grads(&self, protected: &[LayerRelease], released: &[Vec<Tensor>], held: bool) -> Result<()> {
         let local = self.protection.policy().settings.withheld_layers_train_locally;
         tch::no_grad(|| -> Result<()> {
-            for (layer, released) in self.layers.layers().iter().zip(protected) {
+            for ((layer, decision), mean) in self.layers.layers().iter().zip(protected).zip(released) {
                 for (i, p) in layer.params.iter().enumerate() {
                     let mut g = p.tensor.grad();
                     if !g.defined() {
                         continue;
                     }
-                    match released {
-                        Some(ts) if ts[i].defined() => {
-                            g.f_copy_(&ts[i]).during("writing the protected gradient")?;
-                        }
-                        Some(_) => {}
-                        None if local => {}
-                        None => {
+                    match decision {
+                        LayerRelease::Replaced(ts) => g.f_copy_(&ts[i]).during("writing the protected gradient")?,
+                        LayerRelease::Unchanged if held && mean[i].defined() => g.f_copy_(&mean[i]).during("writing the held mean")?,
+                        LayerRelease::Unchanged => {}
+                        LayerRelease::Withheld if local && held && mean[i].defined() => g.f_copy_(&mean[i]).during("writing the held mean")?,
+                        LayerRelease::Withheld if local => {}
+                        LayerRelease::Withheld => {
                             let _ = g.f_zero_().during("zeroing a withheld gradient")?;
                         }
                     }
@@ -735,9 +763,12 @@ impl Guard {
                 estimate_age_steps: self.last_estimate_step.map(|s| step.saturating_sub(s)),
                 budget_share: self.config.budget_share,
                 spent_share: self.scheduler.spent_share(),
+                estimate_share: self.scheduler.estimate_share(),
+                over_budget_estimates: self.scheduler.over_budget_estimates(),
                 estimates_dropped: self.worker.as_ref().map_or(0, |w| w.dropped()),
-                worker_failures: self.worker.as_ref().map_or(0, |w| w.failures()),
-                worker_error: self.worker.as_ref().and_then(|w| w.last_error()),
+                reports_dropped: self.fan_out.as_ref().map_or(0, |w| w.dropped()),
+                worker_failures: self.worker.iter().chain(&self.fan_out).map(|w| w.failures()).sum(),
+                worker_error: self.worker.iter().chain(&self.fan_out).find_map(|w| w.last_error()),
             },
         }
     }

@@ -109,11 +109,18 @@ pub struct LayerReport {
 pub struct GuardHealth {
     /// Steps since the estimate the metrics come from (None before the first).
     pub estimate_age_steps: Option<u64>,
+    /// The budget: the share of wall time estimates may take.
     pub budget_share: f64,
-    /// The guard's share of wall time so far.
+    /// The estimates' share of wall time so far.
+    pub estimate_share: f64,
+    /// The guard's whole share of wall time so far (estimates and per-step work).
     pub spent_share: f64,
-    /// Worker jobs dropped because it was behind.
+    /// Estimates run over budget to keep the policy's age bound.
+    pub over_budget_estimates: u64,
+    /// M2 jobs dropped because the estimator's worker was behind.
     pub estimates_dropped: u64,
+    /// Reports the sinks' worker dropped because a sink was behind.
+    pub reports_dropped: u64,
     pub worker_failures: u64,
     pub worker_error: Option<String>,
 }

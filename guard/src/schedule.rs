@@ -1,6 +1,8 @@
-//! When to estimate: keep the guard's share of wall time within a budget (default 5%),
-//! measured by the guard itself. The guard's time is everything spent inside it; the rest is
-//! training. An estimate is due when its expected cost still fits the budget.
+//! When to estimate: keep the estimates' share of wall time within a budget (default 5%),
+//! measured by the guard itself. The budget governs what the scheduler controls, the
+//! estimates; the guard's fixed per-step work (statistics, decisions) is measured and reported
+//! beside it, so that it can never starve the estimates. An estimate is due when its expected
+//! cost still fits the budget.
 use std::time::{Duration, Instant};
 
 /// A monotonic clock; tests drive a synthetic one.
@@ -30,15 +32,21 @@ pub struct Scheduler {
     /// When the guard last returned control to the training loop.
     left_at: Option<Duration>,
     entered_at: Option<Duration>,
+    /// Wall time outside the guard.
     training: f64,
+    /// Wall time inside the guard, estimates included.
     guard: f64,
+    /// Wall time in estimates.
+    estimating: f64,
     /// Cost of the last estimate, the guess for the next one.
     estimate_cost: Option<f64>,
+    /// Estimates run over budget to keep an estimate from going stale.
+    over_budget: u64,
 }
 
 impl Scheduler {
     pub fn new(share: f64, clock: Box<dyn Clock>) -> Self {
-        Self { share, clock, left_at: None, entered_at: None, training: 0.0, guard: 0.0, estimate_cost: None }
+        Self { share, clock, left_at: None, entered_at: None, training: 0.0, guard: 0.0, estimating: 0.0, estimate_cost: None, over_budget: 0 }
     }
 
     pub fn set_share(&mut self, share: f64) {
@@ -68,25 +76,32 @@ impl Scheduler {
         self.clock.now().as_secs_f64()
     }
 
-    pub fn record_estimate(&mut self, seconds: f64) {
+    /// An estimate took `seconds`; `over_budget` when it ran only to keep an estimate fresh.
+    pub fn record_estimate(&mut self, seconds: f64, over_budget: bool) {
         self.estimate_cost = Some(seconds);
+        self.estimating += seconds;
+        self.over_budget += over_budget as u64;
     }
 
-    /// Whether one more estimate keeps guard / (guard + training) within the share.
+    /// Whether one more estimate keeps the estimates' share of wall time within the budget.
     pub fn within_budget(&self) -> bool {
         let Some(cost) = self.estimate_cost else { return true };
-        let guard = self.guard + cost;
-        guard <= self.share * (guard + self.training)
+        self.estimating + cost <= self.share * (self.guard + self.training + cost)
     }
 
-    /// The guard's share of wall time so far.
+    /// The estimates' share of wall time so far (what the budget bounds).
+    pub fn estimate_share(&self) -> f64 {
+        ratio(self.estimating, self.guard + self.training)
+    }
+
+    /// The guard's whole share of wall time so far (estimates and per-step work).
     pub fn spent_share(&self) -> f64 {
-        let total = self.guard + self.training;
-        if total > 0.0 {
-            self.guard / total
-        } else {
-            0.0
-        }
+        ratio(self.guard, self.guard + self.training)
+    }
+
+    /// Estimates that ran over budget because the last one was about to go stale.
+    pub fn over_budget_estimates(&self) -> u64 {
+        self.over_budget
     }
 
     pub fn guard_seconds(&self) -> f64 {
@@ -95,5 +110,13 @@ impl Scheduler {
 
     pub fn training_seconds(&self) -> f64 {
         self.training
+    }
+}
+
+fn ratio(part: f64, total: f64) -> f64 {
+    if total > 0.0 {
+        part / total
+    } else {
+        0.0
     }
 }

@@ -152,18 +152,6 @@ pub fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
     (mean, (var / k).sqrt())
 }
 
-/// Per-layer sums of squares of per-parameter tensors, as one [L] tensor on the device.
-fn layer_square_sums(per_param: &[Tensor], owner: &[usize], layer_count: usize, like: &Tensor) -> Result<Tensor> {
-    let zero = Tensor::f_zeros([], (Kind::Double, like.device())).during("allocating layer sums")?;
-    let mut sums: Vec<Tensor> = (0..layer_count).map(|_| zero.shallow_clone()).collect();
-    for (t, &l) in per_param.iter().zip(owner) {
-        if t.defined() {
-            sums[l] = sums[l].f_add(&sum_sq(t)?).during("adding layer sums")?;
-        }
-    }
-    Tensor::f_stack(&sums, 0).during("stacking layer sums")
-}
-
 fn used_layers(grads: &[Tensor], owner: &[usize], layer_count: usize) -> Vec<bool> {
     let mut used = vec![false; layer_count];
     for (g, &l) in grads.iter().zip(owner) {
@@ -179,12 +167,14 @@ fn leaf_inputs(inputs: &Tensor) -> Result<Tensor> {
         .during("preparing inputs for differentiation")
 }
 
-fn read_rows(rows: Vec<Tensor>, layer_count: usize) -> Result<Vec<Vec<f64>>> {
+/// Reads per-probe rows of per-parameter norms back at once, as per-layer sums of squares.
+fn read_rows(layers: &LayerMap, rows: Vec<Tensor>) -> Result<Vec<Vec<f64>>> {
     if rows.is_empty() {
         return Ok(vec![]);
     }
+    let per_row = rows[0].numel();
     let all = to_f64_vec(&Tensor::f_stack(&rows, 0).during("stacking probe results")?)?;
-    Ok(all.chunks(layer_count).map(|c| c.to_vec()).collect())
+    Ok(all.chunks(per_row).map(|c| layers.layer_square_sums(c)).collect())
 }
 
 /// The released gradient G(x) built with create_graph, so that it can be differentiated again.
@@ -203,10 +193,7 @@ impl GradientGraph {
         let loss = scalar_loss(loss_fn, &x, targets, step, true)?;
         let grads = Tensor::f_run_backward(&[&loss], &params, true, true).during("building the gradient graph")?;
         let used = used_layers(&grads, &owner, layers.len());
-        let grad_norms = to_f64_vec(&layer_square_sums(&grads, &owner, layers.len(), &x)?)?
-            .into_iter()
-            .map(f64::sqrt)
-            .collect();
+        let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
         Ok(Self { x, grads, owner, used, grad_norms })
     }
 
@@ -304,7 +291,7 @@ fn probe_jvps(
             let x = inputs.f_detach().during("preparing inputs")?;
             let grads = parameter_grads(loss_fn, &x, targets, &params, step, true)?;
             let used = used_layers(&grads, &owner, l_count);
-            let grad_norms = to_f64_vec(&layer_square_sums(&grads, &owner, l_count, &x)?)?.into_iter().map(f64::sqrt).collect();
+            let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
             let rms = to_f64_vec(&x.f_square().and_then(|s| s.f_mean(Kind::Double)).during("rms of inputs")?)?[0].sqrt();
             let rel = if x.kind() == Kind::Double { 1e-6 } else { 1e-3 };
             let eps = rel * if rms > 0.0 { rms } else { 1.0 };
@@ -343,14 +330,12 @@ fn probe_squares(
     seed: u64,
     step: u64,
 ) -> Result<JacobianSquares> {
-    let (_, owner) = layers.flat_params();
-    let l_count = layers.len();
     let mut rows = Vec::with_capacity(probes);
     let ctx = probe_jvps(layers, loss_fn, inputs, targets, method, probes, seed, step, &mut |jv| {
-        rows.push(layer_square_sums(&jv, &owner, l_count, inputs)?);
+        rows.push(layers.param_norms(&jv)?);
         Ok(())
     })?;
-    Ok(JacobianSquares { per_probe: read_rows(rows, l_count)?, grad_norms: ctx.grad_norms, used: ctx.used })
+    Ok(JacobianSquares { per_probe: read_rows(layers, rows)?, grad_norms: ctx.grad_norms, used: ctx.used })
 }
 
 /// One layer's released gradient and its K probe JVPs, each flattened over the layer's
@@ -433,15 +418,21 @@ fn exact_squares(
     let mut rows = Vec::new();
     if x.numel() <= layers.numel() {
         if let Some((h, dummies, dummy_param)) = graph.transpose_product()? {
-            let dummy_owner: Vec<usize> = dummy_param.iter().map(|&p| graph.owner[p]).collect();
             let flat = h.f_reshape([-1]).during("flattening J^T w")?;
             for j in 0..flat.numel() as i64 {
                 let t = flat.f_get(j).during("selecting an input coordinate")?;
                 let jv = Tensor::f_run_backward(&[&t], &dummies, true, false).during("computing a basis JVP")?;
-                rows.push(layer_square_sums(&jv, &dummy_owner, l_count, x)?);
+                let mut aligned: Vec<Tensor> = graph.grads.iter().map(|_| Tensor::new()).collect();
+                for (t, &p) in jv.into_iter().zip(&dummy_param) {
+                    aligned[p] = t;
+                }
+                rows.push(layers.param_norms(&aligned)?);
             }
         }
     } else {
+        // One VJP per parameter scalar: its squared norm belongs to that parameter's layer.
+        let mut owners = Vec::new();
+        let mut squares = Vec::new();
         for (g, &l) in graph.grads.iter().zip(&graph.owner) {
             if !g.defined() || !g.requires_grad() {
                 continue;
@@ -449,15 +440,24 @@ fn exact_squares(
             let flat = g.f_reshape([-1]).during("flattening a gradient")?;
             for q in 0..flat.numel() as i64 {
                 let t = flat.f_get(q).during("selecting a parameter coordinate")?;
-                let row = Tensor::f_run_backward(&[&t], &[x], true, false).during("computing a basis VJP")?;
-                let mut placed: Vec<Tensor> = (0..l_count).map(|_| Tensor::new()).collect();
-                placed[l] = row.into_iter().next().unwrap_or_else(Tensor::new);
-                rows.push(layer_square_sums(&placed, &(0..l_count).collect::<Vec<_>>(), l_count, x)?);
+                let row = Tensor::f_run_backward(&[&t], &[x], true, false).during("computing a basis VJP")?.remove(0);
+                if row.defined() {
+                    squares.push(sum_sq(&row)?);
+                    owners.push(l);
+                }
             }
         }
+        let mut total = vec![0.0; l_count];
+        if !squares.is_empty() {
+            let values = to_f64_vec(&Tensor::f_stack(&squares, 0).during("stacking basis results")?)?;
+            for (v, l) in values.into_iter().zip(owners) {
+                total[l] += v;
+            }
+        }
+        return Ok(graph.squares(vec![total]));
     }
     let mut total = vec![0.0; l_count];
-    for row in read_rows(rows, l_count)? {
+    for row in read_rows(layers, rows)? {
         for (acc, v) in total.iter_mut().zip(row) {
             *acc += v;
         }

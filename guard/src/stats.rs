@@ -1,60 +1,71 @@
-//! Per-layer statistics of the released gradient (`.grad()` after backward), read back in one
-//! host transfer.
+//! Per-layer statistics of the released gradient (`.grad()` after backward): a handful of
+//! kernels whatever the number of layers, and one host read. Non-finite entries are counted
+//! only when a layer's norm shows there are some.
 use crate::error::{Result, TorchContext};
 use crate::layers::LayerMap;
 use crate::report::{GradientStats, Metric};
 use crate::tensors::to_f64_vec;
 use tch::{Kind, Tensor};
 
-/// ||G_l||_2 (over finite entries), max |G_l| and the count of non-finite entries per layer.
+/// ||G_l||_2, max |G_l| and the count of non-finite entries per layer.
 pub fn gradient_stats(layers: &LayerMap, grads: &[Vec<Tensor>], step: u64) -> Result<Vec<Metric<GradientStats>>> {
-    let mut rows = Vec::new();
-    let mut defined = Vec::new();
-    for layer_grads in grads {
-        let present: Vec<&Tensor> = layer_grads.iter().filter(|g| g.defined()).collect();
-        defined.push(!present.is_empty());
-        if present.is_empty() {
+    let aligned: Vec<Tensor> = grads.iter().flatten().map(|g| if g.defined() { g.shallow_clone() } else { Tensor::new() }).collect();
+    let defined: Vec<bool> = grads.iter().map(|l| l.iter().any(|g| g.defined())).collect();
+    if !defined.iter().any(|d| *d) {
+        return Ok(defined.iter().map(|_| absent()).collect());
+    }
+    let maxes = aligned
+        .iter()
+        .map(|g| if g.defined() { g.f_abs().and_then(|a| a.f_max()).and_then(|m| m.f_to_kind(Kind::Double)) } else { Tensor::f_zeros([], (Kind::Double, tch::Device::Cpu)) })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .during("max |g| per parameter")?;
+    let norms = layers.param_norms(&aligned)?;
+    let maxes = Tensor::f_stack(&maxes, 0).and_then(|m| m.f_to_device(norms.device())).during("stacking statistics")?;
+    let values = to_f64_vec(&Tensor::f_cat(&[norms, maxes], 0).during("stacking statistics")?)?;
+    let (norms, maxes) = values.split_at(aligned.len());
+    let squares = layers.layer_square_sums(norms);
+    let mut max_abs = vec![0.0f64; layers.len()];
+    let mut it = maxes.iter();
+    for (l, layer) in layers.layers().iter().enumerate() {
+        for _ in &layer.params {
+            let m = *it.next().expect("one max per parameter");
+            max_abs[l] = if m.is_nan() || max_abs[l].is_nan() { f64::NAN } else { max_abs[l].max(m) };
+        }
+    }
+    let mut out = Vec::with_capacity(layers.len());
+    for (l, layer) in layers.layers().iter().enumerate() {
+        if !defined[l] {
+            out.push(absent());
             continue;
         }
-        let flat: Vec<Tensor> = present
-            .iter()
-            .map(|g| g.f_detach().and_then(|g| g.f_reshape([-1])).and_then(|g| g.f_to_kind(Kind::Double)))
-            .collect::<std::result::Result<_, _>>()
-            .during("flattening gradients")?;
-        let all = Tensor::f_cat(&flat, 0).during("joining a layer's gradients")?;
-        let finite = all.f_isfinite().during("checking finiteness")?;
-        let clean = all.f_where_self(&finite, &all.f_zeros_like().during("zeros")?).during("masking non-finite")?;
-        let row = Tensor::f_stack(
-            &[
-                clean.f_square().and_then(|s| s.f_sum(Kind::Double)).during("norm")?,
-                clean.f_abs().and_then(|a| a.f_max()).during("max")?,
-                finite.f_logical_not().and_then(|nf| nf.f_sum(Kind::Double)).during("count")?,
-            ],
-            0,
-        )
-        .during("stacking statistics")?;
-        rows.push(row);
+        let non_finite = if squares[l].is_finite() { 0 } else { count_non_finite(&grads[l])? };
+        out.push(Metric::Measured(GradientStats {
+            norm: squares[l].sqrt(),
+            max_abs: max_abs[l],
+            non_finite,
+            step,
+            params: layer.numel(),
+        }));
     }
-    let values = if rows.is_empty() { vec![] } else { to_f64_vec(&Tensor::f_stack(&rows, 0).during("stacking statistics")?)? };
-    let mut chunks = values.chunks(3);
-    Ok(layers
-        .layers()
-        .iter()
-        .zip(defined)
-        .map(|(layer, defined)| {
-            if !defined {
-                return Metric::absent("no gradient: the layer is not used by the loss or backward was not run");
-            }
-            let c = chunks.next().expect("one row per defined layer");
-            Metric::Measured(GradientStats {
-                norm: c[0].sqrt(),
-                max_abs: c[1],
-                non_finite: c[2] as u64,
-                step,
-                params: layer.numel(),
-            })
-        })
-        .collect())
+    Ok(out)
+}
+
+fn absent() -> Metric<GradientStats> {
+    Metric::absent("no gradient: the layer is not used by the loss or backward was not run")
+}
+
+fn count_non_finite(grads: &[Tensor]) -> Result<u64> {
+    let mut count = 0;
+    for g in grads.iter().filter(|g| g.defined()) {
+        let n = g
+            .f_isfinite()
+            .and_then(|f| f.f_logical_not())
+            .and_then(|nf| nf.f_sum(Kind::Int64))
+            .and_then(|s| s.f_int64_value(&[]))
+            .during("counting non-finite entries")?;
+        count += n as u64;
+    }
+    Ok(count)
 }
 
 /// The current `.grad()` of every parameter, grouped by layer (undefined tensors kept).

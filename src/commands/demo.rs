@@ -1,31 +1,45 @@
-//! `gradguard demo`: the guarded digits CNN, the main job of the README.
+//! `gradguard demo`: the showcase and the README's main job. Trains the digits CNN on the
+//! shipped data with the guard, a policy (the example policy by default) and the Prometheus
+//! exporter on; shows a progress bar and a live per-layer table; ends with a summary of the
+//! decisions and where the report and the audit log are.
 use anyhow::Context;
 use gradguard::data::Digits;
-use gradguard::guard::parse_device;
+use gradguard::exporter::{Exporter, MetricsServer};
+use gradguard::guard::{parse_device, AuditLog, Outcome, Policy};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard, GuardConfig, GuardedOptimizer};
+use gradguard::{Batch, Guard, GuardError, GuardedOptimizer, Report};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Tensor};
+
+/// The example policy, embedded so that the demo runs from any folder.
+const EXAMPLE_POLICY: &str = include_str!("../../examples/policy.toml");
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Training steps.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 1500)]
     steps: usize,
     /// Samples per step.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// Seed of the model initialisation, the data order and every estimate.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Policy file (default: examples/policy.toml, built in).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Where the Prometheus exporter listens.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Estimate the leakage metrics every this many steps.
-    #[arg(long, default_value_t = 25)]
-    estimate_every: u64,
-    /// Folder for the final report (JSON).
+    /// Seed of the model initialisation and the data order (the policy seeds the guard).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for the final report (report.json) and the audit log (audit.jsonl).
     #[arg(long, default_value = "out")]
     out: PathBuf,
 }
@@ -33,40 +47,133 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     let device = parse_device(&args.device)?;
+    let policy = match &args.policy {
+        Some(path) => Policy::load(path)?,
+        None => Policy::from_toml_str(EXAMPLE_POLICY, "examples/policy.toml (built in)")?,
+    };
     let digits = Digits::embedded()?;
     let (train, test) = digits.split(0.2, args.seed);
     tch::manual_seed(args.seed as i64);
     let vs = nn::VarStore::new(device);
     let net = DigitsCnn::new(&vs.root());
-    let config = GuardConfig { seed: args.seed, estimate_every: args.estimate_every, ..Default::default() };
-    let guard = Guard::new(&vs, config)?;
-    println!("gradguard demo: digits CNN, {} train / {} test samples, layers {:?}", train.len(), test.len(), guard.layers().names());
+    let mut guard = Guard::with_policy(&vs, policy)?;
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let audit_path = args.out.join("audit.jsonl");
+    let _ = std::fs::remove_file(&audit_path); // one log per demo run
+    guard.set_audit_log(AuditLog::open(&audit_path)?);
+
+    let exporter = Arc::new(Exporter::for_layers(&guard.layers().names())?);
+    exporter.set_policy_info(guard.policy().short_hash(), &guard.policy().version.to_string())?;
+    for (layer, metric, threshold) in guard.protection().thresholds() {
+        exporter.set_threshold(&layer, metric.name(), threshold)?;
+    }
+    let server = MetricsServer::start(args.metrics_addr, exporter.clone())?;
+    let sink = exporter.clone();
+    guard.add_report_sink(Arc::new(move |report: &Report| {
+        let _ = sink.observe_report(report);
+    }));
+
+    println!("gradguard demo: digits CNN on {} train / {} test samples, {device:?}", train.len(), test.len());
+    println!("layers: {}", guard.layers().names().join(", "));
+    println!("policy: {} (hash {}), {} rule(s)", guard.policy().origin, guard.policy().short_hash(), guard.policy().rules.len());
+    println!("metrics: http://{}/metrics  (report: /report, health: /healthz)", server.local_addr());
+    println!("audit log: {}\n", audit_path.display());
+
+    let thresholds = guard.protection().thresholds();
     let mut opt = GuardedOptimizer::new(nn::Adam::default().build(&vs, 1e-3)?, guard);
     let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").expect("a valid template"));
     let started = Instant::now();
+    let (mut released, mut held, mut blocked) = (0usize, 0usize, 0usize);
     let mut last = None;
     for step in 0..args.steps {
         let idx: Vec<usize> = (0..args.batch_size).map(|i| train[(step * args.batch_size + i) % train.len()]).collect();
         let (x, y, heavy_stroke) = digits.batch(&idx, device)?;
         let loss = net.f_loss(&x, &y)?;
-        let report = opt.backward_step(&loss, Batch::new(&x, &y).with_attribute(&heavy_stroke), loss_fn)?;
-        if report.estimated {
-            println!("{}", report.table());
+        match opt.backward_step(&loss, Batch::new(&x, &y).with_attribute(&heavy_stroke), loss_fn) {
+            Ok(report) => {
+                if report.step_allowed() {
+                    released += 1;
+                } else {
+                    held += 1;
+                }
+                if report.estimated {
+                    bar.suspend(|| println!("{}", live_table(&report, &thresholds)));
+                }
+                last = Some(report);
+            }
+            Err(e @ (GuardError::Blocked { .. } | GuardError::ReleaseRefused { .. })) => {
+                blocked += 1;
+                bar.suspend(|| println!("step {step}: {e}"));
+            }
+            Err(e) => return Err(e.into()),
         }
-        last = Some(report);
+        bar.set_message(format!("released {released}, held {held}, blocked {blocked}"));
+        bar.inc(1);
     }
+    bar.finish();
+    let elapsed = started.elapsed().as_secs_f64();
     let accuracy = digits.accuracy(&test, device, |x| net.f_forward(x))?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let path = args.out.join("report.json");
-    if let Some(report) = last {
-        std::fs::write(&path, report.to_json()).with_context(|| format!("writing {}", path.display()))?;
+    let report_path = args.out.join("report.json");
+    if let Some(report) = &last {
+        std::fs::write(&report_path, report.to_json()).with_context(|| format!("writing {}", report_path.display()))?;
     }
-    println!(
-        "done: {} steps in {:.1}s, test accuracy {:.3}, last report {}",
-        args.steps,
-        started.elapsed().as_secs_f64(),
-        accuracy,
-        path.display()
-    );
+    let records = AuditLog::read_all(&audit_path)?;
+    let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &records {
+        *by_outcome.entry(r.outcome.to_string()).or_default() += 1;
+    }
+    println!("\ndone: {} steps in {elapsed:.1} s, test accuracy {accuracy:.3}", args.steps);
+    println!("releases: {released} released, {held} held for the aggregation floor, {blocked} blocked");
+    if let Some(h) = last.as_ref().map(|r| &r.health) {
+        println!(
+            "guard: estimates took {:.1}% of wall time (budget {:.0}%, {} over budget to stay fresh), the guard in all {:.1}%; {} estimate and {} report job(s) dropped, {} worker failure(s)",
+            h.estimate_share * 100.0,
+            h.budget_share * 100.0,
+            h.over_budget_estimates,
+            h.spent_share * 100.0,
+            h.estimates_dropped,
+            h.reports_dropped,
+            h.worker_failures
+        );
+    }
+    println!("decisions: {}", by_outcome.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", "));
+    for r in records.iter().filter(|r| matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed | Outcome::Blocked)).take(8) {
+        println!("  step {:>4} {:<6} {:<10} {} ({} {} vs {})", r.step, r.layer, r.outcome, r.action, r.metric.as_deref().unwrap_or("-"), fmt(r.value), fmt(r.threshold));
+    }
+    println!("report: {}\naudit log: {} ({} decisions)", report_path.display(), audit_path.display(), records.len());
+    drop(server);
     Ok(())
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+/// Per layer: the metrics, the thresholds that apply and the protection in force.
+fn live_table(report: &Report, thresholds: &[(String, gradguard::guard::LeakageMetric, f64)]) -> String {
+    use std::fmt::Write;
+    let mut out = format!("step {} (estimate):\n", report.step);
+    let _ = writeln!(out, "  {:<6} {:>9} {:>9} {:>9} {:>9}  {:<34} {}", "layer", "S_rms", "R_l", "separ", "|G_l|", "thresholds", "protection");
+    let manifest = report.release.as_ref();
+    for (i, l) in report.layers.iter().enumerate() {
+        let s = l.sensitivity.measured();
+        let limits: Vec<String> = thresholds.iter().filter(|t| t.0 == l.name).map(|t| format!("{} > {}", t.1.name(), t.2)).collect();
+        let actions = manifest.and_then(|m| m.layers.get(i)).map(|m| if m.actions.is_empty() { "none".to_string() } else { m.actions.join(" -> ") });
+        let _ = writeln!(
+            out,
+            "  {:<6} {:>9} {:>9} {:>9} {:>9}  {:<34} level {} {}",
+            l.name,
+            fmt(s.map(|s| s.sensitivity_rms)),
+            fmt(s.and_then(|s| s.relative_sensitivity)),
+            fmt(l.subspace.measured().map(|m| m.subspace_separation)),
+            fmt(l.gradient.measured().map(|g| g.norm)),
+            if limits.is_empty() { "-".into() } else { limits.join(", ") },
+            l.protection_level,
+            actions.unwrap_or_default()
+        );
+    }
+    out
 }
