@@ -3,10 +3,14 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: demo test venv build
+.PHONY: demo test venv test-deps build bench
 
 venv:
 	@scripts/setup-venv.sh
+
+# Prometheus and promtool for the exporter's integration test (Debian's package).
+test-deps:
+	@scripts/install-test-deps.sh
 
 build: venv
 	$(ENV) cargo build --release --bins --examples
@@ -14,5 +18,12 @@ build: venv
 demo: venv
 	$(ENV) cargo run --release --bin gradguard -- demo $(ARGS)
 
-test: venv
-	$(ENV) cargo test --release --workspace --all-targets
+# Every test of the workspace; benches are built (so they keep compiling) but not run here.
+test: venv test-deps
+	$(ENV) cargo test --release --workspace --lib --bins --tests --examples
+	$(ENV) cargo bench --workspace --no-run
+
+# The cost benchmarks (docs/PERFORMANCE.md).
+bench: venv
+	$(ENV) cargo bench --bench guard_cost
+	$(ENV) cargo bench --bench scrape_load
