@@ -109,11 +109,22 @@ impl LayerMap {
         let like = per_param.iter().find(|t| t.defined()).map(|t| t.device()).unwrap_or(tch::Device::Cpu);
         let norms = per_param
             .iter()
-            .map(|t| if t.defined() { t.f_norm() } else { Tensor::f_zeros([], (tch::Kind::Double, like)) })
-            .map(|n| n.and_then(|n| n.f_to_kind(tch::Kind::Double)))
+            .map(|t| if t.defined() { t.f_norm_scalaropt_dtype(2.0, tch::Kind::Double) } else { Tensor::f_zeros([], (tch::Kind::Double, like)) })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(torch)?;
         Tensor::f_stack(&norms, 0).map_err(torch)
+    }
+
+    /// The largest |x| of each tensor (f64, on the device), as [`param_norms`](Self::param_norms).
+    pub fn param_max_abs(&self, per_param: &[Tensor]) -> Result<Tensor> {
+        let torch = |e| GuardError::Torch { context: "max |x| per parameter", source: e };
+        let like = per_param.iter().find(|t| t.defined()).map(|t| t.device()).unwrap_or(tch::Device::Cpu);
+        let maxes = per_param
+            .iter()
+            .map(|t| if t.defined() { t.f_norm_scalaropt_dtype(f64::INFINITY, tch::Kind::Double) } else { Tensor::f_zeros([], (tch::Kind::Double, like)) })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(torch)?;
+        Tensor::f_stack(&maxes, 0).map_err(torch)
     }
 
     /// Per-layer sums of squares from per-parameter norms read back to the host.

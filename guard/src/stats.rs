@@ -14,13 +14,8 @@ pub fn gradient_stats(layers: &LayerMap, grads: &[Vec<Tensor>], step: u64) -> Re
     if !defined.iter().any(|d| *d) {
         return Ok(defined.iter().map(|_| absent()).collect());
     }
-    let maxes = aligned
-        .iter()
-        .map(|g| if g.defined() { g.f_abs().and_then(|a| a.f_max()).and_then(|m| m.f_to_kind(Kind::Double)) } else { Tensor::f_zeros([], (Kind::Double, tch::Device::Cpu)) })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .during("max |g| per parameter")?;
     let norms = layers.param_norms(&aligned)?;
-    let maxes = Tensor::f_stack(&maxes, 0).and_then(|m| m.f_to_device(norms.device())).during("stacking statistics")?;
+    let maxes = layers.param_max_abs(&aligned)?;
     let values = to_f64_vec(&Tensor::f_cat(&[norms, maxes], 0).during("stacking statistics")?)?;
     let (norms, maxes) = values.split_at(aligned.len());
     let squares = layers.layer_square_sums(norms);
