@@ -482,8 +482,11 @@ impl Guard {
         let keep = self.protection.uses(LeakageMetric::Sensitivity)
             || self.protection.uses(LeakageMetric::SensitivityRms)
             || self.protection.uses(LeakageMetric::RelativeSensitivity);
-        // Inline when forced (the decision needs this estimate) or before the first result.
-        let inline = forced || self.latent.lock().is_none();
+        // M2 inline when forced (the decision needs this estimate), before the first result,
+        // or when the worker's last result (one estimate behind) could outlive the age bound
+        // before the next estimate lands.
+        let latent_age = self.latent.lock().as_ref().map(|t| step.saturating_sub(t.step));
+        let inline = forced || latent_age.is_none_or(|a| a.saturating_mul(2) > settings.max_estimate_age_steps);
         let started = self.scheduler.now();
         let measured = self.measure(batch, loss_fn, step, keep, inline);
         self.scheduler.record_estimate(self.scheduler.now() - started, !forced && !in_budget);
