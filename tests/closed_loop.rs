@@ -197,3 +197,33 @@ fn reloading_an_invalid_policy_keeps_the_one_in_force_and_says_so() {
     assert_ne!(guard.policy().hash, before);
     assert_eq!(guard.config().estimate_every, 2);
 }
+
+#[test]
+fn an_aggregate_rung_raises_the_floor_and_the_larger_release_is_measured_again() {
+    let s = setup();
+    let mut probe = Guard::with_policy(&s.vs, Policy::permissive()).unwrap();
+    let raw = guarded_step(&s, &mut probe, 0, 16).0.unwrap().layer("conv1").unwrap().sensitivity.measured().unwrap().sensitivity;
+    // Between S(16 samples) and S(32 samples) ~ S(16) / 2.
+    let act = raw * 0.7;
+    let rules = format!(
+        "[[rule]]\nname = \"agg\"\nmetric = \"sensitivity\"\nlayers = [\"conv1\"]\nact_above = {act}\nrelax_below = {}\n\
+         ladder = [{{ action = \"aggregate\", factor = 2 }}, {{ action = \"aggregate\", factor = 2 }}]\n",
+        act * 0.1
+    );
+    let log = temp_log("aggregate");
+    let mut guard = Guard::with_policy(&s.vs, policy(&rules, "estimate_every = 1\naggregation_floor = 16\naggregation_ceiling = 64\nbudget_share = 1.0")).unwrap();
+    guard.set_audit_log(AuditLog::open(&log).unwrap());
+    let first = guarded_step(&s, &mut guard, 0, 16).0.unwrap();
+    let m = first.release.as_ref().unwrap();
+    assert!(matches!(m.outcome, ReleaseOutcome::Pending { .. }), "{:?}", m.outcome);
+    assert!(!first.step_allowed());
+    assert_eq!(m.aggregation_floor, 32, "the rung doubled the floor");
+    let second = guarded_step(&s, &mut guard, 16, 16).0.unwrap();
+    let m = second.release.as_ref().unwrap();
+    assert_eq!(m.outcome, ReleaseOutcome::Released);
+    assert_eq!(m.samples, 32, "the release covers both micro-batches");
+    let check = &m.layers[0].checks[0];
+    assert!(check.released.unwrap() <= act, "measured on the 32-sample release: {:?} vs {act}", check.released);
+    let records = AuditLog::read_all(&log).unwrap();
+    assert!(records.iter().any(|r| r.outcome == Outcome::Escalated && r.action.starts_with("aggregate")));
+}

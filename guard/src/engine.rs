@@ -352,6 +352,11 @@ impl Guard {
                 Ok(report)
             }
             ReleaseOutcome::Pending { .. } => {
+                // An aggregate rung raised the floor: this batch is the first of the larger
+                // release (when it was not held already).
+                if !held {
+                    self.hold(&batch, samples, &release_grads)?;
+                }
                 self.clear_grads()?;
                 self.last_report = Some(report.clone());
                 Ok(report)
