@@ -184,22 +184,25 @@ fn main() -> anyhow::Result<()> {
     let (plain, guarded) = (median(plain), median(guarded));
     println!("1. overhead      guarded / unguarded wall time = {:.3}  ({:.3} s vs {:.3} s for {} steps; {} guarded steps not applied)  target <= 1.05", guarded / plain, guarded, plain, args.steps, skipped);
 
-    // 2. Depth.
+    // 2. Depth, at the demo's batch (64) and a larger one (512): with tiny layers the cost of
+    //    a backward pass is per autograd node, not per FLOP, so the ratio depends on the batch.
     let x = digits.batch(&(0..64).collect::<Vec<_>>(), device)?;
-    let (xs, ys) = (x.0.flatten(1, -1), x.1.shallow_clone());
-    let mut depth_times = Vec::new();
-    for depth in [2usize, 4, 8, 16] {
-        tch::manual_seed(0);
-        let vs = nn::VarStore::new(device);
-        let widths = mlp_widths(depth, 100_000.0);
-        let mlp = Mlp::new(&vs.root(), &widths);
-        let layers = LayerMap::from_var_store(&vs)?;
-        let loss = |x: &Tensor, y: &Tensor| mlp.f_loss(x, y);
-        let t = time_m1(&layers, &loss, &xs, &ys, device, args.repeats.max(5))?;
-        depth_times.push(t);
-        println!("2. depth {depth:>2}     M1 (K=8) {:.2} ms, {} parameters, hidden width {}", t * 1e3, layers.numel(), widths[1]);
+    let x512 = digits.batch(&(0..512).collect::<Vec<_>>(), device)?;
+    for (n, (xs, ys)) in [(64, (x.0.flatten(1, -1), x.1.shallow_clone())), (512, (x512.0.flatten(1, -1), x512.1.shallow_clone()))] {
+        let mut depth_times = Vec::new();
+        for depth in [2usize, 4, 8, 16] {
+            tch::manual_seed(0);
+            let vs = nn::VarStore::new(device);
+            let widths = mlp_widths(depth, 100_000.0);
+            let mlp = Mlp::new(&vs.root(), &widths);
+            let layers = LayerMap::from_var_store(&vs)?;
+            let loss = |x: &Tensor, y: &Tensor| mlp.f_loss(x, y);
+            let t = time_m1(&layers, &loss, &xs, &ys, device, args.repeats.max(5))?;
+            depth_times.push(t);
+            println!("2. depth {depth:>2} n={n:<3} M1 (K=8) {:.2} ms, {} parameters, hidden width {}", t * 1e3, layers.numel(), widths[1]);
+        }
+        println!("2. depth   n={n:<3} 16-layer / 2-layer = {:.3}  target <= 1.5", depth_times[3] / depth_times[0]);
     }
-    println!("2. depth         16-layer / 2-layer = {:.3}  target <= 1.5", depth_times[3] / depth_times[0]);
 
     // 3. Estimate vs step (digits CNN, batch 64).
     tch::manual_seed(0);

@@ -100,31 +100,18 @@ impl LayerMap {
         Ok(Self { layers })
     }
 
-    /// The 2-norm of each tensor (f64, on the device, no host read), aligned with
+    /// The 2-norm of each tensor (in its dtype, on its device, no host read), aligned with
     /// [`flat_params`](Self::flat_params); an undefined tensor has norm 0, a non-finite entry
-    /// makes its norm non-finite. One kernel per tensor: measured here, cheaper than a
-    /// segmented reduction of the concatenated parameters on CPU.
+    /// makes its norm non-finite. One kernel per tensor: measured here on CPU, cheaper than a
+    /// segmented reduction of the concatenated parameters or a norm with a dtype conversion.
     pub fn param_norms(&self, per_param: &[Tensor]) -> Result<Tensor> {
-        let torch = |e| GuardError::Torch { context: "norms per parameter", source: e };
-        let like = per_param.iter().find(|t| t.defined()).map(|t| t.device()).unwrap_or(tch::Device::Cpu);
-        let norms = per_param
-            .iter()
-            .map(|t| if t.defined() { t.f_norm_scalaropt_dtype(2.0, tch::Kind::Double) } else { Tensor::f_zeros([], (tch::Kind::Double, like)) })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(torch)?;
-        Tensor::f_stack(&norms, 0).map_err(torch)
+        per_param_scalars(per_param, "norms per parameter", |t| t.f_norm())
     }
 
-    /// The largest |x| of each tensor (f64, on the device), as [`param_norms`](Self::param_norms).
+    /// The largest |x| of each tensor, as [`param_norms`](Self::param_norms) (abs then max:
+    /// measured here, 3x faster on CPU than an infinity norm).
     pub fn param_max_abs(&self, per_param: &[Tensor]) -> Result<Tensor> {
-        let torch = |e| GuardError::Torch { context: "max |x| per parameter", source: e };
-        let like = per_param.iter().find(|t| t.defined()).map(|t| t.device()).unwrap_or(tch::Device::Cpu);
-        let maxes = per_param
-            .iter()
-            .map(|t| if t.defined() { t.f_norm_scalaropt_dtype(f64::INFINITY, tch::Kind::Double) } else { Tensor::f_zeros([], (tch::Kind::Double, like)) })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(torch)?;
-        Tensor::f_stack(&maxes, 0).map_err(torch)
+        per_param_scalars(per_param, "max |x| per parameter", |t| t.f_abs().and_then(|a| a.f_max()))
     }
 
     /// Per-layer sums of squares from per-parameter norms read back to the host.
@@ -223,4 +210,20 @@ impl LayerMap {
         }
         Ok(out)
     }
+}
+
+/// One scalar per tensor, stacked (0 for an undefined tensor, in the defined ones' dtype).
+fn per_param_scalars(
+    per_param: &[Tensor],
+    context: &'static str,
+    f: impl Fn(&Tensor) -> std::result::Result<Tensor, tch::TchError>,
+) -> Result<Tensor> {
+    let torch = |e| GuardError::Torch { context, source: e };
+    let like = per_param.iter().find(|t| t.defined()).map(|t| (t.kind(), t.device())).unwrap_or((tch::Kind::Double, tch::Device::Cpu));
+    let values = per_param
+        .iter()
+        .map(|t| if t.defined() { f(t) } else { Tensor::f_zeros([], like) })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(torch)?;
+    Tensor::f_stack(&values, 0).map_err(torch)
 }
