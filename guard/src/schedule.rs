@@ -91,12 +91,19 @@ impl Scheduler {
 
     /// The estimates' share of wall time so far (what the budget bounds).
     pub fn estimate_share(&self) -> f64 {
-        ratio(self.estimating, self.guard + self.training)
+        let guard = self.guard_so_far();
+        ratio(self.estimating, guard + self.training)
     }
 
     /// The guard's whole share of wall time so far (estimates and per-step work).
     pub fn spent_share(&self) -> f64 {
-        ratio(self.guard, self.guard + self.training)
+        let guard = self.guard_so_far();
+        ratio(guard, guard + self.training)
+    }
+
+    /// Guard time including the call in progress (reports are assembled inside it).
+    fn guard_so_far(&self) -> f64 {
+        self.guard + self.entered_at.map_or(0.0, |entered| (self.clock.now() - entered).as_secs_f64())
     }
 
     /// Estimates that ran over budget because the last one was about to go stale.

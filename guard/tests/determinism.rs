@@ -24,6 +24,7 @@ fn run(seed: u64) -> Vec<Report> {
             // Wall times are the fields that are measured, not computed.
             let mut r = Report { estimate_seconds: None, ..r };
             r.health.spent_share = 0.0;
+            r.health.estimate_share = 0.0;
             r
         })
         .collect()
