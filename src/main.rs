@@ -12,6 +12,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Audit a model (TorchScript file or built-in) on data: per-layer M1-M4 leakage, table, JSON and SVG.
+    Audit(commands::audit::AuditArgs),
+    /// Run the validation study (cheap metrics against the attacks) and write docs/VALIDATION.md.
+    Validate(commands::validate::ValidateArgs),
     /// Train the digits CNN on the shipped data with the guard on, printing per-layer leakage.
     Demo(commands::demo::DemoArgs),
     /// Validate a policy file and show what its rules cover.
@@ -21,6 +25,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Audit(args) => commands::audit::run(args),
+        Command::Validate(args) => commands::validate::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::Policy(args) => commands::policy::run(args),
     };

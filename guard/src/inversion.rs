@@ -17,20 +17,25 @@ use crate::tensors::{gaussian_probes, rng_for, to_f64_vec};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// How the attack runs.
+/// How the attack runs. Lengths are in units of sigma, the RMS deviation of the audited inputs
+/// from their mean (so the settings do not depend on the data's scale).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct InversionSettings {
     /// Adam steps on the dummy input.
     pub iterations: usize,
+    /// Adam's step size at the start, in units of sigma; it decays to 0 on a cosine schedule.
     pub learning_rate: f64,
-    /// Standard deviation of the seeded Gaussian start.
+    /// Start the dummy at the mean input x_bar (the baseline the metric compares against), or
+    /// at 0.
+    pub start_from_mean: bool,
+    /// Standard deviation of the seeded Gaussian added to the start, in units of sigma.
     pub init_scale: f64,
 }
 
 impl Default for InversionSettings {
     fn default() -> Self {
-        Self { iterations: 300, learning_rate: 0.1, init_scale: 1.0 }
+        Self { iterations: 300, learning_rate: 0.1, start_from_mean: true, init_scale: 0.1 }
     }
 }
 
@@ -42,8 +47,8 @@ impl InversionSettings {
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(GuardError::Config { setting: "inversion.learning_rate", why: format!("must be finite and > 0, got {}", self.learning_rate) });
         }
-        if !(self.init_scale.is_finite() && self.init_scale > 0.0) {
-            return Err(GuardError::Config { setting: "inversion.init_scale", why: format!("must be finite and > 0, got {}", self.init_scale) });
+        if !(self.init_scale.is_finite() && self.init_scale >= 0.0) {
+            return Err(GuardError::Config { setting: "inversion.init_scale", why: format!("must be finite and >= 0, got {}", self.init_scale) });
         }
         Ok(())
     }
@@ -112,10 +117,35 @@ fn layer_gradient(layers: &LayerMap, l: usize, loss_fn: &dyn LossFn, x: &Tensor,
     Tensor::f_cat(&parts, 0).map(Some).during("joining a layer gradient")
 }
 
-/// The attack on one release: returns the reconstruction (shaped like `shape`, the release's
-/// input batch) and the cosine distance of its layer-l gradient to `released` (the best
-/// iterate is kept). `released` is the flat layer-l gradient the attacker saw; `targets` the
-/// known labels.
+/// The seeded start of the attack on release `release`: `centre` (x_bar per sample, or
+/// zeros) plus `init_scale * sigma` times a standard Gaussian, shaped like `shape` (the
+/// release's input batch).
+#[allow(clippy::too_many_arguments)]
+pub fn seeded_start(
+    shape: &[i64],
+    kind: Kind,
+    device: tch::Device,
+    centre: Option<&Tensor>,
+    sigma: f64,
+    settings: &InversionSettings,
+    seed: u64,
+    release: u64,
+) -> Result<Tensor> {
+    let like = Tensor::f_zeros(shape, (kind, device)).during("allocating the dummy input")?;
+    let noise = gaussian_probes(&like, 1, &mut rng_for(seed, release, 5))?
+        .f_get(0)
+        .and_then(|s| s.f_mul_scalar(settings.init_scale * sigma))
+        .during("drawing the dummy's start")?;
+    match centre {
+        None => Ok(noise),
+        Some(c) => noise.f_add(&c.f_to_kind(kind).and_then(|c| c.f_to_device(device)).during("placing the start")?).during("placing the start"),
+    }
+}
+
+/// The attack on one release: from `start`, Adam on the dummy input (step size
+/// `learning_rate * sigma`, cosine decay) minimising the cosine distance between the dummy's
+/// layer-l gradient and `released` (the flat layer-l gradient the attacker saw), with the
+/// labels `targets` known. Returns the best iterate (lowest cosine distance) and its distance.
 #[allow(clippy::too_many_arguments)]
 pub fn invert_release(
     layers: &LayerMap,
@@ -123,11 +153,9 @@ pub fn invert_release(
     l: usize,
     released: &Tensor,
     targets: &Tensor,
-    shape: &[i64],
-    kind: Kind,
+    start: &Tensor,
+    sigma: f64,
     settings: &InversionSettings,
-    seed: u64,
-    release: u64,
 ) -> Result<(Tensor, f64)> {
     settings.validate()?;
     if l >= layers.len() {
@@ -139,11 +167,7 @@ pub fn invert_release(
     if !(target_norm > 0.0 && target_norm.is_finite()) {
         return Err(GuardError::Config { setting: "inversion target", why: "the released gradient is zero or non-finite".into() });
     }
-    let like = Tensor::f_zeros(shape, (kind, device)).during("allocating the dummy input")?;
-    let start = gaussian_probes(&like, 1, &mut rng_for(seed, release, 5))?
-        .f_get(0)
-        .and_then(|s| s.f_mul_scalar(settings.init_scale))
-        .during("drawing the dummy's start")?;
+    let step_size = settings.learning_rate * if sigma > 0.0 && sigma.is_finite() { sigma } else { 1.0 };
     let mut x = start.f_detach().and_then(|x| x.f_set_requires_grad(true)).during("preparing the dummy input")?;
     let mut m = x.f_zeros_like().during("allocating Adam state")?;
     let mut v = x.f_zeros_like().during("allocating Adam state")?;
@@ -178,7 +202,8 @@ pub fn invert_release(
             v = v.f_mul_scalar(b2)?.f_add(&grad.f_square()?.f_mul_scalar(1.0 - b2)?)?;
             let mhat = m.f_div_scalar(1.0 - b1.powi(t as i32))?;
             let vhat = v.f_div_scalar(1.0 - b2.powi(t as i32))?;
-            let update = mhat.f_div(&vhat.f_sqrt()?.f_add_scalar(eps)?)?.f_mul_scalar(settings.learning_rate)?;
+            let lr = step_size * 0.5 * (1.0 + (std::f64::consts::PI * (t - 1) as f64 / settings.iterations as f64).cos());
+            let update = mhat.f_div(&vhat.f_sqrt()?.f_add_scalar(eps)?)?.f_mul_scalar(lr)?;
             x.f_detach()?.f_sub(&update)?.f_set_requires_grad(true)
         })
         .during("taking an Adam step on the dummy input")?;
@@ -258,6 +283,12 @@ pub fn estimate_original_information(
     }
     let all = to_f64_vec(inputs)?;
     let d = all.len() / n;
+    if d == 0 {
+        return Err(GuardError::Config { setting: "inversion inputs", why: format!("samples of shape {:?} hold no values", &inputs.size()[1..]) });
+    }
+    if let Some(bad) = all.iter().position(|v| !v.is_finite()) {
+        return Err(GuardError::Config { setting: "inversion inputs", why: format!("non-finite input value in sample {}", bad / d) });
+    }
     let mut mean = vec![0.0; d];
     for row in all.chunks(d) {
         mean.iter_mut().zip(row).for_each(|(m, v)| *m += v / n as f64);
@@ -265,6 +296,10 @@ pub fn estimate_original_information(
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = all.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let range = if hi > lo { hi - lo } else { 1.0 };
+    let sigma = (all.chunks(d).map(|row| row.iter().zip(&mean).map(|(a, b)| (a - b) * (a - b)).sum::<f64>()).sum::<f64>() / (n * d) as f64).sqrt();
+    let mut sample_shape = inputs.size();
+    sample_shape[0] = 1;
+    let mean_tensor = Tensor::f_from_slice(&mean).and_then(|m| m.f_reshape(sample_shape.as_slice())).during("forming the mean input")?;
     let labels = to_f64_vec(targets)?.into_iter().map(|v| v as i64).collect::<Vec<_>>();
     let labels_are_classes = matches!(targets.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8);
 
@@ -304,7 +339,9 @@ pub fn estimate_original_information(
                 acc[l].absent = Some("released gradient is zero: nothing to match".into());
                 continue;
             }
-            let (xhat, cos) = invert_release(layers, loss_fn, l, &released, &y, &x.size(), x.kind(), settings, seed, r as u64)?;
+            let centre = settings.start_from_mean.then_some(&mean_tensor);
+            let start = seeded_start(&x.size(), x.kind(), x.device(), centre, sigma, settings, seed, r as u64)?;
+            let (xhat, cos) = invert_release(layers, loss_fn, l, &released, &y, &start, sigma, settings)?;
             let xhat = to_f64_vec(&xhat)?;
             let errors = matched_errors(x_host, &xhat, &y_host, d);
             acc[l].err += errors.iter().sum::<f64>();
@@ -330,7 +367,7 @@ pub fn estimate_original_information(
                 psnr: 10.0 * (range * range / mse).log10(),
                 mse,
                 baseline_mse: baseline,
-                final_cosine_distance: a.cos / a.count as f64,
+                final_cosine_distance: (a.cos / a.count as f64).max(0.0),
                 samples,
                 releases: a.count,
                 batch_size: plan.batch_size,

@@ -29,12 +29,14 @@ impl GradientMatrix {
         Ok(Self { rows, cols, data })
     }
 
+    /// Row `i` (panics when `i >= rows`, like slice indexing).
     pub fn row(&self, i: usize) -> &[f64] {
         &self.data[i * self.cols..(i + 1) * self.cols]
     }
 
     /// The mean of the rows at `indices`, as a new one-row vector (a batch-mean release built
-    /// from per-sample gradients, exact for models that do not couple samples).
+    /// from per-sample gradients, exact for models that do not couple samples). Panics on an
+    /// index `>= rows`.
     pub fn mean_of_rows(&self, indices: &[usize]) -> Vec<f64> {
         let mut out = vec![0.0; self.cols];
         for &i in indices {

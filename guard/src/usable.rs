@@ -152,6 +152,12 @@ pub fn usable_information(
     layer: usize,
 ) -> Result<Metric<UsableInformation>> {
     settings.validate()?;
+    if grads.rows.checked_mul(grads.cols) != Some(grads.data.len()) {
+        return Err(GuardError::Config {
+            setting: "usable information gradients",
+            why: format!("{} rows x {} columns need {} values, the matrix holds {}", grads.rows, grads.cols, grads.rows.saturating_mul(grads.cols), grads.data.len()),
+        });
+    }
     if labels.len() != grads.rows {
         return Err(GuardError::BatchMismatch { what: "attribute labels", inputs: grads.rows as i64, got: labels.len() as i64 });
     }

@@ -8,6 +8,8 @@
 //! Either way the user keeps their model, data and optimizer; the guard needs a [`LossFn`] that
 //! recomputes the batch loss from inputs (for M1) and, for M2, per-sample attribute labels.
 pub use gradguard_guard::{Batch, Guard, GuardConfig, GuardError, LossFn, Report};
+pub mod torchscript;
+pub use torchscript::{TorchScriptError, TorchScriptModel};
 use tch::{nn, Tensor};
 
 /// An `nn::Optimizer` whose `backward_step` runs the guard between backward and step.

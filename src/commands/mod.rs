@@ -1,2 +1,4 @@
+pub mod audit;
 pub mod demo;
 pub mod policy;
+pub mod validate;

@@ -1,0 +1,254 @@
+//! `gradguard audit` end to end, through the built binary, on the fixtures of tests/fixtures/
+//! (made by tests/fixtures/make_fixtures.py).
+use gradguard::guard::report::JvpMethod;
+use gradguard::guard::sensitivity::{estimate_sensitivity, SensitivitySettings};
+use gradguard::guard::LayerMap;
+use gradguard::models::DigitsCnn;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::{nn, Device, Kind, Tensor};
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name).display().to_string()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("audit_cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn audit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gradguard")).arg("audit").args(args).output().expect("the gradguard binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs an audit that must fail: exit code 1 (an error, not a panic) and every substring in
+/// its stderr.
+fn fails_with(args: &[&str], expected: &[&str]) {
+    let out = audit(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "args {args:?}: exit {:?}, stderr:\n{err}", out.status.code());
+    assert!(!err.contains("panicked"), "args {args:?} panicked:\n{err}");
+    for s in expected {
+        assert!(err.contains(s), "args {args:?}: stderr lacks {s:?}:\n{err}");
+    }
+}
+
+fn report(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn read_f32(path: &str) -> (Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().to_vec();
+    (shape, npy.into_vec::<f32>().unwrap())
+}
+
+fn read_i64(path: &str) -> Vec<i64> {
+    let bytes = std::fs::read(path).unwrap();
+    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec::<i64>().unwrap()
+}
+
+#[test]
+fn torchscript_model_gives_the_same_m1_as_the_tch_built_model() {
+    let json = scratch("m1_equal.json");
+    let out = audit(&[
+        "--model", &fixture("cnn_traced.pt"),
+        "--inputs", &fixture("digits_x.npy"),
+        "--labels", &fixture("digits_y.npy"),
+        "--batch-size", "16", "--probes", "4", "--seed", "3",
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r = report(&json);
+    assert_eq!((r["batch_size"].as_u64(), r["probes"].as_u64(), r["seed"].as_u64(), r["exact"].as_bool()), (Some(16), Some(4), Some(3), Some(false)));
+    assert_eq!(r["samples"].as_u64(), Some(256));
+
+    // The same network built in tch, with the TorchScript file's weights.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = DigitsCnn::new(&vs.root());
+    let module = tch::CModule::load(fixture("cnn_traced.pt")).unwrap();
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, t) in module.named_parameters().unwrap() {
+            let mut v = vars.get(&name).unwrap_or_else(|| panic!("tch model lacks {name}")).shallow_clone();
+            v.copy_(&t);
+        }
+    });
+    let layers = LayerMap::from_var_store(&vs).unwrap();
+    let (shape, x) = read_f32(&fixture("digits_x.npy"));
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let x = Tensor::from_slice(&x).reshape(shape.as_slice()).narrow(0, 0, 16);
+    let y = Tensor::from_slice(&read_i64(&fixture("digits_y.npy"))).narrow(0, 0, 16);
+    let loss = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
+    let settings = SensitivitySettings { probes: 4, method: JvpMethod::DoubleBackward, exact: false };
+    let direct = estimate_sensitivity(&layers, &loss, &x.to_kind(Kind::Float), &y, &settings, 3, 0).unwrap();
+
+    let rows = r["layers"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, layers.names());
+    for (row, m) in rows.iter().zip(&direct) {
+        let m = m.measured().unwrap();
+        assert_eq!(row["params"].as_u64(), Some(m.params as u64));
+        for (key, want) in [
+            ("sensitivity", m.sensitivity),
+            ("sensitivity_se", m.sensitivity_se),
+            ("sensitivity_rms", m.sensitivity_rms),
+            ("relative_sensitivity", m.relative_sensitivity.unwrap()),
+        ] {
+            let got = row[key].as_f64().unwrap_or_else(|| panic!("{}: {key} missing", row["name"]));
+            assert!((got - want).abs() <= 1e-4 * want.abs(), "{} {key}: audit {got}, tch {want}", row["name"]);
+        }
+    }
+}
+
+#[test]
+fn scripted_module_layers_keep_pytorch_names_and_absent_metrics_say_why() {
+    let json = scratch("scripted.json");
+    let svg = scratch("scripted.svg");
+    let out = audit(&[
+        "--model", &fixture("mlp_scripted.pt"),
+        "--inputs", &fixture("digits_x.npy"),
+        "--labels", &fixture("digits_y.npy"),
+        "--attribute", &fixture("digits_a.npy"),
+        "--samples", "120",
+        "--json", json.to_str().unwrap(),
+        "--plot", svg.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("body.1") && stdout.contains("out_layer"), "table:\n{stdout}");
+    let r = report(&json);
+    let rows = r["layers"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["body.1", "body.3", "out_layer"], "dotted PyTorch names, module order, buffer excluded");
+    let params: Vec<u64> = rows.iter().map(|l| l["params"].as_u64().unwrap()).collect();
+    assert_eq!(params, [64 * 32 + 32, 32 * 16 + 16, 16 * 10 + 10]);
+    for row in rows {
+        assert!(row["sensitivity"].as_f64().unwrap() > 0.0);
+        assert!(row["subspace_separation"].is_f64(), "M2 needs only 16 per group");
+        assert!(row["usable_information_bits"].is_null());
+        assert_eq!(row["absent"]["usable_information_bits"], "insufficient samples: 120 < 200");
+        assert!(row["usable_original_bits_per_dim"].is_null());
+        assert!(row["absent"]["psnr"].as_str().unwrap().contains("--invert"));
+    }
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") || svg.contains("<svg"), "not an SVG");
+    for s in ["body.1", "body.3", "out_layer", "sensitivity_rms", "usable_information_bits", "absent"] {
+        assert!(svg.contains(s), "SVG lacks {s}");
+    }
+}
+
+#[test]
+fn full_audit_with_inversion_reports_every_metric() {
+    let json = scratch("full.json");
+    let out = audit(&[
+        "--model", &fixture("cnn_traced.pt"),
+        "--inputs", &fixture("digits_x.npy"),
+        "--labels", &fixture("digits_y.npy"),
+        "--attribute", &fixture("digits_a.npy"),
+        "--invert", "--invert-releases", "1", "--invert-iterations", "20",
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r = report(&json);
+    for row in r["layers"].as_array().unwrap() {
+        for key in [
+            "sensitivity", "sensitivity_se", "sensitivity_rms", "relative_sensitivity", "subspace_distance",
+            "subspace_separation", "usable_information_bits", "attack_accuracy", "usable_original_bits_per_dim", "psnr",
+        ] {
+            assert!(row[key].is_f64(), "{} {key} = {}", row["name"], row[key]);
+        }
+        assert!(row["absent"].as_object().unwrap().is_empty(), "{}", row["absent"]);
+        assert_eq!(row["details"]["m3"]["samples"].as_u64(), Some(256));
+        assert_eq!(row["details"]["m4"]["releases"].as_u64(), Some(1));
+    }
+}
+
+#[test]
+fn a_file_that_is_not_torchscript_is_named() {
+    fails_with(
+        &["--model", &fixture("not_torchscript.pt"), "--inputs", &fixture("x_nan.npy"), "--labels", &fixture("y16.npy")],
+        &["not_torchscript.pt is not a TorchScript module"],
+    );
+    fails_with(&["--model", &fixture("missing.pt"), "--inputs", &fixture("x_nan.npy"), "--labels", &fixture("y16.npy")], &["missing.pt: no such file"]);
+    fails_with(&["--model", "resnet"], &["unknown model \"resnet\""]);
+}
+
+#[test]
+fn inputs_that_do_not_fit_are_named() {
+    let cnn = fixture("cnn_traced.pt");
+    fails_with(
+        &["--model", &cnn, "--inputs", &fixture("x_wrong_shape.npy"), "--labels", &fixture("y16.npy")],
+        &["inputs", "x_wrong_shape.npy", "per-sample shape [3, 8, 8]", "do not fit the model", "to have 1 channels, but got 3"],
+    );
+    fails_with(
+        &["--model", &cnn, "--inputs", &fixture("x_int.npy"), "--labels", &fixture("y16.npy")],
+        &["inputs", "x_int.npy", "dtype int64", "float32 or float64"],
+    );
+    fails_with(
+        &["--model", &cnn, "--inputs", &fixture("x_nan.npy"), "--labels", &fixture("y16.npy")],
+        &["inputs", "x_nan.npy", "1 non-finite value", "sample 2"],
+    );
+    fails_with(
+        &["--model", &cnn, "--inputs", &fixture("not_npy.npy"), "--labels", &fixture("y16.npy")],
+        &["inputs", "not_npy.npy is not a .npy file"],
+    );
+    fails_with(
+        &["--model", &cnn, "--inputs", &fixture("absent.npy"), "--labels", &fixture("y16.npy")],
+        &["inputs", "absent.npy: no such file"],
+    );
+    // The built-in models check shapes too (f_* forward, no panic).
+    fails_with(
+        &["--model", "mlp", "--inputs", &fixture("x_wrong_shape.npy"), "--labels", &fixture("y16.npy")],
+        &["x_wrong_shape.npy", "do not fit the model mlp"],
+    );
+}
+
+#[test]
+fn labels_and_attributes_that_do_not_fit_are_named() {
+    let cnn = fixture("cnn_traced.pt");
+    let x = fixture("digits_x.npy");
+    fails_with(
+        &["--model", &cnn, "--inputs", &x, "--labels", &fixture("y16.npy")],
+        &["labels", "y16.npy", "16 samples along dimension 0", "digits_x.npy has 256"],
+    );
+    // 16 valid inputs to pair with the 16-sample label fixtures.
+    let x16_path = scratch("x16.npy");
+    write_first_16(&x, &x16_path);
+    let x16 = x16_path.to_str().unwrap().to_string();
+    let run16 = |labels: &str, extra: &[&str], expected: &[&str]| {
+        let mut args = vec!["--model", cnn.as_str(), "--inputs", x16.as_str(), "--labels", labels];
+        args.extend_from_slice(extra);
+        fails_with(&args, expected);
+    };
+    run16(&fixture("y_float.npy"), &[], &["labels", "y_float.npy", "dtype float32", "integer class ids"]);
+    run16(&fixture("y_out_of_range.npy"), &[], &["labels", "y_out_of_range.npy", "value 12 at index 5", "outside 0..10"]);
+    run16(&fixture("y_short.npy"), &[], &["labels", "y_short.npy", "10 samples", "has 16"]);
+    run16(&fixture("y_2d.npy"), &[], &["labels", "y_2d.npy", "shape [16, 2]"]);
+    run16(&fixture("y16.npy"), &["--attribute", &fixture("a_float.npy")], &["attribute", "a_float.npy", "dtype float64", "integers"]);
+    run16(&fixture("y16.npy"), &["--attribute", &fixture("y_short.npy")], &["attribute", "y_short.npy", "shape [10]"]);
+    run16(&fixture("y16.npy"), &["--loss", "mse"], &["labels", "y16.npy", "mse needs float targets"]);
+    run16(&fixture("y_float.npy"), &["--loss", "mse"], &["labels", "y_float.npy", "per-sample shape []", "outputs [10] per sample"]);
+    // And the 16 valid samples with valid labels do run (M3 absent: too few samples).
+    let out = audit(&["--model", &cnn, "--inputs", &x16, "--labels", &fixture("y16.npy"), "--batch-size", "8"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// Writes the first 16 samples of a float32 .npy (a valid input matching the 16-label fixtures).
+fn write_first_16(src: &str, dst: &Path) {
+    use npyz::WriterBuilder;
+    let (shape, x) = read_f32(src);
+    let per: u64 = shape[1..].iter().product();
+    let mut new_shape = shape.clone();
+    new_shape[0] = 16;
+    let mut w = npyz::WriteOptions::new().default_dtype().shape(&new_shape).writer(std::fs::File::create(dst).unwrap()).begin_nd().unwrap();
+    w.extend(x[..(16 * per) as usize].iter().copied()).unwrap();
+    w.finish().unwrap();
+}
