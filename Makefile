@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: demo test venv test-deps build bench
+.PHONY: demo test venv test-deps build bench validation
 
 venv:
 	@scripts/setup-venv.sh
@@ -22,8 +22,14 @@ demo: venv
 test: venv test-deps
 	$(ENV) cargo test --release --workspace --lib --bins --tests --examples
 	$(ENV) cargo bench --workspace --no-run
+	scripts/federated-setup.sh
+	$(ENV) PYTHONDONTWRITEBYTECODE=1 python -m pytest -q -p no:cacheprovider federated/tests
 
 # The cost benchmarks (docs/PERFORMANCE.md).
 bench: venv
 	$(ENV) cargo bench --bench guard_cost
 	$(ENV) cargo bench --bench scrape_load
+
+# The validation study (docs/VALIDATION.md and docs/validation/*.svg), about 3 minutes.
+validation: venv
+	$(ENV) cargo run --release --bin gradguard -- validate --out docs

@@ -27,9 +27,9 @@ fn the_example_policy_checks_against_the_cnn() {
     let second = stdout.find("rule 2 ").expect("rule 2 printed");
     let first_rule = &stdout[first..second];
     assert!(first_rule.contains("  layers:     conv1\n"), "{first_rule}");
-    assert!(first_rule.contains("sensitivity_rms"), "{first_rule}");
-    assert!(first_rule.contains("1. clip(max_norm=1) -> 2. noise("), "{first_rule}");
-    assert!(first_rule.contains("5. withhold"), "{first_rule}");
+    assert!(first_rule.contains("metric:     sensitivity\n"), "{first_rule}");
+    assert!(first_rule.contains("1. clip(max_norm=0.03) -> 2. sparsify("), "{first_rule}");
+    assert!(first_rule.contains("4. withhold"), "{first_rule}");
     assert!(stdout[second..].contains("  layers:     fc1, fc2\n"), "{stdout}");
     assert!(stdout.contains("note: no rule covers conv2"), "{stdout}");
 }

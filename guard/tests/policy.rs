@@ -283,17 +283,18 @@ fn the_example_policy_loads_and_covers_the_cnn() {
     assert_eq!(p.version, 1);
     assert!(p.origin.ends_with("policy.toml"));
     let s = &p.settings;
-    assert_eq!((s.seed, s.estimate_every, s.max_estimate_age_steps), (0, 10, 50));
+    assert_eq!((s.seed, s.estimate_every, s.max_estimate_age_steps), (0, 10, 300));
+    assert_eq!(s.budget_share, 0.2);
     assert_eq!((s.aggregation_floor, s.aggregation_ceiling, s.probes), (64, 512, 8));
     assert_eq!(s.on_violation, OnViolation::Block);
     assert!(s.strict_layers);
 
     assert_eq!(p.rules.len(), 2);
     let first = &p.rules[0];
-    assert_eq!(first.metric, LeakageMetric::SensitivityRms);
+    assert_eq!(first.metric, LeakageMetric::Sensitivity);
     assert!(first.relax_below < first.act_above);
     let names: Vec<&str> = first.ladder.iter().map(|s| s.name()).collect();
-    assert_eq!(names, ["clip", "noise", "sparsify", "aggregate", "withhold"]);
+    assert_eq!(names, ["clip", "sparsify", "aggregate", "withhold"]);
     let head = &p.rules[1];
     assert_eq!(head.metric, LeakageMetric::SubspaceSeparation);
     assert_eq!((head.act_above, head.relax_below), (0.15, 0.08));

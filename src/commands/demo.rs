@@ -156,7 +156,7 @@ fn fmt(v: Option<f64>) -> String {
 fn live_table(report: &Report, thresholds: &[(String, gradguard::guard::LeakageMetric, f64)]) -> String {
     use std::fmt::Write;
     let mut out = format!("step {} (estimate):\n", report.step);
-    let _ = writeln!(out, "  {:<6} {:>9} {:>9} {:>9} {:>9}  {:<34} {}", "layer", "S_rms", "R_l", "separ", "|G_l|", "thresholds", "protection");
+    let _ = writeln!(out, "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<30} {}", "layer", "S_l", "S_rms", "R_l", "separ", "|G_l|", "thresholds", "protection");
     let manifest = report.release.as_ref();
     for (i, l) in report.layers.iter().enumerate() {
         let s = l.sensitivity.measured();
@@ -164,8 +164,9 @@ fn live_table(report: &Report, thresholds: &[(String, gradguard::guard::LeakageM
         let actions = manifest.and_then(|m| m.layers.get(i)).map(|m| if m.actions.is_empty() { "none".to_string() } else { m.actions.join(" -> ") });
         let _ = writeln!(
             out,
-            "  {:<6} {:>9} {:>9} {:>9} {:>9}  {:<34} level {} {}",
+            "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<30} level {} {}",
             l.name,
+            fmt(s.map(|s| s.sensitivity)),
             fmt(s.map(|s| s.sensitivity_rms)),
             fmt(s.and_then(|s| s.relative_sensitivity)),
             fmt(l.subspace.measured().map(|m| m.subspace_separation)),
