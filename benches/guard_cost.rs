@@ -8,7 +8,7 @@
 //! 5. the one-JVP estimator against per-layer VJP probing at equal K: speed ratio, and both
 //!    S_l within their standard errors.
 //!
-//!     cargo bench --bench guard_cost -- [--device cpu|cuda] [--steps 400] [--repeats 3]
+//!     cargo bench --bench guard_cost -- [--device cpu|cuda] [--steps 2000] [--repeats 3]
 use clap::Parser;
 use gradguard::data::Digits;
 use gradguard::guard::sensitivity::{estimate_sensitivity, mean_and_standard_error};
@@ -22,8 +22,9 @@ use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Training steps per timed run (overhead, memory).
-    #[arg(long, default_value_t = 400)]
+    /// Training steps per timed run (overhead, memory): long enough for the budget, not the
+    /// first estimate, to set the guard's cost.
+    #[arg(long, default_value_t = 2000)]
     steps: usize,
     /// Timed repeats of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]

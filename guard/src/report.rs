@@ -109,11 +109,12 @@ pub struct LayerReport {
 pub struct GuardHealth {
     /// Steps since the estimate the metrics come from (None before the first).
     pub estimate_age_steps: Option<u64>,
-    /// The budget: the share of wall time estimates may take.
+    /// The budget: the share of wall time the guard may take.
     pub budget_share: f64,
     /// The estimates' share of wall time so far.
     pub estimate_share: f64,
-    /// The guard's whole share of wall time so far (estimates and per-step work).
+    /// The guard's whole share of wall time so far (estimates and per-step work), which the
+    /// budget bounds except for estimates renewed to keep the age bound.
     pub spent_share: f64,
     /// Estimates run over budget to keep the policy's age bound.
     pub over_budget_estimates: u64,

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The Flower side of gradguard (docs/FEDERATED.md): installs flwr, maturin, prometheus-client
+# and pytest into the project venv (.venv, with libtorch 2.11.0 from scripts/setup-venv.sh),
+# then builds the `gradguard_fl` extension module (python/, PyO3) with maturin against that
+# same libtorch and installs it into the venv. Idempotent: the pip step runs once per set of
+# pinned versions; the build is cargo's incremental release build (seconds when nothing
+# changed) and reinstalls the extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-venv.sh
+# shellcheck source=env.sh
+source scripts/env.sh
+
+FLWR_VERSION=1.42.0
+MATURIN_VERSION=1.16.0
+PROMETHEUS_CLIENT_VERSION=0.26.0
+PYTEST_VERSION=9.2.0
+stamp=".venv/.gradguard-federated-flwr-$FLWR_VERSION-maturin-$MATURIN_VERSION-prom-$PROMETHEUS_CLIENT_VERSION-pytest-$PYTEST_VERSION"
+if [ ! -f "$stamp" ]; then
+  python -m pip install --quiet \
+    "flwr==$FLWR_VERSION" \
+    "maturin==$MATURIN_VERSION" \
+    "prometheus-client==$PROMETHEUS_CLIENT_VERSION" \
+    "pytest==$PYTEST_VERSION"
+  # flwr must not have moved torch: the extension links the venv's libtorch 2.11.0.
+  python -c "import torch, flwr; assert torch.__version__.startswith('2.11.0'), torch.__version__; assert flwr.__version__ == '$FLWR_VERSION', flwr.__version__"
+  touch "$stamp"
+fi
+
+# LIBTORCH_USE_PYTORCH=1 (scripts/env.sh): torch-sys links the venv's torch/lib; the crate's
+# build script (build-support/link_libtorch.rs) adds its rpath, so the module loads without
+# LD_LIBRARY_PATH and without importing torch first.
+maturin develop --release --manifest-path python/Cargo.toml
+
+# The module must load on its own and after `import torch` (same libtorch either way).
+python -c "import gradguard_fl; assert gradguard_fl.layer_names() == ['conv1', 'conv2', 'fc1', 'fc2']"
+python -c "import torch, gradguard_fl; gradguard_fl.initial_parameters(0)"
+echo "gradguard_fl $(python -c 'import gradguard_fl; print(gradguard_fl.__version__)') installed in $VIRTUAL_ENV (flwr $FLWR_VERSION)"
