@@ -44,6 +44,21 @@ fn guarded_step(s: &Setup, guard: &mut Guard, from: usize, n: usize) -> (Result<
     (guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss), x, y)
 }
 
+/// conv1's raw M1 on samples [0, n) with the parameters as they are (no policy).
+fn raw_conv1(s: &Setup, n: usize) -> gradguard::guard::Sensitivity {
+    let mut probe = Guard::with_policy(&s.vs, Policy::permissive()).unwrap();
+    let report = guarded_step(s, &mut probe, 0, n).0.unwrap();
+    report.layer("conv1").unwrap().sensitivity.measured().unwrap().clone()
+}
+
+/// A one-rule policy on conv1 with its ladder, thresholds and extra settings.
+fn conv1_rule(metric: &str, act: f64, relax: f64, ladder: &str, settings: &str) -> Policy {
+    let rule = format!(
+        "[[rule]]\nname = \"conv1\"\nmetric = \"{metric}\"\nlayers = [\"conv1\"]\nact_above = {act}\nrelax_below = {relax}\nladder = [{ladder}]\n"
+    );
+    policy(&rule, settings)
+}
+
 fn grad_norm(vs: &nn::VarStore, prefix: &str) -> f64 {
     let vars = vs.variables();
     let mut total = 0.0;
@@ -59,16 +74,11 @@ fn grad_norm(vs: &nn::VarStore, prefix: &str) -> f64 {
 fn a_layer_above_its_threshold_is_protected_until_the_release_is_below_it() {
     let s = setup();
     // Measure the raw first-layer sensitivity, then set the threshold below it.
-    let mut probe = Guard::with_policy(&s.vs, Policy::permissive()).unwrap();
-    let raw = guarded_step(&s, &mut probe, 0, 64).0.unwrap().layer("conv1").unwrap().sensitivity.measured().unwrap().sensitivity_rms;
+    let raw = raw_conv1(&s, 64).sensitivity_rms;
     let act = raw * 0.5;
-    let rules = format!(
-        "[[rule]]\nname = \"conv1\"\nmetric = \"sensitivity_rms\"\nlayers = [\"conv1\"]\nact_above = {act}\nrelax_below = {}\n\
-         ladder = [{{ action = \"quantize\", bits = 4 }}, {{ action = \"clip\", max_norm = 0.2 }}, {{ action = \"clip\", max_norm = 0.05 }}, {{ action = \"withhold\" }}]\n",
-        act * 0.5
-    );
+    let ladder = "{ action = \"quantize\", bits = 4 }, { action = \"clip\", max_norm = 0.2 }, { action = \"clip\", max_norm = 0.05 }, { action = \"withhold\" }";
     let log = temp_log("protect");
-    let mut guard = Guard::with_policy(&s.vs, policy(&rules, "estimate_every = 1\nmax_estimate_age_steps = 1")).unwrap();
+    let mut guard = Guard::with_policy(&s.vs, conv1_rule("sensitivity_rms", act, act * 0.5, ladder, "estimate_every = 1\nmax_estimate_age_steps = 1")).unwrap();
     guard.set_audit_log(AuditLog::open(&log).unwrap());
     let report = guarded_step(&s, &mut guard, 0, 64).0.unwrap();
     let manifest = report.release.as_ref().unwrap();
@@ -201,17 +211,12 @@ fn reloading_an_invalid_policy_keeps_the_one_in_force_and_says_so() {
 #[test]
 fn an_aggregate_rung_raises_the_floor_and_the_larger_release_is_measured_again() {
     let s = setup();
-    let mut probe = Guard::with_policy(&s.vs, Policy::permissive()).unwrap();
-    let raw = guarded_step(&s, &mut probe, 0, 16).0.unwrap().layer("conv1").unwrap().sensitivity.measured().unwrap().sensitivity;
     // Between S(16 samples) and S(32 samples) ~ S(16) / 2.
-    let act = raw * 0.7;
-    let rules = format!(
-        "[[rule]]\nname = \"agg\"\nmetric = \"sensitivity\"\nlayers = [\"conv1\"]\nact_above = {act}\nrelax_below = {}\n\
-         ladder = [{{ action = \"aggregate\", factor = 2 }}, {{ action = \"aggregate\", factor = 2 }}]\n",
-        act * 0.1
-    );
+    let act = raw_conv1(&s, 16).sensitivity * 0.7;
+    let ladder = "{ action = \"aggregate\", factor = 2 }, { action = \"aggregate\", factor = 2 }";
+    let settings = "estimate_every = 1\naggregation_floor = 16\naggregation_ceiling = 64\nbudget_share = 1.0";
     let log = temp_log("aggregate");
-    let mut guard = Guard::with_policy(&s.vs, policy(&rules, "estimate_every = 1\naggregation_floor = 16\naggregation_ceiling = 64\nbudget_share = 1.0")).unwrap();
+    let mut guard = Guard::with_policy(&s.vs, conv1_rule("sensitivity", act, act * 0.1, ladder, settings)).unwrap();
     guard.set_audit_log(AuditLog::open(&log).unwrap());
     let first = guarded_step(&s, &mut guard, 0, 16).0.unwrap();
     let m = first.release.as_ref().unwrap();
