@@ -411,13 +411,14 @@ impl Protection {
         let mut layers = Vec::new();
         let mut chains = Vec::new();
         let mut records = Vec::new();
+        let levels = self.layer_levels();
         for l in 0..self.layer_names.len() {
             let chain = self.chain(l);
             let withheld = chain.iter().any(|d| matches!(d, Defence::Withhold));
             let actions: Vec<String> = if withheld { vec!["withhold".into()] } else { chain.iter().map(|d| d.to_string()).collect() };
             let outcome = if withheld { Outcome::Withheld } else if chain.is_empty() { Outcome::Released } else { Outcome::Protected };
             let mut rec = self.record(step, &self.layer_names[l], outcome, if actions.is_empty() { "none".into() } else { actions.join(" -> ") });
-            rec.level = self.layer_levels()[l];
+            rec.level = levels[l];
             rec.reason = Some(format!("levels from the estimate at step {estimate_step}"));
             records.push(rec);
             layers.push(LayerManifest { name: self.layer_names[l].clone(), released: !withheld, actions, checks: vec![] });

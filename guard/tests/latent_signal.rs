@@ -4,7 +4,7 @@
 mod common;
 use gradguard_guard::{subspace::estimate_subspace, LayerMap, SubspaceSettings};
 use rand::{seq::SliceRandom, SeedableRng};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// Separation must beat the shuffled labels by this much. Measured with these seeds:
 /// fc1 0.145 vs 0.023 shuffled, fc2 0.133 vs 0.054 (a shift of 2 gave fc2 only 0.057 vs 0.044).
@@ -14,13 +14,7 @@ const N: i64 = 64;
 
 #[test]
 fn separation_of_the_last_layers_exceeds_shuffled_attribute() {
-    let n = N;
-    let attribute: Vec<i64> = (0..n).map(|i| i % 2).collect();
-    let a = Tensor::from_slice(&attribute).to_kind(Kind::Float).unsqueeze(1);
-    // Shift coordinates 10..19 by 2 for attribute 1; the label depends on coordinate 0 only.
-    let shift = Tensor::cat(&[Tensor::zeros([1, 10], (Kind::Float, Device::Cpu)), Tensor::ones([1, 10], (Kind::Float, Device::Cpu)) * SHIFT], 1);
-    let x = common::gaussian(n, 20, 9, Kind::Float) + a * shift;
-    let y = x.narrow(1, 0, 1).squeeze_dim(1).gt(0.0).to_kind(Kind::Int64);
+    let (x, y, attribute) = common::planted_attribute(N, SHIFT, 9);
 
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);

@@ -13,7 +13,7 @@ use gradguard_guard::LayerMap;
 use rand::{seq::SliceRandom, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// Bound on the bits reported for shuffled labels (no signal): the estimator is clipped at 0
 /// and its held-out noise with 300 test samples stays well below this.
@@ -106,12 +106,7 @@ fn deterministic_and_absent_below_the_sample_floor() {
 
 #[test]
 fn through_a_model_shuffled_attribute_gives_about_zero_bits() {
-    let n = 400i64;
-    let attribute: Vec<i64> = (0..n).map(|i| i % 2).collect();
-    let a = Tensor::from_slice(&attribute).to_kind(Kind::Float).unsqueeze(1);
-    let shift = Tensor::cat(&[Tensor::zeros([1, 10], (Kind::Float, Device::Cpu)), Tensor::ones([1, 10], (Kind::Float, Device::Cpu)) * 2.0], 1);
-    let x = common::gaussian(n, 20, 11, Kind::Float) + a * shift;
-    let y = x.narrow(1, 0, 1).squeeze_dim(1).gt(0.0).to_kind(Kind::Int64);
+    let (x, y, attribute) = common::planted_attribute(400, 2.0, 11);
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let mlp = common::Mlp::new(&vs.root(), &[20, 32, 16, 2]);

@@ -42,3 +42,15 @@ impl Mlp {
 pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
     logits.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
 }
+
+/// A planted latent attribute: n samples of 20 Gaussian features, attribute i % 2 shifting
+/// coordinates 10..19 by `shift`, and a label that depends on coordinate 0 only (so the task
+/// does not need the attribute). Returns (inputs, labels, attribute).
+pub fn planted_attribute(n: i64, shift: f64, seed: i64) -> (Tensor, Tensor, Vec<i64>) {
+    let attribute: Vec<i64> = (0..n).map(|i| i % 2).collect();
+    let a = Tensor::from_slice(&attribute).to_kind(Kind::Float).unsqueeze(1);
+    let offset = Tensor::cat(&[Tensor::zeros([1, 10], (Kind::Float, Device::Cpu)), Tensor::ones([1, 10], (Kind::Float, Device::Cpu)) * shift], 1);
+    let x = gaussian(n, 20, seed, Kind::Float) + a * offset;
+    let y = x.narrow(1, 0, 1).squeeze_dim(1).gt(0.0).to_kind(Kind::Int64);
+    (x, y, attribute)
+}
