@@ -125,17 +125,25 @@ impl Guard {
 
     /// M1 of the raw release from kept JVPs (the same numbers the streaming estimator gives).
     pub(super) fn sensitivity_from(&self, samples: &JvpSamples, seed: u64, step: u64) -> Result<Vec<Metric<Sensitivity>>> {
+        use crate::tensors::{sum_sq, to_f64_vec};
+        // Every layer's K probe norms and gradient norm, read back in one transfer.
+        let mut squares = Vec::new();
+        for kept in samples.layers.iter().flatten() {
+            for jv in &kept.jvps {
+                squares.push(sum_sq(jv)?);
+            }
+            squares.push(sum_sq(&kept.grad)?);
+        }
+        let values = if squares.is_empty() { vec![] } else { to_f64_vec(&Tensor::f_stack(&squares, 0).during("stacking probe norms")?)? };
+        let mut values = values.into_iter();
         let mut out = Vec::new();
         for (layer, kept) in self.layers.layers().iter().zip(&samples.layers) {
             let Some(kept) = kept else {
                 out.push(Metric::absent("layer not used by the loss (gradient undefined)"));
                 continue;
             };
-            let mut per = Vec::new();
-            for jv in &kept.jvps {
-                per.push(crate::tensors::to_f64_vec(&crate::tensors::sum_sq(jv)?)?[0] / samples.n as f64);
-            }
-            let norm = crate::tensors::to_f64_vec(&crate::tensors::sum_sq(&kept.grad)?)?[0].sqrt();
+            let per: Vec<f64> = values.by_ref().take(kept.jvps.len()).map(|v| v / samples.n as f64).collect();
+            let norm = values.next().unwrap_or(0.0).sqrt();
             out.push(crate::sensitivity::summarise_layer(&per, norm, layer.numel(), samples, seed, step));
         }
         Ok(out)
