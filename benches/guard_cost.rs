@@ -11,10 +11,10 @@
 //!     cargo bench --bench guard_cost -- [--device cpu|cuda] [--steps 2000] [--repeats 3]
 use clap::Parser;
 use gradguard::data::Digits;
-use gradguard::guard::sensitivity::{estimate_sensitivity, mean_and_standard_error};
+use gradguard::guard::{mean_and_standard_error, Inspection, Settings};
 use gradguard::guard::{parse_device, LayerMap, Policy, SensitivitySettings};
 use gradguard::models::{DigitsCnn, Mlp};
-use gradguard::{Batch, Guard, GuardedOptimizer};
+use gradguard::{Batch, GuardedOptimizer};
 use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
@@ -67,20 +67,23 @@ fn train(digits: &Digits, device: Device, steps: usize, guarded: bool) -> anyhow
         // The example policy at the default budget (5%); estimates may then be rarer than its
         // age bound allows, which would block releases: the bound is lifted so that every
         // step trains and the two runs do the same work.
-        let mut policy = Policy::from_toml_str(POLICY, "examples/policy.toml")?;
-        policy.settings.aggregation_floor = 1;
-        policy.settings.budget_share = 0.05;
-        policy.settings.max_estimate_age_steps = steps as u64;
-        let mut guarded = GuardedOptimizer::new(opt, Guard::with_policy(&vs, policy)?);
+        let policy = Policy::from_toml_str(POLICY, "examples/policy.toml")?;
+        let settings = Settings { aggregation_floor: 1, budget_share: 0.05, max_estimate_age_steps: steps as u64, ..policy.settings().clone() };
+        let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
+        let mut guarded = GuardedOptimizer::builder(&vs, opt).policy(policy.with_settings(settings)?).loss(loss_fn).build()?;
+        let mut last = None;
         for step in 0..steps {
             let (x, y, a) = &batches[step % batches.len()];
             let loss = net.f_loss(x, y)?;
-            match guarded.backward_step(&loss, Batch::new(x, y).with_attribute(a), |x: &Tensor, y: &Tensor| net.f_loss(x, y)) {
-                Ok(r) if r.step_allowed() => estimates += r.estimated as usize,
+            match guarded.backward_step(&loss, &Batch::new(x, y).with_attribute(a)) {
+                Ok(r) if r.is_released() => {
+                    estimates += r.report().estimated as usize;
+                    last = Some(r.into_report());
+                }
                 _ => not_applied += 1,
             }
         }
-        let health = &guarded.guard().last_report().expect("a report").health;
+        let health = &last.expect("a released step").health;
         eprintln!("   guarded run: {estimates} estimates, guard share {:.3}, {not_applied} steps not applied", health.spent_share);
     } else {
         for step in 0..steps {
@@ -122,12 +125,12 @@ fn mlp_widths(depth: usize, params: f64) -> Vec<i64> {
 
 fn time_m1(layers: &LayerMap, loss: &dyn gradguard::LossFn, x: &Tensor, y: &Tensor, device: Device, repeats: usize) -> anyhow::Result<f64> {
     let settings = SensitivitySettings { probes: 8, ..Default::default() };
-    estimate_sensitivity(layers, loss, x, y, &settings, 0, 0)?; // warm-up
+    Inspection::new(layers, loss, Batch::new(x, y)).seeded(0, 0).sensitivity(&settings)?; // warm-up
     let mut times = Vec::new();
     for r in 0..repeats {
         sync(device);
         let t = Instant::now();
-        estimate_sensitivity(layers, loss, x, y, &settings, 0, r as u64)?;
+        Inspection::new(layers, loss, Batch::new(x, y)).seeded(0, r as u64).sensitivity(&settings)?;
         sync(device);
         times.push(t.elapsed().as_secs_f64());
     }
@@ -239,7 +242,7 @@ fn main() -> anyhow::Result<()> {
     let probes = 32;
     let settings = SensitivitySettings { probes, ..Default::default() };
     let t = Instant::now();
-    let fast = estimate_sensitivity(&layers, &loss, cx, cy, &settings, 3, 0)?;
+    let fast = Inspection::new(&layers, &loss, Batch::new(cx, cy)).seeded(3, 0).sensitivity(&settings)?;
     sync(device);
     let fast_t = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -266,8 +269,8 @@ fn main() -> anyhow::Result<()> {
         let (x_cpu, y_cpu) = (cx.to_device(Device::Cpu), cy.to_device(Device::Cpu));
         let cpu_loss = |x: &Tensor, y: &Tensor| cpu_net.f_loss(x, y);
         let gpu_loss = |x: &Tensor, y: &Tensor| gpu_net.f_loss(x, y);
-        let on_cpu = estimate_sensitivity(&LayerMap::from_var_store(&cpu_vs)?, &cpu_loss, &x_cpu, &y_cpu, &settings, 9, 0)?;
-        let on_gpu = estimate_sensitivity(&LayerMap::from_var_store(&gpu_vs)?, &gpu_loss, cx, cy, &settings, 9, 0)?;
+        let on_cpu = Inspection::new(&LayerMap::from_var_store(&cpu_vs)?, &cpu_loss, Batch::new(&x_cpu, &y_cpu)).seeded(9, 0).sensitivity(&settings)?;
+        let on_gpu = Inspection::new(&LayerMap::from_var_store(&gpu_vs)?, &gpu_loss, Batch::new(cx, cy)).seeded(9, 0).sensitivity(&settings)?;
         for ((name, c), g) in layers.names().iter().zip(&on_cpu).zip(&on_gpu) {
             let (c, g) = (c.measured().expect("cpu"), g.measured().expect("gpu"));
             println!("6. parity {name:<6} S_l cpu {:.6} cuda {:.6}, relative difference {:.2e}", c.sensitivity, g.sensitivity, (c.sensitivity - g.sensitivity).abs() / c.sensitivity);

@@ -15,7 +15,8 @@
 use gradguard::data::Digits;
 use gradguard::exporter::{Exporter, MetricsServer};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard, GuardConfig, GuardedOptimizer};
+use gradguard::guard::{LayerMap, Settings};
+use gradguard::{Batch, GuardedOptimizer};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
@@ -100,16 +101,16 @@ impl Scraper {
     }
 }
 
-struct Trainer {
+struct Trainer<'a> {
     digits: Digits,
     train: Vec<usize>,
-    net: DigitsCnn,
-    opt: GuardedOptimizer,
+    net: &'a DigitsCnn,
+    opt: GuardedOptimizer<'a>,
     step: usize,
-    _vs: nn::VarStore,
+    last: Option<gradguard::Report>,
 }
 
-impl Trainer {
+impl Trainer<'_> {
     /// `n` guarded steps feeding the exporter (as examples/exporter_demo does); returns the wall time.
     fn run(&mut self, n: usize) -> anyhow::Result<Duration> {
         let started = Instant::now();
@@ -117,10 +118,8 @@ impl Trainer {
             let idx: Vec<usize> = (0..64).map(|i| self.train[(self.step * 64 + i) % self.train.len()]).collect();
             let (x, y, a) = self.digits.batch(&idx, Device::Cpu)?;
             let loss = self.net.f_loss(&x, &y)?;
-            let net = &self.net;
-            let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
             // The report reaches the exporter too (a guard report sink, off this thread).
-            self.opt.backward_step(&loss, Batch::new(&x, &y).with_attribute(&a), loss_fn)?;
+            self.last = Some(self.opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&a))?.into_report());
             self.step += 1;
         }
         Ok(started.elapsed())
@@ -171,16 +170,23 @@ fn main() -> anyhow::Result<()> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = DigitsCnn::new(&vs.root());
-    let mut guard = Guard::new(&vs, GuardConfig { estimate_every: args.estimate_every, ..Default::default() })?;
-    let exporter = Arc::new(Exporter::for_layers(&guard.layers().names())?);
+    let layers = LayerMap::from_var_store(&vs)?;
+    let exporter = Arc::new(Exporter::for_layers(&layers.names())?);
     let server = MetricsServer::start("127.0.0.1:0".parse()?, exporter.clone())?;
     let addr = server.local_addr();
     let sink = exporter.clone();
-    guard.add_report_sink(Arc::new(move |report: &gradguard::Report| {
-        let _ = sink.observe_report(report);
-    }));
-    let opt = GuardedOptimizer::new(nn::Adam::default().build(&vs, 1e-3)?, guard);
-    let mut trainer = Trainer { digits, train, net, opt, step: 0, _vs: vs };
+    // The budget of the old default (the whole wall time): every estimate period is spent,
+    // so loaded and unloaded segments do the same work.
+    let settings = Settings { estimate_every: args.estimate_every, max_estimate_age_steps: args.estimate_every.max(50), budget_share: 1.0, ..Default::default() };
+    let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
+    let opt = GuardedOptimizer::builder_for_layers(Ok(layers), nn::Adam::default().build(&vs, 1e-3)?)
+        .settings(settings)
+        .loss(loss_fn)
+        .report_sink(Arc::new(move |report: &gradguard::Report| {
+            let _ = sink.observe_report(report);
+        }))
+        .build()?;
+    let mut trainer = Trainer { digits, train, net: &net, opt, step: 0, last: None };
     // Segments hold whole estimate periods, so loaded and unloaded segments do the same work.
     let segment = args.steps.div_ceil(args.estimate_every as usize).max(1) * args.estimate_every as usize;
     println!(
@@ -202,7 +208,7 @@ fn main() -> anyhow::Result<()> {
     }
     let render = t0.elapsed() / 1000;
     let t0 = Instant::now();
-    let report = trainer.opt.guard().last_report().cloned().expect("a report after warm-up");
+    let report = trainer.last.clone().expect("a report after warm-up");
     for _ in 0..1000 {
         exporter.observe_report(&report)?;
     }

@@ -13,13 +13,12 @@
 //! actions, release outcomes, the aggregation floor, estimate durations and ages, dropped
 //! estimates, training steps and the policy info.
 use gradguard::data::Digits;
-use gradguard::exporter::{Exporter, MetricsServer, DEFAULT_ACTIONS, DEFAULT_ADDR, LEAKAGE_METRICS};
-use gradguard::guard::{parse_device, Policy};
+use gradguard::exporter::DEFAULT_ADDR;
+use gradguard::guard::{parse_device, Policy, Settings};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard, GuardError, GuardedOptimizer, Report};
+use gradguard::{Batch, GuardedOptimizer};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{nn, nn::OptimizerConfig, Tensor};
 
@@ -78,27 +77,17 @@ fn main() -> anyhow::Result<()> {
         None => Policy::from_toml_str(include_str!("policy.toml"), "examples/policy.toml")?,
     };
     if let Some(every) = args.estimate_every {
-        policy.settings.estimate_every = every;
-        policy.settings.max_estimate_age_steps = policy.settings.max_estimate_age_steps.max(every);
+        let settings = policy.settings();
+        let max_estimate_age_steps = settings.max_estimate_age_steps.max(every);
+        policy = policy.with_settings(Settings { estimate_every: every, max_estimate_age_steps, ..settings.clone() })?;
     }
-    let mut guard = Guard::with_policy(&vs, policy)?;
-
-    let exporter = Arc::new(Exporter::new(&guard.layers().names(), &LEAKAGE_METRICS, &DEFAULT_ACTIONS)?);
-    exporter.set_policy_info(guard.policy().short_hash(), &guard.policy().version.to_string())?;
-    for (layer, metric, threshold) in guard.protection().thresholds() {
-        exporter.set_threshold(&layer, metric.name(), threshold)?;
-    }
-    let sink = exporter.clone();
-    guard.add_report_sink(Arc::new(move |report: &Report| {
-        let _ = sink.observe_report(report);
-    }));
-    let server = MetricsServer::start(args.addr, exporter.clone())?;
-    println!("gradguard exporter listening on {}", server.local_addr());
-    println!("  metrics: http://{0}/metrics  report: http://{0}/report  layers: {1:?}", server.local_addr(), guard.layers().names());
+    let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
+    let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?).policy(policy).loss(loss_fn).metrics(args.addr).build()?;
+    let addr = opt.metrics_addr().expect("metrics requested");
+    println!("gradguard exporter listening on {addr}");
+    println!("  metrics: http://{addr}/metrics  report: http://{addr}/report  layers: {:?}", opt.guard().layers().names());
     std::io::stdout().flush()?;
 
-    let mut opt = GuardedOptimizer::new(nn::Adam::default().build(&vs, 1e-3)?, guard);
-    let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
     let started = Instant::now();
     let mut step: u64 = 0;
     while args.steps == 0 || step < args.steps {
@@ -106,17 +95,12 @@ fn main() -> anyhow::Result<()> {
             (0..args.batch_size).map(|i| train[(step as usize * args.batch_size + i) % train.len()]).collect();
         let (x, y, heavy_stroke) = digits.batch(&idx, device)?;
         let loss = net.f_loss(&x, &y)?;
-        match opt.backward_step(&loss, Batch::new(&x, &y).with_attribute(&heavy_stroke), loss_fn) {
-            Ok(report) => {
-                if args.print_reports && report.estimated {
-                    println!("{}", report.table());
-                }
-            }
+        let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&heavy_stroke))?;
+        if let Some(reason) = release.block_reason() {
             // The guard refused the release (non-finite gradient, policy block): nothing applied.
-            Err(e @ (GuardError::NonFiniteGradient { .. } | GuardError::Blocked { .. } | GuardError::ReleaseRefused { .. })) => {
-                eprintln!("step {step}: {e}");
-            }
-            Err(e) => return Err(e.into()),
+            eprintln!("step {step}: release blocked: {reason}");
+        } else if args.print_reports && release.report().estimated {
+            println!("{}", release.report().table());
         }
         step += 1;
         if args.step_interval_ms > 0 {
@@ -130,6 +114,6 @@ fn main() -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         std::thread::sleep(Duration::from_secs(args.linger));
     }
-    drop(server);
+    drop(opt);
     Ok(())
 }

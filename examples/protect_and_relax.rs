@@ -7,7 +7,7 @@
 use gradguard::data::Digits;
 use gradguard::guard::{AuditLog, Outcome, Policy};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard, GuardedOptimizer};
+use gradguard::{Batch, GuardedOptimizer};
 use tch::{nn, nn::OptimizerConfig, Device, Tensor};
 
 fn main() -> anyhow::Result<()> {
@@ -19,9 +19,8 @@ fn main() -> anyhow::Result<()> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = DigitsCnn::new(&vs.root());
-    let mut guard = Guard::with_policy(&vs, policy)?;
-    guard.set_audit_log(AuditLog::open(&log_path)?);
-    let mut opt = GuardedOptimizer::new(nn::Adam::default().build(&vs, 1e-3)?, guard);
+    let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
+    let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?).policy(policy).loss(loss_fn).audit_log(&log_path).build()?;
     let mut cursor = 0;
     for step in 0..60 {
         let batch_size = if step < 30 { 16 } else { 64 };
@@ -29,7 +28,8 @@ fn main() -> anyhow::Result<()> {
         cursor += batch_size;
         let (x, y, a) = digits.batch(&idx, Device::Cpu)?;
         let loss = net.f_loss(&x, &y)?;
-        let report = opt.backward_step(&loss, Batch::new(&x, &y).with_attribute(&a), |x: &Tensor, y: &Tensor| net.f_loss(x, y))?;
+        let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&a))?;
+        let report = release.report();
         if report.estimated {
             let conv1 = report.layer("conv1").expect("conv1");
             let manifest = report.release.as_ref().expect("a release");
@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
                 "step {step:>2} batch {batch_size:>2}: conv1 S_rms {:.4}, level {}, released as {:?}",
                 conv1.sensitivity.measured().map_or(f64::NAN, |s| s.sensitivity_rms),
                 conv1.protection_level,
-                manifest.layers[0].actions
+                manifest.layers[0].actions.iter().map(|a| a.to_string()).collect::<Vec<_>>()
             );
         }
     }

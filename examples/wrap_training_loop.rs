@@ -4,7 +4,7 @@
 //!     cargo run --release --example wrap_training_loop -- [steps] [print_every]
 use gradguard::data::Digits;
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard, GuardConfig, GuardedOptimizer};
+use gradguard::{Batch, GuardedOptimizer};
 use tch::{nn, nn::OptimizerConfig, Device};
 
 fn main() -> anyhow::Result<()> {
@@ -32,12 +32,12 @@ fn main() -> anyhow::Result<()> {
     let vs = nn::VarStore::new(Device::Cpu);
     let net = DigitsCnn::new(&vs.root());
     let opt = nn::Adam::default().build(&vs, 1e-3)?;
-    let mut opt = GuardedOptimizer::new(opt, Guard::new(&vs, GuardConfig::default())?); // guard
+    let mut opt = GuardedOptimizer::builder(&vs, opt).loss(|x: &tch::Tensor, y: &tch::Tensor| net.f_loss(x, y)).build()?; // guard
     for step in 0..steps {
         let (x, y, heavy_stroke) = digits.batch(&batch_at(step), Device::Cpu)?; // guard: attribute
         let loss = net.f_loss(&x, &y)?;
-        let report = opt.backward_step(&loss, Batch::new(&x, &y).with_attribute(&heavy_stroke), |x: &tch::Tensor, y: &tch::Tensor| net.f_loss(x, y))?; // guard
-        if step % print_every == 0 { println!("{}", report.table()) } // guard
+        let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&heavy_stroke))?; // guard
+        if step % print_every == 0 { println!("{}", release.report().table()) } // guard
     }
     println!("guarded:   test accuracy {:.3}", digits.accuracy(&test, Device::Cpu, |x| net.f_forward(x))?);
     Ok(())

@@ -17,5 +17,5 @@ pub use gradguard_exporter as exporter;
 pub use gradguard_guard as guard;
 pub use gradguard_hooks as hooks;
 
-pub use gradguard_guard::{Batch, Guard, GuardConfig, GuardError, LossFn, Report};
+pub use gradguard_guard::{Batch, BlockReason, Guard, GuardError, LossFn, Policy, Release, Report, Settings};
 pub use gradguard_hooks::GuardedOptimizer;

@@ -1,7 +1,7 @@
 //! `gradguard audit` end to end, through the built binary, on the fixtures of tests/fixtures/
 //! (made by tests/fixtures/make_fixtures.py).
-use gradguard::guard::report::JvpMethod;
-use gradguard::guard::sensitivity::{estimate_sensitivity, SensitivitySettings};
+use gradguard::guard::JvpMethod;
+use gradguard::guard::{Batch, Inspection, SensitivitySettings};
 use gradguard::guard::LayerMap;
 use gradguard::models::DigitsCnn;
 use serde_json::Value;
@@ -88,7 +88,7 @@ fn torchscript_model_gives_the_same_m1_as_the_tch_built_model() {
     let y = Tensor::from_slice(&read_i64(&fixture("digits_y.npy"))).narrow(0, 0, 16);
     let loss = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
     let settings = SensitivitySettings { probes: 4, method: JvpMethod::DoubleBackward, exact: false };
-    let direct = estimate_sensitivity(&layers, &loss, &x.to_kind(Kind::Float), &y, &settings, 3, 0).unwrap();
+    let direct = Inspection::new(&layers, &loss, Batch::new(&x.to_kind(Kind::Float), &y)).seeded(3, 0).sensitivity(&settings).unwrap();
 
     let rows = r["layers"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|l| l["name"].as_str().unwrap()).collect();

@@ -1,9 +1,9 @@
 //! The closed loop on the digits CNN: measured leakage -> threshold -> defence -> measured
 //! again on the release -> release or block.
 use gradguard::data::Digits;
-use gradguard::guard::{audit::Outcome, release::ReleaseOutcome, AuditLog, LeakageMetric, Policy};
+use gradguard::guard::{AuditLog, BlockReason, LayerMap, LeakageMetric, Outcome, Policy, Release, ReleaseOutcome};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard, GuardError, Report};
+use gradguard::{Batch, Guard, GuardError};
 use tch::{nn, Device, Kind, Tensor};
 
 struct Setup {
@@ -19,6 +19,11 @@ fn setup() -> Setup {
     Setup { vs, net, digits: Digits::embedded().unwrap() }
 }
 
+/// A guard over every variable of `vs` that enforces `policy`.
+fn guard_for(vs: &nn::VarStore, policy: Policy) -> Guard {
+    Guard::new(LayerMap::from_var_store(vs).unwrap(), policy).unwrap()
+}
+
 fn policy(rules: &str, settings: &str) -> Policy {
     Policy::from_toml_str(&format!("version = 1\n[settings]\n{settings}\n{rules}"), "test policy").unwrap()
 }
@@ -30,7 +35,7 @@ fn temp_log(name: &str) -> std::path::PathBuf {
 }
 
 /// zero_grad + backward on samples [from, from + n), then the guard's in-place decision.
-fn guarded_step(s: &Setup, guard: &mut Guard, from: usize, n: usize) -> (Result<Report, GuardError>, Tensor, Tensor) {
+fn guarded_step(s: &Setup, guard: &mut Guard, from: usize, n: usize) -> (Result<Release, GuardError>, Tensor, Tensor) {
     let idx: Vec<usize> = (from..from + n).collect();
     let (x, y, a) = s.digits.batch(&idx, Device::Cpu).unwrap();
     for p in s.vs.trainable_variables() {
@@ -46,8 +51,8 @@ fn guarded_step(s: &Setup, guard: &mut Guard, from: usize, n: usize) -> (Result<
 
 /// conv1's raw M1 on samples [0, n) with the parameters as they are (no policy).
 fn raw_conv1(s: &Setup, n: usize) -> gradguard::guard::Sensitivity {
-    let mut probe = Guard::with_policy(&s.vs, Policy::permissive()).unwrap();
-    let report = guarded_step(s, &mut probe, 0, n).0.unwrap();
+    let mut probe = guard_for(&s.vs, Policy::permissive());
+    let report = guarded_step(s, &mut probe, 0, n).0.unwrap().into_report();
     report.layer("conv1").unwrap().sensitivity.measured().unwrap().clone()
 }
 
@@ -78,9 +83,9 @@ fn a_layer_above_its_threshold_is_protected_until_the_release_is_below_it() {
     let act = raw * 0.5;
     let ladder = "{ action = \"quantize\", bits = 4 }, { action = \"clip\", max_norm = 0.2 }, { action = \"clip\", max_norm = 0.05 }, { action = \"withhold\" }";
     let log = temp_log("protect");
-    let mut guard = Guard::with_policy(&s.vs, conv1_rule("sensitivity_rms", act, act * 0.5, ladder, "estimate_every = 1\nmax_estimate_age_steps = 1")).unwrap();
+    let mut guard = guard_for(&s.vs, conv1_rule("sensitivity_rms", act, act * 0.5, ladder, "estimate_every = 1\nmax_estimate_age_steps = 1"));
     guard.set_audit_log(AuditLog::open(&log).unwrap());
-    let report = guarded_step(&s, &mut guard, 0, 64).0.unwrap();
+    let report = guarded_step(&s, &mut guard, 0, 64).0.unwrap().into_report();
     let manifest = report.release.as_ref().unwrap();
     assert_eq!(manifest.outcome, ReleaseOutcome::Released);
     let conv1 = &manifest.layers[0];
@@ -101,7 +106,7 @@ fn a_layer_above_its_threshold_is_protected_until_the_release_is_below_it() {
     let escalations: Vec<_> = records.iter().filter(|r| r.outcome == Outcome::Escalated && r.layer == "conv1").collect();
     assert_eq!(escalations.len(), check.level, "one escalation record per rung");
     assert!(escalations[0].action.starts_with("quantize"));
-    assert!(records.iter().all(|r| r.policy_hash == guard.policy().hash));
+    assert!(records.iter().all(|r| r.policy_hash == guard.policy().hash()));
     let final_record = records.iter().find(|r| r.layer == "conv1" && r.outcome == Outcome::Protected).unwrap();
     assert!(final_record.value.unwrap() <= act);
 }
@@ -111,20 +116,20 @@ fn a_threshold_no_defence_can_meet_blocks_and_releases_nothing() {
     let s = setup();
     let rules = "[[rule]]\nname = \"impossible\"\nmetric = \"sensitivity\"\nlayers = [\"conv1\"]\nact_above = 0.0\nrelax_below = 0.0\n\
                  ladder = [{ action = \"clip\", max_norm = 0.01 }, { action = \"sparsify\", keep_fraction = 0.5 }]\n";
-    let mut guard = Guard::with_policy(&s.vs, policy(rules, "estimate_every = 1")).unwrap();
+    let mut guard = guard_for(&s.vs, policy(rules, "estimate_every = 1"));
     let (result, _, _) = guarded_step(&s, &mut guard, 0, 64);
-    match result {
-        Err(GuardError::Blocked { layer, metric, value, threshold, .. }) => {
-            assert_eq!((layer.as_str(), metric.as_str(), threshold), ("conv1", "sensitivity", 0.0));
+    let manifest = match result {
+        Ok(Release::Blocked { reason: BlockReason::Violation { layer, metric, value, threshold }, manifest, .. }) => {
+            assert_eq!((layer.as_str(), metric, threshold), ("conv1", LeakageMetric::Sensitivity, 0.0));
             assert!(value.unwrap() > 0.0);
+            manifest
         }
         other => panic!("expected a block, got {other:?}"),
-    }
+    };
     for (name, t) in s.vs.variables() {
         let g = t.grad();
         assert!(!g.defined() || g.abs().sum(Kind::Double).double_value(&[]) == 0.0, "{name}: nothing is left to apply");
     }
-    let manifest = guard.last_report().unwrap().release.clone().unwrap();
     assert!(matches!(manifest.outcome, ReleaseOutcome::Blocked { .. }));
     assert!(manifest.layers.iter().all(|l| !l.released));
 }
@@ -133,13 +138,17 @@ fn a_threshold_no_defence_can_meet_blocks_and_releases_nothing() {
 fn a_rule_whose_metric_cannot_be_measured_fails_closed() {
     let s = setup();
     let rules = "[[rule]]\nname = \"latent\"\nmetric = \"subspace_separation\"\nlayers = [\"fc*\"]\nact_above = 0.5\nrelax_below = 0.1\nladder = [{ action = \"withhold\" }]\n";
-    let mut guard = Guard::with_policy(&s.vs, policy(rules, "estimate_every = 1")).unwrap();
+    let mut guard = guard_for(&s.vs, policy(rules, "estimate_every = 1"));
     // No attribute labels: M2 cannot be computed, so the guard cannot vouch for fc1/fc2.
     let (x, y, _) = s.digits.batch(&(0..32).collect::<Vec<_>>(), Device::Cpu).unwrap();
     s.net.f_loss(&x, &y).unwrap().backward();
     let loss = |x: &Tensor, y: &Tensor| s.net.f_loss(x, y);
-    let err = guard.after_backward(&Batch::new(&x, &y), &loss).unwrap_err();
-    assert!(matches!(err, GuardError::Blocked { ref layer, ref metric, value: None, .. } if layer == "fc1" && metric == "subspace_separation"), "{err}");
+    let release = guard.after_backward(&Batch::new(&x, &y), &loss).unwrap();
+    let reason = release.block_reason();
+    assert!(
+        matches!(reason, Some(BlockReason::Violation { layer, metric: LeakageMetric::SubspaceSeparation, value: None, .. }) if layer == "fc1"),
+        "{reason:?}"
+    );
 }
 
 #[test]
@@ -148,10 +157,10 @@ fn a_failed_estimate_fails_closed() {
     let rules = "[[rule]]\nname = \"r\"\nmetric = \"sensitivity\"\nlayers = [\"conv1\"]\nact_above = 100.0\nrelax_below = 50.0\nladder = [{ action = \"withhold\" }]\n";
     // The whole wall time is the guard's budget here, so the estimate is due every 4 steps.
     let p = Policy::from_toml_str(&format!("version = 1\n[settings]\nestimate_every = 4\nmax_estimate_age_steps = 4\nbudget_share = 1.0\n{rules}"), "t").unwrap();
-    let mut guard = Guard::with_policy(&s.vs, p).unwrap();
+    let mut guard = guard_for(&s.vs, p);
     assert!(guarded_step(&s, &mut guard, 0, 16).0.unwrap().estimated);
     for step in 1..4 {
-        let report = guarded_step(&s, &mut guard, 16 * step, 16).0.unwrap();
+        let report = guarded_step(&s, &mut guard, 16 * step, 16).0.unwrap().into_report();
         assert!(!report.estimated && report.step_allowed(), "levels reused between estimates at step {step}");
     }
     // The estimate due at step 4 fails (NaN inputs; .grad() itself is finite zeros): the
@@ -163,8 +172,9 @@ fn a_failed_estimate_fails_closed() {
         let _ = g.zero_();
     }
     let loss = |x: &Tensor, y: &Tensor| s.net.f_loss(x, y);
-    let err = guard.after_backward(&Batch::new(&nan, &y), &loss).unwrap_err();
-    assert!(matches!(err, GuardError::ReleaseRefused { ref reason, .. } if reason.contains("estimate failed")), "{err}");
+    let release = guard.after_backward(&Batch::new(&nan, &y), &loss).unwrap();
+    let reason = release.block_reason();
+    assert!(matches!(reason, Some(BlockReason::GuardFailure { what }) if what.contains("estimate failed")), "{reason:?}");
 }
 
 #[test]
@@ -172,10 +182,10 @@ fn raising_the_aggregation_floor_from_8_to_64_lowers_every_layers_sensitivity_4x
     let s = setup();
     let measure = |floor: usize| -> Vec<f64> {
         let p = Policy::from_toml_str(&format!("version = 1\n[settings]\nestimate_every = 1\naggregation_floor = {floor}\nprobes = 16\n"), "t").unwrap();
-        let mut guard = Guard::with_policy(&s.vs, p).unwrap();
+        let mut guard = guard_for(&s.vs, p);
         let mut last = None;
         for k in 0..floor / 8 {
-            let report = guarded_step(&s, &mut guard, 8 * k, 8).0.unwrap();
+            let report = guarded_step(&s, &mut guard, 8 * k, 8).0.unwrap().into_report();
             assert_eq!(report.step_allowed(), (k + 1) * 8 == floor, "released only once the floor is covered");
             last = Some(report);
         }
@@ -194,18 +204,18 @@ fn raising_the_aggregation_floor_from_8_to_64_lowers_every_layers_sensitivity_4x
 fn reloading_an_invalid_policy_keeps_the_one_in_force_and_says_so() {
     let s = setup();
     let rules = "[[rule]]\nname = \"r\"\nmetric = \"sensitivity\"\nlayers = [\"conv1\"]\nact_above = 1.0\nrelax_below = 0.5\nladder = [{ action = \"withhold\" }]\n";
-    let mut guard = Guard::with_policy(&s.vs, policy(rules, "")).unwrap();
-    let before = guard.policy().hash.clone();
+    let mut guard = guard_for(&s.vs, policy(rules, ""));
+    let before = guard.policy().hash().to_string();
     let err = guard.reload_policy("version = 1\n[[rule]]\nname = \"x\"\nmetric = \"leakiness\"\n", "reload.toml").unwrap_err();
     let message = err.to_string();
     assert!(message.contains("stays") && message.contains(&before[..12]) && message.contains("leakiness"), "{message}");
-    assert_eq!(guard.policy().hash, before);
+    assert_eq!(guard.policy().hash(), before);
     let unmatched = rules.replace("conv1", "conv9");
     assert!(matches!(guard.reload_policy(&format!("version = 1\n{unmatched}"), "r2"), Err(GuardError::PolicyRejected { .. })));
-    assert_eq!(guard.policy().hash, before);
+    assert_eq!(guard.policy().hash(), before);
     guard.reload_policy(&format!("version = 1\n[settings]\nestimate_every = 2\n{rules}"), "r3").unwrap();
-    assert_ne!(guard.policy().hash, before);
-    assert_eq!(guard.config().estimate_every, 2);
+    assert_ne!(guard.policy().hash(), before);
+    assert_eq!(guard.policy().settings().estimate_every, 2);
 }
 
 #[test]
@@ -216,14 +226,14 @@ fn an_aggregate_rung_raises_the_floor_and_the_larger_release_is_measured_again()
     let ladder = "{ action = \"aggregate\", factor = 2 }, { action = \"aggregate\", factor = 2 }";
     let settings = "estimate_every = 1\naggregation_floor = 16\naggregation_ceiling = 64\nbudget_share = 1.0";
     let log = temp_log("aggregate");
-    let mut guard = Guard::with_policy(&s.vs, conv1_rule("sensitivity", act, act * 0.1, ladder, settings)).unwrap();
+    let mut guard = guard_for(&s.vs, conv1_rule("sensitivity", act, act * 0.1, ladder, settings));
     guard.set_audit_log(AuditLog::open(&log).unwrap());
-    let first = guarded_step(&s, &mut guard, 0, 16).0.unwrap();
+    let first = guarded_step(&s, &mut guard, 0, 16).0.unwrap().into_report();
     let m = first.release.as_ref().unwrap();
     assert!(matches!(m.outcome, ReleaseOutcome::Pending { .. }), "{:?}", m.outcome);
     assert!(!first.step_allowed());
     assert_eq!(m.aggregation_floor, 32, "the rung doubled the floor");
-    let second = guarded_step(&s, &mut guard, 16, 16).0.unwrap();
+    let second = guarded_step(&s, &mut guard, 16, 16).0.unwrap().into_report();
     let m = second.release.as_ref().unwrap();
     assert_eq!(m.outcome, ReleaseOutcome::Released);
     assert_eq!(m.samples, 32, "the release covers both micro-batches");

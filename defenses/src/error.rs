@@ -100,6 +100,16 @@ pub enum DefenceError {
     NothingAccumulated,
 
     /// libtorch reported an error (device/dtype problems, out of memory, ...).
+    /// A defence written as text (`clip(max_norm=1)`) that does not read as one.
+    #[error("cannot read '{text}' as a defence: {why}")]
+    Unparsable {
+        /// The text given.
+        text: String,
+        /// What is wrong with it.
+        why: String,
+    },
+
+    /// libtorch failed while transforming the gradient.
     #[error("libtorch error: {0}")]
     Torch(#[from] tch::TchError),
 }

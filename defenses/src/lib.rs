@@ -11,6 +11,31 @@
 //!
 //! Every function returns [`DefenceError`] instead of panicking on bad input, never edits the
 //! caller's tensors, and never returns a non-finite tensor.
+//!
+//! A chain as a policy would name it: clip, add seeded noise, keep the top 10 % of entries.
+//!
+//! ```rust
+//! use gradguard_defenses::{apply_all, Defence};
+//! use tch::{Device, Kind, Tensor};
+//!
+//! let grad = Tensor::arange(128, (Kind::Float, Device::Cpu)).reshape([8, 16]);
+//! let chain = [
+//!     Defence::Clip { max_norm: 1.0 },
+//!     Defence::Noise { clip_norm: 1.0, multiplier: 0.1 },
+//!     Defence::Sparsify { keep_fraction: 0.1 },
+//! ];
+//! let released = apply_all(&chain, &grad, 42)?.expect("nothing in the chain withholds");
+//! assert_eq!(released.size(), grad.size());
+//! // ceil(0.1 * 128) = 13 entries survive the sparsification; the input is untouched.
+//! assert_eq!(released.count_nonzero(None::<i64>).int64_value(&[]), 13);
+//! assert_eq!(grad.int64_value(&[7, 15]), 127);
+//! // The same seed gives the same release; a `Withhold` releases nothing.
+//! assert!(released.equal(&apply_all(&chain, &grad, 42)?.unwrap()));
+//! assert!(apply_all(&[Defence::Withhold], &grad, 42)?.is_none());
+//! # Ok::<(), gradguard_defenses::DefenceError>(())
+//! ```
+
+#![warn(missing_docs)]
 
 mod accumulate;
 mod checks;
@@ -18,6 +43,7 @@ mod clip;
 mod defence;
 mod error;
 mod noise;
+mod parse;
 mod quantize;
 mod sparsify;
 

@@ -9,12 +9,16 @@ use std::time::Duration;
 /// A response: status code, headers (names lower-cased) and the body as text.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
+    /// Status code of the status line, e.g. 200.
     pub status: u16,
+    /// Every header in the order received, names lower-cased, values trimmed.
     pub headers: Vec<(String, String)>,
+    /// The body, de-chunked if it was chunked.
     pub body: String,
 }
 
 impl HttpResponse {
+    /// The first header called `name` (compared case-insensitively), if any.
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
         self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())

@@ -49,8 +49,10 @@ pub enum ReleaseOutcome {
 }
 
 impl ReleaseOutcome {
+    /// Every outcome; each has its `gradguard_releases_total{outcome}` series from the start.
     pub const ALL: [ReleaseOutcome; 3] = [ReleaseOutcome::Released, ReleaseOutcome::Protected, ReleaseOutcome::Blocked];
 
+    /// The `outcome` label value (`released`, `protected`, `blocked`).
     pub fn as_str(self) -> &'static str {
         match self {
             ReleaseOutcome::Released => "released",
@@ -335,14 +337,17 @@ impl Exporter {
         Self::new(layers, &LEAKAGE_METRICS, &DEFAULT_ACTIONS)
     }
 
+    /// The layer label values, in construction order: the only layers ever exported.
     pub fn layers(&self) -> &[String] {
         &self.layers
     }
 
+    /// The leakage metrics exported (a subset of [`LEAKAGE_METRICS`]), in construction order.
     pub fn metrics(&self) -> &[&'static str] {
         &self.metrics
     }
 
+    /// The defence action label values counted, in construction order.
     pub fn actions(&self) -> &[String] {
         &self.actions
     }
@@ -478,26 +483,25 @@ impl Exporter {
         let mut protected = false;
         for ml in &manifest.layers {
             let Some(&l) = self.layer_index.get(&ml.name) else { continue };
-            let released = matches!(manifest.outcome, gradguard_guard::release::ReleaseOutcome::Released);
+            let released = matches!(manifest.outcome, gradguard_guard::ReleaseOutcome::Released);
             self.series[l].withheld.set(i64::from(released && !ml.released));
             if !released {
                 continue;
             }
             for action in &ml.actions {
-                // "clip(max_norm=1)" -> "clip": the label is the action's kind, never its text.
-                let kind = action.split('(').next().unwrap_or(action);
-                if let Some(&a) = self.action_index.get(kind) {
+                // The label is the action's kind (`clip`), never its parameters.
+                if let Some(&a) = self.action_index.get(action.name()) {
                     self.series[l].actions[a].inc();
                     protected = true;
                 }
             }
         }
         match manifest.outcome {
-            gradguard_guard::release::ReleaseOutcome::Released => {
+            gradguard_guard::ReleaseOutcome::Released => {
                 self.record_release(if protected { ReleaseOutcome::Protected } else { ReleaseOutcome::Released })
             }
-            gradguard_guard::release::ReleaseOutcome::Blocked { .. } => self.record_release(ReleaseOutcome::Blocked),
-            gradguard_guard::release::ReleaseOutcome::Pending { .. } => {}
+            gradguard_guard::ReleaseOutcome::Blocked { .. } => self.record_release(ReleaseOutcome::Blocked),
+            gradguard_guard::ReleaseOutcome::Pending { .. } => {}
         }
     }
 

@@ -1,6 +1,7 @@
 //! The exposition after real guard reports: names, labels, values, pre-initialised series,
 //! absent metrics, counters, bounded labels.
 mod common;
+use gradguard_defenses::Defence;
 use common::{real_reports, samples, value, LAYERS};
 use gradguard_exporter::{Exporter, ExporterError, LabelKind, ReleaseOutcome, DEFAULT_ACTIONS, LEAKAGE_METRICS};
 use gradguard_guard::{Metric, Report};
@@ -243,7 +244,7 @@ fn constructor_and_policy_values_are_checked() {
 
 #[test]
 fn a_report_carries_its_decisions_into_the_counters() {
-    use gradguard_guard::release::{LayerManifest, ReleaseOutcome as Outcome};
+    use gradguard_guard::{LayerManifest, ReleaseOutcome as Outcome};
     let ex = exporter();
     let mut r = synthetic(3, None);
     r.layers[0].protection_level = 2;
@@ -257,8 +258,8 @@ fn a_report_carries_its_decisions_into_the_counters() {
             name: l.name.clone(),
             released: i != 1,
             actions: match i {
-                0 => vec!["clip(max_norm=0.03)".into(), "sparsify(keep_fraction=0.25)".into()],
-                1 => vec!["withhold".into()],
+                0 => vec![Defence::Clip { max_norm: 0.03 }, Defence::Sparsify { keep_fraction: 0.25 }],
+                1 => vec![Defence::Withhold],
                 _ => vec![],
             },
             checks: vec![],

@@ -3,7 +3,7 @@
 //! from the estimator, the single-sample values from exact mode: the 1/n must come out of the
 //! measurement.
 mod common;
-use gradguard_guard::{sensitivity::estimate_sensitivity, LayerMap, SensitivitySettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, SensitivitySettings};
 use tch::{nn, Device, Kind, Tensor};
 
 #[test]
@@ -19,7 +19,7 @@ fn batch_sensitivity_falls_as_one_over_n() {
     let exact = SensitivitySettings { exact: true, ..Default::default() };
     let singles: Vec<Vec<f64>> = (0..32)
         .map(|i| {
-            estimate_sensitivity(&layers, &loss, &x.narrow(0, i, 1), &y.narrow(0, i, 1), &exact, 0, 0)
+            Inspection::new(&layers, &loss, Batch::new(&x.narrow(0, i, 1), &y.narrow(0, i, 1))).seeded(0, 0).sensitivity(&exact)
                 .unwrap()
                 .iter()
                 .map(|m| m.measured().unwrap().sensitivity)
@@ -28,7 +28,7 @@ fn batch_sensitivity_falls_as_one_over_n() {
         .collect();
     let estimator = SensitivitySettings { probes: 128, ..Default::default() };
     for n in [1usize, 2, 4, 8, 16, 32] {
-        let batch = estimate_sensitivity(&layers, &loss, &x.narrow(0, 0, n as i64), &y.narrow(0, 0, n as i64), &estimator, 5, n as u64)
+        let batch = Inspection::new(&layers, &loss, Batch::new(&x.narrow(0, 0, n as i64), &y.narrow(0, 0, n as i64))).seeded(5, n as u64).sensitivity(&estimator)
             .unwrap();
         for (l, m) in batch.iter().enumerate() {
             let rms = (singles[..n].iter().map(|s| s[l] * s[l]).sum::<f64>() / n as f64).sqrt();

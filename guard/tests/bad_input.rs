@@ -1,7 +1,7 @@
 //! Every bad input gives a typed error or an absent metric with its reason: never a panic or
 //! a silent 0.
 mod common;
-use gradguard_guard::{parse_device, Batch, Guard, GuardConfig, GuardError, LayerMap, SensitivitySettings};
+use gradguard_guard::{parse_device, Batch, BlockReason, GuardError, LayerMap, Policy, PolicyError, Release, Settings};
 use tch::{nn, Device, Kind, Tensor};
 
 struct Setup {
@@ -38,7 +38,7 @@ fn backward(s: &Setup, x: &Tensor, y: &Tensor) {
 #[test]
 fn wrong_input_shape_after_the_first_batch() {
     let s = setup();
-    let mut guard = Guard::new(&s.vs, GuardConfig::default()).unwrap();
+    let mut guard = common::guard(&s.vs, common::unbudgeted());
     let loss = |x: &Tensor, y: &Tensor| s.mlp.loss(x, y);
     let (x, y, _) = data(8);
     backward(&s, &x, &y);
@@ -53,7 +53,7 @@ fn wrong_input_shape_after_the_first_batch() {
 #[test]
 fn a_model_that_rejects_the_shape_is_a_torch_error_naming_the_step() {
     let s = setup();
-    let mut guard = Guard::new(&s.vs, GuardConfig::default()).unwrap();
+    let mut guard = common::guard(&s.vs, common::unbudgeted());
     let loss = |x: &Tensor, y: &Tensor| s.mlp.loss(x, y);
     let wide = Tensor::zeros([8, 7], (Kind::Float, Device::Cpu));
     let (_, y, _) = data(8);
@@ -64,7 +64,7 @@ fn a_model_that_rejects_the_shape_is_a_torch_error_naming_the_step() {
 #[test]
 fn attribute_length_and_kind_must_fit_the_batch() {
     let s = setup();
-    let mut guard = Guard::new(&s.vs, GuardConfig::default()).unwrap();
+    let mut guard = common::guard(&s.vs, common::unbudgeted());
     let loss = |x: &Tensor, y: &Tensor| s.mlp.loss(x, y);
     let (x, y, _) = data(8);
     let short = Tensor::from_slice(&[0i64, 1, 0]);
@@ -80,7 +80,7 @@ fn attribute_length_and_kind_must_fit_the_batch() {
 #[test]
 fn empty_batch() {
     let s = setup();
-    let mut guard = Guard::new(&s.vs, GuardConfig::default()).unwrap();
+    let mut guard = common::guard(&s.vs, common::unbudgeted());
     let loss = |x: &Tensor, y: &Tensor| s.mlp.loss(x, y);
     let x = Tensor::zeros([0, 6], (Kind::Float, Device::Cpu));
     let y = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
@@ -91,12 +91,12 @@ fn empty_batch() {
 fn a_layer_the_loss_does_not_reach_is_absent_with_its_reason() {
     let s = setup();
     let _ = &s.unused;
-    let mut guard = Guard::new(&s.vs, GuardConfig { estimate_every: 1, ..Default::default() }).unwrap();
+    let mut guard = common::guard(&s.vs, Settings { estimate_every: 1, ..common::unbudgeted() });
     assert_eq!(guard.layers().names(), vec!["fc0", "fc1", "unused_head"]);
     let loss = |x: &Tensor, y: &Tensor| s.mlp.loss(x, y);
     let (x, y, a) = data(16);
     backward(&s, &x, &y);
-    let report = guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss).unwrap();
+    let report = guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss).unwrap().into_report();
     let unused = report.layer("unused_head").unwrap();
     assert!(unused.sensitivity.absent_reason().unwrap().contains("not used by the loss"));
     assert!(unused.gradient.absent_reason().unwrap().contains("no gradient"));
@@ -108,7 +108,7 @@ fn a_layer_the_loss_does_not_reach_is_absent_with_its_reason() {
 #[test]
 fn too_few_samples_per_attribute_value_is_absent_not_zero() {
     let s = setup();
-    let mut guard = Guard::new(&s.vs, GuardConfig::default()).unwrap();
+    let mut guard = common::guard(&s.vs, common::unbudgeted());
     let loss = |x: &Tensor, y: &Tensor| s.mlp.loss(x, y);
     let (x, y, _) = data(8);
     let a = Tensor::from_slice(&[0i64, 0, 0, 0, 0, 0, 1, 1]);
@@ -123,7 +123,7 @@ fn too_few_samples_per_attribute_value_is_absent_not_zero() {
 #[test]
 fn non_finite_loss_and_gradients() {
     let s = setup();
-    let mut guard = Guard::new(&s.vs, GuardConfig::default()).unwrap();
+    let mut guard = common::guard(&s.vs, common::unbudgeted());
     let loss = |x: &Tensor, y: &Tensor| s.mlp.loss(x, y);
     let (x, y, _) = data(8);
     let poisoned = x.copy();
@@ -134,17 +134,18 @@ fn non_finite_loss_and_gradients() {
     }
     backward(&s, &poisoned, &y);
     match guard.after_backward(&Batch::new(&poisoned, &y), &loss) {
-        Err(GuardError::NonFiniteGradient { layers, .. }) => assert_eq!(layers, vec!["fc0", "fc1"]),
-        other => panic!("expected NonFiniteGradient, got {other:?}"),
+        Ok(Release::Blocked { reason: BlockReason::NonFinite { layers }, report, .. }) => {
+            assert_eq!(layers, vec!["fc0", "fc1"]);
+            assert!(report.layer("fc0").unwrap().gradient.measured().unwrap().non_finite > 0);
+        }
+        other => panic!("expected a block for the non-finite gradient, got {other:?}"),
     }
-    let kept = guard.last_report().unwrap();
-    assert!(kept.layer("fc0").unwrap().gradient.measured().unwrap().non_finite > 0);
 }
 
 #[test]
 fn the_loss_must_be_a_scalar_computed_from_the_inputs() {
     let s = setup();
-    let mut guard = Guard::new(&s.vs, GuardConfig::default()).unwrap();
+    let mut guard = common::guard(&s.vs, common::unbudgeted());
     let (x, y, _) = data(8);
     let per_sample = |x: &Tensor, _y: &Tensor| s.mlp.forward(x)?.f_sum_dim_intlist(1, false, Kind::Float);
     assert!(matches!(guard.estimate(&Batch::new(&x, &y), &per_sample), Err(GuardError::LossNotScalar(shape)) if shape == vec![8]));
@@ -153,9 +154,13 @@ fn the_loss_must_be_a_scalar_computed_from_the_inputs() {
 #[test]
 fn bad_settings_and_devices() {
     let s = setup();
-    let cfg = GuardConfig { sensitivity: SensitivitySettings { probes: 1, ..Default::default() }, ..Default::default() };
-    assert!(matches!(Guard::new(&s.vs, cfg), Err(GuardError::Config { setting: "sensitivity.probes", .. })));
-    assert!(matches!(Guard::new(&s.vs, GuardConfig { estimate_every: 0, ..Default::default() }), Err(GuardError::Config { .. })));
+    let _ = &s;
+    let named = |settings: Settings, field: &str| match Policy::permissive_with(settings) {
+        Err(PolicyError::Invalid { location, .. }) => assert_eq!(location, format!("settings.{field}")),
+        other => panic!("expected settings.{field} to be rejected, got {other:?}"),
+    };
+    named(Settings { probes: 1, ..Default::default() }, "probes");
+    named(Settings { estimate_every: 0, ..Default::default() }, "estimate_every");
     assert!(matches!(parse_device("tpu"), Err(GuardError::UnknownDevice { .. })));
     assert!(matches!(parse_device("cuda:64"), Err(GuardError::UnknownDevice { .. })));
     assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);

@@ -3,7 +3,7 @@
 //!   dg_W/dx . e_d = (A W e_d) x_i^T + (p - e) e_d^T,   dg_b/dx = A W,
 //! and J_{l,i} = (1/n) dg_{l,i}/dx_i since the batch gradient is the mean.
 mod common;
-use gradguard_guard::{sensitivity::estimate_sensitivity, LayerMap, Metric, SensitivitySettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, Metric, SensitivitySettings};
 use tch::{nn, Device, Kind, Tensor};
 
 struct Case {
@@ -86,7 +86,7 @@ fn exact_mode_matches_the_closed_form_in_f64() {
     assert!(case.x.numel() <= case.layers.numel(), "input basis is the smaller side");
     let (sw, sb) = closed_form(&case);
     let settings = SensitivitySettings { exact: true, ..Default::default() };
-    let got = estimate_sensitivity(&case.layers, &loss(&case), &case.x, &case.y, &settings, 0, 0).unwrap();
+    let got = Inspection::new(&case.layers, &loss(&case), Batch::new(&case.x, &case.y)).seeded(0, 0).sensitivity(&settings).unwrap();
     for (m, expected) in got.iter().zip([sw, sb]) {
         let s = measured(m).sensitivity;
         assert!(((s - expected) / expected).abs() < 1e-6, "exact {s} vs closed form {expected}");
@@ -102,7 +102,7 @@ fn exact_mode_agrees_through_either_basis() {
     let wide_y = Tensor::cat(&[&case.y, &case.y, &case.y, &case.y], 0);
     assert!(wide_x.numel() > case.layers.numel(), "parameter basis is the smaller side");
     let settings = SensitivitySettings { exact: true, ..Default::default() };
-    let via_params = estimate_sensitivity(&case.layers, &loss(&case), &wide_x, &wide_y, &settings, 0, 0).unwrap();
+    let via_params = Inspection::new(&case.layers, &loss(&case), Batch::new(&wide_x, &wide_y)).seeded(0, 0).sensitivity(&settings).unwrap();
     // Same batch repeated 4 times: each J_{l,i} shrinks by 4 (1/n), S by 4.
     let (sw, sb) = closed_form(&case);
     for (m, expected) in via_params.iter().zip([sw / 4.0, sb / 4.0]) {
@@ -117,7 +117,7 @@ fn estimator_with_64_probes_is_within_three_standard_errors() {
     let (sw, sb) = closed_form(&case);
     for method in [gradguard_guard::JvpMethod::DoubleBackward, gradguard_guard::JvpMethod::CentralDifference] {
         let settings = SensitivitySettings { probes: 64, method, exact: false };
-        let got = estimate_sensitivity(&case.layers, &loss(&case), &case.x, &case.y, &settings, 11, 0).unwrap();
+        let got = Inspection::new(&case.layers, &loss(&case), Batch::new(&case.x, &case.y)).seeded(11, 0).sensitivity(&settings).unwrap();
         for (m, expected) in got.iter().zip([sw, sb]) {
             let s = measured(m);
             assert!(s.sensitivity_se > 0.0);

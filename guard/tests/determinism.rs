@@ -1,6 +1,6 @@
 //! The same seed gives bit-identical reports on CPU; another seed gives other probes.
 mod common;
-use gradguard_guard::{Batch, Guard, GuardConfig, Report};
+use gradguard_guard::{Batch, Report, Settings};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 fn run(seed: u64) -> Vec<Report> {
@@ -9,8 +9,8 @@ fn run(seed: u64) -> Vec<Report> {
     let mlp = common::Mlp::new(&vs.root(), &[10, 12, 3]);
     let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
     // Inline M2 (no worker), so that each report holds its own step's results.
-    let config = GuardConfig { seed, estimate_every: 1, background: false, ..Default::default() };
-    let mut guard = Guard::new(&vs, config).unwrap();
+    let settings = Settings { seed, estimate_every: 1, background_estimates: false, ..common::unbudgeted() };
+    let mut guard = common::guard(&vs, settings);
     let x = common::gaussian(40, 10, 1, Kind::Float);
     let y = Tensor::from_slice(&(0..40).map(|i| i % 3).collect::<Vec<i64>>());
     let a = Tensor::from_slice(&(0..40).map(|i| (i / 2) % 2).collect::<Vec<i64>>());
@@ -19,7 +19,7 @@ fn run(seed: u64) -> Vec<Report> {
         .map(|_| {
             opt.zero_grad();
             mlp.loss(&x, &y).unwrap().backward();
-            let r = guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss_fn).unwrap();
+            let r = guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss_fn).unwrap().into_report();
             opt.step();
             // Wall times are the fields that are measured, not computed.
             let mut r = Report { estimate_seconds: None, ..r };

@@ -2,7 +2,7 @@
 //! input from the gradient of a single-sample linear layer, and has nothing to attack in a
 //! withheld layer.
 mod common;
-use gradguard_guard::inversion::{estimate_original_information, InversionPlan, InversionSettings};
+use gradguard_guard::{Batch, Inspection, InversionPlan, InversionSettings};
 use gradguard_guard::LayerMap;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -27,7 +27,7 @@ fn single_sample_linear_layer_is_recovered() {
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let plan = InversionPlan { batch_size: 1, releases: 4 };
     let settings = InversionSettings::default();
-    let m = estimate_original_information(&layers, &loss, &x, &y, &plan, &settings, 0, None).unwrap();
+    let m = Inspection::new(&layers, &loss, Batch::new(&x, &y)).seeded(0, 0).original_information(&plan, &settings, None).unwrap();
     let m = m[0].measured().expect("fc0 is released");
     println!("linear layer: {m:?}");
     assert_eq!((m.samples, m.releases, m.batch_size, m.params), (4, 4, 1, (d * c + c) as usize));
@@ -35,7 +35,7 @@ fn single_sample_linear_layer_is_recovered() {
     assert!(m.usable_original_bits_per_dim > 3.0, "{:.3} bits per dimension", m.usable_original_bits_per_dim);
     assert!(m.final_cosine_distance < 1e-4);
     // Same seed, same reconstruction.
-    let again = estimate_original_information(&layers, &loss, &x, &y, &plan, &settings, 0, None).unwrap();
+    let again = Inspection::new(&layers, &loss, Batch::new(&x, &y)).seeded(0, 0).original_information(&plan, &settings, None).unwrap();
     assert_eq!(again[0].measured().unwrap(), m);
 }
 
@@ -55,7 +55,7 @@ fn withheld_layer_has_nothing_to_invert() {
     let withhold_fc0 = |l: usize, g: &Tensor, _r: usize| -> gradguard_guard::Result<Option<Tensor>> {
         Ok(if l == 0 { None } else { Some(g.shallow_clone()) })
     };
-    let m = estimate_original_information(&layers, &loss, &x, &y, &plan, &settings, 0, Some(&withhold_fc0)).unwrap();
+    let m = Inspection::new(&layers, &loss, Batch::new(&x, &y)).seeded(0, 0).original_information(&plan, &settings, Some(&withhold_fc0)).unwrap();
     assert_eq!(m[0].absent_reason(), Some("layer withheld: no released gradient to invert"));
     assert!(m[1].measured().is_some(), "fc1 is released and attacked");
     // A release replaced by noise independent of the input (every entry 1): the attack matches
@@ -63,7 +63,7 @@ fn withheld_layer_has_nothing_to_invert() {
     let constant = |_l: usize, g: &Tensor, _r: usize| -> gradguard_guard::Result<Option<Tensor>> {
         Ok(Some(g.ones_like()))
     };
-    let m = estimate_original_information(&layers, &loss, &x, &y, &plan, &settings, 0, Some(&constant)).unwrap();
+    let m = Inspection::new(&layers, &loss, Batch::new(&x, &y)).seeded(0, 0).original_information(&plan, &settings, Some(&constant)).unwrap();
     for (l, m) in m.iter().enumerate() {
         let m = m.measured().unwrap();
         println!("layer {l} on a constant release: {m:?}");
@@ -80,8 +80,8 @@ fn too_few_samples_is_absent_and_bad_settings_are_errors() {
     let layers = LayerMap::from_var_store(&vs).unwrap();
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let plan = InversionPlan { batch_size: 1, releases: 3 };
-    let m = estimate_original_information(&layers, &loss, &x, &y, &plan, &InversionSettings::default(), 0, None).unwrap();
+    let m = Inspection::new(&layers, &loss, Batch::new(&x, &y)).seeded(0, 0).original_information(&plan, &InversionSettings::default(), None).unwrap();
     assert!(m[0].absent_reason().unwrap().starts_with("insufficient samples"));
     let bad = InversionSettings { learning_rate: f64::NAN, ..Default::default() };
-    assert!(estimate_original_information(&layers, &loss, &x, &y, &InversionPlan::default(), &bad, 0, None).is_err());
+    assert!(Inspection::new(&layers, &loss, Batch::new(&x, &y)).seeded(0, 0).original_information(&InversionPlan::default(), &bad, None).is_err());
 }

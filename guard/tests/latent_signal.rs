@@ -2,7 +2,7 @@
 //! task does not use. The last layers' separation must exceed its value on the same data with
 //! the attribute labels shuffled.
 mod common;
-use gradguard_guard::{subspace::estimate_subspace, LayerMap, SubspaceSettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, SubspaceSettings};
 use rand::{seq::SliceRandom, SeedableRng};
 use tch::{nn, Device, Tensor};
 
@@ -22,10 +22,10 @@ fn separation_of_the_last_layers_exceeds_shuffled_attribute() {
     let layers = LayerMap::from_var_store(&vs).unwrap();
     let loss = |x: &Tensor, y: &Tensor| mlp.loss(x, y);
     let settings = SubspaceSettings::default();
-    let real = estimate_subspace(&layers, &loss, &x, &y, &attribute, &settings, 0, 0).unwrap();
+    let real = Inspection::new(&layers, &loss, Batch::new(&x, &y).with_attribute(&Tensor::from_slice(&attribute))).seeded(0, 0).subspace(&settings).unwrap();
     let mut shuffled = attribute.clone();
     shuffled.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(0));
-    let control = estimate_subspace(&layers, &loss, &x, &y, &shuffled, &settings, 0, 0).unwrap();
+    let control = Inspection::new(&layers, &loss, Batch::new(&x, &y).with_attribute(&Tensor::from_slice(&shuffled))).seeded(0, 0).subspace(&settings).unwrap();
     for (name, (r, c)) in layers.names().iter().zip(real.iter().zip(&control)).skip(1) {
         let r = r.measured().unwrap();
         let c = c.measured().unwrap();

@@ -1,5 +1,5 @@
 //! Layer discovery: grouping by module path, creation order, buffers excluded.
-use gradguard_guard::{layers::layer_name, LayerMap};
+use gradguard_guard::{layer_name, LayerMap};
 use tch::{nn, Device};
 
 #[test]

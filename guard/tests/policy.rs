@@ -1,7 +1,7 @@
 //! Policy files: every bad input is rejected with a message that names the problem; coverage
 //! of layer globs; the hash; the shipped example.
 use gradguard_defenses::Defence;
-use gradguard_guard::policy::{LadderStep, LeakageMetric, OnViolation, Policy, PolicyError};
+use gradguard_guard::{LadderStep, LeakageMetric, OnViolation, Policy, PolicyError};
 use gradguard_guard::LayerMap;
 use std::path::PathBuf;
 use tch::{nn, Device};
@@ -41,11 +41,11 @@ fn assert_contains(msg: &str, needles: &[&str]) {
 #[test]
 fn a_good_rule_loads() {
     let p = load(&policy_with(GOOD_RULE)).unwrap();
-    assert_eq!(p.version, 1);
-    assert_eq!(p.rules.len(), 1);
-    assert_eq!(p.rules[0].metric, LeakageMetric::SensitivityRms);
-    assert_eq!(p.rules[0].ladder, vec![LadderStep::Defence(Defence::Clip { max_norm: 1.0 })]);
-    assert_eq!(p.origin, "test.toml");
+    assert_eq!(p.version(), 1);
+    assert_eq!(p.rules().len(), 1);
+    assert_eq!(p.rules()[0].metric, LeakageMetric::SensitivityRms);
+    assert_eq!(p.rules()[0].ladder, vec![LadderStep::Defence(Defence::Clip { max_norm: 1.0 })]);
+    assert_eq!(p.origin(), "test.toml");
 }
 
 #[test]
@@ -188,15 +188,15 @@ fn aggregate_needs_a_factor_above_one() {
     let (_, msg) = load_err(&with_ladder(r#"[{ action = "aggregate", factr = 4 }]"#));
     assert_contains(&msg, &["factr", "factor"]);
     let p = load(&with_ladder(r#"[{ action = "aggregate", factor = 4 }, { action = "aggregate" }]"#)).unwrap();
-    assert_eq!(p.rules[0].ladder, vec![LadderStep::Aggregate { factor: 4.0 }, LadderStep::Aggregate { factor: 2.0 }]);
-    assert_eq!(p.rules[0].ladder[0].to_string(), "aggregate(factor=4)");
+    assert_eq!(p.rules()[0].ladder, vec![LadderStep::Aggregate { factor: 4.0 }, LadderStep::Aggregate { factor: 2.0 }]);
+    assert_eq!(p.rules()[0].ladder[0].to_string(), "aggregate(factor=4)");
 }
 
 #[test]
 fn an_unmatched_glob_is_an_error_when_strict_and_a_warning_otherwise() {
     let rule = GOOD_RULE.replace(r#"["conv1"]"#, r#"["conv1", "conv9*"]"#);
     let strict = load(&policy_with(&rule)).unwrap();
-    assert!(strict.settings.strict_layers, "strict_layers defaults to true");
+    assert!(strict.settings().strict_layers, "strict_layers defaults to true");
     let err = strict.coverage(&cnn_layers()).unwrap_err();
     match &err {
         PolicyError::UnmatchedPattern { rule, pattern, layers, .. } => {
@@ -248,17 +248,17 @@ fn the_hash_is_stable_and_follows_the_text() {
     let text = policy_with(GOOD_RULE);
     let a = load(&text).unwrap();
     let b = Policy::from_toml_str(&text, "elsewhere.toml").unwrap();
-    assert_eq!(a.hash, b.hash, "same text, same hash, wherever it comes from");
-    assert_eq!(a.hash.len(), 64);
-    assert!(a.hash.bytes().all(|c| c.is_ascii_hexdigit()));
-    assert_eq!(a.short_hash(), &a.hash[..12]);
+    assert_eq!(a.hash(), b.hash(), "same text, same hash, wherever it comes from");
+    assert_eq!(a.hash().len(), 64);
+    assert!(a.hash().bytes().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(a.short_hash(), &a.hash()[..12]);
     // Any change, even a comment, changes it.
     let c = load(&format!("# tuned\n{text}")).unwrap();
-    assert_ne!(a.hash, c.hash);
+    assert_ne!(a.hash(), c.hash());
     let d = load(&text.replace("0.006", "0.005")).unwrap();
-    assert_ne!(a.hash, d.hash);
+    assert_ne!(a.hash(), d.hash());
     // The hash is sha256 of the text: a known vector (`printf 'version = 1\n' | sha256sum`).
-    assert_eq!(load("version = 1\n").unwrap().hash, "dbab12665d98aef021ba64953c61b0ed8a908cfb56a1c01e2fcb4b052b71a2a1");
+    assert_eq!(load("version = 1\n").unwrap().hash(), "dbab12665d98aef021ba64953c61b0ed8a908cfb56a1c01e2fcb4b052b71a2a1");
 }
 
 fn example_path() -> PathBuf {
@@ -280,22 +280,22 @@ fn digits_cnn_layer_names() -> Vec<String> {
 #[test]
 fn the_example_policy_loads_and_covers_the_cnn() {
     let p = Policy::load(&example_path()).unwrap();
-    assert_eq!(p.version, 1);
-    assert!(p.origin.ends_with("policy.toml"));
-    let s = &p.settings;
+    assert_eq!(p.version(), 1);
+    assert!(p.origin().ends_with("policy.toml"));
+    let s = &p.settings();
     assert_eq!((s.seed, s.estimate_every, s.max_estimate_age_steps), (0, 10, 300));
     assert_eq!(s.budget_share, 0.2);
     assert_eq!((s.aggregation_floor, s.aggregation_ceiling, s.probes), (64, 512, 8));
     assert_eq!(s.on_violation, OnViolation::Block);
     assert!(s.strict_layers);
 
-    assert_eq!(p.rules.len(), 2);
-    let first = &p.rules[0];
+    assert_eq!(p.rules().len(), 2);
+    let first = &p.rules()[0];
     assert_eq!(first.metric, LeakageMetric::Sensitivity);
     assert!(first.relax_below < first.act_above);
     let names: Vec<&str> = first.ladder.iter().map(|s| s.name()).collect();
     assert_eq!(names, ["clip", "sparsify", "aggregate", "withhold"]);
-    let head = &p.rules[1];
+    let head = &p.rules()[1];
     assert_eq!(head.metric, LeakageMetric::SubspaceSeparation);
     assert_eq!((head.act_above, head.relax_below), (0.15, 0.08));
     assert_eq!(head.ladder.iter().map(|s| s.name()).collect::<Vec<_>>(), ["noise", "withhold"]);

@@ -3,7 +3,8 @@
 //! with no action is released as given, a withheld layer is absent, and nothing non-finite
 //! leaves.
 mod common;
-use gradguard_guard::{Batch, Guard, GuardConfig, GuardError, LayerMap, Policy};
+use gradguard_defenses::Defence;
+use gradguard_guard::{Batch, Guard, LayerMap, Policy, Release};
 use proptest::prelude::*;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -41,6 +42,12 @@ fn policy_strategy() -> impl Strategy<Value = String> {
     })
 }
 
+/// A released update as the property reads it.
+struct Released {
+    tensors: Vec<(String, Tensor)>,
+    manifest: gradguard_guard::Manifest,
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -55,7 +62,7 @@ proptest! {
         let vs = nn::VarStore::new(Device::Cpu);
         let mlp = common::Mlp::new(&vs.root(), &[6, 8, 3]);
         let policy = Policy::from_toml_str(&policy_text, "generated").unwrap();
-        let mut guard = Guard::build(LayerMap::from_var_store(&vs).unwrap(), GuardConfig::from_policy(&policy), policy.clone()).unwrap();
+        let mut guard = Guard::new(LayerMap::from_var_store(&vs).unwrap(), policy).unwrap();
         let x = common::gaussian(16, 6, data_seed, Kind::Float);
         let y = Tensor::from_slice(&(0..16).map(|i| i % 3).collect::<Vec<i64>>());
         let a = Tensor::from_slice(&(0..16).map(|i| i % 2).collect::<Vec<i64>>());
@@ -78,7 +85,8 @@ proptest! {
         let poisoned = update.iter().any(|(_, t)| t.isnan().any().int64_value(&[]) != 0);
         let loss = |x: &Tensor, y: &Tensor| mlp.loss(x, y);
         match guard.release(&update, &Batch::new(&x, &y).with_attribute(&a), &loss) {
-            Ok(released) => {
+            Ok(Release::Released { update: tensors, manifest, .. }) => {
+                let released = Released { tensors, manifest };
                 prop_assert!(!poisoned, "a non-finite update was released");
                 for (name, t) in &released.tensors {
                     prop_assert!(t.isfinite().all().int64_value(&[]) != 0, "{name} is not finite");
@@ -87,7 +95,7 @@ proptest! {
                     let mine: Vec<&(String, Tensor)> = released.tensors.iter().filter(|(n, _)| n.starts_with(&format!("{}.", layer.name))).collect();
                     if !layer.released {
                         prop_assert!(mine.is_empty(), "withheld layer {} is in the update", layer.name);
-                        prop_assert_eq!(&layer.actions, &vec!["withhold".to_string()]);
+                        prop_assert_eq!(&layer.actions, &vec![Defence::Withhold]);
                         continue;
                     }
                     prop_assert_eq!(mine.len(), 2);
@@ -102,10 +110,10 @@ proptest! {
                     }
                 }
             }
-            Err(GuardError::Blocked { .. }) | Err(GuardError::ReleaseRefused { .. }) => {
-                let manifest = guard.last_report().unwrap().release.clone().unwrap();
+            Ok(Release::Blocked { manifest, .. }) => {
                 prop_assert!(manifest.layers.iter().all(|l| !l.released));
             }
+            Ok(Release::Held { .. }) => prop_assert!(false, "the explicit release never holds"),
             Err(other) => prop_assert!(false, "unexpected error {other}"),
         }
     }

@@ -7,8 +7,8 @@
 //! 2. Through a model (the LossFn convenience): an MLP whose inputs carry the attribute in
 //!    coordinates the task ignores. Shuffled labels must give about 0 bits in every layer.
 mod common;
-use gradguard_guard::per_sample::{per_sample_gradients, GradientMatrix};
-use gradguard_guard::usable::{estimate_usable_information, usable_information_layers, UsableSettings};
+use gradguard_guard::{Batch, GradientMatrix, Inspection};
+use gradguard_guard::{usable_information_layers, UsableSettings};
 use gradguard_guard::LayerMap;
 use rand::{seq::SliceRandom, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -113,11 +113,11 @@ fn through_a_model_shuffled_attribute_gives_about_zero_bits() {
     let layers = LayerMap::from_var_store(&vs).unwrap();
     let loss = |x: &Tensor, y: &Tensor| mlp.loss(x, y);
     let settings = UsableSettings::default();
-    let grads = per_sample_gradients(&layers, &loss, &x, &y).unwrap();
+    let grads = Inspection::new(&layers, &loss, Batch::new(&x, &y)).per_sample_gradients().unwrap();
     assert_eq!(grads.iter().map(|g| g.as_ref().unwrap().cols).collect::<Vec<_>>(), vec![20 * 32 + 32, 32 * 16 + 16, 16 * 2 + 2]);
-    let real = estimate_usable_information(&layers, &loss, &x, &y, &attribute, &settings, 0).unwrap();
-    let control = estimate_usable_information(&layers, &loss, &x, &y, &shuffled(&attribute, 5), &settings, 0).unwrap();
-    let bits = |v: &[gradguard_guard::report::Metric<gradguard_guard::UsableInformation>]| -> Vec<f64> {
+    let real = Inspection::new(&layers, &loss, Batch::new(&x, &y).with_attribute(&Tensor::from_slice(&attribute))).seeded(0, 0).usable_information(&settings).unwrap();
+    let control = Inspection::new(&layers, &loss, Batch::new(&x, &y).with_attribute(&Tensor::from_slice(&shuffled(&attribute, 5)))).seeded(0, 0).usable_information(&settings).unwrap();
+    let bits = |v: &[gradguard_guard::Metric<gradguard_guard::UsableInformation>]| -> Vec<f64> {
         v.iter().map(|m| m.measured().unwrap().usable_information_bits).collect()
     };
     println!("model: attribute {:?}, shuffled {:?}", bits(&real), bits(&control));

@@ -1,41 +1,165 @@
-//! The tch training-loop integration of gradguard. Two forms, as users write loops:
+//! The tch training-loop integration of gradguard: one way to wrap a loop.
 //!
-//! 1. Wrap the optimizer: [`GuardedOptimizer::backward_step`] runs the guard between backward
-//!    and step.
-//! 2. Keep `zero_grad(); backward(); step()` and call [`Guard::after_backward`] between
-//!    backward and step.
+//! [`GuardedOptimizer::builder`] takes the model's `VarStore` and its optimizer; the policy,
+//! the loss function (stored once), the audit log and the Prometheus exporter are options.
+//! The loop then calls [`GuardedOptimizer::backward_step`] where it called the optimizer's:
 //!
-//! Either way the user keeps their model, data and optimizer; the guard needs a [`LossFn`] that
-//! recomputes the batch loss from inputs (for M1) and, for M2, per-sample attribute labels.
-pub use gradguard_guard::{Batch, Guard, GuardConfig, GuardError, LossFn, Report};
-pub mod torchscript;
-pub use torchscript::{TorchScriptError, TorchScriptModel};
+//! ```no_run
+//! use gradguard_guard::{Batch, Policy};
+//! use gradguard_hooks::GuardedOptimizer;
+//! use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let net = nn::linear(vs.root() / "fc", 64, 10, Default::default());
+//! let loss = |x: &Tensor, y: &Tensor| net.forward(x).f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0);
+//! let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?)
+//!     .policy(Policy::load("examples/policy.toml".as_ref())?)
+//!     .loss(&loss)
+//!     .audit_log("out/audit.jsonl")
+//!     .build()?;
+//! for _ in 0..100 {
+//!     let (x, y) = (Tensor::randn([32, 64], (Kind::Float, Device::Cpu)), Tensor::zeros([32], (Kind::Int64, Device::Cpu)));
+//!     let release = opt.backward_step(&loss(&x, &y)?, &Batch::new(&x, &y))?; // released, held or blocked
+//!     println!("{}", release.report().table());
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! TorchScript models saved from PyTorch load with [`TorchScriptModel`] and wrap the same way
+//! through [`GuardedOptimizer::builder_for_layers`].
+#![warn(missing_docs)]
+
+mod torchscript;
+
+pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
+
+use gradguard_exporter::MetricsServer;
+use gradguard_guard::{AuditLog, Batch, Guard, GuardError, LayerMap, LossFn, Policy, Release, ReportSink, Settings};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use tch::{nn, Tensor};
 
 /// An `nn::Optimizer` whose `backward_step` runs the guard between backward and step.
-pub struct GuardedOptimizer {
+pub struct GuardedOptimizer<'a> {
     optimizer: nn::Optimizer,
     guard: Guard,
+    loss: Box<dyn LossFn + 'a>,
+    metrics: Option<MetricsServer>,
 }
 
-impl GuardedOptimizer {
-    pub fn new(optimizer: nn::Optimizer, guard: Guard) -> Self {
-        Self { optimizer, guard }
+/// Options of a [`GuardedOptimizer`]; [`GuardBuilder::build`] checks them all.
+pub struct GuardBuilder<'a> {
+    layers: Result<LayerMap, GuardError>,
+    optimizer: nn::Optimizer,
+    policy: Option<Policy>,
+    settings: Option<Settings>,
+    loss: Option<Box<dyn LossFn + 'a>>,
+    audit_log: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+    sinks: Vec<ReportSink>,
+}
+
+/// Why a guarded optimizer could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The guard rejected the model, the policy or the settings.
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+    /// The exporter could not start (a busy port, say).
+    #[error("metrics exporter: {0}")]
+    Exporter(#[from] gradguard_exporter::ExporterError),
+    /// An option is missing or contradicts another.
+    #[error("guarded optimizer: {0}")]
+    Options(&'static str),
+}
+
+impl<'a> GuardBuilder<'a> {
+    /// The policy to enforce (its settings included). Without one the guard measures and
+    /// releases what is finite ([`Policy::permissive`]).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
     }
 
-    /// zero_grad, backward, guard, step. The step is skipped while the guard holds batches back
-    /// for the aggregation floor (`report.step_allowed()` is false). On any guard error (a block,
-    /// a non-finite gradient, a bad batch) the step is not applied and the gradients are
-    /// cleared: nothing unchecked is used.
-    pub fn backward_step(&mut self, loss: &Tensor, batch: Batch, loss_fn: impl LossFn) -> Result<Report, GuardError> {
+    /// Settings for a guard without a policy file (a policy carries its own).
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = Some(settings);
+        self
+    }
+
+    /// The loss the guard differentiates: it recomputes the batch's mean loss from inputs and
+    /// targets the way the training step does. Required.
+    pub fn loss(mut self, loss: impl LossFn + 'a) -> Self {
+        self.loss = Some(Box::new(loss));
+        self
+    }
+
+    /// Appends every decision to this JSON-lines file, before the release it decides.
+    pub fn audit_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.audit_log = Some(path.into());
+        self
+    }
+
+    /// Serves the guard's metrics on `addr` (`/metrics`, `/healthz`, `/report`) while the
+    /// optimizer lives.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Hands every report to `sink` as well (on the guard's fan-out worker).
+    pub fn report_sink(mut self, sink: ReportSink) -> Self {
+        self.sinks.push(sink);
+        self
+    }
+
+    /// Builds the guard and wraps the optimizer.
+    pub fn build(self) -> Result<GuardedOptimizer<'a>, BuildError> {
+        let loss = self.loss.ok_or(BuildError::Options("no loss function given (.loss(...)): the guard needs it to measure"))?;
+        let policy = match (self.policy, self.settings) {
+            (Some(_), Some(_)) => return Err(BuildError::Options("give a policy or settings, not both: a policy carries its settings")),
+            (Some(policy), None) => policy,
+            (None, Some(settings)) => Policy::permissive_with(settings).map_err(GuardError::from)?,
+            (None, None) => Policy::permissive(),
+        };
+        let mut guard = Guard::new(self.layers?, policy)?;
+        if let Some(path) = self.audit_log {
+            guard.set_audit_log(AuditLog::open(path).map_err(GuardError::from)?);
+        }
+        for sink in self.sinks {
+            guard.add_report_sink(sink);
+        }
+        let metrics = self.metrics_addr.map(|addr| gradguard_exporter::attach(&mut guard, addr)).transpose()?;
+        Ok(GuardedOptimizer { optimizer: self.optimizer, guard, loss, metrics })
+    }
+}
+
+impl<'a> GuardedOptimizer<'a> {
+    /// Starts wrapping `optimizer`, which trains the variables of `vs`.
+    pub fn builder(vs: &nn::VarStore, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
+        Self::builder_for_layers(LayerMap::from_var_store(vs), optimizer)
+    }
+
+    /// Starts wrapping `optimizer` over an explicit layer map (a TorchScript model's
+    /// [`TorchScriptModel::layer_map`], say).
+    pub fn builder_for_layers(layers: Result<LayerMap, GuardError>, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
+        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, audit_log: None, metrics_addr: None, sinks: Vec::new() }
+    }
+
+    /// zero_grad, backward, guard, step. The step is applied only when the release is
+    /// [`Release::Released`]: while micro-batches are held for the aggregation floor, and on a
+    /// block, `.grad()` is zeroed and the parameters stay. On an error (bad input, a libtorch
+    /// error) the step is not applied and the gradients are cleared: nothing unchecked is used.
+    pub fn backward_step(&mut self, loss: &Tensor, batch: &Batch) -> Result<Release, GuardError> {
         self.optimizer.zero_grad();
         loss.f_backward().map_err(|source| GuardError::Torch { context: "running backward on the training loss", source })?;
-        match self.guard.after_backward(&batch, &loss_fn) {
-            Ok(report) => {
-                if report.step_allowed() {
+        match self.guard.after_backward(batch, self.loss.as_ref()) {
+            Ok(release) => {
+                if release.is_released() {
                     self.optimizer.step();
                 }
-                Ok(report)
+                Ok(release)
             }
             Err(e) => {
                 self.optimizer.zero_grad();
@@ -44,18 +168,27 @@ impl GuardedOptimizer {
         }
     }
 
+    /// The guard.
     pub fn guard(&self) -> &Guard {
         &self.guard
     }
 
+    /// The guard, to reload its policy or estimate on demand.
     pub fn guard_mut(&mut self) -> &mut Guard {
         &mut self.guard
     }
 
+    /// The wrapped optimizer (to change its learning rate, say).
     pub fn optimizer_mut(&mut self) -> &mut nn::Optimizer {
         &mut self.optimizer
     }
 
+    /// Where the metrics are served, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+
+    /// The optimizer and the guard, unwrapped (the metrics server stops).
     pub fn into_parts(self) -> (nn::Optimizer, Guard) {
         (self.optimizer, self.guard)
     }

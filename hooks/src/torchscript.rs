@@ -15,17 +15,42 @@ use tch::{nn::VarStore, Device, TchError, Tensor, TrainableCModule};
 /// Why a TorchScript model could not be used; every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TorchScriptError {
+    /// The file does not exist.
     #[error("{path}: no such file")]
-    NotFound { path: PathBuf },
+    NotFound {
+        /// The file.
+        path: PathBuf,
+    },
+    /// libtorch could not load the file as a TorchScript module.
     #[error("{path} is not a TorchScript module (save one with torch.jit.save(torch.jit.script(model), path) or torch.jit.trace): {why}")]
-    NotTorchScript { path: PathBuf, why: String },
+    NotTorchScript {
+        /// The file.
+        path: PathBuf,
+        /// libtorch's message, its first informative line.
+        why: String,
+    },
+    /// Every parameter of the module is frozen.
     #[error("{path}: the TorchScript module has no trainable parameters")]
-    NoParameters { path: PathBuf },
+    NoParameters {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A parameter could not be matched to the VarStore tch made for it.
     #[error("{path}: parameter {name}: {why}")]
-    Parameter { path: PathBuf, name: String, why: String },
+    Parameter {
+        /// The file.
+        path: PathBuf,
+        /// The parameter's dotted PyTorch name.
+        name: String,
+        /// What did not match.
+        why: String,
+    },
+    /// The parameters do not form a layer map.
     #[error("{path}: {source}")]
     Layers {
+        /// The file.
         path: PathBuf,
+        /// The layer map's error.
         #[source]
         source: GuardError,
     },
@@ -118,6 +143,7 @@ impl TorchScriptModel {
         Ok(Self { module, vs, params, path: path.to_path_buf() })
     }
 
+    /// The file the module was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -143,10 +169,12 @@ impl TorchScriptModel {
         self.module.forward_ts(&[x])
     }
 
+    /// Eval mode: dropout off, batch norm on its running statistics.
     pub fn set_eval(&mut self) -> Result<(), TchError> {
         self.module.f_set_eval()
     }
 
+    /// Training mode.
     pub fn set_train(&mut self) -> Result<(), TchError> {
         self.module.f_set_train()
     }

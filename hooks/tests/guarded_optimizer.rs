@@ -1,5 +1,6 @@
 //! The optimizer wrapper applies the step after the guard, and fails closed.
-use gradguard_hooks::{Batch, Guard, GuardConfig, GuardError, GuardedOptimizer};
+use gradguard_guard::{Batch, BlockReason, Release, Settings};
+use gradguard_hooks::GuardedOptimizer;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 fn params(vs: &nn::VarStore) -> Vec<Tensor> {
@@ -14,13 +15,15 @@ fn steps_after_the_guard_and_refuses_non_finite_gradients() {
     let loss_fn = |x: &Tensor, y: &Tensor| {
         x.f_linear(&lin.ws, lin.bs.as_ref())?.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
     };
-    let guard = Guard::new(&vs, GuardConfig { estimate_every: 1, ..Default::default() }).unwrap();
-    let mut opt = GuardedOptimizer::new(nn::Sgd::default().build(&vs, 0.5).unwrap(), guard);
+    let settings = Settings { estimate_every: 1, ..Default::default() };
+    let mut opt = GuardedOptimizer::builder(&vs, nn::Sgd::default().build(&vs, 0.5).unwrap()).settings(settings).loss(loss_fn).build().unwrap();
     let x = Tensor::randn([8, 4], (Kind::Float, Device::Cpu));
     let y = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]);
 
     let before = params(&vs);
-    let report = opt.backward_step(&loss_fn(&x, &y).unwrap(), Batch::new(&x, &y), loss_fn).unwrap();
+    let release = opt.backward_step(&loss_fn(&x, &y).unwrap(), &Batch::new(&x, &y)).unwrap();
+    assert!(release.is_released());
+    let report = release.report();
     assert_eq!(report.step, 0);
     assert!(report.layers[0].sensitivity.measured().is_some());
     let after = params(&vs);
@@ -28,8 +31,12 @@ fn steps_after_the_guard_and_refuses_non_finite_gradients() {
 
     let poisoned = x.copy();
     let _ = poisoned.get(0).get(0).fill_(f64::INFINITY);
-    let err = opt.backward_step(&loss_fn(&poisoned, &y).unwrap(), Batch::new(&poisoned, &y), loss_fn).unwrap_err();
-    assert!(matches!(err, GuardError::NonFiniteGradient { step: 1, .. }), "{err}");
+    let release = opt.backward_step(&loss_fn(&poisoned, &y).unwrap(), &Batch::new(&poisoned, &y)).unwrap();
+    assert!(
+        matches!(&release, Release::Blocked { reason: BlockReason::NonFinite { .. }, report, .. } if report.step == 1),
+        "{:?}",
+        release.block_reason()
+    );
     let unchanged = params(&vs);
     assert!(after.iter().zip(&unchanged).all(|(a, b)| a.equal(b)), "a non-finite step is not applied");
     for p in vs.trainable_variables() {

@@ -20,7 +20,7 @@ mod metrics_sidecar;
 
 use gradguard::data::{Digits, CLASSES};
 use gradguard::models::DigitsCnn;
-use gradguard_guard::{Batch, Guard, GuardError, LayerMap, Policy};
+use gradguard_guard::{Batch, Guard, GuardError, LayerMap, Policy, Release};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -618,7 +618,7 @@ fn train_impl(given: &[HostArray], cfg: &TrainConfig, partition: &Partition) -> 
     let model = LocalModel::new()?;
     model.load(given)?;
     // The guard is built (and the policy checked against the model) before any training.
-    let mut guard = Guard::with_policy(&model.vs, policy)?;
+    let mut guard = Guard::new(LayerMap::from_var_store(&model.vs)?, policy)?;
     let global = model.snapshot()?;
     let params: Vec<Tensor> = model.names.iter().map(|n| model.variable(n)).collect::<FlResult<_>>()?;
 
@@ -670,28 +670,24 @@ fn train_impl(given: &[HostArray], cfg: &TrainConfig, partition: &Partition) -> 
     let batch = Batch::new(&x, &y).with_attribute(&a);
     let net = &model.net;
     let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
-    let policy_hash = guard.policy().hash.clone();
-    let outcome = guard.release(&update, &batch, &loss_fn);
-    let report = guard.last_report().cloned();
-    let manifest = report.as_ref().and_then(|r| r.release.clone());
-    let (blocked, tensors) = match outcome {
-        Ok(released) => (None, released.tensors),
-        Err(e @ (GuardError::Blocked { .. } | GuardError::ReleaseRefused { .. })) => (Some(e.to_string()), vec![]),
-        Err(e) => return Err(e.into()),
+    let policy_hash = guard.policy().hash().to_string();
+    let (blocked, tensors, manifest, report) = match guard.release(&update, &batch, &loss_fn)? {
+        Release::Released { update, manifest, report } => (None, update, manifest, report),
+        Release::Blocked { reason, manifest, report } => (Some(format!("release blocked at step {}: {reason}", manifest.step)), vec![], manifest, report),
+        Release::Held { manifest, .. } => return Err(FlError::Internal(format!("the explicit release was held: {:?}", manifest.outcome))),
     };
-    let manifest = manifest.ok_or_else(|| FlError::Internal("the guard decided without a manifest".into()))?;
     let released: Vec<String> = manifest.layers.iter().filter(|l| l.released).map(|l| l.name.clone()).collect();
     let withheld: Vec<String> = manifest.layers.iter().filter(|l| !l.released).map(|l| l.name.clone()).collect();
     let update = tensors.iter().map(|(n, t)| HostArray::from_tensor(n, t)).collect::<FlResult<Vec<_>>>()?;
-    let shared_report = match (&blocked, &report) {
-        (None, Some(r)) => shared(r, &released)?,
-        _ => String::new(),
+    let shared_report = match &blocked {
+        None => shared(&report, &released)?,
+        Some(_) => String::new(),
     };
     Ok(Trained {
         shared_report,
         blocked,
         manifest: serde_json::to_string(&manifest).map_err(|e| FlError::Internal(e.to_string()))?,
-        report: report.map(|r| r.to_json()).unwrap_or_else(|| "null".into()),
+        report: report.to_json(),
         num_examples: used.len(),
         train_loss: loss_sum / cfg.local_steps as f64,
         policy_hash,
@@ -833,9 +829,9 @@ fn check_policy<'py>(py: Python<'py>, text: String, origin: String) -> PyResult<
     let (hash, version, rules, floor) = guarded(py, "checking the policy", move || {
         let policy = Policy::from_toml_str(&text, &origin).map_err(|e| FlError::Policy(e.to_string()))?;
         let model = LocalModel::new()?;
-        let guard = Guard::with_policy(&model.vs, policy)?;
+        let guard = Guard::new(LayerMap::from_var_store(&model.vs)?, policy)?;
         let p = guard.policy();
-        Ok((p.hash.clone(), p.version, p.rules.len(), p.settings.aggregation_floor))
+        Ok((p.hash().to_string(), p.version(), p.rules().len(), p.settings().aggregation_floor))
     })?;
     let out = PyDict::new(py);
     out.set_item("hash", hash)?;

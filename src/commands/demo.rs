@@ -4,15 +4,13 @@
 //! decisions and where the report and the audit log are.
 use anyhow::Context;
 use gradguard::data::Digits;
-use gradguard::exporter::{Exporter, MetricsServer};
 use gradguard::guard::{parse_device, AuditLog, Outcome, Policy};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard, GuardError, GuardedOptimizer, Report};
+use gradguard::{Batch, GuardedOptimizer, Release, Report};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Tensor};
 
@@ -56,33 +54,26 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     tch::manual_seed(args.seed as i64);
     let vs = nn::VarStore::new(device);
     let net = DigitsCnn::new(&vs.root());
-    let mut guard = Guard::with_policy(&vs, policy)?;
-
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let audit_path = args.out.join("audit.jsonl");
     let _ = std::fs::remove_file(&audit_path); // one log per demo run
-    guard.set_audit_log(AuditLog::open(&audit_path)?);
-
-    let exporter = Arc::new(Exporter::for_layers(&guard.layers().names())?);
-    exporter.set_policy_info(guard.policy().short_hash(), &guard.policy().version.to_string())?;
-    for (layer, metric, threshold) in guard.protection().thresholds() {
-        exporter.set_threshold(&layer, metric.name(), threshold)?;
-    }
-    let server = MetricsServer::start(args.metrics_addr, exporter.clone())?;
-    let sink = exporter.clone();
-    guard.add_report_sink(Arc::new(move |report: &Report| {
-        let _ = sink.observe_report(report);
-    }));
-
+    let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
+    let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?)
+        .policy(policy)
+        .loss(loss_fn)
+        .audit_log(&audit_path)
+        .metrics(args.metrics_addr)
+        .build()?;
+    let guard = opt.guard();
+    let thresholds = guard.protection().thresholds();
     println!("gradguard demo: digits CNN on {} train / {} test samples, {device:?}", train.len(), test.len());
     println!("layers: {}", guard.layers().names().join(", "));
-    println!("policy: {} (hash {}), {} rule(s)", guard.policy().origin, guard.policy().short_hash(), guard.policy().rules.len());
-    println!("metrics: http://{}/metrics  (report: /report, health: /healthz)", server.local_addr());
+    println!("policy: {} (hash {}), {} rule(s)", guard.policy().origin(), guard.policy().short_hash(), guard.policy().rules().len());
+    if let Some(addr) = opt.metrics_addr() {
+        println!("metrics: http://{addr}/metrics  (report: /report, health: /healthz)");
+    }
     println!("audit log: {}\n", audit_path.display());
 
-    let thresholds = guard.protection().thresholds();
-    let mut opt = GuardedOptimizer::new(nn::Adam::default().build(&vs, 1e-3)?, guard);
-    let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").expect("a valid template"));
     let started = Instant::now();
@@ -92,24 +83,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let idx: Vec<usize> = (0..args.batch_size).map(|i| train[(step * args.batch_size + i) % train.len()]).collect();
         let (x, y, heavy_stroke) = digits.batch(&idx, device)?;
         let loss = net.f_loss(&x, &y)?;
-        match opt.backward_step(&loss, Batch::new(&x, &y).with_attribute(&heavy_stroke), loss_fn) {
-            Ok(report) => {
-                if report.step_allowed() {
-                    released += 1;
-                } else {
-                    held += 1;
-                }
-                if report.estimated {
-                    bar.suspend(|| println!("{}", live_table(&report, &thresholds)));
-                }
-                last = Some(report);
-            }
-            Err(e @ (GuardError::Blocked { .. } | GuardError::ReleaseRefused { .. })) => {
+        let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&heavy_stroke))?;
+        match &release {
+            Release::Released { .. } => released += 1,
+            Release::Held { .. } => held += 1,
+            Release::Blocked { reason, .. } => {
                 blocked += 1;
-                bar.suspend(|| println!("step {step}: {e}"));
+                bar.suspend(|| println!("step {step}: release blocked: {reason}"));
             }
-            Err(e) => return Err(e.into()),
         }
+        if release.report().estimated {
+            bar.suspend(|| println!("{}", live_table(release.report(), &thresholds)));
+        }
+        last = Some(release.into_report());
         bar.set_message(format!("released {released}, held {held}, blocked {blocked}"));
         bar.inc(1);
     }
@@ -144,7 +130,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  step {:>4} {:<6} {:<10} {} ({} {} vs {})", r.step, r.layer, r.outcome, r.action, r.metric.as_deref().unwrap_or("-"), fmt(r.value), fmt(r.threshold));
     }
     println!("report: {}\naudit log: {} ({} decisions)", report_path.display(), audit_path.display(), records.len());
-    drop(server);
+    drop(opt);
     Ok(())
 }
 
@@ -161,7 +147,7 @@ fn live_table(report: &Report, thresholds: &[(String, gradguard::guard::LeakageM
     for (i, l) in report.layers.iter().enumerate() {
         let s = l.sensitivity.measured();
         let limits: Vec<String> = thresholds.iter().filter(|t| t.0 == l.name).map(|t| format!("{} > {}", t.1.name(), t.2)).collect();
-        let actions = manifest.and_then(|m| m.layers.get(i)).map(|m| if m.actions.is_empty() { "none".to_string() } else { m.actions.join(" -> ") });
+        let actions = manifest.and_then(|m| m.layers.get(i)).map(|m| if m.actions.is_empty() { "none".to_string() } else { m.actions.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" -> ") });
         let _ = writeln!(
             out,
             "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<30} level {} {}",

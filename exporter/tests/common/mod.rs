@@ -1,6 +1,6 @@
 //! Shared helpers: a real guard report on a tiny model, and an exposition-format parser.
 #![allow(dead_code)]
-use gradguard_guard::{Batch, Guard, GuardConfig, Report};
+use gradguard_guard::{Batch, Guard, LayerMap, Policy, Report, Settings};
 use std::collections::BTreeMap;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
@@ -16,7 +16,9 @@ pub fn real_reports() -> Vec<Report> {
     let loss_fn = |x: &Tensor, y: &Tensor| {
         fc2.forward(&fc1.forward(x).relu()).f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
     };
-    let mut guard = Guard::new(&vs, GuardConfig { estimate_every: 1, background: false, ..Default::default() }).expect("guard");
+    let settings = Settings { estimate_every: 1, background_estimates: false, budget_share: 1.0, ..Default::default() };
+    let policy = Policy::permissive_with(settings).expect("valid settings");
+    let mut guard = Guard::new(LayerMap::from_var_store(&vs).expect("layers"), policy).expect("guard");
     assert_eq!(guard.layers().names(), LAYERS);
     let n = 48i64;
     let x = Tensor::randn([n, 6], (Kind::Float, Device::Cpu));
@@ -31,7 +33,7 @@ pub fn real_reports() -> Vec<Report> {
             }
         }
         loss_fn(&x, &y).unwrap().backward();
-        reports.push(guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss_fn).expect("guarded step"));
+        reports.push(guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss_fn).expect("guarded step").into_report());
     }
     reports
 }

@@ -1,6 +1,18 @@
 //! Small models and data shared by the guard's tests.
 #![allow(dead_code)]
+use gradguard_guard::{Guard, LayerMap, Policy, Settings};
 use tch::{nn, Device, Kind, TchError, Tensor};
+
+/// A guard without rules over every variable of `vs`, with these settings.
+pub fn guard(vs: &nn::VarStore, settings: Settings) -> Guard {
+    Guard::new(LayerMap::from_var_store(vs).unwrap(), Policy::permissive_with(settings).unwrap()).unwrap()
+}
+
+/// The settings these tests measure with: every estimate the schedule allows, whatever it
+/// costs (the default budget is 5% of wall time, which makes estimates timing-dependent).
+pub fn unbudgeted() -> Settings {
+    Settings { budget_share: 1.0, ..Default::default() }
+}
 
 /// i.i.d. standard normal inputs [n, d] from a fixed libtorch seed.
 pub fn gaussian(n: i64, d: i64, seed: i64, kind: Kind) -> Tensor {

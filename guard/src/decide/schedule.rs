@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 /// A monotonic clock; tests drive a synthetic one.
 pub trait Clock: Send {
+    /// Time elapsed since a fixed origin; never decreases.
     fn now(&self) -> Duration;
 }
 
@@ -113,14 +114,6 @@ impl Scheduler {
     pub fn over_budget_estimates(&self) -> u64 {
         self.over_budget
     }
-
-    pub fn guard_seconds(&self) -> f64 {
-        self.guard
-    }
-
-    pub fn training_seconds(&self) -> f64 {
-        self.training
-    }
 }
 
 fn ratio(part: f64, total: f64) -> f64 {
@@ -128,5 +121,69 @@ fn ratio(part: f64, total: f64) -> f64 {
         part / total
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A clock the test moves by hand.
+    #[derive(Clone, Default)]
+    struct ManualClock(Arc<AtomicU64>);
+
+    impl ManualClock {
+        fn advance(&self, ms: u64) {
+            self.0.fetch_add(ms * 1_000_000, Ordering::SeqCst);
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Duration {
+            Duration::from_nanos(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    #[test]
+    fn the_scheduler_keeps_the_guard_within_its_share() {
+        let clock = ManualClock::default();
+        let mut scheduler = Scheduler::new(0.05, Box::new(clock.clone()));
+        let mut estimates = 0;
+        for _ in 0..2000 {
+            scheduler.enter();
+            clock.advance(1); // the guard's per-step work: 2.5% of wall time
+            if scheduler.within_budget() {
+                clock.advance(80); // one estimate: 2 training steps' worth
+                scheduler.record_estimate(0.080, false);
+                estimates += 1;
+            }
+            scheduler.leave();
+            clock.advance(39); // a training step
+        }
+        let share = scheduler.spent_share();
+        assert!(share <= 0.05 + 1e-9 && share > 0.045, "the guard took {share:.4} of wall time: within and close to the 0.05 budget");
+        // Estimates get what the per-step work leaves of the 5%:
+        // 2000 + 80 e <= 0.05 (80000 + 80 e) => e <= 26.3.
+        assert!((25..=26).contains(&estimates), "{estimates} estimates");
+        assert!(scheduler.estimate_share() < share);
+
+        // Per-step work alone over budget: after the first (no cost to predict yet), no estimate fits.
+        let clock = ManualClock::default();
+        let mut scheduler = Scheduler::new(0.05, Box::new(clock.clone()));
+        let mut estimates = 0;
+        for _ in 0..2000 {
+            scheduler.enter();
+            clock.advance(1);
+            if scheduler.within_budget() {
+                clock.advance(40);
+                scheduler.record_estimate(0.040, false);
+                estimates += 1;
+            }
+            scheduler.leave();
+            clock.advance(10);
+        }
+        assert_eq!(estimates, 1, "per-step work over budget leaves no room for estimates");
     }
 }

@@ -2,6 +2,8 @@
 use crate::error::{GuardError, Result};
 use tch::{Cuda, Device};
 
+/// Parses a device name (`cpu`, `cuda`/`gpu`, `cuda:N`, any case), checking that the CUDA
+/// device exists on this machine.
 pub fn parse_device(name: &str) -> Result<Device> {
     let unknown = |why: String| GuardError::UnknownDevice { given: name.to_string(), why };
     match name.trim().to_ascii_lowercase().as_str() {

@@ -3,11 +3,12 @@
 //! The estimator forms one Jacobian-vector product of the whole released gradient per probe,
 //! which serves every layer at once: S_l^2 ~= (1/(nK)) sum_k ||(J v_k)_l||^2. Per-layer sums
 //! stay on the device and are read back once per estimate.
+use super::inspection::Inspection;
+use super::layers::LayerMap;
+use super::loss::{parameter_grads, scalar_loss};
+use super::tensors::{gaussian_probes, rng_for, sum_sq, to_f64_vec};
 use crate::error::{GuardError, Result, TorchContext};
-use crate::layers::LayerMap;
-use crate::loss::{parameter_grads, scalar_loss, LossFn};
 use crate::report::{JvpMethod, Metric, Sensitivity};
-use crate::tensors::{gaussian_probes, rng_for, sum_sq, to_f64_vec};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -17,6 +18,7 @@ use tch::{Kind, Tensor};
 pub struct SensitivitySettings {
     /// Probes K (at least 2, for a standard error).
     pub probes: usize,
+    /// How each probe's JVP is formed.
     pub method: JvpMethod,
     /// Enumerate basis vectors instead of probing (small models and tests).
     pub exact: bool,
@@ -29,6 +31,7 @@ impl Default for SensitivitySettings {
 }
 
 impl SensitivitySettings {
+    /// Rejects settings that cannot give a standard error (fewer than 2 probes outside exact mode).
     pub fn validate(&self) -> Result<()> {
         if !self.exact && self.probes < 2 {
             return Err(GuardError::Config {
@@ -47,33 +50,16 @@ struct JacobianSquares {
     used: Vec<bool>,
 }
 
-/// Estimates M1 for every layer on one batch. `step` and `seed` pick the probes.
-pub fn estimate_sensitivity(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    settings: &SensitivitySettings,
-    seed: u64,
-    step: u64,
-) -> Result<Vec<Metric<Sensitivity>>> {
+/// Estimates M1 for every layer on one batch; the inspection's seed and step pick the probes.
+pub(crate) fn estimate_sensitivity(ins: &Inspection, settings: &SensitivitySettings) -> Result<Vec<Metric<Sensitivity>>> {
     settings.validate()?;
-    let n = inputs.size().first().copied().unwrap_or(0);
-    if n <= 0 {
-        return Err(GuardError::EmptyBatch);
-    }
-    let squares = if settings.exact {
-        exact_squares(layers, loss_fn, inputs, targets, step)?
-    } else {
-        match settings.method {
-            method => probe_squares(layers, loss_fn, inputs, targets, method, settings.probes, seed, step)?,
-        }
-    };
-    Ok(summarise(layers, &squares, n as usize, settings, seed, step))
+    let n = ins.batch().validate()?;
+    let squares = if settings.exact { exact_squares(ins)? } else { probe_squares(ins, settings.method, settings.probes)? };
+    Ok(summarise(ins, &squares, n, settings))
 }
 
 /// M1 of one layer from its per-probe estimates of S_l^2 (kept JVPs).
-pub(crate) fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &JvpSamples, seed: u64, step: u64) -> Metric<Sensitivity> {
+fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &JvpSamples) -> Metric<Sensitivity> {
     let (s2, se2) = mean_and_standard_error(per);
     if !s2.is_finite() {
         return Metric::absent("non-finite Jacobian estimate (the loss or its gradient overflowed)");
@@ -84,25 +70,19 @@ pub(crate) fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &J
         sensitivity_se: if s > 0.0 { se2 / (2.0 * s) } else { 0.0 },
         sensitivity_rms: s / (params as f64).sqrt(),
         relative_sensitivity: (norm > 0.0 && norm.is_finite()).then(|| s / norm),
-        step,
+        step: samples.step,
         n: samples.n,
         probes: Some(samples.probes),
         exact: false,
         method: samples.method,
-        seed,
+        seed: samples.seed,
         params,
     })
 }
 
-fn summarise(
-    layers: &LayerMap,
-    sq: &JacobianSquares,
-    n: usize,
-    settings: &SensitivitySettings,
-    seed: u64,
-    step: u64,
-) -> Vec<Metric<Sensitivity>> {
-    layers
+fn summarise(ins: &Inspection, sq: &JacobianSquares, n: usize, settings: &SensitivitySettings) -> Vec<Metric<Sensitivity>> {
+    let (seed, step) = (ins.seed(), ins.step());
+    ins.layers()
         .layers()
         .iter()
         .enumerate()
@@ -187,10 +167,11 @@ struct GradientGraph {
 }
 
 impl GradientGraph {
-    fn build(layers: &LayerMap, loss_fn: &dyn LossFn, inputs: &Tensor, targets: &Tensor, step: u64) -> Result<Self> {
+    fn build(ins: &Inspection) -> Result<Self> {
+        let layers = ins.layers();
         let (params, owner) = layers.flat_params();
-        let x = leaf_inputs(inputs)?;
-        let loss = scalar_loss(loss_fn, &x, targets, step, true)?;
+        let x = leaf_inputs(ins.batch().inputs())?;
+        let loss = scalar_loss(ins.loss(), &x, ins.batch().targets(), ins.step(), true)?;
         let grads = Tensor::f_run_backward(&[&loss], &params, true, true).during("building the gradient graph")?;
         let used = used_layers(&grads, &owner, layers.len());
         let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
@@ -240,21 +221,12 @@ struct ProbeContext {
 
 /// Runs K probes and hands each probe's JVP, one tensor per parameter in `flat_params` order
 /// (undefined where the parameter's gradient does not move with the inputs), to `sink`.
-#[allow(clippy::too_many_arguments)]
-fn probe_jvps(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    method: JvpMethod,
-    probes: usize,
-    seed: u64,
-    step: u64,
-    sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>,
-) -> Result<ProbeContext> {
+fn probe_jvps(ins: &Inspection, method: JvpMethod, probes: usize, sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
+    let (layers, loss_fn, seed, step) = (ins.layers(), ins.loss(), ins.seed(), ins.step());
+    let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
     match method {
         JvpMethod::DoubleBackward => {
-            let graph = GradientGraph::build(layers, loss_fn, inputs, targets, step)?;
+            let graph = GradientGraph::build(ins)?;
             let grads = graph
                 .grads
                 .iter()
@@ -319,19 +291,10 @@ fn probe_jvps(
 }
 
 /// The probe estimator: per-layer squared JVP norms, summed on the device, read once.
-#[allow(clippy::too_many_arguments)]
-fn probe_squares(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    method: JvpMethod,
-    probes: usize,
-    seed: u64,
-    step: u64,
-) -> Result<JacobianSquares> {
+fn probe_squares(ins: &Inspection, method: JvpMethod, probes: usize) -> Result<JacobianSquares> {
+    let layers = ins.layers();
     let mut rows = Vec::with_capacity(probes);
-    let ctx = probe_jvps(layers, loss_fn, inputs, targets, method, probes, seed, step, &mut |jv| {
+    let ctx = probe_jvps(ins, method, probes, &mut |jv| {
         rows.push(layers.param_norms(&jv)?);
         Ok(())
     })?;
@@ -341,36 +304,63 @@ fn probe_squares(
 /// One layer's released gradient and its K probe JVPs, each flattened over the layer's
 /// parameters: what the closed loop needs to measure M1 on a transformed release.
 pub struct LayerJvps {
+    /// The layer's released gradient G_l, flattened (f64).
     pub grad: Tensor,
+    /// J_l v_k for each probe k, flattened (f64).
     pub jvps: Vec<Tensor>,
 }
 
 /// JVPs kept per layer (None for a layer the loss does not reach), for batch size `n`.
 pub struct JvpSamples {
+    /// Samples in the batch.
     pub n: usize,
+    /// Probes K.
     pub probes: usize,
+    /// How the JVPs were formed.
     pub method: JvpMethod,
+    /// One entry per layer, None where the loss does not reach the layer.
     pub layers: Vec<Option<LayerJvps>>,
+    /// The seed and step that picked the probes.
+    pub seed: u64,
+    /// See `seed`.
+    pub step: u64,
+}
+
+impl JvpSamples {
+    /// M1 of every layer's raw release from the kept JVPs: the numbers the streaming
+    /// estimator gives for the same probes.
+    pub fn sensitivity(&self, layers: &LayerMap) -> Result<Vec<Metric<Sensitivity>>> {
+        // Every layer's K probe norms and gradient norm, read back in one transfer.
+        let mut squares = Vec::new();
+        for kept in self.layers.iter().flatten() {
+            for jv in &kept.jvps {
+                squares.push(sum_sq(jv)?);
+            }
+            squares.push(sum_sq(&kept.grad)?);
+        }
+        let values = if squares.is_empty() { vec![] } else { to_f64_vec(&Tensor::f_stack(&squares, 0).during("stacking probe norms")?)? };
+        let mut values = values.into_iter();
+        let mut out = Vec::new();
+        for (layer, kept) in layers.layers().iter().zip(&self.layers) {
+            let Some(kept) = kept else {
+                out.push(Metric::absent("layer not used by the loss (gradient undefined)"));
+                continue;
+            };
+            let per: Vec<f64> = values.by_ref().take(kept.jvps.len()).map(|v| v / self.n as f64).collect();
+            let norm = values.next().unwrap_or(0.0).sqrt();
+            out.push(summarise_layer(&per, norm, layer.numel(), self));
+        }
+        Ok(out)
+    }
 }
 
 /// Runs the probe estimator and keeps every layer's JVPs (memory K x P) instead of only their
 /// norms, so that the sensitivity of any linearised transformation of the release can be
 /// measured afterwards without another backward pass.
-#[allow(clippy::too_many_arguments)]
-pub fn jvp_samples(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    settings: &SensitivitySettings,
-    seed: u64,
-    step: u64,
-) -> Result<JvpSamples> {
+pub(crate) fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSamples> {
     settings.validate()?;
-    let n = inputs.size().first().copied().unwrap_or(0);
-    if n <= 0 {
-        return Err(GuardError::EmptyBatch);
-    }
+    let n = ins.batch().validate()?;
+    let layers = ins.layers();
     let (params, owner) = layers.flat_params();
     let flat_layer = |per_param: &[Tensor]| -> Result<Vec<Tensor>> {
         let mut out: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
@@ -381,7 +371,7 @@ pub fn jvp_samples(
         out.iter().map(|parts| Tensor::f_cat(parts, 0).during("joining a layer's JVP")).collect()
     };
     let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
-    let ctx = probe_jvps(layers, loss_fn, inputs, targets, settings.method, settings.probes, seed, step, &mut |jv| {
+    let ctx = probe_jvps(ins, settings.method, settings.probes, &mut |jv| {
         for (l, t) in flat_layer(&jv)?.into_iter().enumerate() {
             per_layer[l].push(t);
         }
@@ -389,7 +379,7 @@ pub fn jvp_samples(
     })?;
     let grads = flat_layer(&ctx.grads)?;
     Ok(JvpSamples {
-        n: n as usize,
+        n,
         probes: settings.probes,
         method: settings.method,
         layers: grads
@@ -398,6 +388,8 @@ pub fn jvp_samples(
             .zip(ctx.used)
             .map(|((grad, jvps), used)| used.then_some(LayerJvps { grad, jvps }))
             .collect(),
+        seed: ins.seed(),
+        step: ins.step(),
     })
 }
 
@@ -405,15 +397,10 @@ pub fn jvp_samples(
 /// (n*D of them); parameter basis: one VJP per parameter scalar (P of them). Either way the
 /// sum over the basis of the squared blocks is ||J_l||_F^2 = sum_i ||J_{l,i}||_F^2, returned as
 /// a single row.
-fn exact_squares(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    step: u64,
-) -> Result<JacobianSquares> {
+fn exact_squares(ins: &Inspection) -> Result<JacobianSquares> {
+    let layers = ins.layers();
     let l_count = layers.len();
-    let graph = GradientGraph::build(layers, loss_fn, inputs, targets, step)?;
+    let graph = GradientGraph::build(ins)?;
     let x = &graph.x;
     let mut rows = Vec::new();
     if x.numel() <= layers.numel() {

@@ -1,25 +1,43 @@
 //! The batch the guard inspects: inputs, targets and optional private attribute labels.
+use super::tensors::to_f64_vec;
 use crate::error::{GuardError, Result};
-use crate::tensors::to_f64_vec;
 use tch::{Kind, Tensor};
 
 /// One training batch as the guard sees it. The tensors are borrowed, never copied.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
-    pub inputs: &'a Tensor,
-    pub targets: &'a Tensor,
-    /// Per-sample private attribute labels (integers), needed for M2.
-    pub attribute: Option<&'a Tensor>,
+    inputs: &'a Tensor,
+    targets: &'a Tensor,
+    attribute: Option<&'a Tensor>,
 }
 
 impl<'a> Batch<'a> {
+    /// Inputs (samples along dimension 0) and their targets. Checked when the guard reads
+    /// the batch ([`Batch::validate`]), not here.
     pub fn new(inputs: &'a Tensor, targets: &'a Tensor) -> Self {
         Self { inputs, targets, attribute: None }
     }
 
+    /// Adds per-sample private attribute labels (integers, one per sample): M2 and M3 need
+    /// them.
     pub fn with_attribute(mut self, attribute: &'a Tensor) -> Self {
         self.attribute = Some(attribute);
         self
+    }
+
+    /// The inputs.
+    pub fn inputs(&self) -> &'a Tensor {
+        self.inputs
+    }
+
+    /// The targets.
+    pub fn targets(&self) -> &'a Tensor {
+        self.targets
+    }
+
+    /// The attribute labels, if given.
+    pub fn attribute(&self) -> Option<&'a Tensor> {
+        self.attribute
     }
 
     /// Number of samples n; errors on an empty or mismatched batch.
@@ -47,9 +65,13 @@ impl<'a> Batch<'a> {
         Ok(n as usize)
     }
 
-    /// Per-sample shape (inputs without the batch dimension).
+    /// Per-sample shape (inputs without the batch dimension; empty for undefined or 0-d
+    /// inputs, which [`Batch::validate`] rejects).
     pub fn sample_shape(&self) -> Vec<i64> {
-        self.inputs.size()[1..].to_vec()
+        if !self.inputs.defined() {
+            return vec![];
+        }
+        self.inputs.size().get(1..).map(<[i64]>::to_vec).unwrap_or_default()
     }
 
     /// The attribute labels on the host, if given.

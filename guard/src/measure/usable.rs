@@ -11,16 +11,14 @@
 //! [`estimate_usable_information`] is the convenience that first takes per-sample gradients
 //! through a [`LossFn`].
 use crate::error::{GuardError, Result};
-use crate::layers::LayerMap;
-use crate::loss::LossFn;
-use crate::per_sample::{per_sample_gradients, GradientMatrix};
+use super::inspection::Inspection;
+use super::per_sample::{per_sample_gradients, GradientMatrix};
 use crate::report::Metric;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
 
 /// How M3 is computed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -48,6 +46,8 @@ impl Default for UsableSettings {
 }
 
 impl UsableSettings {
+    /// Rejects settings outside their ranges (projection_dim >= 1, l2 >= 0, test_fraction in
+    /// (0, 1), min_samples >= 4, max_iterations >= 1).
     pub fn validate(&self) -> Result<()> {
         let bad = |setting: &'static str, why: String| Err(GuardError::Config { setting, why });
         if self.projection_dim == 0 {
@@ -84,15 +84,19 @@ pub struct UsableInformation {
     pub conditional_entropy_bits: f64,
     /// Samples (or releases) used, and the split.
     pub samples: usize,
+    /// Samples in the training split.
     pub train: usize,
+    /// Samples in the held-out split.
     pub test: usize,
     /// Distinct attribute values.
     pub classes: usize,
     /// r, the projection's rows.
     pub projection_dim: usize,
+    /// L2 penalty the attacker was fitted with.
     pub l2: f64,
     /// L-BFGS iterations the fit took.
     pub iterations: usize,
+    /// Seed of the projection and the split.
     pub seed: u64,
     /// P_l (columns of the gradient matrix).
     pub params: usize,
@@ -191,26 +195,19 @@ pub fn usable_information_layers(
 
 /// Convenience: per-sample gradients of `inputs` through `loss_fn` (one backward per sample),
 /// then M3 of every layer against `attribute` (one label per sample).
-pub fn estimate_usable_information(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    attribute: &[i64],
-    settings: &UsableSettings,
-    seed: u64,
-) -> Result<Vec<Metric<UsableInformation>>> {
+pub(crate) fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings) -> Result<Vec<Metric<UsableInformation>>> {
     settings.validate()?;
-    let n = inputs.size().first().copied().unwrap_or(0).max(0) as usize;
-    if attribute.len() != n {
-        return Err(GuardError::BatchMismatch { what: "attribute labels", inputs: n as i64, got: attribute.len() as i64 });
-    }
+    let n = ins.batch().validate()?;
+    let layers = ins.layers();
+    let Some(attribute) = ins.batch().attribute_values()? else {
+        return Ok((0..layers.len()).map(|_| Metric::absent("no attribute labels given")).collect());
+    };
     if n < settings.min_samples {
         let reason = format!("insufficient samples: {n} < {}", settings.min_samples);
         return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect());
     }
-    let grads = per_sample_gradients(layers, loss_fn, inputs, targets)?;
-    usable_information_layers(&grads, attribute, settings, seed)
+    let grads = per_sample_gradients(ins)?;
+    usable_information_layers(&grads, &attribute, settings, ins.seed())
 }
 
 /// The attack on arbitrary features (one row per sample): standardise with the training

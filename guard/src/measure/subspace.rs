@@ -1,10 +1,11 @@
 //! M2, subspace distance and separation between the per-sample gradients of groups that differ
 //! in a private attribute (METRICS.md, M2). The linear algebra runs on the host in f64.
 use crate::error::{GuardError, Result, TorchContext};
-use crate::layers::LayerMap;
-use crate::loss::{parameter_grads, LossFn};
+use super::inspection::Inspection;
+use super::layers::LayerMap;
+use super::loss::{parameter_grads, LossFn};
 use crate::report::{Metric, Subspace};
-use crate::tensors::{rng_for, to_f64_vec};
+use crate::measure::tensors::{rng_for, to_f64_vec};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -31,6 +32,7 @@ impl Default for SubspaceSettings {
 pub const MIN_PER_GROUP: usize = 4;
 
 impl SubspaceSettings {
+    /// Rejects fewer than [`MIN_PER_GROUP`] gradients per group or a rank of 0.
     pub fn validate(&self) -> Result<()> {
         if self.samples_per_group < MIN_PER_GROUP {
             return Err(GuardError::Config {
@@ -66,7 +68,15 @@ pub fn orthonormal_basis(columns: &Tensor, rank: usize, eps: f64) -> Result<Opti
 /// smaller rank. Cosines from sigma(U_S^T U_T); near zero the sines from
 /// sigma((I - U_big U_big^T) U_small), which keep precision where acos does not.
 pub fn principal_angles(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
-    let (small, big) = if a.size()[1] <= b.size()[1] { (a, b) } else { (b, a) };
+    let columns = |t: &Tensor| match t.defined().then(|| t.size()).as_deref() {
+        Some([rows, cols]) => Ok((*rows, *cols)),
+        shape => Err(GuardError::Config { setting: "principal angles", why: format!("a basis must be a P x k matrix, got shape {shape:?}") }),
+    };
+    let ((rows_a, cols_a), (rows_b, cols_b)) = (columns(a)?, columns(b)?);
+    if rows_a != rows_b {
+        return Err(GuardError::Config { setting: "principal angles", why: format!("bases of {rows_a} and {rows_b} rows live in different spaces") });
+    }
+    let (small, big) = if cols_a <= cols_b { (a, b) } else { (b, a) };
     let cross = big.f_transpose(0, 1).and_then(|bt| bt.f_matmul(small)).during("forming U_S^T U_T")?;
     let cos = to_f64_vec(&cross.f_svd(true, false).during("singular values of U_S^T U_T")?.1)?;
     let residual = small.f_sub(&big.f_matmul(&cross).during("projecting a basis")?).during("projecting a basis")?;
@@ -82,7 +92,15 @@ pub fn principal_angles(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
 /// d(S, T) = sqrt((1/k) sum_j sin^2 theta_j), the normalised projection distance in [0, 1].
 /// sum_j sin^2 theta_j = ||(I - U_big U_big^T) U_small||_F^2 exactly, with no acos.
 pub fn projection_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let (small, big) = if a.size()[1] <= b.size()[1] { (a, b) } else { (b, a) };
+    let columns = |t: &Tensor| match t.defined().then(|| t.size()).as_deref() {
+        Some([rows, cols]) => Ok((*rows, *cols)),
+        shape => Err(GuardError::Config { setting: "principal angles", why: format!("a basis must be a P x k matrix, got shape {shape:?}") }),
+    };
+    let ((rows_a, cols_a), (rows_b, cols_b)) = (columns(a)?, columns(b)?);
+    if rows_a != rows_b {
+        return Err(GuardError::Config { setting: "principal angles", why: format!("bases of {rows_a} and {rows_b} rows live in different spaces") });
+    }
+    let (small, big) = if cols_a <= cols_b { (a, b) } else { (b, a) };
     let k = small.size()[1];
     if k == 0 {
         return Ok(1.0);
@@ -159,18 +177,13 @@ pub struct SubspaceSamples {
 }
 
 /// Computes the per-sample gradients M2 needs, or the reason M2 cannot be computed.
-#[allow(clippy::too_many_arguments)]
-pub fn subspace_samples(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    attribute: &[i64],
-    settings: &SubspaceSettings,
-    seed: u64,
-    step: u64,
-) -> Result<std::result::Result<SubspaceSamples, String>> {
+pub(crate) fn subspace_samples(ins: &Inspection, settings: &SubspaceSettings) -> Result<std::result::Result<SubspaceSamples, String>> {
     settings.validate()?;
+    ins.batch().validate()?;
+    let Some(attribute) = ins.batch().attribute_values()? else { return Ok(Err("no attribute labels given".into())) };
+    let attribute = attribute.as_slice();
+    let (layers, seed, step) = (ins.layers(), ins.seed(), ins.step());
+    let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
     let selection = match select(attribute, settings, seed, step) {
         Ok(s) => s,
         Err(reason) => return Ok(Err(reason)),
@@ -178,7 +191,7 @@ pub fn subspace_samples(
     let mut samples: Vec<Vec<Tensor>> = (0..attribute.len()).map(|_| Vec::new()).collect();
     for (a, b) in &selection.halves {
         for &i in a.iter().chain(b) {
-            samples[i] = sample_gradient(layers, loss_fn, inputs, targets, i, step)?;
+            samples[i] = sample_gradient(layers, ins.loss(), inputs, targets, i, step)?;
         }
     }
     if settings.centre {
@@ -259,19 +272,10 @@ impl SubspaceSamples {
 }
 
 /// Estimates M2 for every layer. `attribute` holds one integer label per sample.
-#[allow(clippy::too_many_arguments)]
-pub fn estimate_subspace(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-    attribute: &[i64],
-    settings: &SubspaceSettings,
-    seed: u64,
-    step: u64,
-) -> Result<Vec<Metric<Subspace>>> {
-    match subspace_samples(layers, loss_fn, inputs, targets, attribute, settings, seed, step)? {
-        Err(reason) => Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect()),
-        Ok(samples) => (0..layers.len()).map(|l| samples.layer_metric(l, None)).collect(),
+pub(crate) fn estimate_subspace(ins: &Inspection, settings: &SubspaceSettings) -> Result<Vec<Metric<Subspace>>> {
+    let layers = ins.layers().len();
+    match subspace_samples(ins, settings)? {
+        Err(reason) => Ok((0..layers).map(|_| Metric::absent(reason.clone())).collect()),
+        Ok(samples) => (0..layers).map(|l| samples.layer_metric(l, None)).collect(),
     }
 }

@@ -2,9 +2,9 @@
 //! kernels whatever the number of layers, and one host read. Non-finite entries are counted
 //! only when a layer's norm shows there are some.
 use crate::error::{Result, TorchContext};
-use crate::layers::LayerMap;
+use crate::measure::layers::LayerMap;
 use crate::report::{GradientStats, Metric};
-use crate::tensors::to_f64_vec;
+use crate::measure::tensors::to_f64_vec;
 use tch::{Kind, Tensor};
 
 /// ||G_l||_2, max |G_l| and the count of non-finite entries per layer.

@@ -10,10 +10,11 @@
 //! and the PSNR of x_hat beside it. Slow (hundreds of double-backward passes per layer and
 //! release): it belongs in the offline audit and in the validation study, not in the guard.
 use crate::error::{GuardError, Result, TorchContext};
-use crate::layers::LayerMap;
-use crate::loss::{parameter_grads, scalar_loss, LossFn};
+use super::inspection::Inspection;
+use super::layers::LayerMap;
+use super::loss::{parameter_grads, scalar_loss, LossFn};
 use crate::report::Metric;
-use crate::tensors::{gaussian_probes, rng_for, to_f64_vec};
+use crate::measure::tensors::{gaussian_probes, rng_for, to_f64_vec};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -40,6 +41,7 @@ impl Default for InversionSettings {
 }
 
 impl InversionSettings {
+    /// Rejects 0 iterations, a non-positive or non-finite learning rate, or a negative init scale.
     pub fn validate(&self) -> Result<()> {
         if self.iterations == 0 {
             return Err(GuardError::Config { setting: "inversion.iterations", why: "must be at least 1".into() });
@@ -58,7 +60,9 @@ impl InversionSettings {
 /// from the start of the audited inputs.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct InversionPlan {
+    /// Samples per attacked release.
     pub batch_size: usize,
+    /// Releases attacked.
     pub releases: usize,
 }
 
@@ -83,11 +87,17 @@ pub struct Inversion {
     pub final_cosine_distance: f64,
     /// Samples reconstructed (releases x batch size).
     pub samples: usize,
+    /// Releases attacked.
     pub releases: usize,
+    /// Samples per release.
     pub batch_size: usize,
+    /// Adam iterations per attack (the setting).
     pub iterations: usize,
+    /// Adam learning rate (the setting).
     pub learning_rate: f64,
+    /// Seed of the attack's random start.
     pub seed: u64,
+    /// P_l: scalars in the layer.
     pub params: usize,
 }
 
@@ -120,21 +130,12 @@ fn layer_gradient(layers: &LayerMap, l: usize, loss_fn: &dyn LossFn, x: &Tensor,
 /// The seeded start of the attack on release `release`: `centre` (x_bar per sample, or
 /// zeros) plus `init_scale * sigma` times a standard Gaussian, shaped like `shape` (the
 /// release's input batch).
-#[allow(clippy::too_many_arguments)]
-pub fn seeded_start(
-    shape: &[i64],
-    kind: Kind,
-    device: tch::Device,
-    centre: Option<&Tensor>,
-    sigma: f64,
-    settings: &InversionSettings,
-    seed: u64,
-    release: u64,
-) -> Result<Tensor> {
-    let like = Tensor::f_zeros(shape, (kind, device)).during("allocating the dummy input")?;
-    let noise = gaussian_probes(&like, 1, &mut rng_for(seed, release, 5))?
+fn seeded_start(attack: &Attack, like: &Tensor, centre: Option<&Tensor>, release: u64) -> Result<Tensor> {
+    let (kind, device) = (like.kind(), like.device());
+    let like = Tensor::f_zeros(like.size(), (kind, device)).during("allocating the dummy input")?;
+    let noise = gaussian_probes(&like, 1, &mut rng_for(attack.seed, release, 5))?
         .f_get(0)
-        .and_then(|s| s.f_mul_scalar(settings.init_scale * sigma))
+        .and_then(|s| s.f_mul_scalar(attack.settings.init_scale * attack.sigma))
         .during("drawing the dummy's start")?;
     match centre {
         None => Ok(noise),
@@ -146,18 +147,8 @@ pub fn seeded_start(
 /// `learning_rate * sigma`, cosine decay) minimising the cosine distance between the dummy's
 /// layer-l gradient and `released` (the flat layer-l gradient the attacker saw), with the
 /// labels `targets` known. Returns the best iterate (lowest cosine distance) and its distance.
-#[allow(clippy::too_many_arguments)]
-pub fn invert_release(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    l: usize,
-    released: &Tensor,
-    targets: &Tensor,
-    start: &Tensor,
-    sigma: f64,
-    settings: &InversionSettings,
-) -> Result<(Tensor, f64)> {
-    settings.validate()?;
+fn invert_release(attack: &Attack, l: usize, released: &Tensor, targets: &Tensor, start: &Tensor) -> Result<(Tensor, f64)> {
+    let (layers, loss_fn, sigma, settings) = (attack.layers, attack.loss_fn, attack.sigma, attack.settings);
     if l >= layers.len() {
         return Err(GuardError::Config { setting: "inversion layer", why: format!("layer index {l}, the model has {}", layers.len()) });
     }
@@ -221,6 +212,16 @@ pub fn invert_release(
     Ok((best.1, best.0))
 }
 
+/// The attacker of one estimate: the model it differentiates, its settings, the data's
+/// per-dimension spread `sigma` (scales the start and the step size) and the seed of its starts.
+struct Attack<'a> {
+    layers: &'a LayerMap,
+    loss_fn: &'a dyn LossFn,
+    settings: &'a InversionSettings,
+    sigma: f64,
+    seed: u64,
+}
+
 /// Squared distances between each true sample and each reconstruction of one release, and the
 /// assignment that pairs them: within each label, greedily the closest pair first (the batch's
 /// order is unknown to the attacker; the labels are known).
@@ -253,22 +254,16 @@ fn matched_errors(x: &[f64], xhat: &[f64], labels: &[i64], d: usize) -> Vec<f64>
 /// the start of `inputs`. The mean input x_bar and the PSNR range are taken over all of
 /// `inputs`. `transform` (a defence) is applied to each layer's released gradient before the
 /// attack; a withheld layer is absent.
-#[allow(clippy::too_many_arguments)]
-pub fn estimate_original_information(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
+pub(crate) fn estimate_original_information(
+    ins: &Inspection,
     plan: &InversionPlan,
     settings: &InversionSettings,
-    seed: u64,
     transform: Option<&ReleaseTransform>,
 ) -> Result<Vec<Metric<Inversion>>> {
     settings.validate()?;
-    let n = inputs.size().first().copied().unwrap_or(0).max(0) as usize;
-    if n == 0 {
-        return Err(GuardError::EmptyBatch);
-    }
+    let n = ins.batch().validate()?;
+    let (layers, loss_fn, seed) = (ins.layers(), ins.loss(), ins.seed());
+    let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
     if plan.batch_size == 0 || plan.releases == 0 {
         return Err(GuardError::Config { setting: "inversion plan", why: "batch size and releases must be at least 1".into() });
     }
@@ -276,10 +271,6 @@ pub fn estimate_original_information(
     if needed > n {
         let reason = format!("insufficient samples: {needed} needed ({} releases of {}), {n} given", plan.releases, plan.batch_size);
         return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect());
-    }
-    let t = targets.size().first().copied().unwrap_or(-1);
-    if t != n as i64 {
-        return Err(GuardError::BatchMismatch { what: "targets", inputs: n as i64, got: t });
     }
     let all = to_f64_vec(inputs)?;
     let d = all.len() / n;
@@ -340,8 +331,9 @@ pub fn estimate_original_information(
                 continue;
             }
             let centre = settings.start_from_mean.then_some(&mean_tensor);
-            let start = seeded_start(&x.size(), x.kind(), x.device(), centre, sigma, settings, seed, r as u64)?;
-            let (xhat, cos) = invert_release(layers, loss_fn, l, &released, &y, &start, sigma, settings)?;
+            let attack = Attack { layers, loss_fn, settings, sigma, seed };
+            let start = seeded_start(&attack, &x, centre, r as u64)?;
+            let (xhat, cos) = invert_release(&attack, l, &released, &y, &start)?;
             let xhat = to_f64_vec(&xhat)?;
             let errors = matched_errors(x_host, &xhat, &y_host, d);
             acc[l].err += errors.iter().sum::<f64>();

@@ -8,8 +8,11 @@ use tch::{nn::VarStore, Tensor};
 /// One trainable parameter tensor of a layer.
 #[derive(Debug)]
 pub struct Param {
+    /// The VarStore name of the parameter, e.g. `conv1.weight`.
     pub name: String,
+    /// The tensor's shape.
     pub shape: Vec<i64>,
+    /// Scalars in the tensor.
     pub numel: usize,
     /// Shares storage (and `.grad()`) with the VarStore's variable.
     pub tensor: Tensor,
@@ -18,7 +21,9 @@ pub struct Param {
 /// A layer: the parameters that share a module path.
 #[derive(Debug)]
 pub struct Layer {
+    /// The layer name: the parameter path without its last component.
     pub name: String,
+    /// The layer's trainable parameters, in creation order.
     pub params: Vec<Param>,
 }
 
@@ -32,7 +37,9 @@ impl Layer {
 /// What a report says about a layer's identity.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct LayerInfo {
+    /// The layer name.
     pub name: String,
+    /// P_l: scalars in the layer.
     pub params: usize,
 }
 
@@ -127,22 +134,27 @@ impl LayerMap {
         out
     }
 
+    /// The layers, in creation order.
     pub fn layers(&self) -> &[Layer] {
         &self.layers
     }
 
+    /// The number of layers.
     pub fn len(&self) -> usize {
         self.layers.len()
     }
 
+    /// Whether the model has no layers.
     pub fn is_empty(&self) -> bool {
         self.layers.is_empty()
     }
 
+    /// The layer names, in creation order.
     pub fn names(&self) -> Vec<String> {
         self.layers.iter().map(|l| l.name.clone()).collect()
     }
 
+    /// Name and parameter count of each layer, for reports.
     pub fn infos(&self) -> Vec<LayerInfo> {
         self.layers.iter().map(|l| LayerInfo { name: l.name.clone(), params: l.numel() }).collect()
     }

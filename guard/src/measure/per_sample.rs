@@ -2,18 +2,20 @@
 //! (M3). The gradients come from `subspace::sample_gradient` (one micro-batch of one sample per
 //! backward pass, the same code M2 uses); this module only stacks them by layer.
 use crate::error::{GuardError, Result, TorchContext};
-use crate::layers::LayerMap;
-use crate::loss::LossFn;
-use crate::subspace::sample_gradient;
-use crate::tensors::to_f64_vec;
+use super::inspection::Inspection;
+use crate::measure::subspace::sample_gradient;
+use crate::measure::tensors::to_f64_vec;
 use tch::Tensor;
 
 /// A row-major host matrix of f64: one row per sample (or per release), one column per
 /// parameter scalar of a layer. Plain data: Send + Sync, no autograd.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradientMatrix {
+    /// Samples (or releases).
     pub rows: usize,
+    /// Parameter scalars of the layer.
     pub cols: usize,
+    /// `rows * cols` values, row-major.
     pub data: Vec<f64>,
 }
 
@@ -67,20 +69,10 @@ impl GradientMatrix {
 /// when the loss does not reach layer l (its gradient is undefined for every sample).
 /// `inputs` and `targets` hold n samples along dimension 0; each sample is its own backward
 /// pass (the loss function is called with a batch of one).
-pub fn per_sample_gradients(
-    layers: &LayerMap,
-    loss_fn: &dyn LossFn,
-    inputs: &Tensor,
-    targets: &Tensor,
-) -> Result<Vec<Option<GradientMatrix>>> {
-    let n = inputs.size().first().copied().unwrap_or(0);
-    if n <= 0 {
-        return Err(GuardError::EmptyBatch);
-    }
-    let t = targets.size().first().copied().unwrap_or(-1);
-    if t != n {
-        return Err(GuardError::BatchMismatch { what: "targets", inputs: n, got: t });
-    }
+pub(crate) fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
+    let n = ins.batch().validate()? as i64;
+    let (layers, loss_fn) = (ins.layers(), ins.loss());
+    let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
     let (params, owner) = layers.flat_params();
     // Which layers the loss reaches: one plain backward on the first sample.
     let x0 = inputs.f_narrow(0, 0, 1).during("selecting a sample")?;

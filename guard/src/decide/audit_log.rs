@@ -26,6 +26,7 @@
 //! well; any other line that does not parse is corruption and an error.
 //!
 //! One writer per file: two processes appending to the same log are not supported.
+use crate::error::AuditError;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -53,6 +54,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name as written in the log, e.g. `"withheld"`.
     pub fn name(self) -> &'static str {
         match self {
             Outcome::Released => "released",
@@ -89,13 +91,16 @@ pub struct DecisionRecord {
     /// the shortest representation that round-trips; serde_json reads it back exactly only
     /// with its `float_roundtrip` feature (otherwise possibly 1 ulp off).
     pub value: Option<f64>,
+    /// The rule's threshold the value was compared with (act_above, or relax_below when relaxing).
     pub threshold: Option<f64>,
     /// Ladder rung in force (0 = unprotected).
     pub level: usize,
     /// The action applied, e.g. `"clip(max_norm=1)"`, `"none"`, `"withhold"`,
     /// `"aggregate(factor=2)"`, `"block"`.
     pub action: String,
+    /// What the decision did to the layer (or the release).
     pub outcome: Outcome,
+    /// Why, where the outcome needs explaining (an absent metric, an exhausted ladder, a block).
     pub reason: Option<String>,
     /// sha256 (hex) of the policy text in force.
     pub policy_hash: String,
@@ -106,23 +111,6 @@ pub fn unix_ms_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AuditError {
-    #[error("audit log {path}: cannot create its folder: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
-    #[error("audit log {path}: cannot open for appending: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
-    #[error("audit log {path}: cannot encode the record for step {step}, layer '{layer}': {source}")]
-    Encode { path: PathBuf, step: u64, layer: String, source: serde_json::Error },
-    #[error(
-        "audit log {path}: write failed (the record for step {step}, layer '{layer}' is not acknowledged): {source}"
-    )]
-    Write { path: PathBuf, step: u64, layer: String, source: std::io::Error },
-    #[error("audit log {path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("audit log {path}, line {line}: not a decision record: {why}")]
-    Corrupt { path: PathBuf, line: usize, why: String },
-}
 
 /// How far an acknowledged record survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -164,6 +152,7 @@ impl AuditLog {
         Self::open_with(path, Durability::default())
     }
 
+    /// Like [`AuditLog::open`], with the given durability of each acknowledged record.
     pub fn open_with(path: impl AsRef<Path>, durability: Durability) -> Result<Self, AuditError> {
         let path = path.as_ref().to_path_buf();
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
@@ -195,10 +184,12 @@ impl AuditLog {
         Ok(Self { path, file, durability, buf: Vec::with_capacity(512) })
     }
 
+    /// The log file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// How far each acknowledged record survives.
     pub fn durability(&self) -> Durability {
         self.durability
     }

@@ -4,7 +4,7 @@
 //! chain that was not computed is not measurable, and the guard fails closed on it.
 use crate::error::Result;
 use crate::report::{Metric, Subspace};
-use crate::subspace::SubspaceSamples;
+use crate::measure::subspace::SubspaceSamples;
 use gradguard_defenses::{apply_all, Defence};
 use std::collections::HashMap;
 

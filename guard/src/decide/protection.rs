@@ -3,64 +3,13 @@
 //! release, or block. Levels persist between releases (hysteresis): a rule's level rises while
 //! the release stays above `act_above` and falls one rung per release while the raw gradient
 //! is below `relax_below`.
-use crate::audit::{DecisionRecord, Outcome};
-use crate::error::{Result, TorchContext};
-use crate::policy::{Coverage, LadderStep, LeakageMetric, OnViolation, Policy};
-use crate::sensitivity::JvpSamples;
-use crate::latent_table::LatentTable;
-use crate::transform::transform;
+use super::audit_log::{DecisionRecord, Outcome};
+use super::policy::{Coverage, LadderStep, OnViolation, Policy};
+use super::release::BlockReason;
+use crate::error::{PolicyError, Result};
+use crate::measure::{JvpSamples, LatentTable};
+use crate::report::{LayerManifest, LeakageMetric, ReleaseOutcome, RuleCheck};
 use gradguard_defenses::Defence;
-use serde::{Deserialize, Serialize};
-
-/// What happened to one release.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum ReleaseOutcome {
-    Released,
-    /// Nothing released yet: accumulating samples up to the aggregation floor.
-    Pending { reason: String },
-    Blocked { reason: String },
-}
-
-/// One rule's check of one layer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RuleCheck {
-    pub rule: String,
-    pub metric: LeakageMetric,
-    /// Ladder rungs in force.
-    pub level: usize,
-    /// The metric on the unprotected gradient (None: not re-measured at this release).
-    pub raw: Option<f64>,
-    /// The metric on the release (None: withheld, or not re-measured).
-    pub released: Option<f64>,
-    pub act_above: f64,
-    pub relax_below: f64,
-}
-
-/// What was done to one layer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LayerManifest {
-    pub name: String,
-    pub released: bool,
-    /// The defences applied in order, as `clip(max_norm=1)` etc.
-    pub actions: Vec<String>,
-    pub checks: Vec<RuleCheck>,
-}
-
-/// The manifest of a release: what was done to each layer and why. Carries no gradient value.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Manifest {
-    pub step: u64,
-    pub policy_hash: String,
-    pub policy_version: u32,
-    /// Samples the release covers.
-    pub samples: usize,
-    pub aggregation_floor: usize,
-    /// Step of the estimate the decisions rest on.
-    pub estimate_step: Option<u64>,
-    pub outcome: ReleaseOutcome,
-    pub layers: Vec<LayerManifest>,
-}
 
 /// The measurements a decision can use. Each is optional: a rule whose metric is missing fails
 /// closed.
@@ -72,7 +21,6 @@ pub struct Measurements<'a> {
     pub max_age_steps: u64,
     /// Seed of the defences' randomness for this release, per layer.
     pub seeds: &'a [u64],
-    pub params: &'a [usize],
 }
 
 /// A metric value on a release: None when nothing is released (withheld or unused layer).
@@ -83,19 +31,11 @@ impl Measurements<'_> {
         match metric {
             LeakageMetric::Sensitivity | LeakageMetric::SensitivityRms | LeakageMetric::RelativeSensitivity => {
                 let Some(jvps) = self.jvps else { return Ok(Err("sensitivity was not estimated".into())) };
-                let Some(layer) = &jvps.layers[l] else { return Ok(Ok(None)) };
-                let Some(t) = transform(chain, &layer.grad, &layer.jvps, self.seeds[l])? else { return Ok(Ok(None)) };
-                // One host read for all probes.
-                let squares = t.tangents.iter().map(crate::tensors::sum_sq).collect::<Result<Vec<_>>>()?;
-                let total: f64 = crate::tensors::to_f64_vec(&tch::Tensor::f_stack(&squares, 0).during("stacking tangent norms")?)?.iter().sum();
-                let s = (total / (jvps.probes as f64 * jvps.n as f64)).sqrt();
+                let Some(release) = jvps.release_sensitivity(l, chain, self.seeds[l])? else { return Ok(Ok(None)) };
                 Ok(Ok(Some(match metric {
-                    LeakageMetric::Sensitivity => s,
-                    LeakageMetric::SensitivityRms => s / (self.params[l] as f64).sqrt(),
-                    _ => {
-                        let norm = t.value.f_norm().and_then(|n| n.f_double_value(&[])).during("the release's norm")?;
-                        if norm > 0.0 { s / norm } else { 0.0 }
-                    }
+                    LeakageMetric::Sensitivity => release.sensitivity,
+                    LeakageMetric::SensitivityRms => release.sensitivity_rms,
+                    _ => release.relative_sensitivity,
                 })))
             }
             LeakageMetric::SubspaceSeparation => {
@@ -122,8 +62,8 @@ pub struct Decision {
     pub outcome: ReleaseOutcome,
     pub layers: Vec<LayerManifest>,
     pub records: Vec<DecisionRecord>,
-    /// (layer, metric, value, threshold) of the violation that blocked the release.
-    pub violation: Option<(String, String, Option<f64>, f64)>,
+    /// What blocked the release, if anything did.
+    pub block: Option<BlockReason>,
 }
 
 /// Protection levels per rule and layer, and the aggregation floor they imply.
@@ -136,18 +76,17 @@ pub struct Protection {
 }
 
 impl Protection {
-    pub fn new(policy: Policy, layer_names: Vec<String>) -> std::result::Result<Self, crate::policy::PolicyError> {
+    /// Starts every rule unprotected (level 0) on every layer; fails when the policy's layer
+    /// patterns do not fit `layer_names`.
+    pub fn new(policy: Policy, layer_names: Vec<String>) -> std::result::Result<Self, PolicyError> {
         let coverage = policy.coverage(&layer_names)?;
-        let levels = vec![vec![0; layer_names.len()]; policy.rules.len()];
+        let levels = vec![vec![0; layer_names.len()]; policy.rules().len()];
         Ok(Self { policy, coverage, layer_names, levels })
     }
 
+    /// The policy in force.
     pub fn policy(&self) -> &Policy {
         &self.policy
-    }
-
-    pub fn coverage(&self) -> &Coverage {
-        &self.coverage
     }
 
     /// The protection level of each layer: the highest rung in force over its rules.
@@ -160,7 +99,7 @@ impl Protection {
     /// top, the other rules held at theirs.
     pub fn latent_requests(&self) -> Vec<(usize, Vec<Defence>)> {
         let mut out: Vec<(usize, Vec<Defence>)> = (0..self.layer_names.len()).map(|l| (l, vec![])).collect();
-        for (r, rule) in self.policy.rules.iter().enumerate() {
+        for (r, rule) in self.policy.rules().iter().enumerate() {
             if rule.metric != LeakageMetric::SubspaceSeparation {
                 continue;
             }
@@ -176,13 +115,13 @@ impl Protection {
 
     /// Whether any rule acts on this metric.
     pub fn uses(&self, metric: LeakageMetric) -> bool {
-        self.policy.rules.iter().zip(&self.coverage.rule_layers).any(|(r, l)| r.metric == metric && !l.is_empty())
+        self.policy.rules().iter().zip(&self.coverage.rule_layers).any(|(r, l)| r.metric == metric && !l.is_empty())
     }
 
     /// The thresholds that apply: (layer, metric, act_above), for the exporter.
     pub fn thresholds(&self) -> Vec<(String, LeakageMetric, f64)> {
         let mut out = Vec::new();
-        for (rule, layers) in self.policy.rules.iter().zip(&self.coverage.rule_layers) {
+        for (rule, layers) in self.policy.rules().iter().zip(&self.coverage.rule_layers) {
             for &l in layers {
                 out.push((self.layer_names[l].clone(), rule.metric, rule.act_above));
             }
@@ -193,9 +132,9 @@ impl Protection {
     /// The aggregation floor in force: the policy's floor times the factors of the aggregate
     /// rungs in force (the largest product over rules and layers), up to the ceiling.
     pub fn floor(&self) -> usize {
-        let s = &self.policy.settings;
+        let s = &self.policy.settings();
         let mut factor: f64 = 1.0;
-        for (rule, levels) in self.policy.rules.iter().zip(&self.levels) {
+        for (rule, levels) in self.policy.rules().iter().zip(&self.levels) {
             for &level in levels {
                 let f: f64 = rule.ladder[..level]
                     .iter()
@@ -218,7 +157,7 @@ impl Protection {
     /// The chain of layer l with rule `r` at `level` instead of its level in force.
     fn chain_with(&self, l: usize, overridden: Option<(usize, usize)>) -> Vec<Defence> {
         let mut chain = Vec::new();
-        for (r, rule) in self.policy.rules.iter().enumerate() {
+        for (r, rule) in self.policy.rules().iter().enumerate() {
             if !self.coverage.rule_layers[r].contains(&l) {
                 continue;
             }
@@ -237,7 +176,7 @@ impl Protection {
 
     fn record(&self, step: u64, layer: &str, outcome: Outcome, action: String) -> DecisionRecord {
         DecisionRecord {
-            time_unix_ms: crate::audit::unix_ms_now(),
+            time_unix_ms: crate::decide::audit_log::unix_ms_now(),
             step,
             layer: layer.to_string(),
             rule: None,
@@ -248,7 +187,7 @@ impl Protection {
             action,
             outcome,
             reason: None,
-            policy_hash: self.policy.hash.clone(),
+            policy_hash: self.policy.hash().to_string(),
         }
     }
 
@@ -260,18 +199,18 @@ impl Protection {
         let mut layers = Vec::new();
         let mut chains = Vec::new();
         let mut pending: Option<String> = None;
-        let mut violation = None;
+        let mut block = None;
         for l in 0..self.layer_names.len() {
             let name = self.layer_names[l].clone();
-            let rules: Vec<usize> = (0..self.policy.rules.len()).filter(|&r| self.coverage.rule_layers[r].contains(&l)).collect();
-            let mut raw = vec![None; self.policy.rules.len()];
+            let rules: Vec<usize> = (0..self.policy.rules().len()).filter(|&r| self.coverage.rule_layers[r].contains(&l)).collect();
+            let mut raw = vec![None; self.policy.rules().len()];
             // Hysteresis on the raw gradient.
             for &r in &rules {
-                let rule = &self.policy.rules[r];
+                let rule = &self.policy.rules()[r];
                 let value = match m.measure(rule.metric, l, &[])? {
                     Ok(v) => v,
                     Err(reason) => {
-                        violation.get_or_insert((name.clone(), rule.metric.name().to_string(), None, rule.act_above));
+                        block.get_or_insert(BlockReason::Violation { layer: name.clone(), metric: rule.metric, value: None, threshold: rule.act_above });
                         let mut rec = self.record(step, &name, Outcome::Blocked, "block".into());
                         rec.rule = Some(rule.name.clone());
                         rec.metric = Some(rule.metric.name().into());
@@ -301,7 +240,7 @@ impl Protection {
                 let mut checks = Vec::new();
                 let mut failing = None;
                 for &r in &rules {
-                    let rule = &self.policy.rules[r];
+                    let rule = &self.policy.rules()[r];
                     let released = m.measure(rule.metric, l, &chain)?.unwrap_or(None);
                     let passed = released.is_none_or(|v| v <= rule.act_above);
                     if !passed && failing.is_none() {
@@ -318,7 +257,7 @@ impl Protection {
                     });
                 }
                 let Some((r, value)) = failing else { break (chain, checks, false) };
-                let rule = self.policy.rules[r].clone();
+                let rule = self.policy.rules()[r].clone();
                 let level = self.levels[r][l];
                 if level < rule.ladder.len() {
                     self.levels[r][l] += 1;
@@ -349,11 +288,11 @@ impl Protection {
                 rec.value = value;
                 rec.threshold = Some(rule.act_above);
                 rec.level = level;
-                match self.policy.settings.on_violation {
+                match self.policy.settings().on_violation {
                     OnViolation::Block => {
                         rec.reason = Some("every rung applied and the release is still above the threshold".into());
                         records.push(rec);
-                        violation.get_or_insert((name.clone(), rule.metric.name().to_string(), value, rule.act_above));
+                        block.get_or_insert(BlockReason::Violation { layer: name.clone(), metric: rule.metric, value, threshold: rule.act_above });
                         break (chain, checks, false);
                     }
                     OnViolation::Withhold => {
@@ -366,7 +305,6 @@ impl Protection {
                 }
             };
             let withheld = withheld || chain.iter().any(|d| matches!(d, Defence::Withhold));
-            let actions: Vec<String> = if withheld { vec!["withhold".into()] } else { chain.iter().map(|d| d.to_string()).collect() };
             let outcome = if withheld {
                 Outcome::Withheld
             } else if chain.is_empty() {
@@ -374,9 +312,9 @@ impl Protection {
             } else {
                 Outcome::Protected
             };
+            let actions = if withheld { vec![Defence::Withhold] } else { chain };
             for c in &checks {
-                let mut rec = self.record(step, &name, outcome, actions.join(" -> "));
-                rec.action = if actions.is_empty() { "none".into() } else { actions.join(" -> ") };
+                let mut rec = self.record(step, &name, outcome, action_text(&actions));
                 rec.rule = Some(c.rule.clone());
                 rec.metric = Some(c.metric.name().into());
                 rec.value = c.released;
@@ -384,26 +322,24 @@ impl Protection {
                 rec.level = c.level;
                 records.push(rec);
             }
+            chains.push(if withheld { None } else { Some(actions.clone()) });
             layers.push(LayerManifest { name, released: !withheld, actions, checks });
-            chains.push(if withheld { None } else { Some(chain) });
         }
-        if violation.is_some() {
+        if block.is_some() {
             // A block releases nothing, whatever the other layers' checks said.
             for layer in &mut layers {
                 layer.released = false;
             }
             chains = vec![None; self.layer_names.len()];
         }
-        let outcome = if let Some((layer, metric, value, threshold)) = &violation {
-            ReleaseOutcome::Blocked {
-                reason: format!("layer {layer}: {metric} {} above threshold {threshold} with every defence applied (or not measurable)", fmt_opt(*value)),
-            }
+        let outcome = if let Some(reason) = &block {
+            ReleaseOutcome::Blocked { reason: reason.to_string() }
         } else if let Some(reason) = pending {
             ReleaseOutcome::Pending { reason }
         } else {
             ReleaseOutcome::Released
         };
-        Ok(Decision { chains, outcome, layers, records, violation })
+        Ok(Decision { chains, outcome, layers, records, block })
     }
 
     /// Applies the levels in force without re-measuring (between estimates).
@@ -415,37 +351,78 @@ impl Protection {
         for l in 0..self.layer_names.len() {
             let chain = self.chain(l);
             let withheld = chain.iter().any(|d| matches!(d, Defence::Withhold));
-            let actions: Vec<String> = if withheld { vec!["withhold".into()] } else { chain.iter().map(|d| d.to_string()).collect() };
             let outcome = if withheld { Outcome::Withheld } else if chain.is_empty() { Outcome::Released } else { Outcome::Protected };
-            let mut rec = self.record(step, &self.layer_names[l], outcome, if actions.is_empty() { "none".into() } else { actions.join(" -> ") });
+            let actions = if withheld { vec![Defence::Withhold] } else { chain.clone() };
+            let mut rec = self.record(step, &self.layer_names[l], outcome, action_text(&actions));
             rec.level = levels[l];
             rec.reason = Some(format!("levels from the estimate at step {estimate_step}"));
             records.push(rec);
             layers.push(LayerManifest { name: self.layer_names[l].clone(), released: !withheld, actions, checks: vec![] });
             chains.push(if withheld { None } else { Some(chain) });
         }
-        Decision { chains, outcome: ReleaseOutcome::Released, layers, records, violation: None }
+        Decision { chains, outcome: ReleaseOutcome::Released, layers, records, block: None }
+    }
+
+    /// Nothing released yet: the release waits for more samples.
+    pub fn pending(&self, reason: String) -> Decision {
+        Decision {
+            chains: vec![None; self.layer_names.len()],
+            outcome: ReleaseOutcome::Pending { reason },
+            layers: vec![],
+            records: vec![],
+            block: None,
+        }
     }
 
     /// A release-wide block (stale or failed estimate, non-finite gradient).
-    pub fn block(&self, step: u64, reason: String) -> Decision {
+    pub fn block(&self, step: u64, reason: BlockReason) -> Decision {
         let mut rec = self.record(step, "*", Outcome::Blocked, "block".into());
-        rec.reason = Some(reason.clone());
+        rec.reason = Some(reason.to_string());
         Decision {
             chains: vec![None; self.layer_names.len()],
-            outcome: ReleaseOutcome::Blocked { reason },
+            outcome: ReleaseOutcome::Blocked { reason: reason.to_string() },
             layers: self
                 .layer_names
                 .iter()
-                .map(|n| LayerManifest { name: n.clone(), released: false, actions: vec!["block".into()], checks: vec![] })
+                .map(|n| LayerManifest { name: n.clone(), released: false, actions: vec![], checks: vec![] })
                 .collect(),
             records: vec![rec],
-            violation: None,
+            block: Some(reason),
         }
     }
+}
+
+/// A chain as the audit log writes it: `clip(max_norm=1) -> sparsify(keep_fraction=0.25)`,
+/// `none` when nothing is applied.
+fn action_text(actions: &[Defence]) -> String {
+    if actions.is_empty() {
+        return "none".into();
+    }
+    actions.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" -> ")
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
     v.map_or("(absent)".into(), |v| format!("{v:.4e}"))
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::ReleaseOutcome;
+
+    #[test]
+    fn subspace_results_older_than_the_bound_fail_closed() {
+        let rule = "[[rule]]\nname = \"latent\"\nmetric = \"subspace_separation\"\nlayers = [\"fc*\"]\nact_above = 10.0\nrelax_below = 5.0\nladder = [{ action = \"withhold\" }]\n";
+        let policy = Policy::from_toml_str(&format!("version = 1\n{rule}"), "t").unwrap();
+        let layers: Vec<String> = ["conv1", "fc1", "fc2"].map(String::from).to_vec();
+        let mut protection = Protection::new(policy, layers).unwrap();
+        let old = LatentTable::unavailable(0, 3, "never reached: the age check comes first".into());
+        let m = Measurements { jvps: None, latent: Some(&old), step: 10, max_age_steps: 4, seeds: &[0, 0, 0] };
+        let decision = protection.decide(10, &m).unwrap();
+        assert!(matches!(decision.outcome, ReleaseOutcome::Blocked { .. }));
+        assert!(decision.layers.iter().all(|l| !l.released));
+        let reason = decision.records.iter().find_map(|r| r.reason.clone()).unwrap();
+        assert!(reason.contains("stale: 10 steps old, the policy allows 4"), "{reason}");
+    }
+}

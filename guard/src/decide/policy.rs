@@ -1,58 +1,14 @@
 //! The policy file: global settings, then rules. A rule names a metric, the layers it covers
 //! (names or globs), a threshold to act above, a lower one to relax below, and an escalation
 //! ladder of actions. See `examples/policy.toml`.
+use crate::error::{PolicyError, POLICY_VERSION};
+use crate::measure::{SensitivitySettings, SubspaceSettings};
+use crate::report::{JvpMethod, LeakageMetric};
 use gradguard_defenses::Defence;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
-/// The policy format version this build reads.
-pub const POLICY_VERSION: u32 = 1;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
-    #[error("cannot read policy {path}: {why}")]
-    Io { path: String, why: String },
-    #[error("policy {origin}: {message}")]
-    Syntax { origin: String, message: String },
-    #[error("policy {origin}: version {found} is not supported (this build reads version {POLICY_VERSION})")]
-    Version { origin: String, found: u32 },
-    #[error("policy {origin}, {location}: {why}")]
-    Invalid { origin: String, location: String, why: String },
-    #[error("policy {origin}, rule '{rule}': layer pattern '{pattern}' matches no layer of the model (layers: {layers:?})")]
-    UnmatchedPattern { origin: String, rule: String, pattern: String, layers: Vec<String> },
-}
-
-/// The metric a rule acts on, by its METRICS.md name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LeakageMetric {
-    Sensitivity,
-    SensitivityRms,
-    RelativeSensitivity,
-    SubspaceSeparation,
-    UsableInformationBits,
-}
-
-impl LeakageMetric {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Sensitivity => "sensitivity",
-            Self::SensitivityRms => "sensitivity_rms",
-            Self::RelativeSensitivity => "relative_sensitivity",
-            Self::SubspaceSeparation => "subspace_separation",
-            Self::UsableInformationBits => "usable_information_bits",
-        }
-    }
-
-    pub const ALL: [LeakageMetric; 5] = [
-        Self::Sensitivity,
-        Self::SensitivityRms,
-        Self::RelativeSensitivity,
-        Self::SubspaceSeparation,
-        Self::UsableInformationBits,
-    ];
-}
 
 /// What happens to a release the guard cannot make compliant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -65,7 +21,8 @@ pub enum OnViolation {
     Withhold,
 }
 
-/// Global settings.
+/// The guard's settings: the one settings type, read from a policy's `[settings]` table (a
+/// guard without a policy file uses [`Settings::default`], with its 5% budget).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -81,6 +38,7 @@ pub struct Settings {
     pub aggregation_floor: usize,
     /// The floor escalation may raise to, at most.
     pub aggregation_ceiling: usize,
+    /// What happens when a layer stays above a threshold after its whole ladder.
     pub on_violation: OnViolation,
     /// A layer pattern that matches no layer is an error (true) or a warning (false).
     pub strict_layers: bool,
@@ -88,11 +46,17 @@ pub struct Settings {
     pub withheld_layers_train_locally: bool,
     /// Probes K for M1.
     pub probes: usize,
+    /// How M1's JVPs are formed.
+    pub jvp_method: JvpMethod,
+    /// M1 by enumerating a basis instead of probing (small models and tests).
+    pub exact_sensitivity: bool,
     /// The share of wall time the guard may spend (estimates included), in (0, 1].
     pub budget_share: f64,
     /// Run M2's linear algebra and report fan-out on a worker thread (false: all inline, and
     /// reports are deterministic step by step).
     pub background_estimates: bool,
+    /// How M2 picks and compares per-sample gradients (`[settings.subspace]`).
+    pub subspace: SubspaceSettings,
 }
 
 impl Default for Settings {
@@ -108,6 +72,9 @@ impl Default for Settings {
             strict_layers: true,
             withheld_layers_train_locally: true,
             probes: 8,
+            jvp_method: JvpMethod::default(),
+            exact_sensitivity: false,
+            subspace: SubspaceSettings::default(),
             budget_share: 0.05,
             background_estimates: true,
         }
@@ -121,10 +88,14 @@ pub enum LadderStep {
     /// A transformation of the layer's released gradient.
     Defence(Defence),
     /// Raise the aggregation floor by `factor` (up to the ceiling): releases cover more samples.
-    Aggregate { factor: f64 },
+    Aggregate {
+        /// Multiplier of the aggregation floor.
+        factor: f64,
+    },
 }
 
 impl LadderStep {
+    /// The action's name: the defence's name, or `"aggregate"`.
     pub fn name(&self) -> &'static str {
         match self {
             LadderStep::Defence(d) => d.name(),
@@ -145,11 +116,17 @@ impl std::fmt::Display for LadderStep {
 /// A rule: act on `metric` of the covered layers above `act_above`, relax below `relax_below`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rule {
+    /// The rule's name, as cited in decisions and errors.
     pub name: String,
+    /// The metric the rule acts on.
     pub metric: LeakageMetric,
+    /// Layer names or glob patterns the rule covers.
     pub layers: Vec<String>,
+    /// Escalate a layer whose metric is above this.
     pub act_above: f64,
+    /// Relax a layer whose metric is below this (at most `act_above`).
     pub relax_below: f64,
+    /// Escalation rungs, applied in order as the level rises.
     pub ladder: Vec<LadderStep>,
 }
 
@@ -177,13 +154,13 @@ struct RuleFile {
 /// A validated policy with the hash of its text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
-    pub version: u32,
-    pub settings: Settings,
-    pub rules: Vec<Rule>,
+    version: u32,
+    settings: Settings,
+    rules: Vec<Rule>,
     /// sha256 of the file's text, hex: part of every decision record.
-    pub hash: String,
+    hash: String,
     /// Where it came from (a path or a label).
-    pub origin: String,
+    origin: String,
 }
 
 /// Which layers each rule covers on a given model.
@@ -195,7 +172,15 @@ pub struct Coverage {
     pub warnings: Vec<String>,
 }
 
+impl Settings {
+    /// The M1 estimator's settings these settings imply.
+    pub fn sensitivity(&self) -> SensitivitySettings {
+        SensitivitySettings { probes: self.probes, method: self.jvp_method, exact: self.exact_sensitivity }
+    }
+}
+
 impl Policy {
+    /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| PolicyError::Io { path: path.display().to_string(), why: e.to_string() })?;
@@ -205,9 +190,26 @@ impl Policy {
     /// A policy with no rules: the guard measures and releases, checking only finiteness and
     /// staleness.
     pub fn permissive() -> Self {
-        Self::from_toml_str("version = 1\n", "built-in permissive policy").expect("the built-in policy is valid")
+        let settings = Settings::default();
+        let hash = hex(&Sha256::digest(PERMISSIVE.as_bytes()));
+        Self { version: POLICY_VERSION, settings, rules: vec![], hash, origin: "built-in permissive policy".into() }
     }
 
+    /// A policy with no rules and these settings, validated as a file's would be (its hash is
+    /// that of the equivalent file's text).
+    pub fn permissive_with(settings: Settings) -> Result<Self, PolicyError> {
+        let origin = "built-in permissive policy";
+        #[derive(Serialize)]
+        struct File<'a> {
+            version: u32,
+            settings: &'a Settings,
+        }
+        let text = toml::to_string(&File { version: POLICY_VERSION, settings: &settings })
+            .map_err(|e| PolicyError::Invalid { origin: origin.into(), location: "settings".into(), why: e.to_string() })?;
+        Self::from_toml_str(&text, origin)
+    }
+
+    /// Parses and validates a policy's text; `origin` names it in errors and reports.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(text)
             .map_err(|e| PolicyError::Syntax { origin: origin.into(), message: e.to_string().trim_end().to_string() })?;
@@ -268,6 +270,43 @@ impl Policy {
         Ok(Self { version: file.version, settings: file.settings, rules, hash, origin: origin.into() })
     }
 
+    /// The same rules under other settings (a command-line override, say), validated as a
+    /// file's settings are. Its hash is the sha256 of this policy's hash and the new settings
+    /// written out, so a decision record never names the original policy for the changed one.
+    pub fn with_settings(&self, settings: Settings) -> Result<Self, PolicyError> {
+        let origin = format!("{} (settings overridden)", self.origin);
+        validate_settings(&settings).map_err(|(field, why)| PolicyError::Invalid { origin: origin.clone(), location: format!("settings.{field}"), why })?;
+        let written = toml::to_string(&settings).map_err(|e| PolicyError::Invalid { origin: origin.clone(), location: "settings".into(), why: e.to_string() })?;
+        let hash = hex(&Sha256::digest(format!("{}\n{written}", self.hash).as_bytes()));
+        // The rules' layer patterns and ladders do not depend on the settings: they stay valid.
+        Ok(Self { version: self.version, settings, rules: self.rules.clone(), hash, origin })
+    }
+
+    /// The policy format version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The rules, in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// sha256 (hex) of the policy's text.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// Where the policy came from (a path or a label).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
     /// Matches each rule's patterns against the model's layer names.
     pub fn coverage(&self, layer_names: &[String]) -> Result<Coverage, PolicyError> {
         let mut rule_layers = Vec::new();
@@ -275,7 +314,9 @@ impl Policy {
         for rule in &self.rules {
             let mut covered = Vec::new();
             for pattern in &rule.layers {
-                let matcher = globset::Glob::new(pattern).expect("validated at load").compile_matcher();
+                let matcher = globset::Glob::new(pattern)
+                    .map_err(|e| PolicyError::Invalid { origin: self.origin.clone(), location: format!("rule '{}', layers", rule.name), why: format!("bad pattern '{pattern}': {e}") })?
+                    .compile_matcher();
                 let hits: Vec<usize> = (0..layer_names.len()).filter(|&i| matcher.is_match(&layer_names[i])).collect();
                 if hits.is_empty() {
                     if self.settings.strict_layers {
@@ -299,7 +340,7 @@ impl Policy {
 
     /// The short form of the hash used in logs and labels.
     pub fn short_hash(&self) -> &str {
-        &self.hash[..12]
+        self.hash.get(..12).unwrap_or(&self.hash)
     }
 }
 
@@ -347,11 +388,15 @@ fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
     if !(s.budget_share > 0.0 && s.budget_share <= 1.0) {
         return Err(("budget_share", format!("must be in (0, 1], got {}", s.budget_share)));
     }
-    if s.probes < 2 {
+    if !s.exact_sensitivity && s.probes < 2 {
         return Err(("probes", format!("needs at least 2 for a standard error, got {}", s.probes)));
     }
+    s.subspace.validate().map_err(|e| ("subspace", e.to_string()))?;
     Ok(())
 }
+
+/// The text of the permissive policy (no settings, no rules).
+const PERMISSIVE: &str = "version = 1\n";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -2,19 +2,58 @@
 //! seed, P_l); a metric that could not be computed is `absent` with its reason, never 0.
 use serde::{Deserialize, Serialize};
 
+mod manifest;
+pub use manifest::{LayerManifest, Manifest, ReleaseOutcome, RuleCheck};
+
+/// The metric a rule acts on, by its METRICS.md name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakageMetric {
+    /// M1 S_l(B): RMS over the batch of the Frobenius norm of the layer gradient's input Jacobian.
+    Sensitivity,
+    /// M1 S_l^rms = S_l / sqrt(P_l): per-parameter scale, comparable across layers.
+    SensitivityRms,
+    /// M1 R_l = S_l / ||G_l||_2: scale-free in the loss and learning rate.
+    RelativeSensitivity,
+    /// M2 d_between - d_within: the baseline-corrected subspace score.
+    SubspaceSeparation,
+    /// M3 usable (V-)information about the attribute, in bits.
+    UsableInformationBits,
+}
+
+impl LeakageMetric {
+    /// The metric's METRICS.md name, as written in policies and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sensitivity => "sensitivity",
+            Self::SensitivityRms => "sensitivity_rms",
+            Self::RelativeSensitivity => "relative_sensitivity",
+            Self::SubspaceSeparation => "subspace_separation",
+            Self::UsableInformationBits => "usable_information_bits",
+        }
+    }
+}
+
 /// A metric that was either measured or is absent for a stated reason.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Metric<T> {
+    /// The value that was computed.
     Measured(T),
-    Absent { reason: String },
+    /// Not computed; never reported as 0.
+    Absent {
+        /// Why the metric could not be computed.
+        reason: String,
+    },
 }
 
 impl<T> Metric<T> {
+    /// An absent metric with the given reason.
     pub fn absent(reason: impl Into<String>) -> Self {
         Metric::Absent { reason: reason.into() }
     }
 
+    /// The value, or None when absent.
     pub fn measured(&self) -> Option<&T> {
         match self {
             Metric::Measured(v) => Some(v),
@@ -22,6 +61,7 @@ impl<T> Metric<T> {
         }
     }
 
+    /// The reason the metric is absent, or None when measured.
     pub fn absent_reason(&self) -> Option<&str> {
         match self {
             Metric::Measured(_) => None,
@@ -52,14 +92,19 @@ pub struct Sensitivity {
     pub sensitivity_rms: f64,
     /// S_l / ||G_l||_2; absent (None) when the layer's gradient is exactly 0.
     pub relative_sensitivity: Option<f64>,
+    /// Training step the estimate was computed at.
     pub step: u64,
     /// Samples in the released batch.
     pub n: usize,
     /// Probes K; None in exact mode.
     pub probes: Option<usize>,
+    /// Whether exact mode (basis enumeration) was used instead of probes.
     pub exact: bool,
+    /// How the JVP was formed (the setting; unused in exact mode).
     pub method: JvpMethod,
+    /// Seed the probes were drawn from (same seed, same numbers).
     pub seed: u64,
+    /// P_l: scalars in the layer.
     pub params: usize,
 }
 
@@ -70,35 +115,51 @@ pub struct Subspace {
     pub subspace_distance: f64,
     /// d_between - d_within: the baseline-corrected score thresholds act on.
     pub subspace_separation: f64,
+    /// d_within: distance between the two halves of the same group, the baseline.
     pub within_distance: f64,
+    /// Training step the estimate was computed at.
     pub step: u64,
     /// Gradients per attribute value actually used.
     pub m: usize,
     /// Subspace rank r requested (fewer where the numerical rank is lower).
     pub rank: usize,
+    /// Attribute values (groups) compared; pairs of values are averaged.
     pub groups: usize,
+    /// Whether the gradients were centred on their overall mean first.
     pub centred: bool,
+    /// Seed of the random split into halves.
     pub seed: u64,
+    /// P_l: scalars in the layer.
     pub params: usize,
 }
 
 /// Statistics of the layer's released gradient at this step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GradientStats {
+    /// ||G_l||_2 over all the layer's parameters.
     pub norm: f64,
+    /// Largest |entry| of G_l (NaN if any entry is NaN).
     pub max_abs: f64,
+    /// Count of non-finite entries of G_l.
     pub non_finite: u64,
+    /// Training step the statistics belong to.
     pub step: u64,
+    /// P_l: scalars in the layer.
     pub params: usize,
 }
 
 /// Everything known about one layer at one step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LayerReport {
+    /// Layer name (parameter path without its last component).
     pub name: String,
+    /// P_l: scalars in the layer.
     pub params: usize,
+    /// Statistics of the released gradient at this step.
     pub gradient: Metric<GradientStats>,
+    /// M1, the latest estimate.
     pub sensitivity: Metric<Sensitivity>,
+    /// M2, the latest estimate.
     pub subspace: Metric<Subspace>,
     /// Ladder rungs in force on this layer (0: unprotected), the highest over its rules.
     pub protection_level: usize,
@@ -122,24 +183,31 @@ pub struct GuardHealth {
     pub estimates_dropped: u64,
     /// Reports the sinks' worker dropped because a sink was behind.
     pub reports_dropped: u64,
+    /// Jobs that errored or panicked, summed over the guard's workers.
     pub worker_failures: u64,
+    /// The last worker failure, if any (the guard then fails closed).
     pub worker_error: Option<String>,
 }
 
 /// The guard's report for one training step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
+    /// The training step this report is for.
     pub step: u64,
+    /// Samples in the step's batch.
     pub batch_size: usize,
+    /// The guard's seed setting.
     pub seed: u64,
     /// Whether M1/M2 were estimated at this step (otherwise the metrics are the latest
     /// estimates, each carrying the step it was computed at).
     pub estimated: bool,
     /// Wall time of the estimate, when one ran at this step.
     pub estimate_seconds: Option<f64>,
+    /// One report per layer, in model order.
     pub layers: Vec<LayerReport>,
     /// What was released and why (None for an audit estimate).
-    pub release: Option<crate::release::Manifest>,
+    pub release: Option<Manifest>,
+    /// The guard's own cost and worker health.
     pub health: GuardHealth,
 }
 
@@ -147,22 +215,15 @@ impl Report {
     /// Whether the optimizer may step on (or the loop may share) the gradient now: false
     /// while micro-batches are held back for the aggregation floor, or when blocked.
     pub fn step_allowed(&self) -> bool {
-        self.release.as_ref().is_none_or(|m| matches!(m.outcome, crate::release::ReleaseOutcome::Released))
+        self.release.as_ref().is_none_or(|m| matches!(m.outcome, ReleaseOutcome::Released))
     }
 
-    /// Layers whose released gradient has non-finite entries.
-    pub fn non_finite_layers(&self) -> Vec<String> {
-        self.layers
-            .iter()
-            .filter(|l| l.gradient.measured().is_some_and(|g| g.non_finite > 0))
-            .map(|l| l.name.clone())
-            .collect()
-    }
-
+    /// The report of the layer called `name`.
     pub fn layer(&self, name: &str) -> Option<&LayerReport> {
         self.layers.iter().find(|l| l.name == name)
     }
 
+    /// The report as pretty-printed JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("reports contain only serialisable values")
     }

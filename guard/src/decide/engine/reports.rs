@@ -1,38 +1,33 @@
 //! Batches in, reports out: checking a batch, and assembling the report and manifest of a step.
-use super::*;
+use super::Guard;
+use crate::decide::protection::Decision;
+use crate::error::{GuardError, Result};
+use crate::measure::Batch;
+use crate::report::{GradientStats, GuardHealth, LayerReport, Manifest, Metric, Report};
 
 impl Guard {
     pub(super) fn check_batch(&mut self, batch: &Batch) -> Result<usize> {
         let n = batch.validate()?;
         let shape = batch.sample_shape();
         match &self.sample_shape {
-            Some(expected) if *expected != shape => {
-                return Err(GuardError::InputShape { expected: expected.clone(), got: shape })
-            }
+            Some(expected) if *expected != shape => return Err(GuardError::InputShape { expected: expected.clone(), got: shape }),
             Some(_) => {}
             None => self.sample_shape = Some(shape),
         }
         Ok(n)
     }
 
-    /// Builds the report with the decision's manifest and writes its records to the audit log.
-    pub(super) fn finish(
-        &mut self,
-        step: u64,
-        n: usize,
-        estimated: bool,
-        stats: Vec<Metric<GradientStats>>,
-        decision: &Decision,
-        samples: Option<usize>,
-    ) -> Result<Report> {
+    /// Writes the decision's records to the audit log, then builds the report and the
+    /// manifest of the release.
+    pub(super) fn finish(&mut self, step: u64, samples: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, decision: &Decision) -> Result<(Report, Manifest)> {
         let policy = self.protection.policy();
         let manifest = Manifest {
             step,
-            policy_hash: policy.hash.clone(),
-            policy_version: policy.version,
-            samples: samples.unwrap_or(n),
+            policy_hash: policy.hash().to_string(),
+            policy_version: policy.version(),
+            samples,
             aggregation_floor: self.protection.floor(),
-            estimate_step: self.last_estimate_step,
+            estimate_step: self.latest.estimate_step,
             outcome: decision.outcome.clone(),
             layers: decision.layers.clone(),
         };
@@ -41,12 +36,12 @@ impl Guard {
                 log.record(record)?;
             }
         }
-        Ok(self.assemble(step, n, estimated, stats, Some(manifest)))
+        Ok((self.assemble(step, samples, estimated, stats, Some(manifest.clone())), manifest))
     }
 
     pub(super) fn assemble(&self, step: u64, n: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, release: Option<Manifest>) -> Report {
         let levels = self.protection.layer_levels();
-        let latent = self.latent.lock().as_ref().map(|t| t.raw.clone());
+        let latent = self.latest.latent.lock().as_ref().map(|t| t.raw.clone());
         let layers = self
             .layers
             .layers()
@@ -57,29 +52,30 @@ impl Guard {
                 name: layer.name.clone(),
                 params: layer.numel(),
                 gradient,
-                sensitivity: self.latest_sensitivity[l].clone(),
+                sensitivity: self.latest.sensitivity[l].clone(),
                 subspace: latent.as_ref().map_or_else(|| Metric::absent("not estimated yet"), |raw| raw[l].clone()),
                 protection_level: levels[l],
             })
             .collect();
+        let settings = self.policy().settings();
         Report {
             step,
             batch_size: n,
-            seed: self.config.seed,
+            seed: settings.seed,
             estimated,
-            estimate_seconds: if estimated { self.last_estimate_seconds } else { None },
+            estimate_seconds: if estimated { self.latest.estimate_seconds } else { None },
             layers,
             release,
             health: GuardHealth {
-                estimate_age_steps: self.last_estimate_step.map(|s| step.saturating_sub(s)),
-                budget_share: self.config.budget_share,
+                estimate_age_steps: self.latest.estimate_step.map(|s| step.saturating_sub(s)),
+                budget_share: settings.budget_share,
                 spent_share: self.scheduler.spent_share(),
                 estimate_share: self.scheduler.estimate_share(),
                 over_budget_estimates: self.scheduler.over_budget_estimates(),
-                estimates_dropped: self.worker.as_ref().map_or(0, |w| w.dropped()),
-                reports_dropped: self.fan_out.as_ref().map_or(0, |w| w.dropped()),
-                worker_failures: self.worker.iter().chain(&self.fan_out).map(|w| w.failures()).sum(),
-                worker_error: self.worker.iter().chain(&self.fan_out).find_map(|w| w.last_error()),
+                estimates_dropped: self.workers.estimator.as_ref().map_or(0, |w| w.dropped()),
+                reports_dropped: self.workers.fan_out.as_ref().map_or(0, |w| w.dropped()),
+                worker_failures: self.workers.all().map(|w| w.failures()).sum(),
+                worker_error: self.workers.all().find_map(|w| w.last_error()),
             },
         }
     }

@@ -17,7 +17,6 @@ pub type Job = Box<dyn FnOnce() -> Result<(), String> + Send>;
 struct Health {
     dropped: AtomicU64,
     failures: AtomicU64,
-    completed: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -45,14 +44,9 @@ impl Worker {
                         panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
                     )),
                 };
-                match error {
-                    None => {
-                        h.completed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(e) => {
-                        h.failures.fetch_add(1, Ordering::Relaxed);
-                        *h.last_error.lock() = Some(e);
-                    }
+                if let Some(e) = error {
+                    h.failures.fetch_add(1, Ordering::Relaxed);
+                    *h.last_error.lock() = Some(e);
                 }
             }
         })?;
@@ -78,10 +72,6 @@ impl Worker {
     /// Jobs that returned an error or panicked.
     pub fn failures(&self) -> u64 {
         self.health.failures.load(Ordering::Relaxed)
-    }
-
-    pub fn completed(&self) -> u64 {
-        self.health.completed.load(Ordering::Relaxed)
     }
 
     /// The last failure, if any: while set, the guard cannot vouch for what the worker computes.

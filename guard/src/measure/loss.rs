@@ -7,13 +7,22 @@ use tch::{Kind, TchError, Tensor};
 /// grad; M2 calls it on one sample (or one micro-batch) at a time.
 ///
 /// Any `Fn(&Tensor, &Tensor) -> Result<Tensor, TchError>` is a `LossFn`:
-/// ```text
-/// let loss_fn = |x: &Tensor, y: &Tensor| net.forward(x).f_cross_entropy_for_logits(y);
+/// ```
+/// use gradguard_guard::LossFn;
+/// use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let net = nn::linear(vs.root() / "fc", 4, 3, Default::default());
+/// let loss_fn = |x: &Tensor, y: &Tensor| net.forward(x).f_cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, 0.0);
+/// let (x, y) = (Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[0i64, 2]));
+/// assert_eq!(loss_fn.loss(&x, &y)?.numel(), 1);
+/// # Ok::<(), tch::TchError>(())
 /// ```
 /// The closure should compute the loss the way the training step does (same mode, mean
 /// reduction); a model with dropout should be called in a mode that gives the same mask on
 /// repeated calls when central differences are used.
 pub trait LossFn {
+    /// The mean loss of the batch `inputs` with labels `targets`, as a scalar tensor.
     fn loss(&self, inputs: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError>;
 }
 

@@ -7,14 +7,51 @@
 //! through ||release||, not S_l); top-k sparsification is the mask of kept entries; rounding in
 //! quantisation has a zero derivative almost everywhere, which would claim a protection it does
 //! not give, so it is treated as the identity (straight-through) and never lowers S_l.
+use super::sensitivity::JvpSamples;
+use super::tensors::{sum_sq, to_f64_vec};
 use crate::error::{Result, TorchContext};
 use gradguard_defenses::{derive_seed, Defence};
 use tch::{Kind, Tensor};
 
+/// M1 of one layer's release after a defence chain (METRICS.md, M1, on T(G)).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReleaseSensitivity {
+    /// S_l of the release.
+    pub sensitivity: f64,
+    /// S_l / sqrt(P_l).
+    pub sensitivity_rms: f64,
+    /// S_l / ||release||_2 (0 for an all-zero release).
+    pub relative_sensitivity: f64,
+}
+
+impl JvpSamples {
+    /// M1 of layer `l`'s release after `chain` (seeded as the release is), from the kept JVPs
+    /// and without another backward pass: the number a decision compares with a threshold.
+    /// None when the chain withholds the layer or the loss does not reach it.
+    pub fn release_sensitivity(&self, l: usize, chain: &[Defence], seed: u64) -> Result<Option<ReleaseSensitivity>> {
+        let Some(layer) = self.layers.get(l).and_then(Option::as_ref) else { return Ok(None) };
+        let Some(t) = transform(chain, &layer.grad, &layer.jvps, seed)? else { return Ok(None) };
+        // One host read for all probes and the release's norm.
+        let mut squares = t.tangents.iter().map(sum_sq).collect::<Result<Vec<_>>>()?;
+        squares.push(sum_sq(&t.value)?);
+        let mut values = to_f64_vec(&Tensor::f_stack(&squares, 0).during("stacking tangent norms")?)?;
+        let norm = values.pop().unwrap_or(0.0).sqrt();
+        let s = (values.iter().sum::<f64>() / (self.probes as f64 * self.n as f64)).sqrt();
+        let params = layer.grad.numel().max(1) as f64;
+        Ok(Some(ReleaseSensitivity {
+            sensitivity: s,
+            sensitivity_rms: s / params.sqrt(),
+            relative_sensitivity: if norm > 0.0 { s / norm } else { 0.0 },
+        }))
+    }
+}
+
 /// The released value of a layer after a chain and the transformed probe tangents; None when
 /// a step of the chain withholds the layer.
 pub struct Transformed {
+    /// The released value T(G), flattened.
     pub value: Tensor,
+    /// T'(G) J v_k for each probe k.
     pub tangents: Vec<Tensor>,
 }
 

@@ -1,0 +1,116 @@
+//! When and how the guard estimates: the schedule, the estimators, the fan-out of reports.
+use super::Guard;
+use crate::decide::protection::{Decision, Measurements};
+use crate::decide::release::BlockReason;
+use crate::error::Result;
+use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LossFn};
+use crate::report::{LeakageMetric, Report};
+
+impl Guard {
+    /// Decides with fresh measurements when due (the interval has passed and the budget
+    /// allows, the last estimate is about to exceed the policy's age bound, or the policy forces
+    /// an estimate before every release), else reuses the levels in force. Fails closed on a
+    /// failed worker, a failed estimate, and (in the decision) on M2 results that are too old.
+    pub(super) fn decide(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64, seeds: &[u64]) -> Result<(Decision, bool)> {
+        let has_rules = !self.policy().rules().is_empty();
+        if let Some(error) = self.workers.all().find_map(|w| w.last_error()) {
+            if has_rules {
+                let what = format!("the estimator worker failed: {error}");
+                return Ok((self.protection.block(step, BlockReason::GuardFailure { what }), false));
+            }
+        }
+        let settings = self.policy().settings().clone();
+        let forced = settings.estimate_before_release;
+        let age = self.latest.estimate_step.map(|last| step.saturating_sub(last));
+        let in_budget = age.is_none_or(|age| age >= settings.estimate_every && self.scheduler.within_budget());
+        // Freshness comes before the budget: an estimate that would be too old for the policy
+        // at this release is renewed now, and the overrun is counted.
+        let keep_fresh = has_rules && age.is_some_and(|age| age >= settings.max_estimate_age_steps);
+        let due = forced || in_budget || keep_fresh;
+        match self.latest.estimate_step {
+            Some(last) if !due => return Ok((self.protection.reuse(step, last), false)),
+            _ => {}
+        }
+        let keep = [LeakageMetric::Sensitivity, LeakageMetric::SensitivityRms, LeakageMetric::RelativeSensitivity]
+            .into_iter()
+            .any(|m| self.protection.uses(m));
+        // M2 inline when forced (the decision needs this estimate), before the first result,
+        // or when the worker's last result (one estimate behind) could outlive the age bound
+        // before the next estimate lands.
+        let latent_age = self.latest.latent.lock().as_ref().map(|t| step.saturating_sub(t.step));
+        let inline = forced || latent_age.is_none_or(|a| a.saturating_mul(2) > settings.max_estimate_age_steps);
+        let started = self.scheduler.now();
+        let measured = self.measure(batch, loss_fn, step, keep, inline);
+        self.scheduler.record_estimate(self.scheduler.now() - started, !forced && !in_budget);
+        let jvps = match measured {
+            Ok(kept) => kept,
+            Err(e) if has_rules => {
+                let what = format!("the estimate failed: {e}");
+                return Ok((self.protection.block(step, BlockReason::GuardFailure { what }), true));
+            }
+            Err(e) => return Err(e),
+        };
+        let latent = self.latest.latent.lock().clone();
+        let m = Measurements { jvps: jvps.as_ref(), latent: latent.as_ref(), step, max_age_steps: settings.max_estimate_age_steps, seeds };
+        Ok((self.protection.decide(step, &m)?, true))
+    }
+
+    /// Runs the estimators: M1 on this thread (it needs the graph), the per-sample gradients of
+    /// M2 here too, and M2's linear algebra on the worker unless `inline`. Returns the kept JVPs
+    /// when `keep_jvps` (the closed loop re-measures M1 on transformed releases from them).
+    pub(super) fn measure(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64, keep_jvps: bool, inline: bool) -> Result<Option<JvpSamples>> {
+        let started = std::time::Instant::now();
+        let settings = self.policy().settings().clone();
+        let look = Inspection::new(&self.layers, loss_fn, *batch).seeded(settings.seed, step);
+        let mut kept = None;
+        if keep_jvps {
+            let samples = look.jvp_samples(&settings.sensitivity())?;
+            self.latest.sensitivity = samples.sensitivity(&self.layers)?;
+            kept = Some(samples);
+        } else {
+            self.latest.sensitivity = look.sensitivity(&settings.sensitivity())?;
+        }
+        let l = self.layers.len();
+        let table = match look.subspace_samples(&settings.subspace)? {
+            Err(reason) => Some(LatentTable::unavailable(step, l, reason)),
+            Ok(samples) => {
+                let requests = self.protection.latent_requests();
+                match self.workers.estimator.as_ref().filter(|_| !inline) {
+                    None => Some(LatentTable::compute(&samples, l, &requests)?),
+                    Some(worker) => {
+                        let shared = self.latest.latent.clone();
+                        // The samples are fresh host copies, owned by the job.
+                        worker.submit(Box::new(move || {
+                            let table = LatentTable::compute(&samples, l, &requests).map_err(|e| e.to_string())?;
+                            *shared.lock() = Some(table);
+                            Ok(())
+                        }));
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(table) = table {
+            *self.latest.latent.lock() = Some(table);
+        }
+        self.latest.estimate_step = Some(step);
+        self.latest.estimate_seconds = Some(started.elapsed().as_secs_f64());
+        Ok(kept)
+    }
+
+    /// Hands the report to the sinks, on the worker when there is one.
+    pub(super) fn fan_out(&self, report: &Report) {
+        for sink in &self.sinks {
+            match &self.workers.fan_out {
+                Some(worker) => {
+                    let (sink, report) = (sink.clone(), report.clone());
+                    worker.submit(Box::new(move || {
+                        sink(&report);
+                        Ok(())
+                    }));
+                }
+                None => sink(report),
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! What decides: the engine with its state. The policy, the protection levels it drives, the
+//! budget scheduler, the background workers, the audit log, and the [`Guard`] that runs them
+//! over the estimators of `measure` and returns a typed [`Release`].
+mod audit_log;
+mod engine;
+mod policy;
+mod protection;
+mod release;
+mod schedule;
+mod worker;
+
+pub use audit_log::{unix_ms_now, AuditLog, DecisionRecord, Durability, LogContents, Outcome};
+pub use engine::{Guard, ReportSink};
+pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
+pub use protection::Protection;
+pub use release::{BlockReason, Release};
+pub use schedule::{Clock, SystemClock};
+pub use worker::Worker;
