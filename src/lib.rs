@@ -7,10 +7,12 @@
 //! - [`hooks`]: the training-loop integration ([`GuardedOptimizer`]);
 //! - [`defenses`]: per-layer gradient transformations;
 //! - [`exporter`]: Prometheus export;
+//! - [`audit`]: the offline audit (model sources, .npy data, M1-M4 reports, plots, the
+//!   validation study);
 //!
 //! plus the shipped digits data ([`data`]) and example models ([`models`]).
-pub mod data;
-pub mod models;
+pub use gradguard_audit as audit;
+pub use gradguard_audit::{data, models};
 
 pub use gradguard_defenses as defenses;
 pub use gradguard_exporter as exporter;
