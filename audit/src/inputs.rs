@@ -36,6 +36,8 @@ pub struct AuditData {
     pub n: usize,
     /// How reports describe the data.
     pub source: String,
+    /// The loss the labels were checked for.
+    pub loss: LossKind,
 }
 
 fn tensor_from(values: &[f64], shape: &[i64], kind: Kind, device: Device) -> Result<Tensor, TchError> {
@@ -83,7 +85,7 @@ impl AuditData {
         let idx: Vec<usize> = (0..n).collect();
         let (x, y, a) = digits.batch(&idx, device)?;
         let attribute = gradguard_guard::tensors::to_f64_vec(&a)?.into_iter().map(|v| v as i64).collect();
-        Ok(Self { x: x.f_to_kind(model.kind())?, y, attribute: Some(attribute), n, source: format!("shipped digits (first {n}, stroke-weight attribute)") })
+        Ok(Self { x: x.f_to_kind(model.kind())?, y, attribute: Some(attribute), n, source: format!("shipped digits (first {n}, stroke-weight attribute)"), loss: spec.loss })
     }
 
     fn from_files(spec: &DataSpec, model: &AuditModel, device: Device) -> Result<Self> {
@@ -142,7 +144,7 @@ impl AuditData {
             }
         };
         let attribute = attribute.map(|a| attribute_values(&a, &inputs, n)).transpose()?;
-        Ok(Self { x, y, attribute, n, source: format!("{} ({} of {total} samples)", inputs.path.display(), n) })
+        Ok(Self { x, y, attribute, n, source: format!("{} ({} of {total} samples)", inputs.path.display(), n), loss: spec.loss })
     }
 }
 

@@ -5,7 +5,7 @@ use crate::error::{AuditError, Result};
 use crate::estimate::{measure_layers, MetricSettings, Target};
 use crate::inputs::AuditData;
 use crate::report::{AuditReport, AuditSettings};
-use crate::source::{AuditModel, LossKind, Trainer};
+use crate::source::{AuditModel, Trainer};
 use gradguard_guard::inversion::{InversionPlan, InversionSettings};
 use gradguard_guard::report::JvpMethod;
 use gradguard_guard::sensitivity::SensitivitySettings;
@@ -24,8 +24,6 @@ pub struct AuditOptions {
     pub exact: bool,
     /// Seed of every random choice (probes, splits, projections, attack starts).
     pub seed: u64,
-    /// The loss the data were loaded for.
-    pub loss: LossKind,
     /// M3: L2 penalty of the attacker.
     pub l2: f64,
     /// Built-in models only: Adam steps (lr 1e-3, batches of 64) on the audited data first.
@@ -38,7 +36,7 @@ pub struct AuditOptions {
 
 impl Default for AuditOptions {
     fn default() -> Self {
-        Self { batch_size: 32, probes: 8, exact: false, seed: 0, loss: LossKind::CrossEntropy, l2: 1e-2, train_steps: 0, inversion: None, device: "cpu".into() }
+        Self { batch_size: 32, probes: 8, exact: false, seed: 0, l2: 1e-2, train_steps: 0, inversion: None, device: "cpu".into() }
     }
 }
 
@@ -79,8 +77,8 @@ impl AuditOptions {
     }
 }
 
-/// Audits `model` on `data`: trains it first if asked (built-in models), then measures every
-/// metric of every layer. `data` must have been loaded for `model` with `options.loss`.
+/// Audits `model` on `data` (loaded for it): trains it first if asked (built-in models), then
+/// measures every metric of every layer with the loss the data were loaded for.
 pub fn run_audit(model: &AuditModel, data: &AuditData, options: &AuditOptions) -> Result<AuditReport> {
     options.validate()?;
     let started = Instant::now();
@@ -93,7 +91,7 @@ pub fn run_audit(model: &AuditModel, data: &AuditData, options: &AuditOptions) -
         training = Some(started.elapsed().as_secs_f64());
     }
     let layers = model.layers()?;
-    let loss_fn = model.loss_fn(options.loss);
+    let loss_fn = model.loss_fn(data.loss);
     let settings = MetricSettings {
         sensitivity: SensitivitySettings { probes: options.probes, method: JvpMethod::DoubleBackward, exact: options.exact },
         m1_batch: options.m1_batch(data.n),
@@ -116,7 +114,7 @@ pub fn run_audit(model: &AuditModel, data: &AuditData, options: &AuditOptions) -
         probes: (!options.exact).then_some(options.probes),
         seed: options.seed,
         exact: options.exact,
-        loss: options.loss,
+        loss: data.loss,
         device: options.device.clone(),
         train_steps: options.train_steps,
         settings: AuditSettings { sensitivity: settings.sensitivity, subspace: settings.subspace, usable: settings.usable, inversion: settings.inversion },

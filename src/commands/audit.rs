@@ -100,7 +100,6 @@ impl AuditArgs {
             probes: self.probes,
             exact: self.exact,
             seed: self.seed,
-            loss: self.loss.into(),
             l2: self.l2,
             train_steps: self.train_steps,
             inversion: self.invert.then_some(InversionOptions {

@@ -412,18 +412,24 @@ fn trend(rows: &[SweepRow], get: Get) -> Vec<Trend> {
         .collect()
 }
 
-fn aggregation_verdicts(w: &mut String, rows: &[SweepRow], plan: &Plan) {
-    let (lo, hi) = (plan.batch_sizes.first().copied().unwrap_or(1), plan.batch_sizes.last().copied().unwrap_or(1));
-    let metrics: [(&str, Get); 8] = [
+/// The metrics of a sweep's verdict table, named; the three names are those the sweep gives
+/// its separation, its M3 bits on single releases and its M3 bits on group-pure releases.
+fn verdict_metrics([separation, m3, m3_group]: [&'static str; 3]) -> [(&'static str, Get); 8] {
+    [
         ("S_l", |r| r.s),
         ("S_l^rms", |r| r.s_rms),
         ("R_l", |r| r.r),
-        ("separation", |r| r.separation),
-        ("M3 bits (one person)", |r| r.m3_bits),
-        ("M3 bits (batch attribute)", |r| r.m3_group_bits),
+        (separation, |r| r.separation),
+        (m3, |r| r.m3_bits),
+        (m3_group, |r| r.m3_group_bits),
         ("M4 bits/dim", |r| r.m4_bits),
         ("M4 PSNR", |r| r.psnr),
-    ];
+    ]
+}
+
+fn aggregation_verdicts(w: &mut String, rows: &[SweepRow], plan: &Plan) {
+    let (lo, hi) = (plan.batch_sizes.first().copied().unwrap_or(1), plan.batch_sizes.last().copied().unwrap_or(1));
+    let metrics = verdict_metrics(["separation", "M3 bits (one person)", "M3 bits (batch attribute)"]);
     out!(w, "Does aggregation lower each metric? Per layer: value at n = {lo} -> n = {hi}, and Spearman rho with n (negative: falls as n grows).\n");
     out!(w, "| metric | {} | falls with n in | rises with n in |", trend(rows, |r| r.s).iter().map(|t| t.0.clone()).collect::<Vec<_>>().join(" | "));
     out!(w, "|---|{}---|---|", "---|".repeat(trend(rows, |r| r.s).len()));
@@ -449,16 +455,7 @@ fn defence_verdicts(w: &mut String, what: &str, rows: &[SweepRow], noise: bool) 
     // For noise the sweep variable grows with protection; for sparsification the kept fraction
     // falls with protection: flip the sign so that "negative" always means "falls as protection grows".
     let sign = if noise { 1.0 } else { -1.0 };
-    let metrics: [(&str, Get); 8] = [
-        ("S_l", |r| r.s),
-        ("S_l^rms", |r| r.s_rms),
-        ("R_l", |r| r.r),
-        ("separation (micro-batches)", |r| r.separation),
-        ("M3 bits (per sample)", |r| r.m3_bits),
-        ("M3 bits (micro-batches)", |r| r.m3_group_bits),
-        ("M4 bits/dim", |r| r.m4_bits),
-        ("M4 PSNR", |r| r.psnr),
-    ];
+    let metrics = verdict_metrics(["separation (micro-batches)", "M3 bits (per sample)", "M3 bits (micro-batches)"]);
     out!(w, "With {what}, per layer: value without the defence -> at the strongest setting, and Spearman rho with the protection strength (negative: the metric falls as protection grows):\n");
     let header = trend(rows, |r| r.s);
     out!(w, "| metric | {} |", header.iter().map(|t| t.0.clone()).collect::<Vec<_>>().join(" | "));
