@@ -132,11 +132,15 @@ impl AuditData {
                 let NpyData::Float(yv, _) = &labels.data else {
                     return Err(AuditError::Dtype { what: "labels", path: labels.path.clone(), why: format!("dtype {}: mse needs float targets", labels.dtype_name()) });
                 };
-                if labels.shape[1..] != out.size()[1..] {
+                let out_size = out.size();
+                if out_size.is_empty() {
+                    return Err(fit("mse needs outputs [n, ...], the model returns a scalar".into()));
+                }
+                if labels.shape[1..] != out_size[1..] {
                     return Err(AuditError::Shape {
                         what: "labels",
                         path: labels.path.clone(),
-                        why: format!("per-sample shape {:?}, but the model outputs {:?} per sample", &labels.shape[1..], &out.size()[1..]),
+                        why: format!("per-sample shape {:?}, but the model outputs {:?} per sample", &labels.shape[1..], &out_size[1..]),
                     });
                 }
                 check_finite(yv, &labels, "labels")?;
