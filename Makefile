@@ -21,6 +21,7 @@ demo: venv
 # Every test of the workspace; benches are built (so they keep compiling) but not run here.
 test: venv test-deps
 	$(ENV) cargo test --release --workspace --lib --bins --tests --examples
+	$(ENV) cargo test --release --workspace --doc
 	$(ENV) cargo bench --workspace --no-run
 	scripts/federated-setup.sh
 	$(ENV) PYTHONDONTWRITEBYTECODE=1 python -m pytest -q -p no:cacheprovider federated/tests

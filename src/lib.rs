@@ -1,16 +1,41 @@
 //! gradguard guards tch training runs against private-data leakage through gradients: it
 //! measures, per layer and while training runs, how much each layer's released gradient leaks
-//! (METRICS.md: M1 sensitivity, M2 subspace distance), and reports it.
+//! (METRICS.md: M1 sensitivity, M2 subspace distance), acts on a declared policy per layer, and
+//! blocks a release it cannot make compliant.
+//!
+//! Wrapping a loop (here the shipped digits CNN on the shipped data):
+//!
+//! ```
+//! use gradguard::{data::Digits, models::DigitsCnn, Batch, GuardedOptimizer, Release};
+//! use tch::{nn, nn::OptimizerConfig, Device, Tensor};
+//!
+//! let digits = Digits::embedded()?;
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let net = DigitsCnn::new(&vs.root());
+//! let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?)
+//!     .loss(|x: &Tensor, y: &Tensor| net.f_loss(x, y))
+//!     .build()?;
+//! let (x, y, heavy_stroke) = digits.batch(&(0..32).collect::<Vec<_>>(), Device::Cpu)?;
+//! let release = opt.backward_step(&net.f_loss(&x, &y)?, &Batch::new(&x, &y).with_attribute(&heavy_stroke))?;
+//! assert!(matches!(release, Release::Released { .. })); // no policy: measured and released
+//! println!("{}", release.report().table());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! This facade re-exports the workspace crates:
-//! - [`guard`]: layer map, estimators, reports, the [`Guard`] engine;
+//! - [`guard`]: what measures (`Inspection` and the estimators), the reports, and what decides
+//!   (the policy and the [`Guard`] engine with its typed [`Release`]);
 //! - [`hooks`]: the training-loop integration ([`GuardedOptimizer`]);
 //! - [`defenses`]: per-layer gradient transformations;
 //! - [`exporter`]: Prometheus export;
+//! - [`audit`]: the offline audit (model sources, .npy data, M1-M4 reports, plots, the
+//!   validation study);
 //!
 //! plus the shipped digits data ([`data`]) and example models ([`models`]).
-pub mod data;
-pub mod models;
+#![warn(missing_docs)]
+
+pub use gradguard_audit as audit;
+pub use gradguard_audit::{data, models};
 
 pub use gradguard_defenses as defenses;
 pub use gradguard_exporter as exporter;

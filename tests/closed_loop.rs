@@ -158,7 +158,7 @@ fn a_failed_estimate_fails_closed() {
     // The whole wall time is the guard's budget here, so the estimate is due every 4 steps.
     let p = Policy::from_toml_str(&format!("version = 1\n[settings]\nestimate_every = 4\nmax_estimate_age_steps = 4\nbudget_share = 1.0\n{rules}"), "t").unwrap();
     let mut guard = guard_for(&s.vs, p);
-    assert!(guarded_step(&s, &mut guard, 0, 16).0.unwrap().estimated);
+    assert!(guarded_step(&s, &mut guard, 0, 16).0.unwrap().report().estimated);
     for step in 1..4 {
         let report = guarded_step(&s, &mut guard, 16 * step, 16).0.unwrap().into_report();
         assert!(!report.estimated && report.step_allowed(), "levels reused between estimates at step {step}");

@@ -67,3 +67,15 @@ fn basis_rank_follows_the_numerical_rank() {
     let zeros = Tensor::zeros([30, 6], (Kind::Double, Device::Cpu));
     assert!(orthonormal_basis(&zeros, 4, f64::EPSILON).unwrap().is_none());
 }
+
+#[test]
+fn a_tensor_that_is_not_a_basis_is_an_error_not_a_panic() {
+    let basis = Tensor::eye(4, (Kind::Double, Device::Cpu)).narrow(1, 0, 2);
+    let vector = Tensor::ones([4], (Kind::Double, Device::Cpu));
+    let other_space = Tensor::eye(5, (Kind::Double, Device::Cpu)).narrow(1, 0, 2);
+    for (a, b) in [(&basis, &vector), (&vector, &basis), (&basis, &other_space), (&basis, &Tensor::new())] {
+        let angles = principal_angles(a, b).unwrap_err().to_string();
+        assert!(angles.contains("principal angles"), "{angles}");
+        assert!(projection_distance(a, b).is_err());
+    }
+}

@@ -19,7 +19,7 @@
 mod metrics_sidecar;
 
 use gradguard::data::{Digits, CLASSES};
-use gradguard::models::DigitsCnn;
+use gradguard::audit::{AuditModel, LossKind, ModelSource};
 use gradguard_guard::{Batch, Guard, GuardError, LayerMap, Policy, Release};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -184,23 +184,35 @@ fn params_to_dict<'py>(py: Python<'py>, params: &[HostArray]) -> PyResult<Bound<
 
 /// The local model: DigitsCnn in a VarStore on the CPU, with its parameter names in creation
 /// order.
+/// The initialisation seed where it does not matter (every parameter is then loaded, or only
+/// names and shapes are read).
+const MODEL_SEED: u64 = 0;
+
 struct LocalModel {
-    vs: VarStore,
-    net: DigitsCnn,
+    model: AuditModel,
     names: Vec<String>,
 }
 
 impl LocalModel {
-    fn new() -> FlResult<Self> {
-        let vs = VarStore::new(Device::Cpu);
-        let net = DigitsCnn::new(&vs.root());
-        let layers = LayerMap::from_var_store(&vs)?;
+    /// The federated model, from the same model sources as the audit and `policy check`,
+    /// initialised from libtorch's generator seeded with `seed`.
+    fn new(seed: u64) -> FlResult<Self> {
+        let model = ModelSource::Cnn.load(seed, Device::Cpu).map_err(|e| FlError::Internal(e.to_string()))?;
+        let layers = model.layers().map_err(|e| FlError::Internal(e.to_string()))?;
         let names = layers.layers().iter().flat_map(|l| l.params.iter().map(|p| p.name.clone())).collect();
-        Ok(Self { vs, net, names })
+        Ok(Self { model, names })
+    }
+
+    fn vs(&self) -> &VarStore {
+        self.model.var_store()
+    }
+
+    fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor, tch::TchError> {
+        self.model.loss(LossKind::CrossEntropy, x, y)
     }
 
     fn variable(&self, name: &str) -> FlResult<Tensor> {
-        self.vs.variables().remove(name).ok_or_else(|| FlError::Internal(format!("the model lost parameter {name}")))
+        self.vs().variables().remove(name).ok_or_else(|| FlError::Internal(format!("the model lost parameter {name}")))
     }
 
     fn shapes(&self) -> FlResult<Vec<(String, Vec<i64>)>> {
@@ -614,11 +626,10 @@ fn train_impl(given: &[HostArray], cfg: &TrainConfig, partition: &Partition) -> 
     let data = digits()?;
     tch::set_num_threads(cfg.threads);
     let seed = derive_seed(&[cfg.seed, cfg.server_round, partition.partition_id as u64]);
-    tch::manual_seed((seed >> 1) as i64);
-    let model = LocalModel::new()?;
+    let model = LocalModel::new(seed >> 1)?;
     model.load(given)?;
     // The guard is built (and the policy checked against the model) before any training.
-    let mut guard = Guard::new(LayerMap::from_var_store(&model.vs)?, policy)?;
+    let mut guard = Guard::new(LayerMap::from_var_store(model.vs())?, policy)?;
     let global = model.snapshot()?;
     let params: Vec<Tensor> = model.names.iter().map(|n| model.variable(n)).collect::<FlResult<_>>()?;
 
@@ -642,7 +653,7 @@ fn train_impl(given: &[HostArray], cfg: &TrainConfig, partition: &Partition) -> 
         }
         used.extend(idx.iter().copied());
         let (x, y, _) = data.batch(&idx, Device::Cpu)?;
-        let loss = model.net.f_loss(&x, &y)?;
+        let loss = model.loss(&x, &y)?;
         loss_sum += loss.f_double_value(&[])?;
         let grads = Tensor::f_run_backward(&[&loss], &params, false, false)?;
         tch::no_grad(|| -> FlResult<()> {
@@ -668,8 +679,7 @@ fn train_impl(given: &[HostArray], cfg: &TrainConfig, partition: &Partition) -> 
     let used: Vec<usize> = used.into_iter().collect();
     let (x, y, a) = data.batch(&used, Device::Cpu)?;
     let batch = Batch::new(&x, &y).with_attribute(&a);
-    let net = &model.net;
-    let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
+    let loss_fn = |x: &Tensor, y: &Tensor| model.loss(x, y);
     let policy_hash = guard.policy().hash().to_string();
     let (blocked, tensors, manifest, report) = match guard.release(&update, &batch, &loss_fn)? {
         Release::Released { update, manifest, report } => (None, update, manifest, report),
@@ -777,12 +787,12 @@ fn evaluate<'py>(
         if indices.is_empty() {
             return Err(FlError::Data("no held-out samples to evaluate on (empty partition)".into()));
         }
-        let model = LocalModel::new()?;
+        let model = LocalModel::new(MODEL_SEED)?;
         model.load(&given)?;
         let data = digits()?;
-        let accuracy = data.accuracy(&indices, Device::Cpu, |x| model.net.f_forward(x))?;
+        let accuracy = data.accuracy(&indices, Device::Cpu, |x| model.model.forward(x))?;
         let (x, y, _) = data.batch(&indices, Device::Cpu)?;
-        let loss = tch::no_grad(|| model.net.f_loss(&x, &y))?.f_double_value(&[])?;
+        let loss = tch::no_grad(|| model.loss(&x, &y))?.f_double_value(&[])?;
         Ok((accuracy, loss, indices.len()))
     })?;
     let out = PyDict::new(py);
@@ -797,8 +807,7 @@ fn evaluate<'py>(
 #[pyo3(signature = (seed = 0))]
 fn initial_parameters<'py>(py: Python<'py>, seed: i64) -> PyResult<Bound<'py, PyDict>> {
     let params = guarded(py, "initialising the model", move || {
-        tch::manual_seed(seed);
-        LocalModel::new()?.snapshot()
+        LocalModel::new(seed as u64)?.snapshot()
     })?;
     params_to_dict(py, &params)
 }
@@ -806,7 +815,7 @@ fn initial_parameters<'py>(py: Python<'py>, seed: i64) -> PyResult<Bound<'py, Py
 /// `{parameter name: shape}` of the model, in creation order.
 #[pyfunction]
 fn parameter_shapes<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-    let shapes = guarded(py, "listing parameters", || LocalModel::new()?.shapes())?;
+    let shapes = guarded(py, "listing parameters", || LocalModel::new(MODEL_SEED)?.shapes())?;
     let out = PyDict::new(py);
     for (name, shape) in shapes {
         out.set_item(name, PyTuple::new(py, shape)?)?;
@@ -817,7 +826,7 @@ fn parameter_shapes<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
 /// The model's layers as the guard names them (`conv1`, `conv2`, `fc1`, `fc2`).
 #[pyfunction]
 fn layer_names<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-    let names = guarded(py, "listing layers", || Ok(LayerMap::from_var_store(&LocalModel::new()?.vs)?.names()))?;
+    let names = guarded(py, "listing layers", || Ok(LayerMap::from_var_store(LocalModel::new(MODEL_SEED)?.vs())?.names()))?;
     PyList::new(py, names)
 }
 
@@ -828,8 +837,8 @@ fn layer_names<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
 fn check_policy<'py>(py: Python<'py>, text: String, origin: String) -> PyResult<Bound<'py, PyDict>> {
     let (hash, version, rules, floor) = guarded(py, "checking the policy", move || {
         let policy = Policy::from_toml_str(&text, &origin).map_err(|e| FlError::Policy(e.to_string()))?;
-        let model = LocalModel::new()?;
-        let guard = Guard::new(LayerMap::from_var_store(&model.vs)?, policy)?;
+        let model = LocalModel::new(MODEL_SEED)?;
+        let guard = Guard::new(LayerMap::from_var_store(model.vs())?, policy)?;
         let p = guard.policy();
         Ok((p.hash().to_string(), p.version(), p.rules().len(), p.settings().aggregation_floor))
     })?;

@@ -84,7 +84,7 @@ pub fn serve_metrics(
     let spool = PathBuf::from(&spool_dir);
     std::fs::create_dir_all(&spool).map_err(|e| crate::ConfigError::new_err(format!("spool {spool_dir}: {e}")))?;
     let layers = crate::guarded(py, "listing layers", || {
-        Ok(gradguard_guard::LayerMap::from_var_store(&crate::LocalModel::new()?.vs)?.names())
+        Ok(gradguard_guard::LayerMap::from_var_store(crate::LocalModel::new(crate::MODEL_SEED)?.vs())?.names())
     })?;
     let exporter = Arc::new(Exporter::for_layers(&layers).map_err(|e| InternalError::new_err(e.to_string()))?);
     let server = MetricsServer::start(SocketAddr::new(ip, port), exporter.clone())

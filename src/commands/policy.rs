@@ -1,11 +1,10 @@
 //! `gradguard policy check FILE [--model cnn|mlp|PATH.pt]`: validates a policy file on its own
 //! and, given a model, against the model's layers, and prints what each rule covers.
 use anyhow::bail;
-use gradguard::guard::layers::{layer_name, LayerMap};
+use gradguard::audit::{AuditError, AuditModel};
 use gradguard::guard::Policy;
-use gradguard::models::{DigitsCnn, Mlp};
-use std::path::{Path, PathBuf};
-use tch::{nn, Device};
+use std::path::PathBuf;
+use tch::Device;
 
 #[derive(clap::Args)]
 pub struct PolicyArgs {
@@ -24,7 +23,7 @@ struct CheckArgs {
     /// The policy file (TOML).
     file: PathBuf,
     /// `cnn` (the digits CNN of `gradguard demo`), `mlp` (widths 64-128-64-10) or the path of
-    /// a TorchScript module (`.pt`).
+    /// a TorchScript module (`.pt`), resolved as `gradguard audit --model` resolves it.
     #[arg(long)]
     model: Option<String>,
 }
@@ -35,57 +34,15 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The MLP `--model mlp` stands for.
-const MLP_WIDTHS: [i64; 4] = [64, 128, 64, 10];
-
-/// The layer names of a built-in model or a TorchScript file, in model order.
-fn model_layers(model: &str) -> anyhow::Result<(String, Vec<String>)> {
-    match model {
-        "cnn" => {
-            let vs = nn::VarStore::new(Device::Cpu);
-            let _net = DigitsCnn::new(&vs.root());
-            Ok(("digits CNN (built-in `cnn`)".into(), LayerMap::from_var_store(&vs)?.names()))
+/// The label and layer names, in model order, of a built-in model or a TorchScript file.
+fn model_layers(name: &str) -> anyhow::Result<(String, Vec<String>)> {
+    let model = match AuditModel::load(name, 0, Device::Cpu) {
+        Err(AuditError::UnknownModel { name }) => {
+            bail!("unknown model '{name}': expected `cnn`, `mlp` or the path of a TorchScript file")
         }
-        "mlp" => {
-            let vs = nn::VarStore::new(Device::Cpu);
-            let _net = Mlp::new(&vs.root(), &MLP_WIDTHS);
-            Ok((format!("MLP {MLP_WIDTHS:?} (built-in `mlp`)"), LayerMap::from_var_store(&vs)?.names()))
-        }
-        path if path.ends_with(".pt") => {
-            let path = Path::new(path);
-            // CModule keeps PyTorch's dotted parameter names (`conv1.weight`);
-            // TrainableCModule would rewrite the dots.
-            if !path.is_file() {
-                bail!("model file {} not found", path.display());
-            }
-            let module = tch::CModule::load_on_device(path, Device::Cpu).map_err(|e| {
-                anyhow::anyhow!("cannot load TorchScript module {}: {}", path.display(), first_line(&e))
-            })?;
-            let params = module
-                .named_parameters()
-                .map_err(|e| anyhow::anyhow!("cannot list the parameters of {}: {}", path.display(), first_line(&e)))?;
-            let params: Vec<_> = params.into_iter().filter(|(_, t)| t.requires_grad()).collect();
-            if params.is_empty() {
-                bail!("TorchScript module {} has no trainable parameters", path.display());
-            }
-            let mut names: Vec<String> = Vec::new();
-            for (name, _) in &params {
-                let layer = layer_name(name);
-                if !names.contains(&layer) {
-                    names.push(layer);
-                }
-            }
-            Ok((format!("TorchScript module {}", path.display()), names))
-        }
-        other => {
-            bail!("unknown model '{other}': expected `cnn`, `mlp` or the path of a TorchScript file ending in .pt")
-        }
-    }
-}
-
-/// libtorch errors carry a C++ backtrace after the message: keep the message.
-fn first_line(e: &tch::TchError) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
+        other => other?,
+    };
+    Ok((model.label(), model.layer_names()?))
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
@@ -97,10 +54,10 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    println!("policy {}: valid", policy.origin);
-    println!("  version {}, hash {} (sha256 {})", policy.version, policy.short_hash(), policy.hash);
+    println!("policy {}: valid", policy.origin());
+    println!("  version {}, hash {} (sha256 {})", policy.version(), policy.short_hash(), policy.hash());
     println!("settings:");
-    let settings = serde_json::to_value(&policy.settings)?;
+    let settings = serde_json::to_value(&policy.settings())?;
     if let Some(map) = settings.as_object() {
         let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
         for (key, value) in map {
@@ -110,10 +67,10 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     if let Some((label, layers)) = &model {
         println!("model: {label}, {} layers: {}", layers.len(), layers.join(", "));
     }
-    if policy.rules.is_empty() {
+    if policy.rules().is_empty() {
         println!("rules: none (the guard measures and releases, checking only finiteness and staleness)");
     }
-    for (i, rule) in policy.rules.iter().enumerate() {
+    for (i, rule) in policy.rules().iter().enumerate() {
         println!("rule {} '{}':", i + 1, rule.name);
         println!("  metric:     {}", rule.metric.name());
         println!("  thresholds: act above {}, relax below {}", rule.act_above, rule.relax_below);

@@ -1,16 +1,11 @@
 //! What the guard looks at when it measures: the model's layers, the loss that rebuilds the
 //! batch's graph, the batch, and the seed and step that pick every random draw. Every
-//! estimator of METRICS.md is a method of it.
+//! estimator of METRICS.md is a method of it, defined in the estimator's own file
+//! (`sensitivity.rs`, `subspace.rs`, `per_sample.rs`, `usable.rs`, `inversion.rs`), which
+//! imports this one; this file imports none of them.
 use super::batch::Batch;
-use super::inversion::{self, Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 use super::layers::LayerMap;
 use super::loss::LossFn;
-use super::per_sample::{self, GradientMatrix};
-use super::sensitivity::{self, JvpSamples, SensitivitySettings};
-use super::subspace::{self, SubspaceSamples, SubspaceSettings};
-use super::usable::{self, UsableInformation, UsableSettings};
-use crate::error::Result;
-use crate::report::{Metric, Sensitivity, Subspace};
 
 /// One batch of one model, as the estimators see it. Cheap to copy: everything is borrowed.
 ///
@@ -73,48 +68,5 @@ impl<'a> Inspection<'a> {
     /// The step the look belongs to (it enters every seeded draw).
     pub fn step(&self) -> u64 {
         self.step
-    }
-
-    /// M1 of every layer.
-    pub fn sensitivity(&self, settings: &SensitivitySettings) -> Result<Vec<Metric<Sensitivity>>> {
-        sensitivity::estimate_sensitivity(self, settings)
-    }
-
-    /// The probe JVPs of every layer, kept so that M1 of any defended release can be measured
-    /// afterwards ([`JvpSamples::release_sensitivity`]) without another backward pass.
-    pub fn jvp_samples(&self, settings: &SensitivitySettings) -> Result<JvpSamples> {
-        sensitivity::jvp_samples(self, settings)
-    }
-
-    /// The per-sample gradients M2 needs (from the batch's attribute labels), or the reason M2
-    /// cannot be computed on this batch.
-    pub fn subspace_samples(&self, settings: &SubspaceSettings) -> Result<std::result::Result<SubspaceSamples, String>> {
-        subspace::subspace_samples(self, settings)
-    }
-
-    /// M2 of every layer (absent, with its reason, without attribute labels).
-    pub fn subspace(&self, settings: &SubspaceSettings) -> Result<Vec<Metric<Subspace>>> {
-        subspace::estimate_subspace(self, settings)
-    }
-
-    /// The n x P_l per-sample gradient matrix of every layer (None: the loss does not reach it).
-    pub fn per_sample_gradients(&self) -> Result<Vec<Option<GradientMatrix>>> {
-        per_sample::per_sample_gradients(self)
-    }
-
-    /// M4 of every layer: the layer-restricted inversion attack on `plan.releases` releases of
-    /// the batch, each released gradient passed through `transform` (a defence) first.
-    pub fn original_information(
-        &self,
-        plan: &InversionPlan,
-        settings: &InversionSettings,
-        transform: Option<&ReleaseTransform>,
-    ) -> Result<Vec<Metric<Inversion>>> {
-        inversion::estimate_original_information(self, plan, settings, transform)
-    }
-
-    /// M3 of every layer against the batch's attribute labels, from per-sample gradients.
-    pub fn usable_information(&self, settings: &UsableSettings) -> Result<Vec<Metric<UsableInformation>>> {
-        usable::estimate_usable_information(self, settings)
     }
 }

@@ -254,7 +254,7 @@ fn matched_errors(x: &[f64], xhat: &[f64], labels: &[i64], d: usize) -> Vec<f64>
 /// the start of `inputs`. The mean input x_bar and the PSNR range are taken over all of
 /// `inputs`. `transform` (a defence) is applied to each layer's released gradient before the
 /// attack; a withheld layer is absent.
-pub(crate) fn estimate_original_information(
+fn estimate_original_information(
     ins: &Inspection,
     plan: &InversionPlan,
     settings: &InversionSettings,
@@ -370,4 +370,17 @@ pub(crate) fn estimate_original_information(
             })
         })
         .collect())
+}
+
+impl Inspection<'_> {
+    /// M4 of every layer: the layer-restricted inversion attack on `plan.releases` releases of
+    /// the batch, each released gradient passed through `transform` (a defence) first.
+    pub fn original_information(
+        &self,
+        plan: &InversionPlan,
+        settings: &InversionSettings,
+        transform: Option<&ReleaseTransform>,
+    ) -> Result<Vec<Metric<Inversion>>> {
+        estimate_original_information(self, plan, settings, transform)
+    }
 }

@@ -69,7 +69,7 @@ impl GradientMatrix {
 /// when the loss does not reach layer l (its gradient is undefined for every sample).
 /// `inputs` and `targets` hold n samples along dimension 0; each sample is its own backward
 /// pass (the loss function is called with a batch of one).
-pub(crate) fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
+fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
     let n = ins.batch().validate()? as i64;
     let (layers, loss_fn) = (ins.layers(), ins.loss());
     let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
@@ -109,4 +109,11 @@ pub(crate) fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<Gradie
         .zip(used)
         .map(|((layer, data), used)| used.then(|| GradientMatrix { rows: n as usize, cols: layer.numel(), data }))
         .collect())
+}
+
+impl Inspection<'_> {
+    /// The n x P_l per-sample gradient matrix of every layer (None: the loss does not reach it).
+    pub fn per_sample_gradients(&self) -> Result<Vec<Option<GradientMatrix>>> {
+        per_sample_gradients(self)
+    }
 }

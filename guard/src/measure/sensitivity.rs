@@ -51,7 +51,7 @@ struct JacobianSquares {
 }
 
 /// Estimates M1 for every layer on one batch; the inspection's seed and step pick the probes.
-pub(crate) fn estimate_sensitivity(ins: &Inspection, settings: &SensitivitySettings) -> Result<Vec<Metric<Sensitivity>>> {
+fn estimate_sensitivity(ins: &Inspection, settings: &SensitivitySettings) -> Result<Vec<Metric<Sensitivity>>> {
     settings.validate()?;
     let n = ins.batch().validate()?;
     let squares = if settings.exact { exact_squares(ins)? } else { probe_squares(ins, settings.method, settings.probes)? };
@@ -357,7 +357,7 @@ impl JvpSamples {
 /// Runs the probe estimator and keeps every layer's JVPs (memory K x P) instead of only their
 /// norms, so that the sensitivity of any linearised transformation of the release can be
 /// measured afterwards without another backward pass.
-pub(crate) fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSamples> {
+fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSamples> {
     settings.validate()?;
     let n = ins.batch().validate()?;
     let layers = ins.layers();
@@ -450,4 +450,17 @@ fn exact_squares(ins: &Inspection) -> Result<JacobianSquares> {
         }
     }
     Ok(graph.squares(vec![total]))
+}
+
+impl Inspection<'_> {
+    /// M1 of every layer.
+    pub fn sensitivity(&self, settings: &SensitivitySettings) -> Result<Vec<Metric<Sensitivity>>> {
+        estimate_sensitivity(self, settings)
+    }
+
+    /// The probe JVPs of every layer, kept so that M1 of any defended release can be measured
+    /// afterwards ([`JvpSamples::release_sensitivity`]) without another backward pass.
+    pub fn jvp_samples(&self, settings: &SensitivitySettings) -> Result<JvpSamples> {
+        jvp_samples(self, settings)
+    }
 }

@@ -64,10 +64,9 @@ pub fn orthonormal_basis(columns: &Tensor, rank: usize, eps: f64) -> Result<Opti
     Ok(Some(u.f_narrow(1, 0, k as i64).during("selecting singular vectors")?))
 }
 
-/// Principal angles (radians, ascending) between the spans of two orthonormal bases, k = the
-/// smaller rank. Cosines from sigma(U_S^T U_T); near zero the sines from
-/// sigma((I - U_big U_big^T) U_small), which keep precision where acos does not.
-pub fn principal_angles(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
+/// Two bases of the same space, the one of fewer columns first; an error names a tensor that
+/// is not a P x k matrix, or bases of different spaces.
+fn smaller_first<'t>(a: &'t Tensor, b: &'t Tensor) -> Result<(&'t Tensor, &'t Tensor)> {
     let columns = |t: &Tensor| match t.defined().then(|| t.size()).as_deref() {
         Some([rows, cols]) => Ok((*rows, *cols)),
         shape => Err(GuardError::Config { setting: "principal angles", why: format!("a basis must be a P x k matrix, got shape {shape:?}") }),
@@ -76,7 +75,14 @@ pub fn principal_angles(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
     if rows_a != rows_b {
         return Err(GuardError::Config { setting: "principal angles", why: format!("bases of {rows_a} and {rows_b} rows live in different spaces") });
     }
-    let (small, big) = if cols_a <= cols_b { (a, b) } else { (b, a) };
+    Ok(if cols_a <= cols_b { (a, b) } else { (b, a) })
+}
+
+/// Principal angles (radians, ascending) between the spans of two orthonormal bases, k = the
+/// smaller rank. Cosines from sigma(U_S^T U_T); near zero the sines from
+/// sigma((I - U_big U_big^T) U_small), which keep precision where acos does not.
+pub fn principal_angles(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
+    let (small, big) = smaller_first(a, b)?;
     let cross = big.f_transpose(0, 1).and_then(|bt| bt.f_matmul(small)).during("forming U_S^T U_T")?;
     let cos = to_f64_vec(&cross.f_svd(true, false).during("singular values of U_S^T U_T")?.1)?;
     let residual = small.f_sub(&big.f_matmul(&cross).during("projecting a basis")?).during("projecting a basis")?;
@@ -92,16 +98,8 @@ pub fn principal_angles(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
 /// d(S, T) = sqrt((1/k) sum_j sin^2 theta_j), the normalised projection distance in [0, 1].
 /// sum_j sin^2 theta_j = ||(I - U_big U_big^T) U_small||_F^2 exactly, with no acos.
 pub fn projection_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let columns = |t: &Tensor| match t.defined().then(|| t.size()).as_deref() {
-        Some([rows, cols]) => Ok((*rows, *cols)),
-        shape => Err(GuardError::Config { setting: "principal angles", why: format!("a basis must be a P x k matrix, got shape {shape:?}") }),
-    };
-    let ((rows_a, cols_a), (rows_b, cols_b)) = (columns(a)?, columns(b)?);
-    if rows_a != rows_b {
-        return Err(GuardError::Config { setting: "principal angles", why: format!("bases of {rows_a} and {rows_b} rows live in different spaces") });
-    }
-    let (small, big) = if cols_a <= cols_b { (a, b) } else { (b, a) };
-    let k = small.size()[1];
+    let (small, big) = smaller_first(a, b)?;
+    let k = small.size().get(1).copied().unwrap_or(0);
     if k == 0 {
         return Ok(1.0);
     }
@@ -177,7 +175,7 @@ pub struct SubspaceSamples {
 }
 
 /// Computes the per-sample gradients M2 needs, or the reason M2 cannot be computed.
-pub(crate) fn subspace_samples(ins: &Inspection, settings: &SubspaceSettings) -> Result<std::result::Result<SubspaceSamples, String>> {
+fn subspace_samples(ins: &Inspection, settings: &SubspaceSettings) -> Result<std::result::Result<SubspaceSamples, String>> {
     settings.validate()?;
     ins.batch().validate()?;
     let Some(attribute) = ins.batch().attribute_values()? else { return Ok(Err("no attribute labels given".into())) };
@@ -272,10 +270,23 @@ impl SubspaceSamples {
 }
 
 /// Estimates M2 for every layer. `attribute` holds one integer label per sample.
-pub(crate) fn estimate_subspace(ins: &Inspection, settings: &SubspaceSettings) -> Result<Vec<Metric<Subspace>>> {
+fn estimate_subspace(ins: &Inspection, settings: &SubspaceSettings) -> Result<Vec<Metric<Subspace>>> {
     let layers = ins.layers().len();
     match subspace_samples(ins, settings)? {
         Err(reason) => Ok((0..layers).map(|_| Metric::absent(reason.clone())).collect()),
         Ok(samples) => (0..layers).map(|l| samples.layer_metric(l, None)).collect(),
+    }
+}
+
+impl Inspection<'_> {
+    /// The per-sample gradients M2 needs (from the batch's attribute labels), or the reason M2
+    /// cannot be computed on this batch.
+    pub fn subspace_samples(&self, settings: &SubspaceSettings) -> Result<std::result::Result<SubspaceSamples, String>> {
+        subspace_samples(self, settings)
+    }
+
+    /// M2 of every layer (absent, with its reason, without attribute labels).
+    pub fn subspace(&self, settings: &SubspaceSettings) -> Result<Vec<Metric<Subspace>>> {
+        estimate_subspace(self, settings)
     }
 }

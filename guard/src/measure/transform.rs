@@ -22,6 +22,8 @@ pub struct ReleaseSensitivity {
     pub sensitivity_rms: f64,
     /// S_l / ||release||_2 (0 for an all-zero release).
     pub relative_sensitivity: f64,
+    /// ||release||_2.
+    pub release_norm: f64,
 }
 
 impl JvpSamples {
@@ -42,6 +44,7 @@ impl JvpSamples {
             sensitivity: s,
             sensitivity_rms: s / params.sqrt(),
             relative_sensitivity: if norm > 0.0 { s / norm } else { 0.0 },
+            release_norm: norm,
         }))
     }
 }

@@ -12,7 +12,7 @@
 //! through a [`LossFn`].
 use crate::error::{GuardError, Result};
 use super::inspection::Inspection;
-use super::per_sample::{per_sample_gradients, GradientMatrix};
+use super::per_sample::GradientMatrix;
 use crate::report::Metric;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -195,7 +195,7 @@ pub fn usable_information_layers(
 
 /// Convenience: per-sample gradients of `inputs` through `loss_fn` (one backward per sample),
 /// then M3 of every layer against `attribute` (one label per sample).
-pub(crate) fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings) -> Result<Vec<Metric<UsableInformation>>> {
+fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings) -> Result<Vec<Metric<UsableInformation>>> {
     settings.validate()?;
     let n = ins.batch().validate()?;
     let layers = ins.layers();
@@ -206,7 +206,7 @@ pub(crate) fn estimate_usable_information(ins: &Inspection, settings: &UsableSet
         let reason = format!("insufficient samples: {n} < {}", settings.min_samples);
         return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect());
     }
-    let grads = per_sample_gradients(ins)?;
+    let grads = ins.per_sample_gradients()?;
     usable_information_layers(&grads, &attribute, settings, ins.seed())
 }
 
@@ -473,6 +473,14 @@ fn fit_logistic(z: &[Vec<f64>], a: &[usize], c: usize, settings: &UsableSettings
     }
     let (w, b) = theta.split_at(c * d);
     Logistic { w: w.to_vec(), b: b.to_vec(), c, d, iterations }
+}
+
+
+impl Inspection<'_> {
+    /// M3 of every layer against the batch's attribute labels, from per-sample gradients.
+    pub fn usable_information(&self, settings: &UsableSettings) -> Result<Vec<Metric<UsableInformation>>> {
+        estimate_usable_information(self, settings)
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub struct DigitsCnn {
 }
 
 impl DigitsCnn {
+    /// Creates the layers under `p` (tch's default initialisation, from libtorch's global RNG).
     pub fn new(p: &nn::Path) -> Self {
         let conv = nn::ConvConfig { padding: 1, ..Default::default() };
         Self {
@@ -56,6 +57,7 @@ impl Mlp {
         Self { layers }
     }
 
+    /// Logits for inputs [n, ...] (flattened to [n, widths[0]]).
     pub fn f_forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let mut h = x.f_flatten(1, -1)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -67,6 +69,7 @@ impl Mlp {
         Ok(h)
     }
 
+    /// Mean cross-entropy of the batch against class ids `y`.
     pub fn f_loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
         self.f_forward(x)?.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
     }

@@ -4,14 +4,30 @@ use flate2::read::GzDecoder;
 use std::io::Read;
 use tch::{Device, Kind, Tensor};
 
-const EMBEDDED: &[u8] = include_bytes!("../data/digits.csv.gz");
+const EMBEDDED: &[u8] = include_bytes!("../../data/digits.csv.gz");
 
+/// Why the digits could not be read or batched.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// The file (or the embedded copy) could not be read or decompressed.
     #[error("cannot read digits data from {source_name}: {why}")]
-    Read { source_name: String, why: String },
+    Read {
+        /// The file, or "embedded digits.csv.gz".
+        source_name: String,
+        /// The I/O or gzip error.
+        why: String,
+    },
+    /// A line is not 64 pixels in 0..16 and a label in 0..9.
     #[error("digits data {source_name}, line {line}: {why}")]
-    Parse { source_name: String, line: usize, why: String },
+    Parse {
+        /// The file, or "embedded digits.csv.gz".
+        source_name: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with the line.
+        why: String,
+    },
+    /// A libtorch error while building a batch.
     #[error("tensor error while building the digits batch: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -24,7 +40,9 @@ pub struct Digits {
     heavy_stroke: Vec<i64>,
 }
 
+/// Image side in pixels (the images are SIDE x SIDE).
 pub const SIDE: i64 = 8;
+/// Digit classes (labels 0..CLASSES).
 pub const CLASSES: i64 = 10;
 
 impl Digits {
@@ -33,6 +51,7 @@ impl Digits {
         Self::from_gzip(EMBEDDED, "embedded digits.csv.gz")
     }
 
+    /// Reads a gzip-compressed CSV of 64 pixel values (0..16) and a label per line.
     pub fn from_file(path: &std::path::Path) -> Result<Self, DataError> {
         let bytes = std::fs::read(path)
             .map_err(|e| DataError::Read { source_name: path.display().to_string(), why: e.to_string() })?;
@@ -69,18 +88,22 @@ impl Digits {
         Ok(Self { pixels, labels, heavy_stroke })
     }
 
+    /// Number of samples.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether there are no samples.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
 
+    /// The digit label of every sample.
     pub fn labels(&self) -> &[i64] {
         &self.labels
     }
 
+    /// The private attribute of every sample: 1 for a heavy stroke, 0 otherwise.
     pub fn heavy_stroke(&self) -> &[i64] {
         &self.heavy_stroke
     }

@@ -1,0 +1,174 @@
+//! Every call into the guard's estimators, in one place: the audit and the validation study
+//! measure through these functions only, so that a change of the estimators' API is a change
+//! here.
+use crate::error::{EstimateContext, Result};
+use crate::report::{LayerDetails, LayerRow};
+use gradguard_defenses::Defence;
+use gradguard_guard::{attribute_information, project, usable_information, usable_information_layers, UsableInformation, UsableSettings};
+use gradguard_guard::{orthonormal_basis, projection_distance, SubspaceSettings};
+use gradguard_guard::{Batch, GradientMatrix, Inspection, JvpMethod, JvpSamples, Metric, Sensitivity, SensitivitySettings, Subspace};
+use gradguard_guard::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
+use std::collections::BTreeMap;
+use std::time::Instant;
+use tch::Tensor;
+
+/// The settings of a measurement of every metric.
+pub(crate) struct MetricSettings {
+    pub sensitivity: SensitivitySettings,
+    /// M1 uses the first `m1_batch` samples.
+    pub m1_batch: usize,
+    pub subspace: SubspaceSettings,
+    pub usable: UsableSettings,
+    /// M4 runs only when given.
+    pub inversion: Option<(InversionPlan, InversionSettings)>,
+}
+
+/// The result of [`measure_layers`].
+pub(crate) struct Measured {
+    pub rows: Vec<LayerRow>,
+    /// Per-sample gradients (M3's input), when an attribute was given.
+    pub grads: Option<Vec<Option<GradientMatrix>>>,
+    /// Seconds per metric.
+    pub seconds: BTreeMap<&'static str, f64>,
+}
+
+/// Probe M1 with K probes by double backward.
+pub(crate) fn probe_settings(probes: usize) -> SensitivitySettings {
+    SensitivitySettings { probes, method: JvpMethod::DoubleBackward, exact: false }
+}
+
+/// The first `n` samples of the inspected batch.
+fn first(t: &Inspection, n: usize) -> Result<(Tensor, Tensor)> {
+    let b = t.batch();
+    Ok((b.inputs().f_narrow(0, 0, n as i64)?, b.targets().f_narrow(0, 0, n as i64)?))
+}
+
+/// M1 to M4 of every layer: M1 on the first `m1_batch` samples, M2 and M3 against `attribute`
+/// (absent without one), M4 when `settings.inversion` is given (absent otherwise).
+pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings: &MetricSettings) -> Result<Measured> {
+    let mut seconds = BTreeMap::new();
+    let clock = Instant::now();
+    let (xb, yb) = first(t, settings.m1_batch)?;
+    let m1 = t.on(Batch::new(&xb, &yb)).sensitivity(&settings.sensitivity).metric("M1 (sensitivity)")?;
+    seconds.insert("m1", clock.elapsed().as_secs_f64());
+
+    let absent_all = |reason: &str| -> Vec<String> { (0..t.layers().len()).map(|_| reason.to_string()).collect() };
+    let (m2, m3, grads): (Vec<Metric<Subspace>>, Vec<Metric<UsableInformation>>, _) = match attribute {
+        None => {
+            let r = absent_all("no attribute labels given (--attribute)");
+            (r.iter().map(Metric::absent).collect(), r.iter().map(Metric::absent).collect(), None)
+        }
+        Some(attribute) => {
+            let clock = Instant::now();
+            let m2 = t.on(t.batch().with_attribute(&Tensor::from_slice(attribute))).subspace(&settings.subspace).metric("M2 (subspace distance)")?;
+            seconds.insert("m2", clock.elapsed().as_secs_f64());
+            let clock = Instant::now();
+            let grads = t.per_sample_gradients().metric("M3 (per-sample gradients)")?;
+            let m3 = usable_information_layers(&grads, attribute, &settings.usable, t.seed()).metric("M3 (usable information)")?;
+            seconds.insert("m3", clock.elapsed().as_secs_f64());
+            (m2, m3, Some(grads))
+        }
+    };
+    let m4: Vec<Metric<Inversion>> = match &settings.inversion {
+        None => absent_all("not computed: pass --invert (the attack is slow)").iter().map(Metric::absent).collect(),
+        Some((plan, inversion)) => {
+            let clock = Instant::now();
+            let m4 = inversion_attack(t, plan, inversion, None)?;
+            seconds.insert("m4", clock.elapsed().as_secs_f64());
+            m4
+        }
+    };
+    let rows = t
+        .layers()
+        .layers()
+        .iter()
+        .zip(m1.into_iter().zip(m2).zip(m3).zip(m4))
+        .map(|(layer, (((m1, m2), m3), m4))| LayerRow::new(layer.name.clone(), layer.numel(), LayerDetails { m1, m2, m3, m4 }))
+        .collect();
+    Ok(Measured { rows, grads, seconds })
+}
+
+/// M1 of every layer on the target's whole batch (`step` picks the probe stream).
+pub(crate) fn sensitivity(t: &Inspection, settings: &SensitivitySettings, step: u64) -> Result<Vec<Metric<Sensitivity>>> {
+    t.seeded(t.seed(), step).sensitivity(settings).metric("M1 (sensitivity)")
+}
+
+/// M4 of every layer, each release passed through `transform` (a defence) before the attack.
+pub(crate) fn inversion_attack(t: &Inspection, plan: &InversionPlan, settings: &InversionSettings, transform: Option<&ReleaseTransform>) -> Result<Vec<Metric<Inversion>>> {
+    t.original_information(plan, settings, transform).metric("M4 (inversion)")
+}
+
+/// The probe JVPs of the first `n` samples, kept (K = `probes`), to measure M1 on any
+/// release of that batch with [`release_sensitivity`].
+pub(crate) fn release_probes(t: &Inspection, n: usize, probes: usize) -> Result<JvpSamples> {
+    let (xb, yb) = first(t, n)?;
+    t.on(Batch::new(&xb, &yb)).jvp_samples(&probe_settings(probes)).metric("M1 (probe JVPs)")
+}
+
+/// M1 of one released layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReleaseSensitivity {
+    pub s: f64,
+    pub s_rms: f64,
+    /// None when the release is exactly 0.
+    pub r: Option<f64>,
+}
+
+/// M1 of layer `l`'s release through `chain` (seeded with `seed`), measured by the guard's own
+/// closed-loop code ([`JvpSamples::release_sensitivity`]: the chain applied to the gradient and
+/// linearised on the kept JVPs). None: the layer is not reached by the loss, or the chain
+/// withholds it.
+pub(crate) fn release_sensitivity(jv: &JvpSamples, l: usize, chain: &[Defence], seed: u64) -> Result<Option<ReleaseSensitivity>> {
+    let measured = jv.release_sensitivity(l, chain, seed).metric("M1 of a release")?;
+    Ok(measured.map(|m| ReleaseSensitivity {
+        s: m.sensitivity,
+        s_rms: m.sensitivity_rms,
+        r: (m.release_norm > 0.0).then_some(m.relative_sensitivity),
+    }))
+}
+
+/// M3 on arbitrary features (one row per release).
+pub(crate) fn usable_on_features(features: &[Vec<f64>], labels: &[i64], seed: u64) -> Result<Option<UsableInformation>> {
+    Ok(attribute_information(features, labels, &UsableSettings::default(), seed).metric("M3 (usable information)")?.measured().cloned())
+}
+
+/// M3 on a matrix of releases of layer `l` (projected with the layer's projection stream).
+pub(crate) fn usable_on_matrix(g: &GradientMatrix, labels: &[i64], seed: u64, l: usize) -> Result<Option<UsableInformation>> {
+    Ok(usable_information(g, labels, &UsableSettings::default(), seed, l).metric("M3 (usable information)")?.measured().cloned())
+}
+
+/// M3's random projection of layer `l`'s rows (linear: a release of a batch mean projects to
+/// the mean of the projected samples).
+pub(crate) fn projected(g: &GradientMatrix, seed: u64, l: usize) -> Result<Vec<Vec<f64>>> {
+    project(g, UsableSettings::default().projection_dim, seed, l).metric("M3 (projection)")
+}
+
+/// M2 on release columns: `groups[g]` are the columns of attribute value g (random order);
+/// each group's first and second halves give the subspaces of rank `rank`. (d_between,
+/// separation), None when a subspace is degenerate or there is a single group.
+pub(crate) fn subspace_of_columns(groups: &[Vec<Vec<f64>>], rank: usize) -> Result<Option<(f64, f64)>> {
+    let basis = |part: &[Vec<f64>]| -> Result<Option<Tensor>> {
+        let p = part[0].len() as i64;
+        let m = Tensor::f_from_slice(&part.concat())?.f_reshape([part.len() as i64, p])?.f_transpose(0, 1)?;
+        orthonormal_basis(&m, rank, f32::EPSILON as f64).metric("M2 (subspace basis)")
+    };
+    let mut bases = Vec::new();
+    for cols in groups {
+        let half = cols.len() / 2;
+        match (basis(&cols[..half])?, basis(&cols[half..2 * half])?) {
+            (Some(a), Some(b)) => bases.push((a, b)),
+            _ => return Ok(None),
+        }
+    }
+    let distance = |a: &Tensor, b: &Tensor| projection_distance(a, b).metric("M2 (subspace distance)");
+    let (mut between, mut within, mut pairs) = (0.0, 0.0, 0.0);
+    for g in 0..bases.len() {
+        for h in g + 1..bases.len() {
+            let ((a1, a2), (b1, b2)) = (&bases[g], &bases[h]);
+            between += (distance(a1, b1)? + distance(a2, b2)?) / 2.0;
+            within += (distance(a1, a2)? + distance(b1, b2)?) / 2.0;
+            pairs += 1.0;
+        }
+    }
+    Ok((pairs > 0.0).then(|| (between / pairs, (between - within) / pairs)))
+}

@@ -1,0 +1,229 @@
+//! The audit's report: one row per layer with every metric under its METRICS.md name, the
+//! settings and timings, as JSON, a text table and an SVG.
+use crate::error::{write_file, Result};
+use crate::source::LossKind;
+use gradguard_guard::{Inversion, InversionPlan, InversionSettings};
+use gradguard_guard::{Metric, Sensitivity, Subspace};
+use gradguard_guard::SensitivitySettings;
+use gradguard_guard::SubspaceSettings;
+use gradguard_guard::{UsableInformation, UsableSettings};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One layer of the report: every metric under its METRICS.md name, None when absent (with
+/// the reason under `absent`), and the full metric records under `details`.
+#[derive(Serialize, Debug, Clone)]
+pub struct LayerRow {
+    /// Layer name.
+    pub name: String,
+    /// Parameter scalars P_l.
+    pub params: usize,
+    /// M1: S_l.
+    pub sensitivity: Option<f64>,
+    /// M1: standard error of S_l (absent in exact mode).
+    pub sensitivity_se: Option<f64>,
+    /// M1: S_l / sqrt(P_l).
+    pub sensitivity_rms: Option<f64>,
+    /// M1: R_l = S_l / ||released gradient||.
+    pub relative_sensitivity: Option<f64>,
+    /// M2: mean projection distance between the attribute groups' subspaces.
+    pub subspace_distance: Option<f64>,
+    /// M2: between-group minus within-group distance.
+    pub subspace_separation: Option<f64>,
+    /// M3: usable information about the attribute, in bits.
+    pub usable_information_bits: Option<f64>,
+    /// M3: the attacker's held-out accuracy.
+    pub attack_accuracy: Option<f64>,
+    /// M3: the majority-class accuracy it is compared with.
+    pub majority_accuracy: Option<f64>,
+    /// M4: usable original information, bits per input dimension.
+    pub usable_original_bits_per_dim: Option<f64>,
+    /// M4: PSNR of the reconstructions, dB.
+    pub psnr: Option<f64>,
+    /// Why each absent metric is absent, by name.
+    pub absent: BTreeMap<String, String>,
+    /// The estimators' full records.
+    pub details: LayerDetails,
+}
+
+/// The estimators' records of one layer.
+#[derive(Serialize, Debug, Clone)]
+pub struct LayerDetails {
+    /// M1 sensitivity.
+    pub m1: Metric<Sensitivity>,
+    /// M2 subspace distance.
+    pub m2: Metric<Subspace>,
+    /// M3 usable latent information.
+    pub m3: Metric<UsableInformation>,
+    /// M4 usable original information (inversion attack).
+    pub m4: Metric<Inversion>,
+}
+
+impl LayerRow {
+    /// The row of layer `name` (P_l = `params`) from its metric records.
+    pub fn new(name: String, params: usize, details: LayerDetails) -> Self {
+        let mut absent = BTreeMap::new();
+        let mut take = |metric: &str, value: Option<f64>, reason: Option<&str>| -> Option<f64> {
+            if value.is_none() {
+                absent.insert(metric.to_string(), reason.unwrap_or("not computed").to_string());
+            }
+            value
+        };
+        let s = details.m1.measured();
+        let r1 = details.m1.absent_reason();
+        let m2 = details.m2.measured();
+        let r2 = details.m2.absent_reason();
+        let m3 = details.m3.measured();
+        let r3 = details.m3.absent_reason();
+        let m4 = details.m4.measured();
+        let r4 = details.m4.absent_reason();
+        let relative_reason = if s.is_some() { Some("the layer's released gradient is exactly 0") } else { r1 };
+        Self {
+            sensitivity: take("sensitivity", s.map(|s| s.sensitivity), r1),
+            sensitivity_se: take("sensitivity_se", s.filter(|s| !s.exact).map(|s| s.sensitivity_se), if s.is_some() { Some("exact mode: no standard error") } else { r1 }),
+            sensitivity_rms: take("sensitivity_rms", s.map(|s| s.sensitivity_rms), r1),
+            relative_sensitivity: take("relative_sensitivity", s.and_then(|s| s.relative_sensitivity), relative_reason),
+            subspace_distance: take("subspace_distance", m2.map(|m| m.subspace_distance), r2),
+            subspace_separation: take("subspace_separation", m2.map(|m| m.subspace_separation), r2),
+            usable_information_bits: take("usable_information_bits", m3.map(|m| m.usable_information_bits), r3),
+            attack_accuracy: take("attack_accuracy", m3.map(|m| m.attack_accuracy), r3),
+            majority_accuracy: take("majority_accuracy", m3.map(|m| m.majority_accuracy), r3),
+            usable_original_bits_per_dim: take("usable_original_bits_per_dim", m4.map(|m| m.usable_original_bits_per_dim), r4),
+            psnr: take("psnr", m4.map(|m| m.psnr), r4),
+            name,
+            params,
+            absent,
+            details,
+        }
+    }
+
+    /// The plotted metrics, in order: (METRICS.md name, value).
+    pub fn plotted(&self) -> Vec<(&'static str, Option<f64>)> {
+        vec![
+            ("sensitivity", self.sensitivity),
+            ("sensitivity_rms", self.sensitivity_rms),
+            ("relative_sensitivity", self.relative_sensitivity),
+            ("subspace_distance", self.subspace_distance),
+            ("subspace_separation", self.subspace_separation),
+            ("usable_information_bits", self.usable_information_bits),
+            ("attack_accuracy", self.attack_accuracy),
+            ("usable_original_bits_per_dim", self.usable_original_bits_per_dim),
+            ("psnr", self.psnr),
+        ]
+    }
+}
+
+/// The report of one audit (the JSON of `gradguard audit --json`).
+#[derive(Serialize, Debug, Clone)]
+pub struct AuditReport {
+    /// The model's label.
+    pub model: String,
+    /// How the data were described.
+    pub data: String,
+    /// Samples audited.
+    pub samples: usize,
+    /// Samples in the released batch of M1.
+    pub batch_size: usize,
+    /// Probes K of M1 (None in exact mode).
+    pub probes: Option<usize>,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Whether M1 was exact.
+    pub exact: bool,
+    /// The loss.
+    pub loss: LossKind,
+    /// The device, as given.
+    pub device: String,
+    /// Adam steps taken before the audit (built-in models).
+    pub train_steps: usize,
+    /// The estimators' settings.
+    pub settings: AuditSettings,
+    /// Seconds per phase (`training`, `m1` ... `m4`).
+    pub seconds: BTreeMap<&'static str, f64>,
+    /// One row per layer, in model order.
+    pub layers: Vec<LayerRow>,
+}
+
+/// The estimators' settings of an audit.
+#[derive(Serialize, Debug, Clone)]
+pub struct AuditSettings {
+    /// M1.
+    pub sensitivity: SensitivitySettings,
+    /// M2.
+    pub subspace: SubspaceSettings,
+    /// M3.
+    pub usable: UsableSettings,
+    /// M4, when it ran.
+    pub inversion: Option<(InversionPlan, InversionSettings)>,
+}
+
+impl AuditReport {
+    /// The per-layer table `gradguard audit` prints, with the absent metrics' reasons.
+    pub fn table(&self) -> String {
+        table(&self.layers)
+    }
+
+    /// Writes the report as pretty JSON, creating the parent folder.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        write_file(path, &serde_json::to_string_pretty(self)?, "writing the JSON report")
+    }
+
+    /// Draws the per-layer bars of every metric as an SVG, creating the parent folder.
+    pub fn write_plot(&self, path: &Path) -> Result<()> {
+        crate::error::create_parent(path)?;
+        let title = format!("gradguard audit: {} (n = {} for M1, {} samples)", self.model, self.batch_size, self.samples);
+        crate::plot::bar_panels_svg(path, &title, &self.layers)
+    }
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v != 0.0 && (v.abs() >= 1e4 || v.abs() < 1e-3) => format!("{v:.3e}"),
+        Some(v) => format!("{v:.4}"),
+        None => "-".into(),
+    }
+}
+
+fn table(rows: &[LayerRow]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8}",
+        "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "M3 bits", "acc", "M4 b/dim", "PSNR"
+    );
+    for r in rows {
+        let name = if r.name.chars().count() > 16 { format!("{}~", r.name.chars().take(15).collect::<String>()) } else { r.name.clone() };
+        let _ = writeln!(
+            out,
+            "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8}",
+            name,
+            r.params,
+            fmt(r.sensitivity),
+            fmt(r.sensitivity_se),
+            fmt(r.sensitivity_rms),
+            fmt(r.relative_sensitivity),
+            fmt(r.subspace_distance),
+            fmt(r.subspace_separation),
+            fmt(r.usable_information_bits),
+            fmt(r.attack_accuracy),
+            fmt(r.usable_original_bits_per_dim),
+            fmt(r.psnr),
+        );
+    }
+    let absent: Vec<String> = rows
+        .first()
+        .map(|r| {
+            let mut reasons: BTreeMap<&String, Vec<&String>> = BTreeMap::new();
+            for (metric, reason) in &r.absent {
+                reasons.entry(reason).or_default().push(metric);
+            }
+            reasons.into_iter().map(|(reason, metrics)| format!("  {}: {reason}", metrics.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "))).collect()
+        })
+        .unwrap_or_default();
+    if !absent.is_empty() {
+        let _ = writeln!(out, "absent (first layer):\n{}", absent.join("\n"));
+    }
+    out
+}

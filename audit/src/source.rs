@@ -1,0 +1,189 @@
+//! The audited model: a built-in model (`cnn`, `mlp`) or a TorchScript file, behind one type
+//! that gives the layer map, the forward pass and the loss.
+use crate::error::{AuditError, Result};
+use crate::models::{DigitsCnn, Mlp};
+use gradguard_guard::LayerMap;
+use gradguard_hooks::TorchScriptModel;
+use std::path::{Path, PathBuf};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, TchError, Tensor};
+
+/// Widths of the built-in `mlp`.
+pub(crate) const MLP_WIDTHS: [i64; 4] = [64, 128, 64, 10];
+
+/// Which model to audit, resolved from a name: `cnn`, `mlp` or the path of a TorchScript file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// [`DigitsCnn`]: conv1, conv2, fc1, fc2.
+    Cnn,
+    /// [`Mlp`] of widths 64-128-64-10: fc0, fc1, fc2.
+    Mlp,
+    /// A `torch.jit.script` or `torch.jit.trace` module saved with `torch.jit.save`.
+    TorchScript(PathBuf),
+}
+
+impl ModelSource {
+    /// Resolves a name: `cnn` and `mlp` are built in; anything else that exists, or looks like
+    /// a path (holds a `.` or a `/`), is a TorchScript file. Otherwise
+    /// [`AuditError::UnknownModel`].
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "cnn" => Ok(Self::Cnn),
+            "mlp" => Ok(Self::Mlp),
+            _ if Path::new(name).exists() || name.contains('.') || name.contains('/') => Ok(Self::TorchScript(PathBuf::from(name))),
+            _ => Err(AuditError::UnknownModel { name: name.to_string() }),
+        }
+    }
+
+    /// Builds (built-in: seeded initialisation) or loads (TorchScript) the model on `device`.
+    /// Seeds libtorch's global RNG with `seed` first.
+    pub fn load(&self, seed: u64, device: Device) -> Result<AuditModel> {
+        tch::manual_seed(seed as i64);
+        let inner = match self {
+            Self::Cnn | Self::Mlp => {
+                let vs = nn::VarStore::new(device);
+                let net = match self {
+                    Self::Cnn => Net::Cnn(Box::new(DigitsCnn::new(&vs.root()))),
+                    _ => Net::Mlp(Mlp::new(&vs.root(), &MLP_WIDTHS)),
+                };
+                Inner::Builtin { vs, net }
+            }
+            Self::TorchScript(path) => Inner::Script(TorchScriptModel::load(path, device)?),
+        };
+        Ok(AuditModel { inner })
+    }
+}
+
+/// A loaded model, ready for the estimators: its layers, forward pass and loss.
+pub struct AuditModel {
+    inner: Inner,
+}
+
+enum Inner {
+    Builtin { vs: nn::VarStore, net: Net },
+    Script(TorchScriptModel),
+}
+
+enum Net {
+    Cnn(Box<DigitsCnn>),
+    Mlp(Mlp),
+}
+
+/// The loss a model is audited with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// Mean cross-entropy of the logits against integer class ids.
+    #[default]
+    CrossEntropy,
+    /// Mean squared error against float targets shaped like the output.
+    Mse,
+}
+
+impl AuditModel {
+    /// [`ModelSource::parse`] then [`ModelSource::load`].
+    pub fn load(name: &str, seed: u64, device: Device) -> Result<Self> {
+        ModelSource::parse(name)?.load(seed, device)
+    }
+
+    /// Whether this is a built-in model (trainable by [`crate::AuditOptions::train_steps`]).
+    pub fn is_builtin(&self) -> bool {
+        matches!(self.inner, Inner::Builtin { .. })
+    }
+
+    /// How reports name the model, e.g. `cnn (gradguard::models::DigitsCnn)`.
+    pub fn label(&self) -> String {
+        match &self.inner {
+            Inner::Builtin { net: Net::Cnn(_), .. } => "cnn (gradguard::models::DigitsCnn)".into(),
+            Inner::Builtin { net: Net::Mlp(_), .. } => format!("mlp (gradguard::models::Mlp {MLP_WIDTHS:?})"),
+            Inner::Script(m) => format!("TorchScript {}", m.path().display()),
+        }
+    }
+
+    /// The model's output for a batch of inputs.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        match &self.inner {
+            Inner::Builtin { net: Net::Cnn(net), .. } => net.f_forward(x),
+            Inner::Builtin { net: Net::Mlp(net), .. } => net.f_forward(x),
+            Inner::Script(m) => m.f_forward(x),
+        }
+    }
+
+    /// The VarStore holding the parameters.
+    pub fn var_store(&self) -> &nn::VarStore {
+        match &self.inner {
+            Inner::Builtin { vs, .. } => vs,
+            Inner::Script(m) => m.var_store(),
+        }
+    }
+
+    /// The guard's layer map, in model order (TorchScript: PyTorch's dotted names).
+    pub fn layers(&self) -> Result<LayerMap> {
+        Ok(match &self.inner {
+            Inner::Builtin { vs, .. } => LayerMap::from_var_store(vs)?,
+            Inner::Script(m) => m.layer_map()?,
+        })
+    }
+
+    /// The layer names, in model order.
+    pub fn layer_names(&self) -> Result<Vec<String>> {
+        Ok(self.layers()?.names())
+    }
+
+    /// The dtype of the parameters (inputs are converted to it).
+    pub fn kind(&self) -> Kind {
+        self.var_store().trainable_variables().first().map(|t| t.kind()).unwrap_or(Kind::Float)
+    }
+
+    /// The mean loss of a batch.
+    pub fn loss(&self, loss: LossKind, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        let out = self.forward(x)?;
+        match loss {
+            LossKind::CrossEntropy => out.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100),
+            LossKind::Mse => out.f_mse_loss(y, tch::Reduction::Mean),
+        }
+    }
+
+    /// The loss as the closure the guard's estimators take (a `gradguard_guard::LossFn`).
+    pub fn loss_fn(&self, loss: LossKind) -> impl Fn(&Tensor, &Tensor) -> Result<Tensor, TchError> + '_ {
+        move |x: &Tensor, y: &Tensor| self.loss(loss, x, y)
+    }
+}
+
+/// Adam (lr 1e-3) on the cross-entropy of seeded mini-batches drawn from `indices`; resumable,
+/// so a study can measure between stretches of training.
+pub(crate) struct Trainer<'a> {
+    model: &'a AuditModel,
+    x: &'a Tensor,
+    y: &'a Tensor,
+    indices: Vec<usize>,
+    batch: usize,
+    seed: u64,
+    opt: nn::Optimizer,
+    done: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// Batches of `batch` samples of `indices` into `x`, `y`.
+    pub fn new(model: &'a AuditModel, x: &'a Tensor, y: &'a Tensor, indices: Vec<usize>, batch: usize, seed: u64) -> Result<Self> {
+        let opt = nn::Adam::default().build(model.var_store(), 1e-3)?;
+        Ok(Self { model, x, y, indices, batch, seed, opt, done: 0 })
+    }
+
+    /// Trains until `step` steps are done in all (nothing if already there).
+    pub fn train_to(&mut self, step: usize) -> Result<()> {
+        use rand::{seq::IndexedRandom, SeedableRng};
+        for s in self.done..step {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let idx: Vec<i64> = self.indices.choose_multiple(&mut rng, self.batch.min(self.indices.len())).map(|&i| i as i64).collect();
+            let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.x.device())?;
+            let xb = self.x.f_index_select(0, &idx)?;
+            let yb = self.y.f_index_select(0, &idx)?;
+            let loss = self.model.loss(LossKind::CrossEntropy, &xb, &yb)?;
+            self.opt.zero_grad();
+            loss.f_backward()?;
+            self.opt.step();
+        }
+        self.done = self.done.max(step);
+        Ok(())
+    }
+}

@@ -1,0 +1,238 @@
+//! The validation study of docs/VALIDATION.md (`gradguard validate`).
+//!
+//! On the shipped digits, the example CNN and MLP are trained (Adam, lr 1e-3, batches of 64)
+//! and measured at steps 0, 100 and 300: per layer every cheap metric (M1: S_l, S_l^rms, R_l;
+//! M2: subspace distance and separation) beside the attack-grounded ones (M4 for original
+//! information, M3 for latent information). Then, on the CNN at step 100, every metric against
+//! the batch size (1..64) and against two defences (Gaussian noise, top-k sparsification).
+//! Defended releases are made by `gradguard_defenses::Defence::apply`, and their M1 is measured
+//! through the guard's own transform path (the closed loop's). Writes VALIDATION.md and SVG
+//! figures; every statement in VALIDATION.md is computed from the numbers of the run that
+//! wrote it.
+mod groups;
+mod render;
+mod sweeps;
+
+use crate::data::Digits;
+use crate::error::{create_dir, write_file, Result};
+use crate::estimate::{measure_layers, probe_settings, MetricSettings};
+use crate::plot::bar_panels_svg;
+use crate::report::LayerRow;
+use crate::source::{LossKind, ModelSource, Trainer};
+use gradguard_guard::{Batch, Inspection, InversionPlan, InversionSettings};
+use gradguard_guard::GradientMatrix;
+use gradguard_guard::SubspaceSettings;
+use gradguard_guard::to_f64_vec;
+use gradguard_guard::UsableSettings;
+use std::path::PathBuf;
+use std::time::Instant;
+use sweeps::{DefenceSweeps, Sweep};
+use tch::{Device, Tensor};
+
+/// How to run the study (the flags of `gradguard validate`).
+#[derive(Clone, Debug)]
+pub struct ValidationOptions {
+    /// Folder for VALIDATION.md; the figures go to its `validation/` subfolder.
+    pub out: PathBuf,
+    /// Seed of the models, the data order, probes, splits, projections and attacks.
+    pub seed: u64,
+    /// Smaller sample counts and fewer attack steps: a smoke run (minutes -> seconds), not the
+    /// study.
+    pub quick: bool,
+    /// libtorch intra-op threads, set by [`run_validation`] (the models are tiny: 1 is fastest
+    /// on 2 shared cores).
+    pub threads: i32,
+}
+
+impl Default for ValidationOptions {
+    fn default() -> Self {
+        Self { out: PathBuf::from("docs"), seed: 0, quick: false, threads: 1 }
+    }
+}
+
+/// Where a study was written.
+#[derive(Clone, Debug)]
+pub struct ValidationSummary {
+    /// The VALIDATION.md written.
+    pub markdown: PathBuf,
+    /// The folder of the figures.
+    pub figures: PathBuf,
+    /// Seconds the study took.
+    pub seconds: f64,
+}
+
+/// The study's sample counts and attack settings.
+#[derive(Clone, Debug)]
+struct Plan {
+    steps: Vec<usize>,
+    /// Per-sample gradients for M2/M3 (from the training split).
+    pool: usize,
+    m1_batch: usize,
+    m1_probes: usize,
+    m4_releases: usize,
+    m4_iterations: usize,
+    batch_sizes: Vec<usize>,
+    agg_m1_batches: usize,
+    agg_m3_releases: usize,
+    agg_m4_releases: usize,
+    agg_m4_iterations: usize,
+    noise: Vec<f64>,
+    keep: Vec<f64>,
+    def_m4_releases: usize,
+    def_m4_iterations: usize,
+    /// Group-pure micro-batch size of the second latent comparison, and its release count.
+    micro_batch: usize,
+    micro_releases: usize,
+}
+
+/// Probes K of M1 in the aggregation and defence sweeps.
+const SWEEP_PROBES: usize = 8;
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                steps: vec![0, 30],
+                pool: 240,
+                m1_batch: 16,
+                m1_probes: 4,
+                m4_releases: 2,
+                m4_iterations: 40,
+                batch_sizes: vec![1, 4, 16],
+                agg_m1_batches: 2,
+                agg_m3_releases: 200,
+                agg_m4_releases: 1,
+                agg_m4_iterations: 30,
+                noise: vec![0.0, 0.1, 1.0],
+                keep: vec![1.0, 0.1],
+                def_m4_releases: 1,
+                def_m4_iterations: 30,
+                micro_batch: 8,
+                micro_releases: 200,
+            }
+        } else {
+            Self {
+                steps: vec![0, 100, 300],
+                pool: 1200,
+                m1_batch: 32,
+                m1_probes: 16,
+                m4_releases: 12,
+                m4_iterations: 400,
+                batch_sizes: vec![1, 2, 4, 8, 16, 32, 64],
+                agg_m1_batches: 4,
+                agg_m3_releases: 800,
+                agg_m4_releases: 4,
+                agg_m4_iterations: 300,
+                noise: vec![0.0, 0.001, 0.003, 0.01, 0.03, 0.1],
+                keep: vec![1.0, 0.3, 0.1, 0.03, 0.01],
+                def_m4_releases: 6,
+                def_m4_iterations: 300,
+                micro_batch: 8,
+                micro_releases: 800,
+            }
+        }
+    }
+}
+
+/// The audited pool: tensors and attribute labels.
+struct Pool {
+    x: Tensor,
+    y: Tensor,
+    attribute: Vec<i64>,
+}
+
+/// One checkpoint of one model.
+struct Checkpoint {
+    model: &'static str,
+    step: usize,
+    rows: Vec<LayerRow>,
+    /// Latent metrics on group-pure micro-batches, per layer.
+    micro: Vec<groups::MicroLatent>,
+}
+
+/// What a sweep measures: one model at one checkpoint, on the pool.
+struct Study<'a> {
+    target: Inspection<'a>,
+    attribute: &'a [i64],
+    /// Per-sample gradients of the pool, per layer.
+    grads: &'a [Option<GradientMatrix>],
+    plan: &'a Plan,
+    fig_dir: &'a std::path::Path,
+    step: usize,
+}
+
+/// Everything the study measured, for [`render::render`].
+struct Results {
+    checkpoints: Vec<Checkpoint>,
+    aggregation: Option<Sweep>,
+    defences: Option<DefenceSweeps>,
+    timings: Vec<(String, f64)>,
+    total: f64,
+}
+
+/// Runs the study and writes `options.out`/VALIDATION.md and its figures (about 3 minutes;
+/// seconds with `quick`). Sets libtorch's intra-op thread count to `options.threads`.
+/// `progress` is told when each part is done.
+pub fn run_validation(options: &ValidationOptions, progress: &mut dyn FnMut(&str)) -> Result<ValidationSummary> {
+    tch::set_num_threads(options.threads.max(1));
+    let started = Instant::now();
+    let seed = options.seed;
+    let plan = Plan::new(options.quick);
+    let fig_dir = options.out.join("validation");
+    create_dir(&fig_dir)?;
+    let digits = Digits::embedded()?;
+    let (train, _test) = digits.split(0.2, seed);
+    let pool_idx: Vec<usize> = train.iter().take(plan.pool).copied().collect();
+    let (px, py, pa) = digits.batch(&pool_idx, Device::Cpu)?;
+    let pool = Pool { x: px, y: py, attribute: to_f64_vec(&pa)?.into_iter().map(|v| v as i64).collect() };
+    let (tx, ty, _) = digits.batch(&train, Device::Cpu)?;
+
+    let mut results = Results { checkpoints: Vec::new(), aggregation: None, defences: None, timings: Vec::new(), total: 0.0 };
+    let mut timed = |results: &mut Results, what: String, seconds: f64| {
+        progress(&format!("{what} in {seconds:.1}s"));
+        results.timings.push((what, seconds));
+    };
+    for (name, source) in [("cnn", ModelSource::Cnn), ("mlp", ModelSource::Mlp)] {
+        let model = source.load(seed, Device::Cpu)?;
+        let mut trainer = Trainer::new(&model, &tx, &ty, (0..train.len()).collect(), 64, seed)?;
+        let layers = model.layers()?;
+        let loss_fn = model.loss_fn(LossKind::CrossEntropy);
+        for &step in &plan.steps {
+            let t = Instant::now();
+            trainer.train_to(step)?;
+            let target = Inspection::new(&layers, &loss_fn, Batch::new(&pool.x, &pool.y)).seeded(seed, 0);
+            let (rows, grads) = measure_checkpoint(&target, &pool.attribute, &plan)?;
+            bar_panels_svg(&fig_dir.join(format!("layers_{name}_step{step}.svg")), &format!("{name} at step {step}: per-layer metrics (digits, seed {seed})"), &rows)?;
+            timed(&mut results, format!("{name} step {step}"), t.elapsed().as_secs_f64());
+            if name == "cnn" && step == *plan.steps.get(1).unwrap_or(&0) {
+                let study = Study { target, attribute: &pool.attribute, grads: &grads, plan: &plan, fig_dir: &fig_dir, step };
+                let t = Instant::now();
+                results.aggregation = Some(sweeps::aggregation_sweep(&study)?);
+                timed(&mut results, "cnn aggregation sweep".into(), t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                results.defences = Some(sweeps::defence_sweep(&study)?);
+                timed(&mut results, "cnn defence sweep".into(), t.elapsed().as_secs_f64());
+            }
+            let micro = groups::micro_latent(&grads, &pool.attribute, plan.micro_batch, plan.micro_releases, seed)?;
+            results.checkpoints.push(Checkpoint { model: name, step, rows, micro });
+        }
+    }
+    results.total = started.elapsed().as_secs_f64();
+    let path = options.out.join("VALIDATION.md");
+    write_file(&path, &render::render(options, &plan, &results), "writing")?;
+    Ok(ValidationSummary { markdown: path, figures: fig_dir, seconds: results.total })
+}
+
+/// Every metric of every layer at one checkpoint, and the pool's per-sample gradients.
+fn measure_checkpoint(target: &Inspection, attribute: &[i64], plan: &Plan) -> Result<(Vec<LayerRow>, Vec<Option<GradientMatrix>>)> {
+    let settings = MetricSettings {
+        sensitivity: probe_settings(plan.m1_probes),
+        m1_batch: plan.m1_batch,
+        subspace: SubspaceSettings::default(),
+        usable: UsableSettings::default(),
+        inversion: Some((InversionPlan { batch_size: 1, releases: plan.m4_releases }, InversionSettings { iterations: plan.m4_iterations, ..Default::default() })),
+    };
+    let measured = measure_layers(target, Some(attribute), &settings)?;
+    let grads = measured.grads.unwrap_or_else(|| vec![None; target.layers().len()]);
+    Ok((measured.rows, grads))
+}
