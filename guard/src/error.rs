@@ -52,6 +52,17 @@ pub enum GuardError {
     /// The loss function returned a non-scalar tensor (of the shape in the field).
     #[error("the loss function must return a scalar, got shape {0:?}")]
     LossNotScalar(Vec<i64>),
+    /// Inputs of an integer dtype (token ids, categorical codes) and no embedding split: M1
+    /// has no continuous representation to differentiate. M1 is reported absent with this
+    /// message; training goes on.
+    #[error("M1 needs a continuous representation: the inputs are {kind} (token ids or categorical codes) and no embedding split is declared (declare embed and loss_from_embedded: gradguard_guard::SplitLoss, or .embedding(...) on the guarded optimizer)")]
+    DiscreteInputs {
+        /// The inputs' dtype.
+        kind: String,
+    },
+    /// The embedding split's `embed` returned something M1 cannot differentiate.
+    #[error("the embedding split's embed returned {0}: embeddings must be floating point, one row per sample")]
+    Embedding(String),
     /// The model has no trainable parameters to guard.
     #[error("the model has no trainable parameters")]
     NoParameters,

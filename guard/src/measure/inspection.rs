@@ -5,9 +5,12 @@
 //! imports this one; this file imports none of them.
 use super::batch::Batch;
 use super::layers::LayerMap;
-use super::loss::LossFn;
+use super::loss::{EmbeddingSplit, LossFn};
 
 /// One batch of one model, as the estimators see it. Cheap to copy: everything is borrowed.
+///
+/// For discrete inputs (token ids) M1 is measured on the embeddings: the split comes with the
+/// loss ([`crate::SplitLoss`]) or is declared here with [`Inspection::with_embedding`].
 ///
 /// ```no_run
 /// # fn demo(layers: &gradguard_guard::LayerMap, loss: &dyn gradguard_guard::LossFn,
@@ -23,15 +26,24 @@ use super::loss::LossFn;
 pub struct Inspection<'a> {
     layers: &'a LayerMap,
     loss: &'a dyn LossFn,
+    embedding: Option<&'a dyn EmbeddingSplit>,
     batch: Batch<'a>,
     seed: u64,
     step: u64,
 }
 
 impl<'a> Inspection<'a> {
-    /// Looks at `batch` through `loss` (seed 0, step 0).
+    /// Looks at `batch` through `loss` (seed 0, step 0), with the loss's embedding split if it
+    /// has one ([`LossFn::embedding`]).
     pub fn new(layers: &'a LayerMap, loss: &'a dyn LossFn, batch: Batch<'a>) -> Self {
-        Self { layers, loss, batch, seed: 0, step: 0 }
+        Self { layers, loss, embedding: loss.embedding(), batch, seed: 0, step: 0 }
+    }
+
+    /// The same look with M1 measured on the embeddings of `split` (METRICS.md, M1, discrete
+    /// inputs); the loss stays what M2, M3 and M4 use. A pair of closures
+    /// `&(embed, loss_from_embedded)` is a split.
+    pub fn with_embedding(self, split: &'a dyn EmbeddingSplit) -> Self {
+        Self { embedding: Some(split), ..self }
     }
 
     /// The same look with another seed and step: the probes, selections and projections they
@@ -53,6 +65,11 @@ impl<'a> Inspection<'a> {
     /// The loss that rebuilds the batch's graph.
     pub fn loss(&self) -> &'a dyn LossFn {
         self.loss
+    }
+
+    /// The embedding split M1 is measured through, if one is declared.
+    pub fn embedding(&self) -> Option<&'a dyn EmbeddingSplit> {
+        self.embedding
     }
 
     /// The batch looked at.

@@ -267,6 +267,10 @@ fn estimate_original_information(
     if plan.batch_size == 0 || plan.releases == 0 {
         return Err(GuardError::Config { setting: "inversion plan", why: "batch size and releases must be at least 1".into() });
     }
+    if !inputs.f_is_floating_point().during("reading the inputs' dtype")? {
+        let reason = format!("M4 reconstructs continuous inputs; these are {:?} (token ids or categorical codes)", inputs.kind());
+        return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect());
+    }
     let needed = plan.batch_size * plan.releases;
     if needed > n {
         let reason = format!("insufficient samples: {needed} needed ({} releases of {}), {n} given", plan.releases, plan.batch_size);

@@ -24,6 +24,103 @@ use tch::{Kind, TchError, Tensor};
 pub trait LossFn {
     /// The mean loss of the batch `inputs` with labels `targets`, as a scalar tensor.
     fn loss(&self, inputs: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError>;
+
+    /// The model's split at its first continuous representation, for discrete inputs (token
+    /// ids, categorical codes): M1 is then measured on the embeddings. None (the default, and
+    /// what a closure gives): M1 is measured on the inputs, which must be floating point.
+    fn embedding(&self) -> Option<&dyn EmbeddingSplit> {
+        None
+    }
+}
+
+/// The split of a model on discrete inputs at its first continuous representation (METRICS.md,
+/// M1, discrete inputs): `embed(tokens)` gives the embeddings (samples along dimension 0, e.g.
+/// [n, L, E] for L tokens), and `loss_from_embedded(embed(tokens), targets)` equals the loss on
+/// the tokens. M1 perturbs the embeddings additively, `loss_from_embedded(embed(tokens) +
+/// delta)`, and differentiates at delta = 0, so the embedding table's own gradient, part of
+/// the released gradient, stays in the graph.
+///
+/// A pair of closures `(embed, loss_from_embedded)` is a split; [`SplitLoss`] carries one with
+/// the plain loss.
+pub trait EmbeddingSplit {
+    /// The embeddings of a batch of discrete inputs (floating point, one row per sample).
+    fn embed(&self, inputs: &Tensor) -> std::result::Result<Tensor, TchError>;
+
+    /// The mean loss of the batch from its embeddings, computed as the plain loss is.
+    fn loss_from_embedded(&self, embedded: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError>;
+}
+
+impl<E, F> EmbeddingSplit for (E, F)
+where
+    E: Fn(&Tensor) -> std::result::Result<Tensor, TchError>,
+    F: Fn(&Tensor, &Tensor) -> std::result::Result<Tensor, TchError>,
+{
+    fn embed(&self, inputs: &Tensor) -> std::result::Result<Tensor, TchError> {
+        (self.0)(inputs)
+    }
+
+    fn loss_from_embedded(&self, embedded: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError> {
+        (self.1)(embedded, targets)
+    }
+}
+
+impl<S: EmbeddingSplit + ?Sized> EmbeddingSplit for Box<S> {
+    fn embed(&self, inputs: &Tensor) -> std::result::Result<Tensor, TchError> {
+        (**self).embed(inputs)
+    }
+
+    fn loss_from_embedded(&self, embedded: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError> {
+        (**self).loss_from_embedded(embedded, targets)
+    }
+}
+
+/// A loss on discrete inputs with its embedding split declared: the plain loss on the inputs
+/// (what the training step, M2 and M3 use), and the split M1 is measured through.
+///
+/// ```
+/// use gradguard_guard::{Batch, Inspection, LayerMap, Representation, SensitivitySettings, SplitLoss};
+/// use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let (emb, fc) = (nn::embedding(vs.root() / "emb", 50, 8, Default::default()), nn::linear(vs.root() / "fc", 8, 2, Default::default()));
+/// let from_embedded = |e: &Tensor, y: &Tensor| fc.forward(&e.f_mean_dim(1, false, Kind::Float)?).f_cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, 0.0);
+/// let embed = |tokens: &Tensor| Ok::<_, tch::TchError>(emb.forward(tokens));
+/// let loss = SplitLoss::new(|t: &Tensor, y: &Tensor| from_embedded(&emb.forward(t), y), embed, &from_embedded);
+/// let (tokens, y) = (Tensor::randint(50, [4, 6], (Kind::Int64, Device::Cpu)), Tensor::from_slice(&[0i64, 1, 1, 0]));
+/// let layers = LayerMap::from_var_store(&vs)?;
+/// let m1 = Inspection::new(&layers, &loss, Batch::new(&tokens, &y)).sensitivity(&SensitivitySettings::default())?;
+/// assert!(m1.iter().all(|m| m.measured().is_some_and(|s| s.representation == Representation::Embedding)));
+/// # Ok::<(), gradguard_guard::GuardError>(())
+/// ```
+pub struct SplitLoss<'a> {
+    loss: Box<dyn LossFn + 'a>,
+    split: Box<dyn EmbeddingSplit + 'a>,
+}
+
+impl<'a> SplitLoss<'a> {
+    /// The plain `loss` on the inputs, split at `embed` and `loss_from_embedded`.
+    pub fn new(
+        loss: impl LossFn + 'a,
+        embed: impl Fn(&Tensor) -> std::result::Result<Tensor, TchError> + 'a,
+        loss_from_embedded: impl Fn(&Tensor, &Tensor) -> std::result::Result<Tensor, TchError> + 'a,
+    ) -> Self {
+        Self::with_split(loss, (embed, loss_from_embedded))
+    }
+
+    /// The plain `loss` with a split given as one value (a TorchScript model's, say).
+    pub fn with_split(loss: impl LossFn + 'a, split: impl EmbeddingSplit + 'a) -> Self {
+        Self { loss: Box::new(loss), split: Box::new(split) }
+    }
+}
+
+impl LossFn for SplitLoss<'_> {
+    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError> {
+        self.loss.loss(inputs, targets)
+    }
+
+    fn embedding(&self) -> Option<&dyn EmbeddingSplit> {
+        Some(self.split.as_ref())
+    }
 }
 
 impl<F> LossFn for F

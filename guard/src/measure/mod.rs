@@ -21,7 +21,7 @@ pub use inspection::Inspection;
 pub use inversion::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 pub(crate) use latent_table::LatentTable;
 pub use layers::{layer_name, Layer, LayerInfo, LayerMap, Param};
-pub use loss::LossFn;
+pub use loss::{EmbeddingSplit, LossFn, SplitLoss};
 pub use per_sample::GradientMatrix;
 pub use sensitivity::{mean_and_standard_error, JvpSamples, LayerJvps, SensitivitySettings};
 pub(crate) use stats::{current_grads, gradient_stats};

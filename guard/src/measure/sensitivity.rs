@@ -3,14 +3,18 @@
 //! The estimator forms one Jacobian-vector product of the whole released gradient per probe,
 //! which serves every layer at once: S_l^2 ~= (1/(nK)) sum_k ||(J v_k)_l||^2. Per-layer sums
 //! stay on the device and are read back once per estimate.
+//!
+//! x is the inputs, or for discrete inputs the embeddings of a declared split (METRICS.md, M1,
+//! discrete inputs): there the loss is evaluated at `embed(tokens) + delta` and every
+//! derivative is taken with respect to delta at 0 ([`Point`]).
 use super::inspection::Inspection;
 use super::layers::LayerMap;
-use super::loss::{parameter_grads, scalar_loss};
+use super::loss::{parameter_grads, scalar_loss, EmbeddingSplit, LossFn};
 use super::tensors::{gaussian_probes, rng_for, sum_sq, to_f64_vec};
 use crate::error::{GuardError, Result, TorchContext};
-use crate::report::{JvpMethod, Metric, Sensitivity};
+use crate::report::{JvpMethod, Metric, Representation, Sensitivity};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 /// How M1 is estimated.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,6 +47,62 @@ impl SensitivitySettings {
     }
 }
 
+/// What M1 differentiates: the loss as a function of one tensor `at` (the detached inputs, or
+/// zero offsets shaped like the embeddings), and the values that tensor stands for (the inputs,
+/// or the embeddings), whose scale sets the central-difference step.
+struct Point<'a> {
+    at: Tensor,
+    values: Tensor,
+    loss: PointLoss<'a>,
+    representation: Representation,
+}
+
+/// The loss of a [`Point`]: the user's loss on the inputs, or the split's loss at
+/// `embed(tokens) + offset` (the lookup re-run each time, so the embedding table stays in the
+/// graph).
+enum PointLoss<'a> {
+    Input(&'a dyn LossFn),
+    Embedding { split: &'a dyn EmbeddingSplit, tokens: &'a Tensor },
+}
+
+impl LossFn for PointLoss<'_> {
+    fn loss(&self, at: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError> {
+        match self {
+            Self::Input(loss) => loss.loss(at, targets),
+            Self::Embedding { split, tokens } => split.loss_from_embedded(&split.embed(tokens)?.f_add(at)?, targets),
+        }
+    }
+}
+
+fn is_continuous(t: &Tensor) -> Result<bool> {
+    Ok(t.f_is_floating_point().during("reading a dtype")? || t.f_is_complex().during("reading a dtype")?)
+}
+
+impl<'a> Point<'a> {
+    /// The inspection's point: the split's embeddings when one is declared, else the inputs;
+    /// [`GuardError::DiscreteInputs`] for integer inputs without a split.
+    fn of(ins: &Inspection<'a>, n: usize) -> Result<Self> {
+        let inputs = ins.batch().inputs();
+        let Some(split) = ins.embedding() else {
+            if !is_continuous(inputs)? {
+                return Err(GuardError::DiscreteInputs { kind: format!("{:?}", inputs.kind()) });
+            }
+            let at = inputs.f_detach().during("preparing inputs")?;
+            return Ok(Self { values: at.shallow_clone(), at, loss: PointLoss::Input(ins.loss()), representation: Representation::Input });
+        };
+        let values = tch::no_grad(|| split.embed(inputs)).during("embedding the inputs (the split's embed)")?;
+        if !values.defined() || values.dim() == 0 || values.size()[0] != n as i64 {
+            let shape = if values.defined() { values.size() } else { vec![] };
+            return Err(GuardError::Embedding(format!("shape {shape:?} for {n} samples")));
+        }
+        if !is_continuous(&values)? {
+            return Err(GuardError::Embedding(format!("dtype {:?}", values.kind())));
+        }
+        let at = values.f_zeros_like().during("allocating embedding offsets")?;
+        Ok(Self { at, values, loss: PointLoss::Embedding { split, tokens: inputs }, representation: Representation::Embedding })
+    }
+}
+
 /// Squared Frobenius norms of the Jacobian blocks: `sq[k][l]` for probe (or basis block) k.
 struct JacobianSquares {
     per_probe: Vec<Vec<f64>>,
@@ -51,11 +111,17 @@ struct JacobianSquares {
 }
 
 /// Estimates M1 for every layer on one batch; the inspection's seed and step pick the probes.
+/// Integer inputs without a split give every layer's M1 absent with the reason.
 fn estimate_sensitivity(ins: &Inspection, settings: &SensitivitySettings) -> Result<Vec<Metric<Sensitivity>>> {
     settings.validate()?;
     let n = ins.batch().validate()?;
-    let squares = if settings.exact { exact_squares(ins)? } else { probe_squares(ins, settings.method, settings.probes)? };
-    Ok(summarise(ins, &squares, n, settings))
+    let point = match Point::of(ins, n) {
+        Ok(point) => point,
+        Err(e @ GuardError::DiscreteInputs { .. }) => return Ok((0..ins.layers().len()).map(|_| Metric::absent(e.to_string())).collect()),
+        Err(e) => return Err(e),
+    };
+    let squares = if settings.exact { exact_squares(ins, &point)? } else { probe_squares(ins, &point, settings.method, settings.probes)? };
+    Ok(summarise(ins, &squares, n, settings, point.representation))
 }
 
 /// M1 of one layer from its per-probe estimates of S_l^2 (kept JVPs).
@@ -77,10 +143,11 @@ fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &JvpSamples) 
         method: samples.method,
         seed: samples.seed,
         params,
+        representation: samples.representation,
     })
 }
 
-fn summarise(ins: &Inspection, sq: &JacobianSquares, n: usize, settings: &SensitivitySettings) -> Vec<Metric<Sensitivity>> {
+fn summarise(ins: &Inspection, sq: &JacobianSquares, n: usize, settings: &SensitivitySettings, representation: Representation) -> Vec<Metric<Sensitivity>> {
     let (seed, step) = (ins.seed(), ins.step());
     ins.layers()
         .layers()
@@ -116,6 +183,7 @@ fn summarise(ins: &Inspection, sq: &JacobianSquares, n: usize, settings: &Sensit
                 method: settings.method,
                 seed,
                 params,
+                representation,
             })
         })
         .collect()
@@ -167,11 +235,11 @@ struct GradientGraph {
 }
 
 impl GradientGraph {
-    fn build(ins: &Inspection) -> Result<Self> {
+    fn build(ins: &Inspection, point: &Point) -> Result<Self> {
         let layers = ins.layers();
         let (params, owner) = layers.flat_params();
-        let x = leaf_inputs(ins.batch().inputs())?;
-        let loss = scalar_loss(ins.loss(), &x, ins.batch().targets(), ins.step(), true)?;
+        let x = leaf_inputs(&point.at)?;
+        let loss = scalar_loss(&point.loss, &x, ins.batch().targets(), ins.step(), true)?;
         let grads = Tensor::f_run_backward(&[&loss], &params, true, true).during("building the gradient graph")?;
         let used = used_layers(&grads, &owner, layers.len());
         let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
@@ -221,12 +289,12 @@ struct ProbeContext {
 
 /// Runs K probes and hands each probe's JVP, one tensor per parameter in `flat_params` order
 /// (undefined where the parameter's gradient does not move with the inputs), to `sink`.
-fn probe_jvps(ins: &Inspection, method: JvpMethod, probes: usize, sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
-    let (layers, loss_fn, seed, step) = (ins.layers(), ins.loss(), ins.seed(), ins.step());
-    let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
+fn probe_jvps(ins: &Inspection, point: &Point, method: JvpMethod, probes: usize, sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
+    let (layers, loss_fn, seed, step) = (ins.layers(), &point.loss, ins.seed(), ins.step());
+    let targets = ins.batch().targets();
     match method {
         JvpMethod::DoubleBackward => {
-            let graph = GradientGraph::build(ins)?;
+            let graph = GradientGraph::build(ins, point)?;
             let grads = graph
                 .grads
                 .iter()
@@ -260,14 +328,14 @@ fn probe_jvps(ins: &Inspection, method: JvpMethod, probes: usize, sink: &mut dyn
         JvpMethod::CentralDifference => {
             let l_count = layers.len();
             let (params, owner) = layers.flat_params();
-            let x = inputs.f_detach().during("preparing inputs")?;
-            let grads = parameter_grads(loss_fn, &x, targets, &params, step, true)?;
+            let x = &point.at;
+            let grads = parameter_grads(loss_fn, x, targets, &params, step, true)?;
             let used = used_layers(&grads, &owner, l_count);
             let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
-            let rms = to_f64_vec(&x.f_square().and_then(|s| s.f_mean(Kind::Double)).during("rms of inputs")?)?[0].sqrt();
+            let rms = to_f64_vec(&point.values.f_square().and_then(|s| s.f_mean(Kind::Double)).during("rms of inputs")?)?[0].sqrt();
             let rel = if x.kind() == Kind::Double { 1e-6 } else { 1e-3 };
             let eps = rel * if rms > 0.0 { rms } else { 1.0 };
-            let v = gaussian_probes(&x, probes, &mut rng_for(seed, step, 1))?;
+            let v = gaussian_probes(x, probes, &mut rng_for(seed, step, 1))?;
             for k in 0..probes as i64 {
                 let dv = v.f_get(k).and_then(|vk| vk.f_mul_scalar(eps)).during("scaling a probe")?;
                 let plus = parameter_grads(loss_fn, &x.f_add(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
@@ -291,10 +359,10 @@ fn probe_jvps(ins: &Inspection, method: JvpMethod, probes: usize, sink: &mut dyn
 }
 
 /// The probe estimator: per-layer squared JVP norms, summed on the device, read once.
-fn probe_squares(ins: &Inspection, method: JvpMethod, probes: usize) -> Result<JacobianSquares> {
+fn probe_squares(ins: &Inspection, point: &Point, method: JvpMethod, probes: usize) -> Result<JacobianSquares> {
     let layers = ins.layers();
     let mut rows = Vec::with_capacity(probes);
-    let ctx = probe_jvps(ins, method, probes, &mut |jv| {
+    let ctx = probe_jvps(ins, point, method, probes, &mut |jv| {
         rows.push(layers.param_norms(&jv)?);
         Ok(())
     })?;
@@ -324,6 +392,8 @@ pub struct JvpSamples {
     pub seed: u64,
     /// See `seed`.
     pub step: u64,
+    /// What the JVPs were taken with respect to: the inputs or the embeddings.
+    pub representation: Representation,
 }
 
 impl JvpSamples {
@@ -356,10 +426,12 @@ impl JvpSamples {
 
 /// Runs the probe estimator and keeps every layer's JVPs (memory K x P) instead of only their
 /// norms, so that the sensitivity of any linearised transformation of the release can be
-/// measured afterwards without another backward pass.
+/// measured afterwards without another backward pass. [`GuardError::DiscreteInputs`] for
+/// integer inputs without an embedding split.
 fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSamples> {
     settings.validate()?;
     let n = ins.batch().validate()?;
+    let point = Point::of(ins, n)?;
     let layers = ins.layers();
     let (params, owner) = layers.flat_params();
     let flat_layer = |per_param: &[Tensor]| -> Result<Vec<Tensor>> {
@@ -371,7 +443,7 @@ fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSa
         out.iter().map(|parts| Tensor::f_cat(parts, 0).during("joining a layer's JVP")).collect()
     };
     let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
-    let ctx = probe_jvps(ins, settings.method, settings.probes, &mut |jv| {
+    let ctx = probe_jvps(ins, &point, settings.method, settings.probes, &mut |jv| {
         for (l, t) in flat_layer(&jv)?.into_iter().enumerate() {
             per_layer[l].push(t);
         }
@@ -390,6 +462,7 @@ fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSa
             .collect(),
         seed: ins.seed(),
         step: ins.step(),
+        representation: point.representation,
     })
 }
 
@@ -397,10 +470,10 @@ fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSa
 /// (n*D of them); parameter basis: one VJP per parameter scalar (P of them). Either way the
 /// sum over the basis of the squared blocks is ||J_l||_F^2 = sum_i ||J_{l,i}||_F^2, returned as
 /// a single row.
-fn exact_squares(ins: &Inspection) -> Result<JacobianSquares> {
+fn exact_squares(ins: &Inspection, point: &Point) -> Result<JacobianSquares> {
     let layers = ins.layers();
     let l_count = layers.len();
-    let graph = GradientGraph::build(ins)?;
+    let graph = GradientGraph::build(ins, point)?;
     let x = &graph.x;
     let mut rows = Vec::new();
     if x.numel() <= layers.numel() {

@@ -81,6 +81,28 @@ pub enum JvpMethod {
     CentralDifference,
 }
 
+/// What M1's Jacobian is taken with respect to (METRICS.md, M1).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Representation {
+    /// The model's inputs themselves (continuous inputs).
+    #[default]
+    Input,
+    /// The embedding vectors of discrete inputs (token ids, categorical codes): the output of
+    /// the model's declared `embed` stage, an L x E block per sample for L tokens.
+    Embedding,
+}
+
+impl Representation {
+    /// The name reports use: `input` or `embedding`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Input => "input",
+            Self::Embedding => "embedding",
+        }
+    }
+}
+
 /// M1 for one layer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Sensitivity {
@@ -106,6 +128,9 @@ pub struct Sensitivity {
     pub seed: u64,
     /// P_l: scalars in the layer.
     pub params: usize,
+    /// What x_i is: the inputs, or the embeddings of discrete inputs.
+    #[serde(default)]
+    pub representation: Representation,
 }
 
 /// M2 for one layer.
@@ -261,6 +286,15 @@ impl Report {
                 fmt(m.map(|m| m.subspace_separation)),
                 fmt(g.map(|g| g.norm)),
             );
+        }
+        match (self.layers.iter().find_map(|l| l.sensitivity.measured()), self.layers.first().and_then(|l| l.sensitivity.absent_reason())) {
+            (Some(s), _) if s.representation == Representation::Embedding => {
+                let _ = writeln!(out, "M1 on the embedding representation (x_i: the sample's embedding block)");
+            }
+            (None, Some(reason)) => {
+                let _ = writeln!(out, "M1 absent: {reason}");
+            }
+            _ => {}
         }
         out
     }
