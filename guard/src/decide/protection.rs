@@ -14,7 +14,8 @@ use gradguard_defenses::Defence;
 /// The measurements a decision can use. Each is optional: a rule whose metric is missing fails
 /// closed.
 pub struct Measurements<'a> {
-    pub jvps: Option<&'a JvpSamples>,
+    /// The kept M1 JVPs, or why there are none.
+    pub jvps: std::result::Result<&'a JvpSamples, String>,
     /// The latest M2 table (computed on the worker), with the current step and the age bound.
     pub latent: Option<&'a LatentTable>,
     pub step: u64,
@@ -30,7 +31,10 @@ impl Measurements<'_> {
     fn measure(&self, metric: LeakageMetric, l: usize, chain: &[Defence]) -> Result<Measured> {
         match metric {
             LeakageMetric::Sensitivity | LeakageMetric::SensitivityRms | LeakageMetric::RelativeSensitivity => {
-                let Some(jvps) = self.jvps else { return Ok(Err("sensitivity was not estimated".into())) };
+                let jvps = match &self.jvps {
+                    Ok(jvps) => jvps,
+                    Err(reason) => return Ok(Err(reason.clone())),
+                };
                 let Some(release) = jvps.release_sensitivity(l, chain, self.seeds[l])? else { return Ok(Ok(None)) };
                 Ok(Ok(Some(match metric {
                     LeakageMetric::Sensitivity => release.sensitivity,
@@ -73,6 +77,9 @@ pub struct Protection {
     layer_names: Vec<String>,
     /// levels[rule][layer]
     levels: Vec<Vec<usize>>,
+    /// Set when the last measured decision found a rule's metric absent: nothing vouches for
+    /// a release until a measurement does, so the releases between estimates block too.
+    unmeasured: Option<BlockReason>,
 }
 
 impl Protection {
@@ -81,7 +88,7 @@ impl Protection {
     pub fn new(policy: Policy, layer_names: Vec<String>) -> std::result::Result<Self, PolicyError> {
         let coverage = policy.coverage(&layer_names)?;
         let levels = vec![vec![0; layer_names.len()]; policy.rules().len()];
-        Ok(Self { policy, coverage, layer_names, levels })
+        Ok(Self { policy, coverage, layer_names, levels, unmeasured: None })
     }
 
     /// The policy in force.
@@ -200,6 +207,7 @@ impl Protection {
         let mut chains = Vec::new();
         let mut pending: Option<String> = None;
         let mut block = None;
+        let mut unmeasured = None;
         for l in 0..self.layer_names.len() {
             let name = self.layer_names[l].clone();
             let rules: Vec<usize> = (0..self.policy.rules().len()).filter(|&r| self.coverage.rule_layers[r].contains(&l)).collect();
@@ -210,7 +218,9 @@ impl Protection {
                 let value = match m.measure(rule.metric, l, &[])? {
                     Ok(v) => v,
                     Err(reason) => {
-                        block.get_or_insert(BlockReason::Violation { layer: name.clone(), metric: rule.metric, value: None, threshold: rule.act_above });
+                        let reason_block = BlockReason::Violation { layer: name.clone(), metric: rule.metric, value: None, threshold: rule.act_above };
+                        unmeasured.get_or_insert_with(|| reason_block.clone());
+                        block.get_or_insert(reason_block);
                         let mut rec = self.record(step, &name, Outcome::Blocked, "block".into());
                         rec.rule = Some(rule.name.clone());
                         rec.metric = Some(rule.metric.name().into());
@@ -339,11 +349,16 @@ impl Protection {
         } else {
             ReleaseOutcome::Released
         };
+        self.unmeasured = unmeasured;
         Ok(Decision { chains, outcome, layers, records, block })
     }
 
-    /// Applies the levels in force without re-measuring (between estimates).
+    /// Applies the levels in force without re-measuring (between estimates); blocks as the
+    /// last measured decision did when a rule's metric was absent there.
     pub fn reuse(&self, step: u64, estimate_step: u64) -> Decision {
+        if let Some(reason) = &self.unmeasured {
+            return self.block(step, reason.clone());
+        }
         let mut layers = Vec::new();
         let mut chains = Vec::new();
         let mut records = Vec::new();
@@ -418,7 +433,7 @@ mod tests {
         let layers: Vec<String> = ["conv1", "fc1", "fc2"].map(String::from).to_vec();
         let mut protection = Protection::new(policy, layers).unwrap();
         let old = LatentTable::unavailable(0, 3, "never reached: the age check comes first".into());
-        let m = Measurements { jvps: None, latent: Some(&old), step: 10, max_age_steps: 4, seeds: &[0, 0, 0] };
+        let m = Measurements { jvps: Err("not estimated".into()), latent: Some(&old), step: 10, max_age_steps: 4, seeds: &[0, 0, 0] };
         let decision = protection.decide(10, &m).unwrap();
         assert!(matches!(decision.outcome, ReleaseOutcome::Blocked { .. }));
         assert!(decision.layers.iter().all(|l| !l.released));

@@ -2,9 +2,9 @@
 use super::Guard;
 use crate::decide::protection::{Decision, Measurements};
 use crate::decide::release::BlockReason;
-use crate::error::Result;
+use crate::error::{GuardError, Result};
 use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LossFn};
-use crate::report::{LeakageMetric, Report};
+use crate::report::{LeakageMetric, Metric, Report};
 
 impl Guard {
     /// Decides with fresh measurements when due (the interval has passed and the budget
@@ -51,22 +51,36 @@ impl Guard {
             Err(e) => return Err(e),
         };
         let latent = self.latest.latent.lock().clone();
-        let m = Measurements { jvps: jvps.as_ref(), latent: latent.as_ref(), step, max_age_steps: settings.max_estimate_age_steps, seeds };
+        // Without kept JVPs (M1 absent, e.g. discrete inputs without a split) a rule on M1
+        // fails closed with the reason M1 is absent.
+        let absent = self.latest.sensitivity.iter().find_map(|m| m.absent_reason()).unwrap_or("sensitivity was not estimated");
+        let jvps = jvps.as_ref().ok_or_else(|| format!("sensitivity is absent: {absent}"));
+        let m = Measurements { jvps, latent: latent.as_ref(), step, max_age_steps: settings.max_estimate_age_steps, seeds };
         Ok((self.protection.decide(step, &m)?, true))
     }
 
     /// Runs the estimators: M1 on this thread (it needs the graph), the per-sample gradients of
     /// M2 here too, and M2's linear algebra on the worker unless `inline`. Returns the kept JVPs
     /// when `keep_jvps` (the closed loop re-measures M1 on transformed releases from them).
+    /// Discrete inputs without an embedding split leave M1 absent with the reason (no JVPs),
+    /// and M2 is measured as for any input.
     pub(super) fn measure(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64, keep_jvps: bool, inline: bool) -> Result<Option<JvpSamples>> {
         let started = std::time::Instant::now();
         let settings = self.policy().settings().clone();
+        // The loss's embedding split, if it has one, comes with it into the inspection.
         let look = Inspection::new(&self.layers, loss_fn, *batch).seeded(settings.seed, step);
         let mut kept = None;
         if keep_jvps {
-            let samples = look.jvp_samples(&settings.sensitivity())?;
-            self.latest.sensitivity = samples.sensitivity(&self.layers)?;
-            kept = Some(samples);
+            match look.jvp_samples(&settings.sensitivity()) {
+                Ok(samples) => {
+                    self.latest.sensitivity = samples.sensitivity(&self.layers)?;
+                    kept = Some(samples);
+                }
+                Err(e @ GuardError::DiscreteInputs { .. }) => {
+                    self.latest.sensitivity = (0..self.layers.len()).map(|_| Metric::absent(e.to_string())).collect();
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             self.latest.sensitivity = look.sensitivity(&settings.sensitivity())?;
         }
