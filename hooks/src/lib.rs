@@ -28,6 +28,30 @@
 //!
 //! TorchScript models saved from PyTorch load with [`TorchScriptModel`] and wrap the same way
 //! through [`GuardedOptimizer::builder_for_layers`].
+//!
+//! A model on token ids (or other discrete inputs) declares where its first continuous
+//! representation is, and M1 is measured on the embeddings; the plain loss stays what the
+//! training step, M2 and M3 use:
+//!
+//! ```no_run
+//! use gradguard_guard::Batch;
+//! use gradguard_hooks::GuardedOptimizer;
+//! use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let emb = nn::embedding(vs.root() / "emb", 1000, 32, Default::default());
+//! let fc = nn::linear(vs.root() / "fc", 32, 2, Default::default());
+//! let from_embeddings = |e: &Tensor, y: &Tensor| fc.forward(&e.f_mean_dim(1, false, Kind::Float)?).f_cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, 0.0);
+//! let loss = |tokens: &Tensor, y: &Tensor| from_embeddings(&emb.forward(tokens), y);
+//! let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?)
+//!     .loss(&loss)
+//!     .embedding(|tokens: &Tensor| Ok(emb.forward(tokens)), &from_embeddings)
+//!     .build()?;
+//! let (tokens, y) = (Tensor::randint(1000, [16, 12], (Kind::Int64, Device::Cpu)), Tensor::zeros([16], (Kind::Int64, Device::Cpu)));
+//! let release = opt.backward_step(&loss(&tokens, &y)?, &Batch::new(&tokens, &y))?; // M1 on the embeddings
+//! # Ok(()) }
+//! ```
 #![warn(missing_docs)]
 
 mod torchscript;
@@ -35,10 +59,10 @@ mod torchscript;
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
 
 use gradguard_exporter::MetricsServer;
-use gradguard_guard::{AuditLog, Batch, Guard, GuardError, LayerMap, LossFn, Policy, Release, ReportSink, Settings};
+use gradguard_guard::{AuditLog, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, ReportSink, Settings, SplitLoss};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tch::{nn, Tensor};
+use tch::{nn, TchError, Tensor};
 
 /// An `nn::Optimizer` whose `backward_step` runs the guard between backward and step.
 pub struct GuardedOptimizer<'a> {
@@ -55,6 +79,7 @@ pub struct GuardBuilder<'a> {
     policy: Option<Policy>,
     settings: Option<Settings>,
     loss: Option<Box<dyn LossFn + 'a>>,
+    embedding: Option<Box<dyn EmbeddingSplit + 'a>>,
     audit_log: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     sinks: Vec<ReportSink>,
@@ -95,6 +120,20 @@ impl<'a> GuardBuilder<'a> {
         self
     }
 
+    /// For discrete inputs (token ids, categorical codes): the model's split at its first
+    /// continuous representation, `embed(tokens)` and the loss from the embeddings, with
+    /// `loss_from_embedded(embed(tokens), y)` equal to the loss. M1 is then measured on the
+    /// embeddings (METRICS.md, M1, discrete inputs); without a split, M1 of integer inputs is
+    /// absent and training goes on.
+    pub fn embedding(
+        mut self,
+        embed: impl Fn(&Tensor) -> Result<Tensor, TchError> + 'a,
+        loss_from_embedded: impl Fn(&Tensor, &Tensor) -> Result<Tensor, TchError> + 'a,
+    ) -> Self {
+        self.embedding = Some(Box::new((embed, loss_from_embedded)));
+        self
+    }
+
     /// Appends every decision to this JSON-lines file, before the release it decides.
     pub fn audit_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.audit_log = Some(path.into());
@@ -117,6 +156,10 @@ impl<'a> GuardBuilder<'a> {
     /// Builds the guard and wraps the optimizer.
     pub fn build(self) -> Result<GuardedOptimizer<'a>, BuildError> {
         let loss = self.loss.ok_or(BuildError::Options("no loss function given (.loss(...)): the guard needs it to measure"))?;
+        let loss: Box<dyn LossFn + 'a> = match self.embedding {
+            None => loss,
+            Some(split) => Box::new(SplitLoss::with_split(move |x: &Tensor, y: &Tensor| loss.loss(x, y), split)),
+        };
         let policy = match (self.policy, self.settings) {
             (Some(_), Some(_)) => return Err(BuildError::Options("give a policy or settings, not both: a policy carries its settings")),
             (Some(policy), None) => policy,
@@ -144,7 +187,7 @@ impl<'a> GuardedOptimizer<'a> {
     /// Starts wrapping `optimizer` over an explicit layer map (a TorchScript model's
     /// [`TorchScriptModel::layer_map`], say).
     pub fn builder_for_layers(layers: Result<LayerMap, GuardError>, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
-        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, audit_log: None, metrics_addr: None, sinks: Vec::new() }
+        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, metrics_addr: None, sinks: Vec::new() }
     }
 
     /// zero_grad, backward, guard, step. The step is applied only when the release is
