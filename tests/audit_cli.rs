@@ -252,3 +252,32 @@ fn write_first_16(src: &str, dst: &Path) {
     w.extend(x[..(16 * per) as usize].iter().copied()).unwrap();
     w.finish().unwrap();
 }
+
+#[test]
+fn a_token_torchscript_model_is_audited_with_m1_on_its_embeddings() {
+    let json = scratch("tokens.json");
+    let out = audit(&[
+        "--model", &fixture("token_scripted.pt"),
+        "--inputs", &fixture("tokens_x.npy"),
+        "--labels", &fixture("tokens_y.npy"),
+        "--attribute", &fixture("tokens_a.npy"),
+        "--batch-size", "16",
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("M1 on the embedding representation"));
+    let r = report(&json);
+    let rows = r["layers"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|row| row["name"].as_str().unwrap()).collect::<Vec<_>>(), vec!["emb", "fc"]);
+    for row in rows {
+        assert!(row["sensitivity"].as_f64().is_some_and(|s| s > 0.0), "{}", row["sensitivity"]);
+        assert_eq!(row["sensitivity_representation"], "embedding");
+        assert_eq!(row["details"]["m1"]["representation"], "embedding");
+        assert!(row["subspace_distance"].is_f64(), "M2 on token ids: {}", row["absent"]);
+    }
+    // Token ids need the split: a model without it names what is missing.
+    fails_with(
+        &["--model", &fixture("mlp_scripted.pt"), "--inputs", &fixture("tokens_x.npy"), "--labels", &fixture("tokens_y.npy")],
+        &["inputs", "tokens_x.npy", "dtype int64", "float32 or float64", "embed and forward_embedded"],
+    );
+}

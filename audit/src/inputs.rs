@@ -11,7 +11,8 @@ use tch::{Device, Kind, TchError, Tensor};
 /// Where the audited data come from.
 #[derive(Clone, Debug, Default)]
 pub struct DataSpec {
-    /// Inputs, .npy float32/float64 [n, ...]. None: the shipped digits (built-in models only).
+    /// Inputs, .npy float32/float64 [n, ...], or integer token ids for a model with an
+    /// embedding split. None: the shipped digits (built-in models only).
     pub inputs: Option<PathBuf>,
     /// Labels, .npy: integer class ids [n] (cross-entropy) or floats shaped like the model's
     /// output (mse). Required with `inputs`.
@@ -24,7 +25,8 @@ pub struct DataSpec {
     pub loss: LossKind,
 }
 
-/// The audited data as tensors on the model's device, inputs in the parameters' dtype.
+/// The audited data as tensors on the model's device, inputs in the parameters' dtype (token
+/// ids as int64).
 pub struct AuditData {
     /// Inputs [n, ...].
     pub x: Tensor,
@@ -96,11 +98,7 @@ impl AuditData {
         let labels = read_npy(labels_path, "labels")?;
         let attribute = spec.attribute.as_deref().map(|p| read_npy(p, "attribute")).transpose()?;
 
-        let NpyData::Float(xv, _) = &inputs.data else {
-            return Err(AuditError::Dtype { what: "inputs", path: inputs.path.clone(), why: format!("dtype {}: inputs must be float32 or float64", inputs.dtype_name()) });
-        };
         let total = inputs.samples();
-        check_finite(xv, &inputs, "inputs")?;
         if labels.samples() != total {
             return Err(AuditError::Shape {
                 what: "labels",
@@ -113,12 +111,34 @@ impl AuditData {
             return Err(AuditError::Usage("--samples must be at least 1".into()));
         }
         let kind = model.kind();
-        let x = first_samples(xv, &inputs, n, kind, device)?;
+        let x = match &inputs.data {
+            NpyData::Float(xv, _) => {
+                check_finite(xv, &inputs, "inputs")?;
+                first_samples(xv, &inputs, n, kind, device)?
+            }
+            // Token ids: M1 is measured on the model's embeddings.
+            NpyData::Int(ids, _) if model.has_embedding() => {
+                let per = ids.len() / total;
+                let mut shape = inputs.shape.clone();
+                shape[0] = n as i64;
+                Tensor::f_from_slice(&ids[..n * per])?.f_reshape(shape.as_slice())?.f_to_device(device)?
+            }
+            NpyData::Int(..) => {
+                let why = format!(
+                    "dtype {}: inputs must be float32 or float64 (integer token ids need a TorchScript model that exports embed and forward_embedded)",
+                    inputs.dtype_name()
+                );
+                return Err(AuditError::Dtype { what: "inputs", path: inputs.path.clone(), why });
+            }
+        };
 
         // Does the model take these inputs, and what does it output?
         let fit = |why: String| AuditError::ModelFit { path: inputs.path.display().to_string(), shape: inputs.shape[1..].to_vec(), model: model.label(), why };
         let probe = x.f_narrow(0, 0, n.min(2) as i64)?;
         let out = tch::no_grad(|| model.forward(&probe)).map_err(|e| fit(first_line(&e)))?;
+        if model.has_embedding() {
+            check_split(model, &probe, &out).map_err(fit)?;
+        }
         let y = match spec.loss {
             LossKind::CrossEntropy => {
                 let classes = (out.dim() == 2).then(|| out.size()[1]);
@@ -150,6 +170,24 @@ impl AuditData {
         let attribute = attribute.map(|a| attribute_values(&a, &inputs, n)).transpose()?;
         Ok(Self { x, y, attribute, n, source: format!("{} ({} of {total} samples)", inputs.path.display(), n), loss: spec.loss })
     }
+}
+
+/// Checks forward(x) == forward_embedded(embed(x)) on the probe batch (METRICS.md: the split
+/// must be exact), to a relative 1e-4.
+fn check_split(model: &AuditModel, probe: &Tensor, out: &Tensor) -> Result<(), String> {
+    let split = tch::no_grad(|| model.embed(probe).and_then(|e| model.forward_embedded(&e))).map_err(|e| format!("the embedding split fails: {}", first_line(&e)))?;
+    let gap = |a: &Tensor, b: &Tensor| -> Result<(f64, f64), TchError> {
+        let diff = a.f_sub(b)?.f_abs()?.f_max()?.f_double_value(&[])?;
+        Ok((diff, a.f_abs()?.f_max()?.f_double_value(&[])?))
+    };
+    if split.size() != out.size() {
+        return Err(format!("forward_embedded(embed(x)) has shape {:?}, forward(x) {:?}", split.size(), out.size()));
+    }
+    let (diff, scale) = gap(out, &split).map_err(|e| first_line(&e))?;
+    if !(diff <= 1e-4 * scale.max(1.0)) {
+        return Err(format!("forward(x) and forward_embedded(embed(x)) differ by up to {diff:.3e}: the embedding split must give the same function"));
+    }
+    Ok(())
 }
 
 /// The first `n` class ids, checked: integers, shape [n], and (given the model's class count)

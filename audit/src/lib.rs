@@ -40,5 +40,5 @@ pub use inputs::{AuditData, DataSpec};
 pub use plot::{bar_panels_svg, line_panels_svg, Panel};
 pub use report::{AuditReport, AuditSettings, LayerDetails, LayerRow};
 pub use run::{run_audit, AuditOptions, InversionOptions};
-pub use source::{AuditModel, LossKind, ModelSource};
+pub use source::{AuditLoss, AuditModel, LossKind, ModelSource};
 pub use validation::{run_validation, ValidationOptions, ValidationSummary};

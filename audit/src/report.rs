@@ -3,7 +3,7 @@
 use crate::error::{write_file, Result};
 use crate::source::LossKind;
 use gradguard_guard::{Inversion, InversionPlan, InversionSettings};
-use gradguard_guard::{Metric, Sensitivity, Subspace};
+use gradguard_guard::{Metric, Representation, Sensitivity, Subspace};
 use gradguard_guard::SensitivitySettings;
 use gradguard_guard::SubspaceSettings;
 use gradguard_guard::{UsableInformation, UsableSettings};
@@ -27,6 +27,8 @@ pub struct LayerRow {
     pub sensitivity_rms: Option<f64>,
     /// M1: R_l = S_l / ||released gradient||.
     pub relative_sensitivity: Option<f64>,
+    /// What M1 was measured on: `input`, or `embedding` for token ids (None when absent).
+    pub sensitivity_representation: Option<Representation>,
     /// M2: mean projection distance between the attribute groups' subspaces.
     pub subspace_distance: Option<f64>,
     /// M2: between-group minus within-group distance.
@@ -84,6 +86,7 @@ impl LayerRow {
             sensitivity_se: take("sensitivity_se", s.filter(|s| !s.exact).map(|s| s.sensitivity_se), if s.is_some() { Some("exact mode: no standard error") } else { r1 }),
             sensitivity_rms: take("sensitivity_rms", s.map(|s| s.sensitivity_rms), r1),
             relative_sensitivity: take("relative_sensitivity", s.and_then(|s| s.relative_sensitivity), relative_reason),
+            sensitivity_representation: s.map(|s| s.representation),
             subspace_distance: take("subspace_distance", m2.map(|m| m.subspace_distance), r2),
             subspace_separation: take("subspace_separation", m2.map(|m| m.subspace_separation), r2),
             usable_information_bits: take("usable_information_bits", m3.map(|m| m.usable_information_bits), r3),
@@ -222,6 +225,9 @@ fn table(rows: &[LayerRow]) -> String {
             reasons.into_iter().map(|(reason, metrics)| format!("  {}: {reason}", metrics.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "))).collect()
         })
         .unwrap_or_default();
+    if rows.iter().any(|r| r.sensitivity_representation == Some(Representation::Embedding)) {
+        let _ = writeln!(out, "M1 on the embedding representation (x_i: the sample's embedding block)");
+    }
     if !absent.is_empty() {
         let _ = writeln!(out, "absent (first layer):\n{}", absent.join("\n"));
     }

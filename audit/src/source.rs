@@ -1,8 +1,9 @@
 //! The audited model: a built-in model (`cnn`, `mlp`) or a TorchScript file, behind one type
-//! that gives the layer map, the forward pass and the loss.
+//! that gives the layer map, the forward pass and the loss. A TorchScript model on token ids
+//! that exports `embed` and `forward_embedded` is audited with M1 on its embeddings.
 use crate::error::{AuditError, Result};
 use crate::models::{DigitsCnn, Mlp};
-use gradguard_guard::LayerMap;
+use gradguard_guard::{EmbeddingSplit, LayerMap, LossFn};
 use gradguard_hooks::TorchScriptModel;
 use std::path::{Path, PathBuf};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, TchError, Tensor};
@@ -108,6 +109,28 @@ impl AuditModel {
         }
     }
 
+    /// Whether the model declares an embedding split (a TorchScript module exporting `embed` and
+    /// `forward_embedded`): its inputs may be token ids, and M1 is measured on the embeddings.
+    pub fn has_embedding(&self) -> bool {
+        matches!(&self.inner, Inner::Script(m) if m.has_embedding())
+    }
+
+    /// The embeddings of a batch of discrete inputs (models with an embedding split).
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor, TchError> {
+        match &self.inner {
+            Inner::Script(m) if m.has_embedding() => m.f_embed(tokens),
+            _ => Err(TchError::Kind(format!("{} has no embedding split (embed and forward_embedded)", self.label()))),
+        }
+    }
+
+    /// The output from a batch of embeddings (models with an embedding split).
+    pub fn forward_embedded(&self, embeddings: &Tensor) -> Result<Tensor, TchError> {
+        match &self.inner {
+            Inner::Script(m) if m.has_embedding() => m.f_forward_embedded(embeddings),
+            _ => Err(TchError::Kind(format!("{} has no embedding split (embed and forward_embedded)", self.label()))),
+        }
+    }
+
     /// The VarStore holding the parameters.
     pub fn var_store(&self) -> &nn::VarStore {
         match &self.inner {
@@ -136,16 +159,51 @@ impl AuditModel {
 
     /// The mean loss of a batch.
     pub fn loss(&self, loss: LossKind, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
-        let out = self.forward(x)?;
-        match loss {
-            LossKind::CrossEntropy => out.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100),
-            LossKind::Mse => out.f_mse_loss(y, tch::Reduction::Mean),
-        }
+        loss.of(&self.forward(x)?, y)
     }
 
-    /// The loss as the closure the guard's estimators take (a `gradguard_guard::LossFn`).
-    pub fn loss_fn(&self, loss: LossKind) -> impl Fn(&Tensor, &Tensor) -> Result<Tensor, TchError> + '_ {
-        move |x: &Tensor, y: &Tensor| self.loss(loss, x, y)
+    /// The loss as the guard's estimators take it, with the model's embedding split when it
+    /// has one.
+    pub fn loss_fn(&self, loss: LossKind) -> AuditLoss<'_> {
+        AuditLoss { model: self, kind: loss }
+    }
+}
+
+impl LossKind {
+    /// The mean loss of the model's output `out` against `y`.
+    fn of(self, out: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        match self {
+            Self::CrossEntropy => out.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100),
+            Self::Mse => out.f_mse_loss(y, tch::Reduction::Mean),
+        }
+    }
+}
+
+/// An audited model's loss (a `gradguard_guard::LossFn`), split at the embeddings when the
+/// model declares a split.
+#[derive(Clone, Copy)]
+pub struct AuditLoss<'a> {
+    model: &'a AuditModel,
+    kind: LossKind,
+}
+
+impl LossFn for AuditLoss<'_> {
+    fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        self.model.loss(self.kind, x, y)
+    }
+
+    fn embedding(&self) -> Option<&dyn EmbeddingSplit> {
+        self.model.has_embedding().then_some(self as &dyn EmbeddingSplit)
+    }
+}
+
+impl EmbeddingSplit for AuditLoss<'_> {
+    fn embed(&self, tokens: &Tensor) -> Result<Tensor, TchError> {
+        self.model.embed(tokens)
+    }
+
+    fn loss_from_embedded(&self, embedded: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        self.kind.of(&self.model.forward_embedded(embedded)?, y)
     }
 }
 

@@ -8,6 +8,11 @@
 //! `block_1_weight`). So the module's own `named_parameters()` (PyTorch's dotted names, in module
 //! order) are read as well, each name is mapped to the VarStore name tch gave it (the same
 //! rewrite and duplicate rule), and the two are checked to hold the same shapes.
+//!
+//! A module on discrete inputs (token ids) declares its embedding split by convention: two
+//! methods, `embed(tokens) -> embeddings` and `forward_embedded(embeddings) -> output`, with
+//! `forward(tokens) == forward_embedded(embed(tokens))` (`@torch.jit.export` them on a
+//! scripted module). They are used when present ([`TorchScriptModel::has_embedding`]).
 use gradguard_guard::{GuardError, LayerMap};
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, TchError, Tensor, TrainableCModule};
@@ -45,6 +50,16 @@ pub enum TorchScriptError {
         /// What did not match.
         why: String,
     },
+    /// The module defines one method of the embedding split but not the other.
+    #[error("{path} defines {defined} but not {missing}: an embedding split needs both embed(tokens) and forward_embedded(embeddings)")]
+    HalfSplit {
+        /// The file.
+        path: PathBuf,
+        /// The method it defines.
+        defined: &'static str,
+        /// The method it lacks.
+        missing: &'static str,
+    },
     /// The parameters do not form a layer map.
     #[error("{path}: {source}")]
     Layers {
@@ -63,6 +78,22 @@ pub struct TorchScriptModel {
     /// PyTorch's dotted names and the VarStore's tensors, in module order (trainable only).
     params: Vec<(String, Tensor)>,
     path: PathBuf,
+    /// Whether the module defines `embed` and `forward_embedded`.
+    embedding: bool,
+}
+
+/// The methods of the embedding split convention.
+const EMBED: &str = "embed";
+const FORWARD_EMBEDDED: &str = "forward_embedded";
+
+/// Whether the module defines method `name`. Asked by calling it with no arguments: libtorch
+/// answers "Method 'name' is not defined" for a missing method, and a schema error (a missing
+/// argument) for one that exists, before running anything.
+fn defines(module: &TrainableCModule, name: &str) -> bool {
+    match module.method_is::<tch::IValue>(name, &[]) {
+        Ok(_) => true,
+        Err(e) => !e.to_string().contains(&format!("Method '{name}' is not defined")),
+    }
 }
 
 /// The informative line of a libtorch error: for a TorchScript interpreter error the
@@ -140,7 +171,13 @@ impl TorchScriptModel {
         if params.is_empty() {
             return Err(TorchScriptError::NoParameters { path: path.to_path_buf() });
         }
-        Ok(Self { module, vs, params, path: path.to_path_buf() })
+        let embedding = match (defines(&module, EMBED), defines(&module, FORWARD_EMBEDDED)) {
+            (true, true) => true,
+            (false, false) => false,
+            (true, false) => return Err(TorchScriptError::HalfSplit { path: path.to_path_buf(), defined: EMBED, missing: FORWARD_EMBEDDED }),
+            (false, true) => return Err(TorchScriptError::HalfSplit { path: path.to_path_buf(), defined: FORWARD_EMBEDDED, missing: EMBED }),
+        };
+        Ok(Self { module, vs, params, path: path.to_path_buf(), embedding })
     }
 
     /// The file the module was loaded from.
@@ -167,6 +204,21 @@ impl TorchScriptModel {
     /// Runs the module's `forward` on one input tensor; it must return one tensor.
     pub fn f_forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         self.module.forward_ts(&[x])
+    }
+
+    /// Whether the module declares an embedding split (`embed` and `forward_embedded`).
+    pub fn has_embedding(&self) -> bool {
+        self.embedding
+    }
+
+    /// Runs the module's `embed` on a batch of discrete inputs: the embeddings.
+    pub fn f_embed(&self, tokens: &Tensor) -> Result<Tensor, TchError> {
+        self.module.method_ts(EMBED, &[tokens])
+    }
+
+    /// Runs the module's `forward_embedded` on a batch of embeddings: the output.
+    pub fn f_forward_embedded(&self, embeddings: &Tensor) -> Result<Tensor, TchError> {
+        self.module.method_ts(FORWARD_EMBEDDED, &[embeddings])
     }
 
     /// Eval mode: dropout off, batch norm on its running statistics.
