@@ -1,7 +1,7 @@
 //! A guarded text classifier on token ids: with the embedding split declared on the builder M1
 //! is measured on the embeddings; without one, training goes on with M1 absent (its reason in
 //! the guard's words, no libtorch text) and a rule on M1 blocks.
-use gradguard_guard::{Batch, Policy, Representation, Settings};
+use gradguard_guard::{Batch, Policy, Release, Representation, Settings};
 use gradguard_hooks::GuardedOptimizer;
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, TchError, Tensor};
 
@@ -42,20 +42,35 @@ fn settings() -> Settings {
     Settings { estimate_every: 1, budget_share: 1.0, background_estimates: false, ..Default::default() }
 }
 
+/// Three guarded SGD steps on token ids: the releases, and whether the parameters moved.
+fn train(vs: &nn::VarStore, mut opt: GuardedOptimizer, net: &Classifier) -> (Vec<Release>, bool) {
+    let before = params(vs);
+    let releases = (0..3)
+        .map(|step| {
+            let (t, y) = batch(step);
+            opt.backward_step(&net.loss(&t, &y).unwrap(), &Batch::new(&t, &y)).unwrap()
+        })
+        .collect();
+    (releases, before.iter().zip(params(vs)).any(|(a, b)| !a.equal(&b)))
+}
+
+fn sgd(vs: &nn::VarStore) -> nn::Optimizer {
+    nn::Sgd::default().build(vs, 0.5).unwrap()
+}
+
 #[test]
 fn the_split_declared_on_the_builder_gives_m1_on_the_embeddings() {
     let vs = nn::VarStore::new(Device::Cpu);
     let net = Classifier::new(&vs);
-    let mut opt = GuardedOptimizer::builder(&vs, nn::Sgd::default().build(&vs, 0.5).unwrap())
+    let opt = GuardedOptimizer::builder(&vs, sgd(&vs))
         .settings(settings())
         .loss(|t: &Tensor, y: &Tensor| net.loss(t, y))
         .embedding(|t: &Tensor| net.embed(t), |e: &Tensor, y: &Tensor| net.loss_from_embeddings(e, y))
         .build()
         .unwrap();
-    let before = params(&vs);
-    for step in 0..3 {
-        let (t, y) = batch(step);
-        let release = opt.backward_step(&net.loss(&t, &y).unwrap(), &Batch::new(&t, &y)).unwrap();
+    let (releases, moved) = train(&vs, opt, &net);
+    assert!(moved, "the steps are applied");
+    for release in &releases {
         assert!(release.is_released());
         for layer in &release.report().layers {
             let s = layer.sensitivity.measured().unwrap_or_else(|| panic!("{}: {:?}", layer.name, layer.sensitivity.absent_reason()));
@@ -63,22 +78,16 @@ fn the_split_declared_on_the_builder_gives_m1_on_the_embeddings() {
             assert!(s.sensitivity > 0.0);
         }
     }
-    assert!(before.iter().zip(params(&vs)).any(|(a, b)| !a.equal(&b)), "the steps are applied");
 }
 
 #[test]
 fn without_a_split_training_goes_on_with_m1_absent_and_an_m1_rule_blocks() {
     let vs = nn::VarStore::new(Device::Cpu);
     let net = Classifier::new(&vs);
-    let mut opt = GuardedOptimizer::builder(&vs, nn::Sgd::default().build(&vs, 0.5).unwrap())
-        .settings(settings())
-        .loss(|t: &Tensor, y: &Tensor| net.loss(t, y))
-        .build()
-        .unwrap();
-    let before = params(&vs);
-    for step in 0..3 {
-        let (t, y) = batch(step);
-        let release = opt.backward_step(&net.loss(&t, &y).unwrap(), &Batch::new(&t, &y)).unwrap();
+    let opt = GuardedOptimizer::builder(&vs, sgd(&vs)).settings(settings()).loss(|t: &Tensor, y: &Tensor| net.loss(t, y)).build().unwrap();
+    let (releases, moved) = train(&vs, opt, &net);
+    assert!(moved, "the steps are applied");
+    for release in &releases {
         assert!(release.is_released(), "{:?}", release.block_reason());
         for layer in &release.report().layers {
             let reason = layer.sensitivity.absent_reason().expect("M1 absent");
@@ -89,21 +98,16 @@ fn without_a_split_training_goes_on_with_m1_absent_and_an_m1_rule_blocks() {
         }
         assert!(release.report().table().contains("M1 absent: M1 needs a continuous representation"));
     }
-    assert!(before.iter().zip(params(&vs)).any(|(a, b)| !a.equal(&b)), "the steps are applied");
 
-    // The same loop under a rule on M1: fails closed, nothing is applied.
+    // The same loop under a rule on M1 (estimates every 10 steps by default): every release
+    // fails closed, nothing is applied.
     let rule = "version = 1\n[settings]\nbudget_share = 1.0\nbackground_estimates = false\n[[rule]]\nname = \"m1\"\nmetric = \"relative_sensitivity\"\nlayers = [\"*\"]\nact_above = 1e9\nrelax_below = 1e8\nladder = [{ action = \"withhold\" }]\n";
-    let mut opt = GuardedOptimizer::builder(&vs, nn::Sgd::default().build(&vs, 0.5).unwrap())
-        .policy(Policy::from_toml_str(rule, "test").unwrap())
-        .loss(|t: &Tensor, y: &Tensor| net.loss(t, y))
-        .build()
-        .unwrap();
-    let before = params(&vs);
-    for step in 0..3 {
-        let (t, y) = batch(step);
-        let release = opt.backward_step(&net.loss(&t, &y).unwrap(), &Batch::new(&t, &y)).unwrap();
+    let policy = Policy::from_toml_str(rule, "test").unwrap();
+    let opt = GuardedOptimizer::builder(&vs, sgd(&vs)).policy(policy).loss(|t: &Tensor, y: &Tensor| net.loss(t, y)).build().unwrap();
+    let (releases, moved) = train(&vs, opt, &net);
+    assert!(!moved, "a blocked step is not applied");
+    for (step, release) in releases.iter().enumerate() {
         let reason = release.block_reason().unwrap_or_else(|| panic!("step {step} released without M1")).to_string();
         assert!(reason.contains("relative_sensitivity"), "{reason}");
     }
-    assert!(before.iter().zip(params(&vs)).all(|(a, b)| a.equal(&b)), "a blocked step is not applied");
 }
