@@ -1,4 +1,5 @@
 pub mod audit;
 pub mod demo;
 pub mod policy;
+mod progress;
 pub mod validate;
