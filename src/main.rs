@@ -18,6 +18,8 @@ enum Command {
     Validate(commands::validate::ValidateArgs),
     /// Train the digits CNN on the shipped data with the guard on, printing per-layer leakage.
     Demo(commands::demo::DemoArgs),
+    /// Train a TorchScript model on .npy data with the guard on (or --no-guard): model.pt, report.json, audit.jsonl.
+    Train(commands::train::TrainArgs),
     /// Validate a policy file and show what its rules cover.
     Policy(commands::policy::PolicyArgs),
 }
@@ -28,6 +30,7 @@ fn main() {
         Command::Audit(args) => commands::audit::run(args),
         Command::Validate(args) => commands::validate::run(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::Train(args) => commands::train::run(args),
         Command::Policy(args) => commands::policy::run(args),
     };
     if let Err(e) = result {

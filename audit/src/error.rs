@@ -2,7 +2,7 @@
 use crate::data::DataError;
 use gradguard_defenses::DefenceError;
 use gradguard_guard::GuardError;
-use gradguard_hooks::TorchScriptError;
+use gradguard_hooks::{BuildError, TorchScriptError};
 use std::path::PathBuf;
 use tch::TchError;
 
@@ -105,6 +105,10 @@ pub enum AuditError {
     /// An error of the guard outside the estimators (layer discovery, device names).
     #[error(transparent)]
     Guard(Box<GuardError>),
+    /// The guarded optimizer could not be built (the policy does not fit the model, a busy
+    /// metrics port).
+    #[error(transparent)]
+    Build(Box<BuildError>),
     /// A defence rejected its parameters or the gradient.
     #[error(transparent)]
     Defence(#[from] DefenceError),
@@ -144,6 +148,12 @@ pub enum AuditError {
 impl From<TorchScriptError> for AuditError {
     fn from(e: TorchScriptError) -> Self {
         Self::TorchScript(Box::new(e))
+    }
+}
+
+impl From<BuildError> for AuditError {
+    fn from(e: BuildError) -> Self {
+        Self::Build(Box::new(e))
     }
 }
 

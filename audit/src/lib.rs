@@ -17,6 +17,9 @@
 //! # Ok::<(), gradguard_audit::AuditError>(())
 //! ```
 //!
+//! [`train`] trains a TorchScript model on such data with the guard on (or off, for the
+//! baseline), the loop of `gradguard train`.
+//!
 //! [`run_validation`] runs the validation study of docs/VALIDATION.md. Every defended
 //! release the study measures is made by `gradguard_defenses::Defence::apply`, and its M1 is
 //! measured through the guard's own transform path, as the closed loop measures it.
@@ -33,6 +36,7 @@ mod plot;
 mod report;
 mod run;
 mod source;
+mod train;
 mod validation;
 
 pub use error::{AuditError, Result};
@@ -41,4 +45,5 @@ pub use plot::{bar_panels_svg, line_panels_svg, Panel};
 pub use report::{AuditReport, AuditSettings, LayerDetails, LayerRow};
 pub use run::{run_audit, AuditOptions, InversionOptions};
 pub use source::{AuditLoss, AuditModel, LossKind, ModelSource};
+pub use train::{train, Evaluation, GuardOptions, OptimizerKind, PolicyInfo, StepProgress, TrainOptions, TrainOutcome, TrainReport};
 pub use validation::{run_validation, ValidationOptions, ValidationSummary};

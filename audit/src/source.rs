@@ -80,6 +80,16 @@ pub enum LossKind {
     Mse,
 }
 
+impl LossKind {
+    /// The mean loss of the model's outputs `out` against `y`.
+    pub fn of_output(self, out: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        match self {
+            Self::CrossEntropy => out.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100),
+            Self::Mse => out.f_mse_loss(y, tch::Reduction::Mean),
+        }
+    }
+}
+
 impl AuditModel {
     /// [`ModelSource::parse`] then [`ModelSource::load`].
     pub fn load(name: &str, seed: u64, device: Device) -> Result<Self> {
@@ -159,7 +169,7 @@ impl AuditModel {
 
     /// The mean loss of a batch.
     pub fn loss(&self, loss: LossKind, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
-        loss.of(&self.forward(x)?, y)
+        loss.of_output(&self.forward(x)?, y)
     }
 
     /// The loss as the guard's estimators take it, with the model's embedding split when it
@@ -167,14 +177,30 @@ impl AuditModel {
     pub fn loss_fn(&self, loss: LossKind) -> AuditLoss<'_> {
         AuditLoss { model: self, kind: loss }
     }
-}
 
-impl LossKind {
-    /// The mean loss of the model's output `out` against `y`.
-    fn of(self, out: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
-        match self {
-            Self::CrossEntropy => out.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100),
-            Self::Mse => out.f_mse_loss(y, tch::Reduction::Mean),
+    /// The TorchScript model, when this is one.
+    pub fn torchscript(&self) -> Option<&TorchScriptModel> {
+        match &self.inner {
+            Inner::Script(m) => Some(m),
+            Inner::Builtin { .. } => None,
+        }
+    }
+
+    /// Training mode (`true`) or eval mode. TorchScript models load in eval mode; the built-in
+    /// models have no dropout or batch norm, so the mode changes nothing for them.
+    pub fn set_training(&mut self, training: bool) -> Result<()> {
+        if let Inner::Script(m) = &mut self.inner {
+            if training { m.set_train()? } else { m.set_eval()? }
+        }
+        Ok(())
+    }
+
+    /// Writes a TorchScript model, as trained, for `torch.jit.load` (the built-in models are
+    /// not TorchScript: a usage error).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        match &self.inner {
+            Inner::Script(m) => Ok(m.save(path)?),
+            Inner::Builtin { .. } => Err(AuditError::Usage(format!("{}: only a TorchScript model can be saved as a TorchScript file", self.label()))),
         }
     }
 }
@@ -203,8 +229,17 @@ impl EmbeddingSplit for AuditLoss<'_> {
     }
 
     fn loss_from_embedded(&self, embedded: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
-        self.kind.of(&self.model.forward_embedded(embedded)?, y)
+        self.kind.of_output(&self.model.forward_embedded(embedded)?, y)
     }
+}
+
+/// The sample indices of training step `step`: `batch` of `indices` (all of them when fewer)
+/// drawn without replacement by a generator seeded from `seed` and the step, so that a run
+/// is the same for the same seed whatever else it does.
+pub(crate) fn seeded_batch(indices: &[usize], batch: usize, seed: u64, step: usize) -> Vec<i64> {
+    use rand::{seq::IndexedRandom, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    indices.choose_multiple(&mut rng, batch.min(indices.len())).map(|&i| i as i64).collect()
 }
 
 /// Adam (lr 1e-3) on the cross-entropy of seeded mini-batches drawn from `indices`; resumable,
@@ -229,10 +264,8 @@ impl<'a> Trainer<'a> {
 
     /// Trains until `step` steps are done in all (nothing if already there).
     pub fn train_to(&mut self, step: usize) -> Result<()> {
-        use rand::{seq::IndexedRandom, SeedableRng};
         for s in self.done..step {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let idx: Vec<i64> = self.indices.choose_multiple(&mut rng, self.batch.min(self.indices.len())).map(|&i| i as i64).collect();
+            let idx = seeded_batch(&self.indices, self.batch, self.seed, s);
             let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.x.device())?;
             let xb = self.x.f_index_select(0, &idx)?;
             let yb = self.y.f_index_select(0, &idx)?;

@@ -26,8 +26,32 @@
 //! # Ok(()) }
 //! ```
 //!
-//! TorchScript models saved from PyTorch load with [`TorchScriptModel`] and wrap the same way
-//! through [`GuardedOptimizer::builder_for_layers`].
+//! TorchScript models saved from PyTorch (`torch.jit.save`) load with [`TorchScriptModel`],
+//! train in its VarStore and wrap the same way, through
+//! [`GuardedOptimizer::builder_for_torchscript`]; the trained module saves back for
+//! `torch.jit.load`:
+//!
+//! ```no_run
+//! use gradguard_guard::Batch;
+//! use gradguard_hooks::{GuardedOptimizer, TorchScriptModel};
+//! use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut model = TorchScriptModel::load("net.pt".as_ref(), Device::Cpu)?;
+//! model.set_train()?; // dropout and batch norm as in training
+//! let loss = |x: &Tensor, y: &Tensor| model.f_forward(x)?.f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0);
+//! let mut opt = GuardedOptimizer::builder_for_torchscript(&model, nn::Adam::default().build(model.var_store(), 1e-3)?)
+//!     .loss(&loss)
+//!     .build()?;
+//! let (x, y) = (Tensor::randn([32, 1, 8, 8], (Kind::Float, Device::Cpu)), Tensor::zeros([32], (Kind::Int64, Device::Cpu)));
+//! opt.backward_step(&loss(&x, &y)?, &Batch::new(&x, &y))?;
+//! drop(opt);
+//! model.set_eval()?;
+//! model.save("trained.pt".as_ref())?; // torch.jit.load("trained.pt") in PyTorch
+//! # Ok(()) }
+//! ```
+//!
+//! [`ReleaseCounts`] and [`RunSummary`] tally a guarded run and print its summary.
 //!
 //! A model on token ids (or other discrete inputs) declares where its first continuous
 //! representation is, and M1 is measured on the embeddings; the plain loss stays what the
@@ -54,8 +78,10 @@
 //! ```
 #![warn(missing_docs)]
 
+mod summary;
 mod torchscript;
 
+pub use summary::{GuardSummary, ReleaseCounts, RunSummary};
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
 
 use gradguard_exporter::MetricsServer;
@@ -74,7 +100,7 @@ pub struct GuardedOptimizer<'a> {
 
 /// Options of a [`GuardedOptimizer`]; [`GuardBuilder::build`] checks them all.
 pub struct GuardBuilder<'a> {
-    layers: Result<LayerMap, GuardError>,
+    layers: Result<LayerMap, BuildError>,
     optimizer: nn::Optimizer,
     policy: Option<Policy>,
     settings: Option<Settings>,
@@ -91,6 +117,9 @@ pub enum BuildError {
     /// The guard rejected the model, the policy or the settings.
     #[error(transparent)]
     Guard(#[from] GuardError),
+    /// The TorchScript model's parameters do not form a layer map.
+    #[error(transparent)]
+    TorchScript(#[from] TorchScriptError),
     /// The exporter could not start (a busy port, say).
     #[error("metrics exporter: {0}")]
     Exporter(#[from] gradguard_exporter::ExporterError),
@@ -187,6 +216,18 @@ impl<'a> GuardedOptimizer<'a> {
     /// Starts wrapping `optimizer` over an explicit layer map (a TorchScript model's
     /// [`TorchScriptModel::layer_map`], say).
     pub fn builder_for_layers(layers: Result<LayerMap, GuardError>, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
+        Self::wrapping(layers.map_err(BuildError::from), optimizer)
+    }
+
+    /// Starts wrapping `optimizer`, which trains the parameters of a TorchScript model (built
+    /// on [`TorchScriptModel::var_store`]); the guard's layers are the model's, with PyTorch's
+    /// names (`conv1.weight`, `conv1.bias` form layer `conv1`). Train in the mode the loop
+    /// trains in ([`TorchScriptModel::set_train`]): the guard differentiates the loss as given.
+    pub fn builder_for_torchscript(model: &TorchScriptModel, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
+        Self::wrapping(model.layer_map().map_err(BuildError::from), optimizer)
+    }
+
+    fn wrapping(layers: Result<LayerMap, BuildError>, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
         GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, metrics_addr: None, sinks: Vec::new() }
     }
 

@@ -60,6 +60,14 @@ pub enum TorchScriptError {
         /// The method it lacks.
         missing: &'static str,
     },
+    /// The module could not be written.
+    #[error("saving the TorchScript module to {path}: {why}")]
+    Save {
+        /// The file.
+        path: PathBuf,
+        /// libtorch's message, its first informative line.
+        why: String,
+    },
     /// The parameters do not form a layer map.
     #[error("{path}: {source}")]
     Layers {
@@ -80,6 +88,8 @@ pub struct TorchScriptModel {
     path: PathBuf,
     /// Whether the module defines `embed` and `forward_embedded`.
     embedding: bool,
+    device: Device,
+    training: bool,
 }
 
 /// The methods of the embedding split convention.
@@ -177,7 +187,7 @@ impl TorchScriptModel {
             (true, false) => return Err(TorchScriptError::HalfSplit { path: path.to_path_buf(), defined: EMBED, missing: FORWARD_EMBEDDED }),
             (false, true) => return Err(TorchScriptError::HalfSplit { path: path.to_path_buf(), defined: FORWARD_EMBEDDED, missing: EMBED }),
         };
-        Ok(Self { module, vs, params, path: path.to_path_buf(), embedding })
+        Ok(Self { module, vs, params, path: path.to_path_buf(), embedding, device, training: false })
     }
 
     /// The file the module was loaded from.
@@ -223,12 +233,37 @@ impl TorchScriptModel {
 
     /// Eval mode: dropout off, batch norm on its running statistics.
     pub fn set_eval(&mut self) -> Result<(), TchError> {
-        self.module.f_set_eval()
+        self.module.f_set_eval()?;
+        self.training = false;
+        Ok(())
     }
 
-    /// Training mode.
+    /// Training mode: dropout on, batch norm on batch statistics (updating its running
+    /// statistics). A loop trains in this mode; the guard then measures the function the loop
+    /// differentiates. (A traced module keeps the mode it was traced in: tracing records
+    /// dropout and batch norm as they ran.)
     pub fn set_train(&mut self) -> Result<(), TchError> {
-        self.module.f_set_train()
+        self.module.f_set_train()?;
+        self.training = true;
+        Ok(())
+    }
+
+    /// Whether the module is in training mode ([`Self::load`] leaves it in eval mode).
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// Writes the module as it is now (trained parameters, buffers such as batch norm's
+    /// running statistics, and its train/eval flag) in `torch.jit.save`'s format, loadable by
+    /// `torch.jit.load`. A module on a GPU is written with its tensors on the CPU, so that the
+    /// file loads on any machine.
+    pub fn save(&self, path: &Path) -> Result<(), TorchScriptError> {
+        let failed = |e: TchError| TorchScriptError::Save { path: path.to_path_buf(), why: first_line(&e) };
+        self.module.save(path).map_err(failed)?;
+        if self.device != Device::Cpu {
+            tch::CModule::load_on_device(path, Device::Cpu).and_then(|cpu| cpu.save(path)).map_err(failed)?;
+        }
+        Ok(())
     }
 }
 

@@ -43,3 +43,34 @@ fn steps_after_the_guard_and_refuses_non_finite_gradients() {
         assert!(!p.grad().defined() || p.grad().abs().sum(Kind::Double).double_value(&[]) == 0.0, "gradients cleared");
     }
 }
+
+#[test]
+fn a_torchscript_model_trains_through_the_builder_and_saves_for_torch_jit_load() {
+    use gradguard_hooks::TorchScriptModel;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cnn_traced.pt");
+    let mut model = TorchScriptModel::load(&fixture, Device::Cpu).unwrap();
+    assert!(!model.is_training(), "loads in eval mode");
+    model.set_train().unwrap();
+    assert!(model.is_training());
+    let loss_fn = |x: &Tensor, y: &Tensor| model.f_forward(x)?.f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0);
+    let opt = nn::Sgd::default().build(model.var_store(), 0.1).unwrap();
+    let mut opt = GuardedOptimizer::builder_for_torchscript(&model, opt).loss(loss_fn).build().unwrap();
+    assert_eq!(opt.guard().layers().names(), ["conv1", "conv2", "fc1", "fc2"]);
+    let x = Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
+    let before: Vec<Tensor> = model.named_parameters().iter().map(|(_, t)| t.detach().copy()).collect();
+    assert!(opt.backward_step(&loss_fn(&x, &y).unwrap(), &Batch::new(&x, &y)).unwrap().is_released());
+    drop(opt);
+    let trained: Vec<Tensor> = model.named_parameters().iter().map(|(_, t)| t.detach().copy()).collect();
+    assert!(before.iter().zip(&trained).any(|(a, b)| !a.equal(b)), "the step trained the module's own parameters");
+
+    model.set_eval().unwrap();
+    let saved = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hooks_trained.pt");
+    model.save(&saved).unwrap();
+    let reloaded = TorchScriptModel::load(&saved, Device::Cpu).unwrap();
+    let names: Vec<String> = reloaded.named_parameters().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
+    assert!(reloaded.named_parameters().iter().zip(&trained).all(|((_, a), b)| a.equal(b)), "the file holds the trained parameters");
+    let missing = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("no_such_dir/x.pt");
+    assert!(matches!(model.save(&missing), Err(gradguard_hooks::TorchScriptError::Save { .. })));
+}

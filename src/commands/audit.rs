@@ -79,7 +79,7 @@ pub struct AuditArgs {
 
 /// `--loss`.
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum LossArg {
+pub(crate) enum LossArg {
     CrossEntropy,
     Mse,
 }

@@ -4,11 +4,10 @@
 //! decisions and where the report and the audit log are.
 use anyhow::Context;
 use gradguard::data::Digits;
-use gradguard::guard::{parse_device, AuditLog, Outcome, Policy};
+use gradguard::guard::{parse_device, Policy};
+use gradguard::hooks::{GuardSummary, ReleaseCounts, RunSummary};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, GuardedOptimizer, Release, Report};
-use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::BTreeMap;
+use gradguard::{Batch, GuardedOptimizer, Report};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -67,69 +66,36 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let guard = opt.guard();
     let thresholds = guard.protection().thresholds();
     println!("gradguard demo: digits CNN on {} train / {} test samples, {device:?}", train.len(), test.len());
-    println!("layers: {}", guard.layers().names().join(", "));
-    println!("policy: {} (hash {}), {} rule(s)", guard.policy().origin(), guard.policy().short_hash(), guard.policy().rules().len());
-    if let Some(addr) = opt.metrics_addr() {
-        println!("metrics: http://{addr}/metrics  (report: /report, health: /healthz)");
-    }
-    println!("audit log: {}\n", audit_path.display());
+    println!("{}", super::progress::guard_header(&guard.layers().names(), guard.policy(), opt.metrics_addr(), &audit_path));
 
-    let bar = ProgressBar::new(args.steps as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").expect("a valid template"));
+    let bar = super::progress::steps_bar(args.steps);
     let started = Instant::now();
-    let (mut released, mut held, mut blocked) = (0usize, 0usize, 0usize);
+    let mut counts = ReleaseCounts::default();
     let mut last = None;
     for step in 0..args.steps {
         let idx: Vec<usize> = (0..args.batch_size).map(|i| train[(step * args.batch_size + i) % train.len()]).collect();
         let (x, y, heavy_stroke) = digits.batch(&idx, device)?;
         let loss = net.f_loss(&x, &y)?;
         let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&heavy_stroke))?;
-        match &release {
-            Release::Released { .. } => released += 1,
-            Release::Held { .. } => held += 1,
-            Release::Blocked { reason, .. } => {
-                blocked += 1;
-                bar.suspend(|| println!("step {step}: release blocked: {reason}"));
-            }
-        }
+        counts.count(&release);
+        super::progress::show_release(&bar, step, &release);
         if release.report().estimated {
             bar.suspend(|| println!("{}", live_table(release.report(), &thresholds)));
         }
         last = Some(release.into_report());
-        bar.set_message(format!("released {released}, held {held}, blocked {blocked}"));
+        bar.set_message(counts.to_string());
         bar.inc(1);
     }
     bar.finish();
-    let elapsed = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     let accuracy = digits.accuracy(&test, device, |x| net.f_forward(x))?;
     let report_path = args.out.join("report.json");
     if let Some(report) = &last {
         std::fs::write(&report_path, report.to_json()).with_context(|| format!("writing {}", report_path.display()))?;
     }
-    let records = AuditLog::read_all(&audit_path)?;
-    let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &records {
-        *by_outcome.entry(r.outcome.to_string()).or_default() += 1;
-    }
-    println!("\ndone: {} steps in {elapsed:.1} s, test accuracy {accuracy:.3}", args.steps);
-    println!("releases: {released} released, {held} held for the aggregation floor, {blocked} blocked");
-    if let Some(h) = last.as_ref().map(|r| &r.health) {
-        println!(
-            "guard: estimates took {:.1}% of wall time (budget {:.0}%, {} over budget to stay fresh), the guard in all {:.1}%; {} estimate and {} report job(s) dropped, {} worker failure(s)",
-            h.estimate_share * 100.0,
-            h.budget_share * 100.0,
-            h.over_budget_estimates,
-            h.spent_share * 100.0,
-            h.estimates_dropped,
-            h.reports_dropped,
-            h.worker_failures
-        );
-    }
-    println!("decisions: {}", by_outcome.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", "));
-    for r in records.iter().filter(|r| matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed | Outcome::Blocked)).take(8) {
-        println!("  step {:>4} {:<6} {:<10} {} ({} {} vs {})", r.step, r.layer, r.outcome, r.action, r.metric.as_deref().unwrap_or("-"), fmt(r.value), fmt(r.threshold));
-    }
-    println!("report: {}\naudit log: {} ({} decisions)", report_path.display(), audit_path.display(), records.len());
+    let guard = GuardSummary::read(counts, last.as_ref(), &audit_path)?;
+    let summary = RunSummary { steps: args.steps, seconds, score: format!("test accuracy {accuracy:.3}"), guard: Some(guard), report: report_path };
+    print!("\n{summary}");
     drop(opt);
     Ok(())
 }

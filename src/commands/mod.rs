@@ -1,4 +1,6 @@
 pub mod audit;
 pub mod demo;
 pub mod policy;
+mod progress;
+pub mod train;
 pub mod validate;
