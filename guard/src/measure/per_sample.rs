@@ -69,7 +69,7 @@ impl GradientMatrix {
 /// when the loss does not reach layer l (its gradient is undefined for every sample).
 /// `inputs` and `targets` hold n samples along dimension 0; each sample is its own backward
 /// pass (the loss function is called with a batch of one).
-fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
+pub(crate) fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
     let n = ins.batch().validate()? as i64;
     let (layers, loss_fn) = (ins.layers(), ins.loss());
     let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
@@ -114,6 +114,6 @@ fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>>
 impl Inspection<'_> {
     /// The n x P_l per-sample gradient matrix of every layer (None: the loss does not reach it).
     pub fn per_sample_gradients(&self) -> Result<Vec<Option<GradientMatrix>>> {
-        per_sample_gradients(self)
+        self.observing(|| per_sample_gradients(self))
     }
 }

@@ -282,11 +282,11 @@ impl Inspection<'_> {
     /// The per-sample gradients M2 needs (from the batch's attribute labels), or the reason M2
     /// cannot be computed on this batch.
     pub fn subspace_samples(&self, settings: &SubspaceSettings) -> Result<std::result::Result<SubspaceSamples, String>> {
-        subspace_samples(self, settings)
+        self.observing(|| subspace_samples(self, settings))
     }
 
     /// M2 of every layer (absent, with its reason, without attribute labels).
     pub fn subspace(&self, settings: &SubspaceSettings) -> Result<Vec<Metric<Subspace>>> {
-        estimate_subspace(self, settings)
+        self.observing(|| estimate_subspace(self, settings))
     }
 }
