@@ -52,6 +52,16 @@ pub enum GuardError {
     /// The loss function returned a non-scalar tensor (of the shape in the field).
     #[error("the loss function must return a scalar, got shape {0:?}")]
     LossNotScalar(Vec<i64>),
+    /// The model cannot run on a batch of one sample, though the batch itself trains: the loss
+    /// fails (an error or a panic), or a buffer turns non-finite (a batch norm with one value
+    /// per channel: `batch_norm1d` in training mode). Per-sample gradients (M2, M3) do not exist
+    /// for this model; M2 and M3 are absent with this reason, training goes on.
+    #[error("no per-sample gradients: the model cannot run on a batch of one sample: {why}")]
+    NoPerSampleGradients {
+        /// The first line of the loss's error or panic message, or the buffer that turned
+        /// non-finite.
+        why: String,
+    },
     /// The model has no trainable parameters to guard.
     #[error("the model has no trainable parameters")]
     NoParameters,

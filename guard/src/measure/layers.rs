@@ -126,6 +126,23 @@ impl LayerMap {
         &self.buffers
     }
 
+    /// The first buffer holding a NaN or an infinity, by name (one host read for all).
+    pub(crate) fn non_finite_buffer(&self) -> Result<Option<&str>> {
+        if self.buffers.is_empty() {
+            return Ok(None);
+        }
+        let torch = |e| GuardError::Torch { context: "checking the model's buffers", source: e };
+        let finite = self
+            .buffers
+            .iter()
+            .map(|(_, t)| t.f_isfinite().and_then(|f| f.f_all()).and_then(|f| f.f_to_device(tch::Device::Cpu)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(torch)?;
+        let finite = Tensor::f_stack(&finite, 0).and_then(|f| f.f_to_kind(tch::Kind::Int64)).map_err(torch)?;
+        let finite = Vec::<i64>::try_from(&finite).map_err(torch)?;
+        Ok(finite.iter().position(|&f| f == 0).map(|b| self.buffers[b].0.as_str()))
+    }
+
     /// Deep copies of the buffers, to be put back by [`BufferSnapshot::restore`].
     pub(crate) fn snapshot_buffers(&self) -> Result<BufferSnapshot<'_>> {
         let saved = tch::no_grad(|| self.buffers.iter().map(|(_, t)| t.f_detach_copy()).collect::<std::result::Result<Vec<_>, _>>())

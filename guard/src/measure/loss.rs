@@ -62,6 +62,36 @@ pub(crate) fn scalar_loss(
     Ok(loss)
 }
 
+/// The loss of a batch of one sample (the per-sample passes of M2 and M3). A loss that cannot
+/// be computed on one sample is [`GuardError::NoPerSampleGradients`], whether it returns an error or
+/// panics (tch's `nn` modules panic on a libtorch error: `nn::batch_norm1d` in training mode
+/// on one sample, say); the estimators then report M2 and M3 absent with that reason instead of
+/// stopping training. The panic's message still reaches stderr through the panic hook.
+pub(crate) fn one_sample_loss(loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let no_per_sample = |message: &str| GuardError::NoPerSampleGradients { why: first_line(message) };
+    let loss = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loss_fn.loss(x, y))) {
+        Ok(Ok(loss)) => loss,
+        Ok(Err(e)) => return Err(no_per_sample(&e.to_string())),
+        Err(payload) => {
+            let message = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+            return Err(no_per_sample(message.unwrap_or("the loss panicked")));
+        }
+    };
+    if !loss.defined() || loss.numel() != 1 {
+        return Err(GuardError::LossNotScalar(if loss.defined() { loss.size() } else { vec![] }));
+    }
+    Ok(loss)
+}
+
+/// The informative part of a libtorch message: up to its first line break (written out, as a
+/// panic of `unwrap` shows it, or not), without tch's prefixes.
+fn first_line(message: &str) -> String {
+    let line = message.split("\\n").next().and_then(|l| l.lines().next()).unwrap_or("");
+    let line = line.rsplit("Internal torch error: ").next().unwrap_or(line);
+    let line = line.rsplit("Torch(\"").next().unwrap_or(line);
+    line.trim().to_string()
+}
+
 /// Plain parameter gradients of the loss at `x` (no graph kept); undefined where a parameter
 /// is not reached.
 pub(crate) fn parameter_grads(

@@ -206,8 +206,10 @@ fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings) -> R
         let reason = format!("insufficient samples: {n} < {}", settings.min_samples);
         return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect());
     }
-    let grads = per_sample_gradients(ins)?;
-    usable_information_layers(&grads, &attribute, settings, ins.seed())
+    match per_sample_gradients(ins) {
+        Err(e @ GuardError::NoPerSampleGradients { .. }) => Ok((0..layers.len()).map(|_| Metric::absent(e.to_string())).collect()),
+        grads => usable_information_layers(&grads?, &attribute, settings, ins.seed()),
+    }
 }
 
 /// The attack on arbitrary features (one row per sample): standardise with the training
