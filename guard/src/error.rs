@@ -131,6 +131,27 @@ pub enum GuardError {
     },
 }
 
+/// The informative line of a libtorch message (a `TchError`'s text, or the message of a panic
+/// of tch's panicking forms): for a TorchScript interpreter error the `RuntimeError: ...` line
+/// at the end of its traceback, otherwise the first line (a C++ backtrace follows on later
+/// lines), without tch's prefix.
+pub fn torch_message(text: &str) -> String {
+    // A panic of `unwrap` shows the error's Debug form: `...: Torch("message\nException ...")`.
+    let text = match text.split_once("Torch(\"") {
+        Some((_, inner)) => inner.replace("\\n", "\n"),
+        None => text.to_string(),
+    };
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if lines.first().is_some_and(|l| l.contains("TorchScript interpreter")) {
+        let raised = lines.iter().rev().find_map(|l| l.split_once("Error: ").filter(|(kind, _)| !kind.contains(' ')).map(|(_, msg)| msg));
+        if let Some(message) = raised {
+            return message.to_string();
+        }
+    }
+    let line = lines.first().copied().unwrap_or("unknown error");
+    line.trim_start_matches("Internal torch error: ").to_string()
+}
+
 /// The guard's result type, with [`GuardError`] by default.
 pub type Result<T, E = GuardError> = std::result::Result<T, E>;
 

@@ -30,6 +30,7 @@
 //! through [`GuardedOptimizer::builder_for_layers`].
 #![warn(missing_docs)]
 
+mod script_module;
 mod torchscript;
 
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};

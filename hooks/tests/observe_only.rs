@@ -165,3 +165,91 @@ fn batch_norm_1d_on_one_sample_leaves_m2_absent_with_its_reason() {
     }
     assert_ne!(differing(&before, &state(&vs)), Vec::<String>::new(), "training moved the model");
 }
+
+/// The project's venv python: $VIRTUAL_ENV, else the workspace's .venv.
+fn python() -> PathBuf {
+    let venv = std::env::var_os("VIRTUAL_ENV").map(PathBuf::from);
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(".venv");
+    let found = venv.into_iter().chain([workspace]).map(|v| v.join("bin").join("python")).find(|p| p.is_file());
+    found.expect("no venv python: set VIRTUAL_ENV (source scripts/env.sh) or create .venv (README, Set-up)")
+}
+
+/// Scripts the fixture models into a fresh folder; returns the folder.
+fn scripted_models() -> PathBuf {
+    let folder = std::env::temp_dir().join(format!("gradguard-observe-only-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/batch_norm_models.py");
+    let status = std::process::Command::new(python()).arg(&script).arg(&folder).status().unwrap();
+    assert!(status.success(), "{} failed", script.display());
+    folder
+}
+
+fn script_loss(model: &TorchScriptModel, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+    model.f_forward(x)?.f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0)
+}
+
+/// Trains the scripted model at `path` in training mode, guarded or not; the VarStore's
+/// variables (parameters and buffers) and the module's buffers after the last step.
+fn train_script(path: &Path, data: &[(Tensor, Tensor, Tensor)], guarded: bool, check: impl Fn(usize, &gradguard_guard::Report)) -> Vec<(String, Tensor)> {
+    let mut model = TorchScriptModel::load(path, Device::Cpu).unwrap();
+    model.set_train().unwrap();
+    let loss_fn = |x: &Tensor, y: &Tensor| script_loss(&model, x, y);
+    let sgd = nn::Sgd { momentum: 0.9, ..Default::default() }.build(model.var_store(), 0.1).unwrap();
+    if guarded {
+        let layers = model.layer_map().map_err(|e| gradguard_guard::GuardError::Layers(e.to_string()));
+        let mut opt = GuardedOptimizer::builder_for_layers(layers, sgd).settings(estimate_every_step()).loss(loss_fn).build().unwrap();
+        for (step, (x, y, a)) in data.iter().enumerate() {
+            let release = opt.backward_step(&loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a)).unwrap();
+            assert!(release.is_released(), "step {step}: {:?}", release.block_reason());
+            check(step, release.report());
+        }
+    } else {
+        let mut opt = sgd;
+        for (x, y, _) in data {
+            opt.zero_grad();
+            loss_fn(x, y).unwrap().backward();
+            opt.step();
+        }
+    }
+    let mut all = state(model.var_store());
+    all.extend(model.named_buffers().into_iter().map(|(n, t)| (format!("module {n}"), t.detach().copy())));
+    all
+}
+
+#[test]
+fn a_guarded_torchscript_batch_norm_model_trains_bit_identically_to_an_unguarded_one() {
+    let _seeded = seeded();
+    let folder = scripted_models();
+    let path = folder.join("bn_resnet.pt");
+    let model = TorchScriptModel::load(&path, Device::Cpu).unwrap();
+    let buffers: Vec<String> = model.named_buffers().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(buffers.len(), 9, "running_mean, running_var, num_batches_tracked of 3 batch norms: {buffers:?}");
+    assert!(buffers.contains(&"block.bn1.running_var".to_string()), "{buffers:?}");
+    assert_eq!(model.layer_map().unwrap().buffers().len(), 9);
+    drop(model);
+    let data = batches(STEPS, &[3, 8, 8]);
+    let unguarded = train_script(&path, &data, false, |_, _| {});
+    let guarded = train_script(&path, &data, true, |step, report| {
+        assert!(report.layers.iter().all(|l| l.sensitivity.measured().is_some()), "step {step}: M1 of every layer");
+        assert!(report.layers.iter().all(|l| l.subspace.measured().is_some()), "step {step}: M2 of every layer");
+    });
+    assert!(unguarded.iter().any(|(n, _)| n == "block_bn1_running_mean"), "the VarStore holds the buffers");
+    let differ = differing(&unguarded, &guarded);
+    assert!(differ.is_empty(), "parameters or buffers moved by the guard: {differ:?}");
+    let _ = std::fs::remove_dir_all(folder);
+}
+
+#[test]
+fn a_scripted_batch_norm_1d_that_raises_on_one_sample_leaves_m2_absent_with_its_message() {
+    let _seeded = seeded();
+    let folder = scripted_models();
+    let data = batches(3, &[6]);
+    train_script(&folder.join("bn_mlp.pt"), &data, true, |step, report| {
+        for layer in &report.layers {
+            assert!(layer.sensitivity.measured().is_some(), "step {step}, {}: M1 is measured on the batch", layer.name);
+            let reason = layer.subspace.absent_reason().unwrap_or_else(|| panic!("step {step}, {}: M2 measured", layer.name));
+            assert!(reason.contains("one sample") && reason.contains("Expected more than 1 value per channel when training"), "{reason}");
+        }
+    });
+    let _ = std::fs::remove_dir_all(folder);
+}

@@ -1,5 +1,5 @@
 //! How the guard recomputes the loss of a batch: the one thing it needs from the user's model.
-use crate::error::{GuardError, Result, TorchContext};
+use crate::error::{torch_message, GuardError, Result, TorchContext};
 use tch::{Kind, TchError, Tensor};
 
 /// Recomputes the mean loss of a batch from its inputs. M1 differentiates the released gradient
@@ -68,7 +68,7 @@ pub(crate) fn scalar_loss(
 /// on one sample, say); the estimators then report M2 and M3 absent with that reason instead of
 /// stopping training. The panic's message still reaches stderr through the panic hook.
 pub(crate) fn one_sample_loss(loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let no_per_sample = |message: &str| GuardError::NoPerSampleGradients { why: first_line(message) };
+    let no_per_sample = |message: &str| GuardError::NoPerSampleGradients { why: torch_message(message) };
     let loss = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loss_fn.loss(x, y))) {
         Ok(Ok(loss)) => loss,
         Ok(Err(e)) => return Err(no_per_sample(&e.to_string())),
@@ -81,15 +81,6 @@ pub(crate) fn one_sample_loss(loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor) -> R
         return Err(GuardError::LossNotScalar(if loss.defined() { loss.size() } else { vec![] }));
     }
     Ok(loss)
-}
-
-/// The informative part of a libtorch message: up to its first line break (written out, as a
-/// panic of `unwrap` shows it, or not), without tch's prefixes.
-fn first_line(message: &str) -> String {
-    let line = message.split("\\n").next().and_then(|l| l.lines().next()).unwrap_or("");
-    let line = line.rsplit("Internal torch error: ").next().unwrap_or(line);
-    let line = line.rsplit("Torch(\"").next().unwrap_or(line);
-    line.trim().to_string()
 }
 
 /// Plain parameter gradients of the loss at `x` (no graph kept); undefined where a parameter
