@@ -2,7 +2,7 @@
 //! runs libtorch. Without it, binaries need LD_LIBRARY_PATH and the linker drops
 //! libtorch_cuda, so CUDA silently reports unavailable. The rpath is a RUNPATH, so
 //! LD_LIBRARY_PATH still wins on a machine whose libtorch lives elsewhere (a GPU host).
-fn main() {
+pub fn main() {
     // Exported by torch-sys' build script; visible only to crates that depend on it directly.
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath={lib}");

@@ -131,7 +131,6 @@ fn observe_only_training_is_bit_identical_to_the_unguarded_run() {
 }
 
 #[test]
-#[ignore = "needs the guard's buffer preservation (issue 11 item 2)"]
 fn observe_only_training_of_a_batch_norm_model_is_bit_identical_to_the_unguarded_run() {
     observe_only_matches_unguarded(&made("cnn_bn_scripted.pt"), "bn");
 }

@@ -6,7 +6,7 @@ use crate::report::{LayerDetails, LayerRow};
 use gradguard_defenses::Defence;
 use gradguard_guard::{attribute_information, project, usable_information, usable_information_layers, UsableInformation, UsableSettings};
 use gradguard_guard::{orthonormal_basis, projection_distance, SubspaceSettings};
-use gradguard_guard::{Batch, GradientMatrix, Inspection, JvpMethod, JvpSamples, Metric, Sensitivity, SensitivitySettings, Subspace};
+use gradguard_guard::{Batch, GradientMatrix, GuardError, Inspection, JvpMethod, JvpSamples, Metric, Sensitivity, SensitivitySettings, Subspace};
 use gradguard_guard::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -63,10 +63,16 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
             let m2 = t.on(t.batch().with_attribute(&Tensor::from_slice(attribute))).subspace(&settings.subspace).metric("M2 (subspace distance)")?;
             seconds.insert("m2", clock.elapsed().as_secs_f64());
             let clock = Instant::now();
-            let grads = t.per_sample_gradients().metric("M3 (per-sample gradients)")?;
-            let m3 = usable_information_layers(&grads, attribute, &settings.usable, t.seed()).metric("M3 (usable information)")?;
+            let (m3, grads) = match t.per_sample_gradients() {
+                // A model that cannot run on one sample has no per-sample gradients: M3 absent.
+                Err(e @ GuardError::NoPerSampleGradients { .. }) => (absent_all(&e.to_string()).iter().map(Metric::absent).collect(), None),
+                grads => {
+                    let grads = grads.metric("M3 (per-sample gradients)")?;
+                    (usable_information_layers(&grads, attribute, &settings.usable, t.seed()).metric("M3 (usable information)")?, Some(grads))
+                }
+            };
             seconds.insert("m3", clock.elapsed().as_secs_f64());
-            (m2, m3, Some(grads))
+            (m2, m3, grads)
         }
     };
     let m4: Vec<Metric<Inversion>> = match &settings.inversion {

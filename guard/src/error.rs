@@ -63,6 +63,16 @@ pub enum GuardError {
     /// The embedding split's `embed` returned something M1 cannot differentiate.
     #[error("the embedding split's embed returned {0}: embeddings must be floating point, one row per sample")]
     Embedding(String),
+    /// The model cannot run on a batch of one sample, though the batch itself trains: the loss
+    /// fails (an error or a panic), or a buffer turns non-finite (a batch norm with one value
+    /// per channel: `batch_norm1d` in training mode). Per-sample gradients (M2, M3) do not exist
+    /// for this model; M2 and M3 are absent with this reason, training goes on.
+    #[error("no per-sample gradients: the model cannot run on a batch of one sample: {why}")]
+    NoPerSampleGradients {
+        /// The first line of the loss's error or panic message, or the buffer that turned
+        /// non-finite.
+        why: String,
+    },
     /// The model has no trainable parameters to guard.
     #[error("the model has no trainable parameters")]
     NoParameters,
@@ -130,6 +140,27 @@ pub enum GuardError {
         #[source]
         source: TchError,
     },
+}
+
+/// The informative line of a libtorch message (a `TchError`'s text, or the message of a panic
+/// of tch's panicking forms): for a TorchScript interpreter error the `RuntimeError: ...` line
+/// at the end of its traceback, otherwise the first line (a C++ backtrace follows on later
+/// lines), without tch's prefix.
+pub fn torch_message(text: &str) -> String {
+    // A panic of `unwrap` shows the error's Debug form: `...: Torch("message\nException ...")`.
+    let text = match text.split_once("Torch(\"") {
+        Some((_, inner)) => inner.replace("\\n", "\n"),
+        None => text.to_string(),
+    };
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if lines.first().is_some_and(|l| l.contains("TorchScript interpreter")) {
+        let raised = lines.iter().rev().find_map(|l| l.split_once("Error: ").filter(|(kind, _)| !kind.contains(' ')).map(|(_, msg)| msg));
+        if let Some(message) = raised {
+            return message.to_string();
+        }
+    }
+    let line = lines.first().copied().unwrap_or("unknown error");
+    line.trim_start_matches("Internal torch error: ").to_string()
 }
 
 /// The guard's result type, with [`GuardError`] by default.

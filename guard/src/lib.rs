@@ -34,6 +34,6 @@ mod measure;
 mod report;
 
 pub use decide::*;
-pub use error::{AuditError, GuardError, PolicyError, Result, POLICY_VERSION};
+pub use error::{torch_message, AuditError, GuardError, PolicyError, Result, POLICY_VERSION};
 pub use measure::*;
 pub use report::*;

@@ -78,6 +78,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod script_module;
 mod summary;
 mod torchscript;
 

@@ -1,13 +1,15 @@
 //! TorchScript models (`torch.jit.script` or `torch.jit.trace` output, saved with
-//! `torch.jit.save`) as gradguard models: parameters trainable through a tch `VarStore`, and
-//! layers named as PyTorch users know them.
+//! `torch.jit.save`) as gradguard models: parameters trainable through a tch `VarStore`, layers
+//! named as PyTorch users know them, and the module's buffers (batch norm's running
+//! statistics) in the layer map, so that the guard's own passes leave them as they were.
 //!
-//! `tch::TrainableCModule::load` adds the module's parameters to a VarStore under names with
-//! the dots rewritten (`conv1.weight` becomes `conv1_weight`, since a VarStore path cannot hold
-//! a dot), which cannot be undone in general (`block_1.weight` and `block.1.weight` both become
-//! `block_1_weight`). So the module's own `named_parameters()` (PyTorch's dotted names, in module
-//! order) are read as well, each name is mapped to the VarStore name tch gave it (the same
-//! rewrite and duplicate rule), and the two are checked to hold the same shapes.
+//! The module is loaded through gradguard's own binding (`script_module.rs`), since tch's
+//! `CModule` does not list buffers. Its parameters and buffers are added to a VarStore the way
+//! `tch::TrainableCModule::load` adds parameters: the dots rewritten (`conv1.weight` becomes
+//! `conv1_weight`, since a VarStore path cannot hold a dot), which cannot be undone in general
+//! (`block_1.weight` and `block.1.weight` both become `block_1_weight`). So the module's own
+//! dotted names (PyTorch's, in module order) are kept for the layer map, and
+//! [`var_store_names`] gives the VarStore's.
 //!
 //! A module on discrete inputs (token ids) declares its embedding split by convention: two
 //! methods, `embed(tokens) -> embeddings` and `forward_embedded(embeddings) -> output`, with
@@ -15,7 +17,8 @@
 //! scripted module). They are used when present ([`TorchScriptModel::has_embedding`]).
 use gradguard_guard::{GuardError, LayerMap};
 use std::path::{Path, PathBuf};
-use tch::{nn::VarStore, Device, TchError, Tensor, TrainableCModule};
+use crate::script_module::ScriptModule;
+use tch::{nn::VarStore, Device, TchError, Tensor};
 
 /// Why a TorchScript model could not be used; every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -39,16 +42,6 @@ pub enum TorchScriptError {
     NoParameters {
         /// The file.
         path: PathBuf,
-    },
-    /// A parameter could not be matched to the VarStore tch made for it.
-    #[error("{path}: parameter {name}: {why}")]
-    Parameter {
-        /// The file.
-        path: PathBuf,
-        /// The parameter's dotted PyTorch name.
-        name: String,
-        /// What did not match.
-        why: String,
     },
     /// The module defines one method of the embedding split but not the other.
     #[error("{path} defines {defined} but not {missing}: an embedding split needs both embed(tokens) and forward_embedded(embeddings)")]
@@ -79,12 +72,14 @@ pub enum TorchScriptError {
     },
 }
 
-/// A loaded TorchScript module whose parameters live in a VarStore.
+/// A loaded TorchScript module whose parameters and buffers live in a VarStore.
 pub struct TorchScriptModel {
-    module: TrainableCModule,
+    module: ScriptModule,
     vs: VarStore,
     /// PyTorch's dotted names and the VarStore's tensors, in module order (trainable only).
     params: Vec<(String, Tensor)>,
+    /// The module's buffers, dotted names, in module order (sharing the module's storage).
+    buffers: Vec<(String, Tensor)>,
     path: PathBuf,
     /// Whether the module defines `embed` and `forward_embedded`.
     embedding: bool,
@@ -96,29 +91,11 @@ pub struct TorchScriptModel {
 const EMBED: &str = "embed";
 const FORWARD_EMBEDDED: &str = "forward_embedded";
 
-/// Whether the module defines method `name`. Asked by calling it with no arguments: libtorch
-/// answers "Method 'name' is not defined" for a missing method, and a schema error (a missing
-/// argument) for one that exists, before running anything.
-fn defines(module: &TrainableCModule, name: &str) -> bool {
-    match module.method_is::<tch::IValue>(name, &[]) {
-        Ok(_) => true,
-        Err(e) => !e.to_string().contains(&format!("Method '{name}' is not defined")),
-    }
-}
-
 /// The informative line of a libtorch error: for a TorchScript interpreter error the
 /// `RuntimeError: ...` line at the end of its traceback, otherwise the first line (a C++
-/// backtrace follows on later lines).
+/// backtrace follows on later lines). See [`gradguard_guard::torch_message`].
 pub fn first_line(e: &TchError) -> String {
-    let text = e.to_string();
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    if let Some(err) = lines.iter().rev().find_map(|l| l.split_once("Error: ").filter(|(kind, _)| !kind.contains(' ')).map(|(_, msg)| msg)) {
-        if lines.first().is_some_and(|l| l.contains("TorchScript interpreter")) {
-            return err.to_string();
-        }
-    }
-    let line = lines.first().copied().unwrap_or("unknown error");
-    line.trim_start_matches("Internal torch error: ").to_string()
+    gradguard_guard::torch_message(&e.to_string())
 }
 
 /// The VarStore name `TrainableCModule::load` gives each parameter, in order: dots become
@@ -140,54 +117,42 @@ pub fn var_store_names(dotted: &[String]) -> Vec<String> {
 impl TorchScriptModel {
     /// Loads `path` onto `device`, parameters trainable. The module is put in eval mode
     /// (dropout off, batch norm on running statistics) so that repeated loss evaluations see
-    /// the same function; call [`Self::set_train`] to release in training mode.
+    /// the same function; call [`Self::set_train`] to release in training mode. The VarStore
+    /// holds the parameters (frozen ones untrainable) and the buffers (untrainable), under
+    /// [`var_store_names`].
     pub fn load(path: &Path, device: Device) -> Result<Self, TorchScriptError> {
         if !path.is_file() {
             return Err(TorchScriptError::NotFound { path: path.to_path_buf() });
         }
         let not_ts = |e: TchError| TorchScriptError::NotTorchScript { path: path.to_path_buf(), why: first_line(&e) };
-        // The module's own view: dotted names in module order.
-        let listing = tch::CModule::load_on_device(path, device).map_err(not_ts)?;
-        let named = listing.named_parameters().map_err(not_ts)?;
-        let dotted: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
-        let trainable: Vec<bool> = named.iter().map(|(_, t)| t.requires_grad()).collect();
-        let shapes: Vec<Vec<i64>> = named.iter().map(|(_, t)| t.size()).collect();
-        drop(named);
-        drop(listing);
-
+        let mut module = ScriptModule::load(path, device).map_err(not_ts)?;
+        module.set_train(false).map_err(not_ts)?;
+        let named = module.named_parameters().map_err(not_ts)?;
+        let buffers = module.named_buffers().map_err(not_ts)?;
+        let dotted: Vec<String> = named.iter().chain(&buffers).map(|(n, _)| n.clone()).collect();
         let vs = VarStore::new(device);
-        let mut module = TrainableCModule::load(path, vs.root()).map_err(not_ts)?;
-        module.f_set_eval().map_err(not_ts)?;
-        let variables = vs.variables();
+        let root = vs.root();
+        let parameter_count = named.len();
         let mut params = Vec::new();
-        for (((name, vs_name), trainable), shape) in dotted.iter().zip(var_store_names(&dotted)).zip(trainable).zip(shapes) {
-            if !trainable {
-                continue; // requires_grad false: not a parameter the guard measures
+        let all = named.into_iter().chain(buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
+        for (k, ((name, tensor), vs_name)) in all.zip(var_store_names(&dotted)).enumerate() {
+            // Frozen parameters (requires_grad false) and buffers: held, not trained.
+            let trainable = k < parameter_count && tensor.requires_grad();
+            let shared = root.add(&vs_name, tensor, trainable);
+            if trainable {
+                params.push((name, shared));
             }
-            let tensor = variables.get(&vs_name).ok_or_else(|| TorchScriptError::Parameter {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                why: format!("not found in the VarStore as {vs_name:?} (tch's naming changed?)"),
-            })?;
-            if tensor.size() != shape {
-                return Err(TorchScriptError::Parameter {
-                    path: path.to_path_buf(),
-                    name: name.clone(),
-                    why: format!("the VarStore's {vs_name:?} has shape {:?}, the module's {shape:?}", tensor.size()),
-                });
-            }
-            params.push((name.clone(), tensor.shallow_clone()));
         }
         if params.is_empty() {
             return Err(TorchScriptError::NoParameters { path: path.to_path_buf() });
         }
-        let embedding = match (defines(&module, EMBED), defines(&module, FORWARD_EMBEDDED)) {
+        let embedding = match (module.has_method(EMBED), module.has_method(FORWARD_EMBEDDED)) {
             (true, true) => true,
             (false, false) => false,
             (true, false) => return Err(TorchScriptError::HalfSplit { path: path.to_path_buf(), defined: EMBED, missing: FORWARD_EMBEDDED }),
             (false, true) => return Err(TorchScriptError::HalfSplit { path: path.to_path_buf(), defined: FORWARD_EMBEDDED, missing: EMBED }),
         };
-        Ok(Self { module, vs, params, path: path.to_path_buf(), embedding, device, training: false })
+        Ok(Self { module, vs, params, buffers, path: path.to_path_buf(), embedding, device, training: false })
     }
 
     /// The file the module was loaded from.
@@ -206,14 +171,23 @@ impl TorchScriptModel {
         self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
 
-    /// The guard's layer map: `conv1.weight`, `conv1.bias` form layer `conv1`, in module order.
+    /// The module's buffers (batch norm's `running_mean`, `running_var`, `num_batches_tracked`)
+    /// with PyTorch's dotted names, in module order, sharing storage with the module's.
+    pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+
+    /// The guard's layer map: `conv1.weight`, `conv1.bias` form layer `conv1`, in module order;
+    /// the module's buffers are the map's buffers.
     pub fn layer_map(&self) -> Result<LayerMap, TorchScriptError> {
-        LayerMap::from_named_params(self.named_parameters()).map_err(|source| TorchScriptError::Layers { path: self.path.clone(), source })
+        LayerMap::from_named_params(self.named_parameters())
+            .map(|map| map.with_buffers(self.named_buffers()))
+            .map_err(|source| TorchScriptError::Layers { path: self.path.clone(), source })
     }
 
     /// Runs the module's `forward` on one input tensor; it must return one tensor.
     pub fn f_forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        self.module.forward_ts(&[x])
+        self.module.forward(x)
     }
 
     /// Whether the module declares an embedding split (`embed` and `forward_embedded`).
@@ -223,17 +197,17 @@ impl TorchScriptModel {
 
     /// Runs the module's `embed` on a batch of discrete inputs: the embeddings.
     pub fn f_embed(&self, tokens: &Tensor) -> Result<Tensor, TchError> {
-        self.module.method_ts(EMBED, &[tokens])
+        self.module.call(EMBED, tokens)
     }
 
     /// Runs the module's `forward_embedded` on a batch of embeddings: the output.
     pub fn f_forward_embedded(&self, embeddings: &Tensor) -> Result<Tensor, TchError> {
-        self.module.method_ts(FORWARD_EMBEDDED, &[embeddings])
+        self.module.call(FORWARD_EMBEDDED, embeddings)
     }
 
     /// Eval mode: dropout off, batch norm on its running statistics.
     pub fn set_eval(&mut self) -> Result<(), TchError> {
-        self.module.f_set_eval()?;
+        self.module.set_train(false)?;
         self.training = false;
         Ok(())
     }
@@ -243,7 +217,7 @@ impl TorchScriptModel {
     /// differentiates. (A traced module keeps the mode it was traced in: tracing records
     /// dropout and batch norm as they ran.)
     pub fn set_train(&mut self) -> Result<(), TchError> {
-        self.module.f_set_train()?;
+        self.module.set_train(true)?;
         self.training = true;
         Ok(())
     }

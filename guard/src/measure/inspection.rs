@@ -3,9 +3,13 @@
 //! estimator of METRICS.md is a method of it, defined in the estimator's own file
 //! (`sensitivity.rs`, `subspace.rs`, `per_sample.rs`, `usable.rs`, `inversion.rs`), which
 //! imports this one; this file imports none of them.
+//!
+//! Each estimator's entry point runs its passes through [`Inspection::observing`], which puts
+//! the model's buffers back as they were: the guard observes the model, it does not change it.
 use super::batch::Batch;
 use super::layers::LayerMap;
 use super::loss::{EmbeddingSplit, LossFn};
+use crate::error::Result;
 
 /// One batch of one model, as the estimators see it. Cheap to copy: everything is borrowed.
 ///
@@ -85,5 +89,16 @@ impl<'a> Inspection<'a> {
     /// The step the look belongs to (it enters every seeded draw).
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Runs an estimator's passes and then puts every buffer of the model back, bit for bit,
+    /// as it was before them, whether the passes succeed or fail: a batch norm in training
+    /// mode updates its running statistics on every forward pass, the guard's probes and
+    /// per-sample passes included. A model without buffers pays nothing.
+    pub(crate) fn observing<T>(&self, passes: impl FnOnce() -> Result<T>) -> Result<T> {
+        let snapshot = self.layers.snapshot_buffers()?;
+        let out = passes();
+        snapshot.restore()?;
+        out
     }
 }

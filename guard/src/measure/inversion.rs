@@ -385,6 +385,6 @@ impl Inspection<'_> {
         settings: &InversionSettings,
         transform: Option<&ReleaseTransform>,
     ) -> Result<Vec<Metric<Inversion>>> {
-        estimate_original_information(self, plan, settings, transform)
+        self.observing(|| estimate_original_information(self, plan, settings, transform))
     }
 }

@@ -1,6 +1,7 @@
 //! Layer discovery: the trainable parameters of a VarStore grouped into layers as
 //! METRICS.md defines them (the name without its last component and any `__N` suffix), in the
-//! model's creation order.
+//! model's creation order; and the model's buffers (batch norm's running statistics, say),
+//! which the guard's own passes must leave as they found them.
 use crate::error::{GuardError, Result};
 use serde::Serialize;
 use tch::{nn::VarStore, Tensor};
@@ -43,10 +44,13 @@ pub struct LayerInfo {
     pub params: usize,
 }
 
-/// The model's layers in creation order.
+/// The model's layers in creation order, and its buffers.
 #[derive(Debug)]
 pub struct LayerMap {
     layers: Vec<Layer>,
+    /// State the forward pass may write and no optimizer trains (batch norm's running mean and
+    /// variance, say), by name; the tensors share storage with the model's.
+    buffers: Vec<(String, Tensor)>,
 }
 
 /// The layer a parameter name belongs to: drop the last component (and with it any `__N`
@@ -68,24 +72,28 @@ fn strip_duplicate_suffix(name: &str) -> &str {
 impl LayerMap {
     /// Discovers the layers of a VarStore. `trainable_variables()` gives creation order without
     /// names, `variables()` names without order: they are matched by tensor identity
-    /// (storage pointer, shape and dtype). Buffers (not requiring grad) are excluded.
+    /// (storage pointer, shape and dtype). The variables created untrainable (tch's
+    /// `zeros_no_train`/`ones_no_train`: `nn::batch_norm*`'s `running_mean` and `running_var`)
+    /// are the map's [`buffers`](Self::buffers); frozen trainable variables are neither.
     pub fn from_var_store(vs: &VarStore) -> Result<Self> {
         let named = vs.variables();
         let mut named: Vec<(String, Tensor)> = named.into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
+        let trainable = vs.trainable_variables();
         let mut params = Vec::new();
-        for tensor in vs.trainable_variables() {
+        for tensor in &trainable {
             if !tensor.requires_grad() {
                 continue; // a frozen VarStore keeps its variables listed but not trainable
             }
             let name = named
                 .iter()
-                .find(|(_, t)| same_tensor(t, &tensor))
+                .find(|(_, t)| same_tensor(t, tensor))
                 .map(|(n, _)| n.clone())
                 .ok_or_else(|| GuardError::Layers("a trainable variable has no name in the VarStore".into()))?;
-            params.push((name, tensor));
+            params.push((name, tensor.shallow_clone()));
         }
-        Self::from_named_params(params)
+        let buffers = named.into_iter().filter(|(_, t)| !trainable.iter().any(|p| same_tensor(p, t))).collect();
+        Ok(Self::from_named_params(params)?.with_buffers(buffers))
     }
 
     /// Builds the map from parameters already in model order (TorchScript modules, tests).
@@ -104,7 +112,42 @@ impl LayerMap {
                 None => layers.push(Layer { name: lname, params: vec![param] }),
             }
         }
-        Ok(Self { layers })
+        Ok(Self { layers, buffers: Vec::new() })
+    }
+
+    /// The same map with the model's buffers (named; sharing storage with the model's): the
+    /// estimators restore them, bit for bit, after their own passes.
+    pub fn with_buffers(self, buffers: Vec<(String, Tensor)>) -> Self {
+        Self { buffers, ..self }
+    }
+
+    /// The model's buffers, by name (empty for a model without any).
+    pub fn buffers(&self) -> &[(String, Tensor)] {
+        &self.buffers
+    }
+
+    /// The first buffer holding a NaN or an infinity, by name (one host read for all).
+    pub(crate) fn non_finite_buffer(&self) -> Result<Option<&str>> {
+        if self.buffers.is_empty() {
+            return Ok(None);
+        }
+        let torch = |e| GuardError::Torch { context: "checking the model's buffers", source: e };
+        let finite = self
+            .buffers
+            .iter()
+            .map(|(_, t)| t.f_isfinite().and_then(|f| f.f_all()).and_then(|f| f.f_to_device(tch::Device::Cpu)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(torch)?;
+        let finite = Tensor::f_stack(&finite, 0).and_then(|f| f.f_to_kind(tch::Kind::Int64)).map_err(torch)?;
+        let finite = Vec::<i64>::try_from(&finite).map_err(torch)?;
+        Ok(finite.iter().position(|&f| f == 0).map(|b| self.buffers[b].0.as_str()))
+    }
+
+    /// Deep copies of the buffers, to be put back by [`BufferSnapshot::restore`].
+    pub(crate) fn snapshot_buffers(&self) -> Result<BufferSnapshot<'_>> {
+        let saved = tch::no_grad(|| self.buffers.iter().map(|(_, t)| t.f_detach_copy()).collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| GuardError::Torch { context: "copying the model's buffers", source: e })?;
+        Ok(BufferSnapshot { buffers: &self.buffers, saved, restored: false })
     }
 
     /// The 2-norm of each tensor (in its dtype, on its device, no host read), aligned with
@@ -175,6 +218,41 @@ impl LayerMap {
     /// Total number of trainable scalars.
     pub fn numel(&self) -> usize {
         self.layers.iter().map(|l| l.numel()).sum()
+    }
+}
+
+/// The model's buffers as they were before the guard's passes. Restored by
+/// [`restore`](Self::restore), or on drop (a panic in the loss) as well as it can.
+pub(crate) struct BufferSnapshot<'a> {
+    buffers: &'a [(String, Tensor)],
+    saved: Vec<Tensor>,
+    restored: bool,
+}
+
+impl BufferSnapshot<'_> {
+    /// Copies the saved values back into the model's buffers (bit-exact: same dtype, same
+    /// shape).
+    pub(crate) fn restore(mut self) -> Result<()> {
+        self.restored = true;
+        self.copy_back()
+    }
+
+    fn copy_back(&self) -> Result<()> {
+        tch::no_grad(|| {
+            for ((_, buffer), saved) in self.buffers.iter().zip(&self.saved) {
+                buffer.shallow_clone().f_copy_(saved)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| GuardError::Torch { context: "restoring the model's buffers", source: e })
+    }
+}
+
+impl Drop for BufferSnapshot<'_> {
+    fn drop(&mut self) {
+        if !self.restored {
+            let _ = self.copy_back();
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! How the guard recomputes the loss of a batch: the one thing it needs from the user's model.
-use crate::error::{GuardError, Result, TorchContext};
+use crate::error::{torch_message, GuardError, Result, TorchContext};
 use tch::{Kind, TchError, Tensor};
 
 /// Recomputes the mean loss of a batch from its inputs. M1 differentiates the released gradient
@@ -155,6 +155,27 @@ pub(crate) fn scalar_loss(
         .during("reading the loss")?;
     if !value.is_finite() {
         return Err(GuardError::NonFiniteLoss { step, value });
+    }
+    Ok(loss)
+}
+
+/// The loss of a batch of one sample (the per-sample passes of M2 and M3). A loss that cannot
+/// be computed on one sample is [`GuardError::NoPerSampleGradients`], whether it returns an error or
+/// panics (tch's `nn` modules panic on a libtorch error: `nn::batch_norm1d` in training mode
+/// on one sample, say); the estimators then report M2 and M3 absent with that reason instead of
+/// stopping training. The panic's message still reaches stderr through the panic hook.
+pub(crate) fn one_sample_loss(loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let no_per_sample = |message: &str| GuardError::NoPerSampleGradients { why: torch_message(message) };
+    let loss = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loss_fn.loss(x, y))) {
+        Ok(Ok(loss)) => loss,
+        Ok(Err(e)) => return Err(no_per_sample(&e.to_string())),
+        Err(payload) => {
+            let message = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+            return Err(no_per_sample(message.unwrap_or("the loss panicked")));
+        }
+    };
+    if !loss.defined() || loss.numel() != 1 {
+        return Err(GuardError::LossNotScalar(if loss.defined() { loss.size() } else { vec![] }));
     }
     Ok(loss)
 }

@@ -1,5 +1,31 @@
 //! What measures: the stateless estimators of METRICS.md and what they read. Nothing here
 //! holds state between calls or decides anything; the engine (`decide`) calls it.
+//!
+//! # The guard observes, it does not disturb
+//! The estimators run the model themselves (M1's probes, the per-sample passes of M2 and M3,
+//! M4's attack), in whatever mode the loss closure runs it. A batch norm in training mode
+//! updates its running statistics on each of those passes, so every estimator's entry point
+//! (the methods of [`Inspection`]) snapshots the model's buffers ([`LayerMap::buffers`]: a
+//! VarStore's untrainable variables, a TorchScript module's buffers) and copies them back, bit
+//! for bit, after its passes, also when it fails. A guarded run ends with the parameters and
+//! buffers of the same run unguarded; a model without buffers pays nothing.
+//!
+//! # Batch norm
+//! - M1 is the exact quantity of METRICS.md: J is the Jacobian of the batch-mean gradient the
+//!   training step releases, computed through the same loss on the whole batch, so in training
+//!   mode it includes the coupling of the samples through the batch statistics.
+//! - Per-sample gradients (M2, M3) are the gradients of the loss of a batch holding that one
+//!   sample alone: in training mode a batch norm normalises the sample by its own statistics
+//!   (over its spatial positions), not the batch's, so they are not the sample's share of the
+//!   batch gradient. In eval mode both use the running statistics.
+//! - A model that cannot run on one sample has no per-sample gradients: M2 and M3 are absent
+//!   with the reason ([`GuardError::NoPerSampleGradients`](crate::GuardError::NoPerSampleGradients))
+//!   and training goes on. That is a loss that fails or panics on one sample (a scripted PyTorch
+//!   `BatchNorm1d` in training mode raises "Expected more than 1 value per channel"), or a batch
+//!   norm with one value per channel that raises nothing (tch's `nn::batch_norm1d`: its output
+//!   becomes its bias, whatever the input, and its running variance non-finite, which is how
+//!   the guard tells). Gradients of micro-batches of two samples would run, but batch norm then
+//!   maps each pair to +-1 per channel: a different model, not the one being released.
 mod batch;
 mod device;
 mod inspection;

@@ -1,11 +1,10 @@
 //! Per-sample gradients as host matrices, for the estimators that run off the training thread
 //! (M3). The gradients come from `subspace::sample_gradient` (one micro-batch of one sample per
 //! backward pass, the same code M2 uses); this module only stacks them by layer.
-use crate::error::{GuardError, Result, TorchContext};
+use crate::error::{GuardError, Result};
 use super::inspection::Inspection;
-use crate::measure::subspace::sample_gradient;
+use crate::measure::subspace::{first_per_sample_pass, one_sample_grads, sample_gradient};
 use crate::measure::tensors::to_f64_vec;
-use tch::Tensor;
 
 /// A row-major host matrix of f64: one row per sample (or per release), one column per
 /// parameter scalar of a layer. Plain data: Send + Sync, no autograd.
@@ -69,26 +68,21 @@ impl GradientMatrix {
 /// when the loss does not reach layer l (its gradient is undefined for every sample).
 /// `inputs` and `targets` hold n samples along dimension 0; each sample is its own backward
 /// pass (the loss function is called with a batch of one).
-fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
+/// [`GuardError::NoPerSampleGradients`] when the loss cannot run on one sample.
+pub(crate) fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
     let n = ins.batch().validate()? as i64;
     let (layers, loss_fn) = (ins.layers(), ins.loss());
     let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
-    let (params, owner) = layers.flat_params();
+    let (_, owner) = layers.flat_params();
     // Which layers the loss reaches: one plain backward on the first sample.
-    let x0 = inputs.f_narrow(0, 0, 1).during("selecting a sample")?;
-    let y0 = targets.f_narrow(0, 0, 1).during("selecting a sample")?;
-    let loss = loss_fn.loss(&x0, &y0).during("computing the loss of one sample")?;
-    if !loss.defined() || loss.numel() != 1 {
-        return Err(GuardError::LossNotScalar(if loss.defined() { loss.size() } else { vec![] }));
-    }
-    let grads = Tensor::f_run_backward(&[&loss], &params, false, false).during("finding the layers the loss reaches")?;
+    let grads = first_per_sample_pass(layers, || one_sample_grads(layers, loss_fn, inputs, targets, 0))?;
     let mut used = vec![false; layers.len()];
     for (g, &l) in grads.iter().zip(&owner) {
         used[l] |= g.defined();
     }
     let mut data: Vec<Vec<f64>> = layers.layers().iter().map(|l| Vec::with_capacity(n as usize * l.numel())).collect();
     for i in 0..n as usize {
-        let per_layer = sample_gradient(layers, loss_fn, inputs, targets, i, 0)?;
+        let per_layer = sample_gradient(layers, loss_fn, inputs, targets, i)?;
         for (l, g) in per_layer.iter().enumerate() {
             if used[l] {
                 let values = to_f64_vec(g)?;
@@ -114,6 +108,6 @@ fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<GradientMatrix>>>
 impl Inspection<'_> {
     /// The n x P_l per-sample gradient matrix of every layer (None: the loss does not reach it).
     pub fn per_sample_gradients(&self) -> Result<Vec<Option<GradientMatrix>>> {
-        per_sample_gradients(self)
+        self.observing(|| per_sample_gradients(self))
     }
 }

@@ -528,12 +528,12 @@ fn exact_squares(ins: &Inspection, point: &Point) -> Result<JacobianSquares> {
 impl Inspection<'_> {
     /// M1 of every layer.
     pub fn sensitivity(&self, settings: &SensitivitySettings) -> Result<Vec<Metric<Sensitivity>>> {
-        estimate_sensitivity(self, settings)
+        self.observing(|| estimate_sensitivity(self, settings))
     }
 
     /// The probe JVPs of every layer, kept so that M1 of any defended release can be measured
     /// afterwards ([`JvpSamples::release_sensitivity`]) without another backward pass.
     pub fn jvp_samples(&self, settings: &SensitivitySettings) -> Result<JvpSamples> {
-        jvp_samples(self, settings)
+        self.observing(|| jvp_samples(self, settings))
     }
 }

@@ -3,7 +3,7 @@
 use crate::error::{GuardError, Result, TorchContext};
 use super::inspection::Inspection;
 use super::layers::LayerMap;
-use super::loss::{parameter_grads, LossFn};
+use super::loss::{one_sample_loss, LossFn};
 use crate::report::{Metric, Subspace};
 use crate::measure::tensors::{rng_for, to_f64_vec};
 use rand::seq::SliceRandom;
@@ -143,12 +143,23 @@ fn select(attribute: &[i64], settings: &SubspaceSettings, seed: u64, step: u64) 
     Ok(Selection { halves, m: 2 * half })
 }
 
-/// Per-layer flattened gradients of one sample (zeros where a parameter is not reached).
-pub(crate) fn sample_gradient(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor, i: usize, step: u64) -> Result<Vec<Tensor>> {
-    let (params, owner) = layers.flat_params();
+/// Per-parameter gradients of the loss of a batch holding only sample `i`, in `flat_params`
+/// order (undefined where the loss does not reach a parameter). A batch norm in training mode
+/// therefore normalises the sample by its own statistics. [`GuardError::NoPerSampleGradients`]
+/// when the loss cannot run on one sample.
+pub(crate) fn one_sample_grads(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor, i: usize) -> Result<Vec<Tensor>> {
+    let (params, _) = layers.flat_params();
     let xi = x.f_narrow(0, i as i64, 1).during("selecting a sample")?;
     let yi = y.f_narrow(0, i as i64, 1).during("selecting a sample")?;
-    let grads = parameter_grads(loss_fn, &xi, &yi, &params, step, false)?;
+    let loss = one_sample_loss(loss_fn, &xi, &yi)?;
+    Tensor::f_run_backward(&[&loss], &params, false, false).during("computing a per-sample gradient")
+}
+
+/// Per-layer flattened f64 host gradients of one sample ([`one_sample_grads`]; zeros where a
+/// parameter is not reached).
+pub(crate) fn sample_gradient(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor, i: usize) -> Result<Vec<Tensor>> {
+    let (params, owner) = layers.flat_params();
+    let grads = one_sample_grads(layers, loss_fn, x, y, i)?;
     let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
     for ((g, p), &l) in grads.iter().zip(&params).zip(&owner) {
         let flat = if g.defined() { g.f_reshape([-1]) } else { p.f_zeros_like().and_then(|z| z.f_reshape([-1])) };
@@ -160,6 +171,23 @@ pub(crate) fn sample_gradient(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tenso
         .collect()
 }
 
+/// Runs the first per-sample pass of an estimate, and fails with
+/// [`GuardError::NoPerSampleGradients`] when it turned a finite buffer non-finite. A batch norm that
+/// sees one value per channel (tch's `nn::batch_norm1d` in training mode on one sample, or a
+/// `batch_norm2d` on 1x1 maps) raises no error: it divides by a zero count in its running
+/// variance, and its output no longer depends on the input, so the per-sample gradients would
+/// carry nothing of the sample. (A scripted PyTorch batch norm raises instead:
+/// [`one_sample_loss`] catches that.) Only models with buffers pay for the check.
+pub(crate) fn first_per_sample_pass<T>(layers: &LayerMap, pass: impl FnOnce() -> Result<T>) -> Result<T> {
+    let finite_before = layers.non_finite_buffer()?.is_none();
+    let out = pass()?;
+    match layers.non_finite_buffer()? {
+        Some(name) if finite_before => Err(GuardError::NoPerSampleGradients {
+            why: format!("it made buffer {name} non-finite (a batch norm with one value per channel normalises every sample to its bias)"),
+        }),
+        _ => Ok(out),
+    }
+}
 
 /// The per-sample gradients chosen for M2 on one batch, kept so that M2 can be measured on
 /// the raw gradients and again on transformed ones (the closed loop).
@@ -187,10 +215,12 @@ fn subspace_samples(ins: &Inspection, settings: &SubspaceSettings) -> Result<std
         Err(reason) => return Ok(Err(reason)),
     };
     let mut samples: Vec<Vec<Tensor>> = (0..attribute.len()).map(|_| Vec::new()).collect();
-    for (a, b) in &selection.halves {
-        for &i in a.iter().chain(b) {
-            samples[i] = sample_gradient(layers, ins.loss(), inputs, targets, i, step)?;
-        }
+    for (k, &i) in selection.halves.iter().flat_map(|(a, b)| a.iter().chain(b)).enumerate() {
+        let pass = || sample_gradient(layers, ins.loss(), inputs, targets, i);
+        samples[i] = match if k == 0 { first_per_sample_pass(layers, pass) } else { pass() } {
+            Err(e @ GuardError::NoPerSampleGradients { .. }) => return Ok(Err(e.to_string())),
+            other => other?,
+        };
     }
     if settings.centre {
         let chosen: Vec<usize> = selection.halves.iter().flat_map(|(a, b)| a.iter().chain(b).copied()).collect();
@@ -282,11 +312,11 @@ impl Inspection<'_> {
     /// The per-sample gradients M2 needs (from the batch's attribute labels), or the reason M2
     /// cannot be computed on this batch.
     pub fn subspace_samples(&self, settings: &SubspaceSettings) -> Result<std::result::Result<SubspaceSamples, String>> {
-        subspace_samples(self, settings)
+        self.observing(|| subspace_samples(self, settings))
     }
 
     /// M2 of every layer (absent, with its reason, without attribute labels).
     pub fn subspace(&self, settings: &SubspaceSettings) -> Result<Vec<Metric<Subspace>>> {
-        estimate_subspace(self, settings)
+        self.observing(|| estimate_subspace(self, settings))
     }
 }

@@ -12,7 +12,7 @@
 //! through a [`LossFn`].
 use crate::error::{GuardError, Result};
 use super::inspection::Inspection;
-use super::per_sample::GradientMatrix;
+use super::per_sample::{per_sample_gradients, GradientMatrix};
 use crate::report::Metric;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -206,8 +206,10 @@ fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings) -> R
         let reason = format!("insufficient samples: {n} < {}", settings.min_samples);
         return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect());
     }
-    let grads = ins.per_sample_gradients()?;
-    usable_information_layers(&grads, &attribute, settings, ins.seed())
+    match per_sample_gradients(ins) {
+        Err(e @ GuardError::NoPerSampleGradients { .. }) => Ok((0..layers.len()).map(|_| Metric::absent(e.to_string())).collect()),
+        grads => usable_information_layers(&grads?, &attribute, settings, ins.seed()),
+    }
 }
 
 /// The attack on arbitrary features (one row per sample): standardise with the training
@@ -479,7 +481,7 @@ fn fit_logistic(z: &[Vec<f64>], a: &[usize], c: usize, settings: &UsableSettings
 impl Inspection<'_> {
     /// M3 of every layer against the batch's attribute labels, from per-sample gradients.
     pub fn usable_information(&self, settings: &UsableSettings) -> Result<Vec<Metric<UsableInformation>>> {
-        estimate_usable_information(self, settings)
+        self.observing(|| estimate_usable_information(self, settings))
     }
 }
 
