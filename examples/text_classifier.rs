@@ -19,27 +19,16 @@ use gradguard::guard::Settings;
 use gradguard::{Batch, GuardedOptimizer};
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, TchError, Tensor};
 
+#[path = "shared/synthetic.rs"]
+mod synthetic;
+
 const VOCAB: i64 = 200;
 const LENGTH: i64 = 16;
 const DIM: i64 = 32;
-const MARKER: i64 = VOCAB - 1;
 
-/// `n` synthetic sequences: (token ids [n, 16], labels [n], attribute [n]).
+/// `n` synthetic sequences of 16 tokens: (token ids [n, 16], labels [n], attribute [n]).
 fn synthetic(n: i64, seed: i64) -> Result<(Tensor, Tensor, Tensor), TchError> {
-    tch::manual_seed(seed);
-    let opts = (Kind::Int64, Device::Cpu);
-    let filler = Tensor::f_randint_low(10, MARKER, [n, LENGTH], opts)?;
-    let y = Tensor::f_randint(2, [n], opts)?;
-    let attribute = Tensor::f_randint(2, [n], opts)?;
-    // Sentiment words: ids 0-4 for label 1, 5-9 for label 0, at 20% of the positions.
-    let negative = y.f_neg()?.f_add_scalar(1)?.f_mul_scalar(5)?.f_unsqueeze(1)?;
-    let sentiment = Tensor::f_randint(5, [n, LENGTH], opts)?.f_add(&negative)?;
-    let at_sentiment = Tensor::f_rand([n, LENGTH], (Kind::Float, Device::Cpu))?.f_lt(0.2)?;
-    let tokens = sentiment.f_where_self(&at_sentiment, &filler)?;
-    // The marker: 30% of the positions for attribute 1, 3% for attribute 0.
-    let marker_rate = attribute.f_to_kind(Kind::Float)?.f_mul_scalar(0.27)?.f_add_scalar(0.03)?.f_unsqueeze(1)?;
-    let at_marker = Tensor::f_rand([n, LENGTH], (Kind::Float, Device::Cpu))?.f_lt_tensor(&marker_rate)?;
-    Ok((tokens.f_masked_fill(&at_marker, MARKER)?, y, attribute))
+    synthetic::text(n, VOCAB, LENGTH, seed)
 }
 
 struct TextClassifier {
