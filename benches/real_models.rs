@@ -1,0 +1,362 @@
+//! What the guard costs on models people train, side by side in one run:
+//!
+//! - `resnet-1m`: a ResNet-18-layout CNN with batch norm at base width 20 (about 1.1M
+//!   parameters), 3x32x32 inputs, batches of 32;
+//! - `resnet-11m`: ResNet-18 at base width 64 (about 11.2M parameters), the same data, with
+//!   `--large-steps` steps (20 by default on CPU, `--steps` on a GPU);
+//! - `transformer`: a 2-layer pre-norm transformer text classifier (d = 128, 4 heads, FFN 512,
+//!   vocabulary 16,000: about 2.5M parameters) on sequences of 64 token ids, batches of 64,
+//!   with the embedding split declared so M1 is measured on the embeddings.
+//!
+//! The data are the examples' synthetic sets with the planted attribute
+//! (examples/shared/synthetic.rs). The guard runs without a policy, `Settings::default()`
+//! (budget 5%) with only the age bound lifted to the run's length, as benches/guard_cost.rs
+//! does: with the default bound (50 steps) the guard renews estimates over budget rather than
+//! let them go stale, which would measure the bound, not the budget.
+//!
+//! For each model: guarded / unguarded wall time (each run in its own child process of this
+//! binary, which also reports its peak RSS, VmHWM), estimates per 1,000 steps, one M1 estimate
+//! (K = 8, `Inspection::sensitivity`) and one M2 estimate (`Inspection::subspace` with the
+//! attribute labels) in mean training steps of the unguarded run.
+//!
+//!     cargo bench --bench real_models -- [--device cpu|cuda] [--steps 300] [--large-steps N]
+//!         [--models resnet-1m,resnet-11m,transformer] [--repeats 3]
+use clap::Parser;
+use gradguard::guard::{parse_device, EmbeddingSplit, Inspection, LayerMap, SensitivitySettings, SubspaceSettings};
+use gradguard::{Batch, GuardedOptimizer, LossFn, Settings};
+use std::time::Instant;
+use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, TchError, Tensor};
+
+#[path = "../examples/shared/resnet_model.rs"]
+mod resnet_model;
+#[path = "../examples/shared/synthetic.rs"]
+mod synthetic;
+
+use resnet_model::ResNet;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Training steps of each timed run (ResNet-1M, transformer).
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Training steps of the 11M ResNet's timed runs (default: 20 on CPU, --steps on a GPU).
+    #[arg(long)]
+    large_steps: Option<usize>,
+    /// Which models, comma-separated.
+    #[arg(long, default_value = "resnet-1m,resnet-11m,transformer")]
+    models: String,
+    /// Timed repeats of each estimate (after a warm-up); the median is reported. The 11M model
+    /// on CPU times one.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Internal: run one training job of this model and print its figures.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+    #[arg(long, hide = true, default_value = "unguarded")]
+    mode: String,
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+const VOCAB: i64 = 16_000;
+const LENGTH: i64 = 64;
+const IMAGE_BATCH: i64 = 32;
+const TEXT_BATCH: i64 = 64;
+/// Distinct batches each run cycles through.
+const POOL: i64 = 8;
+
+/// One pre-norm transformer layer: attention and a GELU feed-forward, each residual.
+struct Layer {
+    ln1: nn::LayerNorm,
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    ln2: nn::LayerNorm,
+    ff1: nn::Linear,
+    ff2: nn::Linear,
+}
+
+/// Token and position embeddings, layers, final layer norm, mean pool, linear head (2 classes).
+struct Transformer {
+    emb: nn::Embedding,
+    pos: Tensor,
+    layers: Vec<Layer>,
+    ln: nn::LayerNorm,
+    head: nn::Linear,
+    heads: i64,
+}
+
+impl Transformer {
+    fn new(p: &nn::Path, vocab: i64, length: i64, d: i64, heads: i64, depth: usize, ffn: i64) -> Self {
+        let lin = |name: String, i, o| nn::linear(p / name, i, o, Default::default());
+        let ln = |name: String| nn::layer_norm(p / name, vec![d], Default::default());
+        let emb = nn::embedding(p / "emb", vocab, d, Default::default());
+        let pos = (p / "pos").var("weight", &[length, d], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let layers = (0..depth)
+            .map(|i| Layer {
+                ln1: ln(format!("layer{i}_ln1")),
+                qkv: lin(format!("layer{i}_qkv"), d, 3 * d),
+                proj: lin(format!("layer{i}_proj"), d, d),
+                ln2: ln(format!("layer{i}_ln2")),
+                ff1: lin(format!("layer{i}_ff1"), d, ffn),
+                ff2: lin(format!("layer{i}_ff2"), ffn, d),
+            })
+            .collect();
+        Self { emb, pos, layers, ln: ln("ln".into()), head: lin("head".into(), d, 2), heads }
+    }
+
+    /// The first continuous representation: [n, length, d].
+    fn embed(&self, tokens: &Tensor) -> Result<Tensor, TchError> {
+        self.emb.forward(tokens).f_add(&self.pos)
+    }
+
+    fn attention(&self, l: &Layer, x: &Tensor) -> Result<Tensor, TchError> {
+        let (n, len, d) = x.size3()?;
+        let dh = d / self.heads;
+        let qkv = l.qkv.forward(x).f_chunk(3, -1)?;
+        let split = |t: &Tensor| t.f_view([n, len, self.heads, dh])?.f_transpose(1, 2);
+        let (q, k, v) = (split(&qkv[0])?, split(&qkv[1])?, split(&qkv[2])?);
+        let att = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(1.0 / (dh as f64).sqrt())?.f_softmax(-1, Kind::Float)?;
+        let y = att.f_matmul(&v)?.f_transpose(1, 2)?.f_contiguous()?.f_view([n, len, d])?;
+        Ok(l.proj.forward(&y))
+    }
+
+    fn loss_from_embeddings(&self, e: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        let mut h = e.shallow_clone();
+        for l in &self.layers {
+            h = h.f_add(&self.attention(l, &l.ln1.forward(&h))?)?;
+            h = h.f_add(&l.ff2.forward(&l.ff1.forward(&l.ln2.forward(&h)).f_gelu("none")?))?;
+        }
+        let pooled = self.ln.forward(&h).f_mean_dim(1, false, Kind::Float)?;
+        self.head.forward(&pooled).f_cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, 0.0)
+    }
+
+    fn loss(&self, tokens: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        self.loss_from_embeddings(&self.embed(tokens)?, y)
+    }
+}
+
+enum Net {
+    Image(ResNet),
+    Text(Transformer),
+}
+
+impl Net {
+    fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+        match self {
+            Net::Image(net) => net.loss(x, y),
+            Net::Text(net) => net.loss(x, y),
+        }
+    }
+}
+
+/// A model, its batches (inputs, targets, attribute) and its optimizer's configuration.
+struct Setup {
+    vs: nn::VarStore,
+    net: Net,
+    batches: Vec<(Tensor, Tensor, Tensor)>,
+}
+
+impl Setup {
+    fn new(model: &str, device: Device) -> anyhow::Result<Self> {
+        let to = |(x, y, a): (Tensor, Tensor, Tensor)| (x.to_device(device), y.to_device(device), a.to_device(device));
+        let (batches, net_of): (Vec<_>, Box<dyn Fn(&nn::Path) -> Net>) = match model {
+            "resnet-1m" | "resnet-11m" => {
+                tch::manual_seed(1);
+                let images = synthetic::Images::new()?;
+                let batches = (0..POOL).map(|_| images.batch(IMAGE_BATCH).map(to)).collect::<Result<_, _>>()?;
+                let base = if model == "resnet-1m" { 20 } else { 64 };
+                (batches, Box::new(move |p| Net::Image(ResNet::new(p, &[base, 2 * base, 4 * base, 8 * base], 2, synthetic::IMAGE_CLASSES))))
+            }
+            "transformer" => {
+                let (t, y, a) = synthetic::text(POOL * TEXT_BATCH, VOCAB, LENGTH, 1)?;
+                let batches = (0..POOL).map(|b| to((t.narrow(0, b * TEXT_BATCH, TEXT_BATCH), y.narrow(0, b * TEXT_BATCH, TEXT_BATCH), a.narrow(0, b * TEXT_BATCH, TEXT_BATCH)))).collect();
+                (batches, Box::new(|p| Net::Text(Transformer::new(p, VOCAB, LENGTH, 128, 4, 2, 512))))
+            }
+            other => anyhow::bail!("unknown model {other:?} (resnet-1m, resnet-11m, transformer)"),
+        };
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(device);
+        let net = net_of(&vs.root());
+        Ok(Self { vs, net, batches })
+    }
+
+    fn optimizer(&self) -> anyhow::Result<nn::Optimizer> {
+        Ok(match self.net {
+            Net::Image(_) => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&self.vs, 0.05)?,
+            Net::Text(_) => nn::Adam::default().build(&self.vs, 1e-3)?,
+        })
+    }
+
+    fn params(&self) -> i64 {
+        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// One training run, in a child process: (seconds, estimates, steps not applied, guard share).
+fn train(s: &Setup, device: Device, steps: usize, guarded: bool) -> anyhow::Result<(f64, usize, usize, f64)> {
+    // Two plain steps first, in both modes: thread pools and allocator warm.
+    let mut warm = s.optimizer()?;
+    for (x, y, _) in s.batches.iter().take(2) {
+        warm.backward_step(&s.net.loss(x, y)?);
+    }
+    let opt = s.optimizer()?;
+    let (mut estimates, mut not_applied, mut share) = (0, 0, 0.0);
+    sync(device);
+    let started = Instant::now();
+    if guarded {
+        let settings = Settings { max_estimate_age_steps: (steps as u64).max(Settings::default().estimate_every), ..Settings::default() };
+        let builder = GuardedOptimizer::builder(&s.vs, opt).settings(settings).loss(|x: &Tensor, y: &Tensor| s.net.loss(x, y));
+        let builder = match &s.net {
+            Net::Text(t) => builder.embedding(|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y)),
+            Net::Image(_) => builder,
+        };
+        let mut guarded = builder.build()?;
+        for step in 0..steps {
+            let (x, y, a) = &s.batches[step % s.batches.len()];
+            let loss = s.net.loss(x, y)?;
+            match guarded.backward_step(&loss, &Batch::new(x, y).with_attribute(a)) {
+                Ok(r) if r.is_released() => {
+                    estimates += r.report().estimated as usize;
+                    share = r.report().health.spent_share;
+                }
+                _ => not_applied += 1,
+            }
+        }
+    } else {
+        let mut opt = opt;
+        for step in 0..steps {
+            let (x, y, _) = &s.batches[step % s.batches.len()];
+            opt.backward_step(&s.net.loss(x, y)?);
+        }
+    }
+    sync(device);
+    Ok((started.elapsed().as_secs_f64(), estimates, not_applied, share))
+}
+
+/// A training run in a child process of this binary: (seconds, estimates, not applied, guard
+/// share, peak RSS KiB).
+fn child(model: &str, mode: &str, steps: usize, args: &Args) -> anyhow::Result<(f64, usize, usize, f64, u64)> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--child", model, "--mode", mode, "--device", &args.device, "--steps", &steps.to_string()])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "child {model} {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    let f: Vec<&str> = text.split_whitespace().collect();
+    anyhow::ensure!(f.len() == 5, "child {model} {mode} printed {text:?}");
+    Ok((f[0].parse()?, f[1].parse()?, f[2].parse()?, f[3].parse()?, f[4].parse()?))
+}
+
+fn inspection<'a>(layers: &'a LayerMap, loss: &'a dyn LossFn, split: Option<&'a dyn EmbeddingSplit>, batch: Batch<'a>, r: u64) -> Inspection<'a> {
+    let i = Inspection::new(layers, loss, batch).seeded(0, r);
+    match split {
+        Some(split) => i.with_embedding(split),
+        None => i,
+    }
+}
+
+/// Median seconds of one M1 (K = 8) and one M2 estimate on the first batch, after a warm-up
+/// of each; and how many layers each measured.
+fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<(f64, f64, usize, usize, usize)> {
+    let layers = LayerMap::from_var_store(&s.vs)?;
+    let loss = |x: &Tensor, y: &Tensor| s.net.loss(x, y);
+    let (x, y, a) = &s.batches[0];
+    let split = match &s.net {
+        Net::Text(t) => Some((|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y))),
+        Net::Image(_) => None,
+    };
+    let split: Option<&dyn EmbeddingSplit> = split.as_ref().map(|s| s as &dyn EmbeddingSplit);
+    let inspect = |batch, r| inspection(&layers, &loss, split, batch, r);
+    let m1_settings = SensitivitySettings { probes: 8, ..Default::default() };
+    let m2_settings = SubspaceSettings::default();
+    let (mut m1, mut m2, mut m1_layers, mut m2_layers) = (vec![], vec![], 0, 0);
+    for r in 0..=repeats {
+        sync(device);
+        let t = Instant::now();
+        let out = inspect(Batch::new(x, y), r as u64).sensitivity(&m1_settings)?;
+        sync(device);
+        let t1 = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let out2 = inspect(Batch::new(x, y).with_attribute(a), r as u64).subspace(&m2_settings)?;
+        sync(device);
+        let t2 = t.elapsed().as_secs_f64();
+        if r > 0 {
+            m1.push(t1);
+            m2.push(t2);
+        }
+        m1_layers = out.iter().filter(|m| m.measured().is_some()).count();
+        m2_layers = out2.iter().filter(|m| m.measured().is_some()).count();
+    }
+    Ok((median(m1), median(m2), m1_layers, m2_layers, layers.layers().len()))
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let device = parse_device(&args.device)?;
+    if let Some(model) = &args.child {
+        let s = Setup::new(model, device)?;
+        let (secs, estimates, not_applied, share) = train(&s, device, args.steps, args.mode == "guarded")?;
+        println!("{secs} {estimates} {not_applied} {share} {}", peak_rss_kib());
+        return Ok(());
+    }
+    let large_steps = args.large_steps.unwrap_or(if device == Device::Cpu { 20 } else { args.steps });
+    println!("gradguard real_models on {device:?}, {} libtorch threads; no policy, Settings::default() (budget 5%, K = 8), age bound lifted to the run\n", tch::get_num_threads());
+    let mut rows = Vec::new();
+    for model in args.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let large = model == "resnet-11m";
+        let steps = if large { large_steps } else { args.steps };
+        let (plain_s, _, _, _, plain_rss) = child(model, "unguarded", steps, &args)?;
+        let (guard_s, estimates, not_applied, share, guard_rss) = child(model, "guarded", steps, &args)?;
+        let step = plain_s / steps as f64;
+        let s = Setup::new(model, device)?;
+        let repeats = if large && device == Device::Cpu { 1 } else { args.repeats.max(1) };
+        let (m1, m2, m1_layers, m2_layers, n_layers) = time_estimates(&s, device, repeats)?;
+        let per_1000 = estimates as f64 * 1000.0 / steps as f64;
+        println!("{model}: {} parameters, {n_layers} layers, {steps} steps", s.params());
+        println!("  wall time   guarded {guard_s:.2} s / unguarded {plain_s:.2} s = {:.3}  target <= 1.05: {}", guard_s / plain_s, met(guard_s / plain_s <= 1.05));
+        println!("  estimates   {estimates} in {steps} steps = {per_1000:.1} per 1,000 steps; guard share {share:.3}; {not_applied} steps not applied");
+        println!("  M1 (K=8)    {:.1} ms = {:.2} training steps (step {:.1} ms; {m1_layers}/{n_layers} layers measured)  target <= 18: {}, goal <= 8: {}", m1 * 1e3, m1 / step, step * 1e3, met(m1 / step <= 18.0), met(m1 / step <= 8.0));
+        println!("  M2          {:.1} ms = {:.2} training steps ({m2_layers}/{n_layers} layers measured)", m2 * 1e3, m2 / step);
+        println!("  peak RSS    guarded {} MiB / unguarded {} MiB = {:.3}  target <= 1.25: {}\n", guard_rss / 1024, plain_rss / 1024, guard_rss as f64 / plain_rss as f64, met(guard_rss as f64 / plain_rss as f64 <= 1.25));
+        rows.push((model.to_string(), s.params(), steps, guard_s / plain_s, per_1000, m1 / step, m2 / step, guard_rss as f64 / plain_rss as f64));
+    }
+    println!("| model | parameters | steps | guarded / unguarded (<= 1.05) | estimates / 1,000 steps | M1 (K=8) in steps (<= 18, goal <= 8) | M2 in steps | peak RSS ratio (<= 1.25) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (model, params, steps, ratio, per_1000, m1, m2, rss) in rows {
+        println!(
+            "| {model} | {params} | {steps} | {ratio:.3} ({}) | {per_1000:.1} | {m1:.1} ({}{}) | {m2:.1} | {rss:.3} ({}) |",
+            met(ratio <= 1.05),
+            met(m1 <= 18.0),
+            if m1 <= 8.0 { ", goal met" } else { "" },
+            met(rss <= 1.25)
+        );
+    }
+    Ok(())
+}
