@@ -84,7 +84,7 @@ fn train(digits: &Digits, device: Device, steps: usize, guarded: bool) -> anyhow
             }
         }
         let health = &last.expect("a released step").health;
-        eprintln!("   guarded run: {estimates} estimates, guard share {:.3}, {not_applied} steps not applied", health.spent_share);
+        eprintln!("   guarded run: {estimates} estimates ({:.1} per 1,000 steps), guard share {:.3}, {not_applied} steps not applied", estimates as f64 * 1000.0 / steps as f64, health.spent_share);
     } else {
         for step in 0..steps {
             let (x, y, _) = &batches[step % batches.len()];
