@@ -28,6 +28,7 @@
 //!   maps each pair to +-1 per channel: a different model, not the one being released.
 mod batch;
 mod device;
+mod gram;
 mod inspection;
 mod inversion;
 mod latent_table;

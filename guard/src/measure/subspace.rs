@@ -1,6 +1,9 @@
 //! M2, subspace distance and separation between the per-sample gradients of groups that differ
-//! in a private attribute (METRICS.md, M2). The linear algebra runs on the host in f64.
+//! in a private attribute (METRICS.md, M2). The per-sample gradients stay on the model's
+//! device; the linear algebra works from their Gram matrix (`gram.rs`), of which only the
+//! small N x N matrix comes to the host.
 use crate::error::{GuardError, Result, TorchContext};
+use super::gram::{gram, gram_basis, gram_projection_distance};
 use super::inspection::Inspection;
 use super::layers::LayerMap;
 use super::loss::{one_sample_loss, LossFn};
@@ -155,19 +158,19 @@ pub(crate) fn one_sample_grads(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tens
     Tensor::f_run_backward(&[&loss], &params, false, false).during("computing a per-sample gradient")
 }
 
-/// Per-layer flattened f64 host gradients of one sample ([`one_sample_grads`]; zeros where a
-/// parameter is not reached).
+/// Per-layer flattened gradients of one sample ([`one_sample_grads`]; zeros where a parameter
+/// is not reached), on the model's device in the gradient's dtype.
 pub(crate) fn sample_gradient(layers: &LayerMap, loss_fn: &dyn LossFn, x: &Tensor, y: &Tensor, i: usize) -> Result<Vec<Tensor>> {
     let (params, owner) = layers.flat_params();
     let grads = one_sample_grads(layers, loss_fn, x, y, i)?;
     let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
     for ((g, p), &l) in grads.iter().zip(&params).zip(&owner) {
         let flat = if g.defined() { g.f_reshape([-1]) } else { p.f_zeros_like().and_then(|z| z.f_reshape([-1])) };
-        per_layer[l].push(flat.and_then(|f| f.f_to_kind(Kind::Double)).during("flattening a per-sample gradient")?);
+        per_layer[l].push(flat.during("flattening a per-sample gradient")?);
     }
     per_layer
         .into_iter()
-        .map(|parts| Tensor::f_cat(&parts, 0).and_then(|t| t.f_to_device(Device::Cpu)).during("joining a per-sample gradient"))
+        .map(|parts| Tensor::f_cat(&parts, 0).during("joining a per-sample gradient"))
         .collect()
 }
 
@@ -193,7 +196,8 @@ pub(crate) fn first_per_sample_pass<T>(layers: &LayerMap, pass: impl FnOnce() ->
 /// the raw gradients and again on transformed ones (the closed loop).
 pub struct SubspaceSamples {
     selection: Selection,
-    /// samples[i][l]: flattened f64 host gradient of batch sample i, layer l (empty if unused).
+    /// samples[i][l]: flattened gradient of batch sample i, layer l, on the model's device in
+    /// the gradient's dtype (f64 when centred); empty if unused.
     samples: Vec<Vec<Tensor>>,
     params: Vec<usize>,
     eps: f64,
@@ -225,10 +229,14 @@ fn subspace_samples(ins: &Inspection, settings: &SubspaceSettings) -> Result<std
     if settings.centre {
         let chosen: Vec<usize> = selection.halves.iter().flat_map(|(a, b)| a.iter().chain(b).copied()).collect();
         for l in 0..layers.len() {
-            let cols: Vec<&Tensor> = chosen.iter().map(|&i| &samples[i][l]).collect();
-            let mean = Tensor::f_stack(&cols, 0).and_then(|s| s.f_mean_dim(0, false, Kind::Double)).during("centring")?;
+            // In f64 on the device, one column at a time: no P x N copy.
+            let mut sum = samples[chosen[0]][l].f_to_kind(Kind::Double).during("centring")?;
+            for &i in &chosen[1..] {
+                sum = sum.f_add(&samples[i][l]).during("centring")?;
+            }
+            let mean = sum.f_div_scalar(chosen.len() as f64).during("centring")?;
             for &i in &chosen {
-                samples[i][l] = samples[i][l].f_sub(&mean).during("centring")?;
+                samples[i][l] = samples[i][l].f_to_kind(Kind::Double).and_then(|c| c.f_sub(&mean)).during("centring")?;
             }
         }
     }
@@ -253,33 +261,70 @@ impl SubspaceSamples {
         self.step
     }
 
-    /// M2 of layer `l`, on each per-sample gradient passed through `transform` (None: raw).
-    pub fn layer_metric(&self, l: usize, transform: Option<&ColumnTransform>) -> Result<Metric<Subspace>> {
-        let bases_of = |which: &[usize]| -> Result<Option<Tensor>> {
-            let cols = which
-                .iter()
-                .map(|&i| match transform {
-                    None => Ok(self.samples[i][l].shallow_clone()),
-                    Some(t) => t(&self.samples[i][l], self.seed ^ ((i as u64) << 32) ^ self.step),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            orthonormal_basis(&Tensor::f_stack(&cols, 1).during("stacking gradient columns")?, self.settings.rank, self.eps)
-        };
-        let mut bases = Vec::new();
+    /// The chosen columns of layer `l`, halves in order (A1, A2, B1, B2, ...), each passed
+    /// through `transform` (None: raw), with each half's positions among them.
+    fn columns(&self, l: usize, transform: Option<&ColumnTransform>) -> Result<(Vec<Tensor>, Vec<(Vec<usize>, Vec<usize>)>)> {
+        let mut cols = Vec::new();
+        let mut halves = Vec::new();
         for (a, b) in &self.selection.halves {
-            match (bases_of(a)?, bases_of(b)?) {
-                (Some(ua), Some(ub)) => bases.push((ua, ub)),
-                _ => return Ok(Metric::absent("zero per-sample gradients in a group: no subspace to compare")),
-            }
+            let mut positions = |which: &[usize]| -> Result<Vec<usize>> {
+                which
+                    .iter()
+                    .map(|&i| {
+                        cols.push(match transform {
+                            None => self.samples[i][l].shallow_clone(),
+                            Some(t) => t(&self.samples[i][l], self.seed ^ ((i as u64) << 32) ^ self.step)?,
+                        });
+                        Ok(cols.len() - 1)
+                    })
+                    .collect()
+            };
+            let pa = positions(a)?;
+            let pb = positions(b)?;
+            halves.push((pa, pb));
         }
+        Ok((cols, halves))
+    }
+
+    /// M2 of layer `l`, on each per-sample gradient passed through `transform` (None: raw),
+    /// from the Gram matrix of the chosen columns.
+    pub fn layer_metric(&self, l: usize, transform: Option<&ColumnTransform>) -> Result<Metric<Subspace>> {
+        let (cols, halves) = self.columns(l, transform)?;
+        let g = gram(&cols)?;
+        drop(cols);
+        let mut bases = Vec::new();
+        for (a, b) in &halves {
+            bases.push((gram_basis(&g, a, self.settings.rank, self.eps)?, gram_basis(&g, b, self.settings.rank, self.eps)?));
+        }
+        self.metric_of(l, bases, |a, b| Ok(gram_projection_distance(&g, a, b)))
+    }
+
+    /// The reference M2 of layer `l`: SVDs of the stacked P x m host columns of each half.
+    #[cfg(test)]
+    fn layer_metric_svd(&self, l: usize, transform: Option<&ColumnTransform>) -> Result<Metric<Subspace>> {
+        let (cols, halves) = self.columns(l, transform)?;
+        let basis = |which: &[usize]| -> Result<Option<Tensor>> {
+            let picked: Vec<&Tensor> = which.iter().map(|&p| &cols[p]).collect();
+            orthonormal_basis(&Tensor::f_stack(&picked, 1).during("stacking gradient columns")?, self.settings.rank, self.eps)
+        };
+        let bases = halves.iter().map(|(a, b)| Ok((basis(a)?, basis(b)?))).collect::<Result<Vec<_>>>()?;
+        self.metric_of(l, bases, projection_distance)
+    }
+
+    /// d_between, d_within and the separation of layer `l` from each group's two half bases
+    /// (None: a half of zero gradients) and a distance between two bases.
+    fn metric_of<B>(&self, l: usize, bases: Vec<(Option<B>, Option<B>)>, distance: impl Fn(&B, &B) -> Result<f64>) -> Result<Metric<Subspace>> {
+        let Some(bases) = bases.into_iter().map(|(a, b)| Some((a?, b?))).collect::<Option<Vec<_>>>() else {
+            return Ok(Metric::absent("zero per-sample gradients in a group: no subspace to compare"));
+        };
         let groups = bases.len();
         let mut between = Vec::new();
         let mut within = Vec::new();
         for g in 0..groups {
             for h in g + 1..groups {
                 let ((a1, a2), (b1, b2)) = (&bases[g], &bases[h]);
-                between.push((projection_distance(a1, b1)? + projection_distance(a2, b2)?) / 2.0);
-                within.push((projection_distance(a1, a2)? + projection_distance(b1, b2)?) / 2.0);
+                between.push((distance(a1, b1)? + distance(a2, b2)?) / 2.0);
+                within.push((distance(a1, a2)? + distance(b1, b2)?) / 2.0);
             }
         }
         let d_between = between.iter().sum::<f64>() / between.len() as f64;
@@ -318,5 +363,154 @@ impl Inspection<'_> {
     /// M2 of every layer (absent, with its reason, without attribute labels).
     pub fn subspace(&self, settings: &SubspaceSettings) -> Result<Vec<Metric<Subspace>>> {
         self.observing(|| estimate_subspace(self, settings))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The Gram-based M2 against the SVD-based reference, on fixed seeded columns.
+    use super::*;
+    use crate::measure::gram::{gram_principal_angles, resolved};
+    use crate::measure::tensors::gaussian_probes;
+    use gradguard_defenses::{apply_all, Defence};
+
+    const P: i64 = 200;
+    const TOL: f64 = 1e-6;
+
+    /// A rows x cols f64 Gaussian matrix from its own seeded stream.
+    fn gaussian(rows: i64, cols: i64, seed: u64) -> Tensor {
+        let like = Tensor::zeros([rows], (Kind::Double, Device::Cpu));
+        gaussian_probes(&like, cols as usize, &mut rng_for(seed, 0, 0)).unwrap().transpose(0, 1)
+    }
+
+    /// `groups` groups of m columns: group g spans `dims` directions, 0.8 of a shared set and
+    /// 0.6 of its own (moderate angles between groups), plus `noise` times Gaussian columns.
+    fn groups_of(groups: u64, m: i64, dims: i64, noise: f64, seed: u64) -> Vec<Vec<Tensor>> {
+        let shared = gaussian(P, dims, seed);
+        (0..groups)
+            .map(|g| {
+                let basis = &shared * 0.8 + gaussian(P, dims, seed + 1 + g) * 0.6;
+                let cols = basis.matmul(&gaussian(dims, m, seed + 100 + g)) + gaussian(P, m, seed + 200 + g) * noise;
+                (0..m).map(|j| cols.select(1, j).contiguous()).collect()
+            })
+            .collect()
+    }
+
+    /// One layer of samples: each group's columns in order, halved as they come.
+    fn samples_of(groups: Vec<Vec<Tensor>>, rank: usize, eps: f64) -> SubspaceSamples {
+        let m = groups[0].len();
+        let (mut samples, mut halves) = (Vec::new(), Vec::new());
+        for cols in groups {
+            let first = samples.len();
+            samples.extend(cols.into_iter().map(|c| vec![c]));
+            halves.push(((first..first + m / 2).collect(), (first + m / 2..first + m).collect()));
+        }
+        SubspaceSamples {
+            selection: Selection { halves, m },
+            samples,
+            params: vec![P as usize],
+            eps,
+            settings: SubspaceSettings { samples_per_group: m, rank, centre: false },
+            seed: 3,
+            step: 1,
+        }
+    }
+
+    fn assert_same(gram: &Metric<Subspace>, svd: &Metric<Subspace>, moderate: bool) {
+        let (g, s) = (gram.measured().unwrap(), svd.measured().unwrap());
+        for (what, a, b) in [
+            ("d_between", g.subspace_distance, s.subspace_distance),
+            ("d_within", g.within_distance, s.within_distance),
+            ("separation", g.subspace_separation, s.subspace_separation),
+        ] {
+            assert!((a - b).abs() < TOL, "{what}: Gram {a} vs SVD {b}");
+        }
+        if moderate {
+            assert!(s.subspace_distance > 0.05 && s.subspace_distance < 0.95, "not moderate: {}", s.subspace_distance);
+        }
+    }
+
+    #[test]
+    fn gram_m2_equals_the_svd_reference_on_seeded_columns() {
+        for seed in [0u64, 17, 40] {
+            for (groups, rank) in [(2, 4), (3, 4), (2, 2)] {
+                let samples = samples_of(groups_of(groups, 8, 3, 0.3, seed), rank, f64::EPSILON);
+                assert_same(&samples.layer_metric(0, None).unwrap(), &samples.layer_metric_svd(0, None).unwrap(), true);
+            }
+        }
+    }
+
+    #[test]
+    fn gram_m2_equals_the_svd_reference_through_a_defence_chain() {
+        let chain = [Defence::Clip { max_norm: 1.0 }, Defence::Noise { clip_norm: 1.0, multiplier: 0.05 }];
+        let column = |col: &Tensor, seed: u64| -> Result<Tensor> { Ok(apply_all(&chain, col, seed)?.expect("no withhold")) };
+        let samples = samples_of(groups_of(2, 8, 3, 0.3, 5), 4, f32::EPSILON as f64);
+        assert_same(&samples.layer_metric(0, Some(&column)).unwrap(), &samples.layer_metric_svd(0, Some(&column)).unwrap(), true);
+    }
+
+    #[test]
+    fn gram_m2_equals_the_svd_reference_on_rank_deficient_columns() {
+        // Exactly two directions per group, rank 4 asked: both keep 2.
+        for eps in [f64::EPSILON, f32::EPSILON as f64] {
+            let samples = samples_of(groups_of(2, 8, 2, 0.0, 11), 4, eps);
+            assert_same(&samples.layer_metric(0, None).unwrap(), &samples.layer_metric_svd(0, None).unwrap(), false);
+            let cols: Vec<Tensor> = samples.samples.iter().map(|s| s[0].shallow_clone()).collect();
+            let g = gram(&cols).unwrap();
+            let basis = gram_basis(&g, &[0, 1, 2, 3], 4, eps).unwrap().unwrap();
+            let svd = orthonormal_basis(&Tensor::stack(&cols[..4], 1), 4, eps).unwrap().unwrap();
+            assert_eq!((basis.rank(), svd.size()[1]), (2, 2));
+        }
+    }
+
+    /// Pairs of halves and the principal angles between their bases, both ways.
+    fn angles_both_ways(a: &[Tensor], b: &[Tensor], rank: usize) -> (Vec<f64>, Vec<f64>) {
+        let cols: Vec<Tensor> = a.iter().chain(b).map(|c| c.shallow_clone()).collect();
+        let g = gram(&cols).unwrap();
+        let (ia, ib): (Vec<usize>, Vec<usize>) = ((0..a.len()).collect(), (a.len()..cols.len()).collect());
+        let (ga, gb) = (gram_basis(&g, &ia, rank, f64::EPSILON).unwrap().unwrap(), gram_basis(&g, &ib, rank, f64::EPSILON).unwrap().unwrap());
+        let svd = |c: &[Tensor]| orthonormal_basis(&Tensor::stack(c, 1), rank, f64::EPSILON).unwrap().unwrap();
+        (gram_principal_angles(&g, &ga, &gb).unwrap(), principal_angles(&svd(a), &svd(b)).unwrap())
+    }
+
+    #[test]
+    fn gram_principal_angles_equal_the_svd_ones() {
+        for seed in [1u64, 8] {
+            let groups = groups_of(2, 6, 3, 0.3, seed);
+            let (gram_angles, svd_angles) = angles_both_ways(&groups[0], &groups[1], 4);
+            assert_eq!(gram_angles.len(), 4);
+            for (g, s) in gram_angles.iter().zip(&svd_angles) {
+                assert!((g - s).abs() < TOL, "angles {gram_angles:?} vs {svd_angles:?}");
+            }
+        }
+        // Nearly the same subspace: angles about 1e-4, where the cosine form is weakest.
+        let a = &groups_of(1, 4, 3, 0.3, 2)[0];
+        let b: Vec<Tensor> = a.iter().enumerate().map(|(j, c)| c + gaussian(P, 1, 50 + j as u64).squeeze_dim(1) * 1e-4).collect();
+        let (gram_angles, svd_angles) = angles_both_ways(a, &b, 4);
+        assert!(svd_angles.iter().all(|&t| t < 1e-3) && svd_angles[3] > 1e-6, "{svd_angles:?}");
+        for (g, s) in gram_angles.iter().zip(&svd_angles) {
+            assert!((g - s).abs() < TOL, "angles {gram_angles:?} vs {svd_angles:?}");
+        }
+    }
+
+    #[test]
+    fn the_rank_rule_matches_for_f32_and_drops_unresolved_directions_for_f64() {
+        // Two strong directions and a third at 1e-3 or 1e-9 of them.
+        let base = gaussian(P, 2, 30).matmul(&gaussian(2, 4, 31));
+        let top = base.linalg_norm(2.0, None::<&[i64]>, false, Kind::Double).double_value(&[]);
+        for (weak, eps, gram_rank, svd_rank) in [
+            (1e-3, f32::EPSILON as f64, 3, 3),
+            (1e-9, f32::EPSILON as f64, 2, 2),
+            (1e-3, f64::EPSILON, 3, 3),
+            // Resolved by the SVD (above top * eps * P = 4e-14 top), not by the Gram matrix
+            // (below resolved(4, P) = 4.4e-7 top): the precision the Gram form gives up.
+            (1e-9, f64::EPSILON, 2, 3),
+        ] {
+            let cols = &base + gaussian(P, 1, 32).matmul(&gaussian(1, 4, 33)) * (weak * top / 10.0);
+            let cols: Vec<Tensor> = (0..4).map(|j| cols.select(1, j).contiguous()).collect();
+            let basis = gram_basis(&gram(&cols).unwrap(), &[0, 1, 2, 3], 4, eps).unwrap().unwrap();
+            let svd = orthonormal_basis(&Tensor::stack(&cols, 1), 4, eps).unwrap().unwrap();
+            assert_eq!((basis.rank(), svd.size()[1] as usize), (gram_rank, svd_rank), "weak {weak}, eps {eps}");
+        }
+        assert!(resolved(4, P as usize) < 5e-7 && resolved(4, P as usize) > 1e-9);
     }
 }

@@ -93,7 +93,7 @@ impl Guard {
                     None => Some(LatentTable::compute(&samples, l, &requests)?),
                     Some(worker) => {
                         let shared = self.latest.latent.clone();
-                        // The samples are fresh host copies, owned by the job.
+                        // The samples are fresh copies on the model's device, owned by the job.
                         worker.submit(Box::new(move || {
                             let table = LatentTable::compute(&samples, l, &requests).map_err(|e| e.to_string())?;
                             *shared.lock() = Some(table);
