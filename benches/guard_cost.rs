@@ -18,6 +18,10 @@ use gradguard::{Batch, GuardedOptimizer};
 use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
+#[path = "shared/measure.rs"]
+mod measure;
+use measure::{median, peak_rss_kib, sync};
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value = "cpu")]
@@ -37,17 +41,6 @@ struct Args {
 }
 
 const POLICY: &str = include_str!("../examples/policy.toml");
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Trains the digits CNN for `steps` steps, guarded by the example policy (default budget)
 /// or not; returns (seconds, blocked or held steps).
@@ -94,13 +87,6 @@ fn train(digits: &Digits, device: Device, steps: usize, guarded: bool) -> anyhow
     }
     sync(device);
     Ok((started.elapsed().as_secs_f64(), not_applied))
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
 }
 
 fn rss_of_child(mode: &str, args: &Args) -> anyhow::Result<u64> {

@@ -34,6 +34,10 @@ mod synthetic;
 
 use resnet_model::ResNet;
 
+#[path = "shared/measure.rs"]
+mod measure;
+use measure::{median, peak_rss_kib, sync};
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value = "cpu")]
@@ -192,24 +196,6 @@ impl Setup {
     fn params(&self) -> i64 {
         self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
     }
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
 }
 
 /// One training run, in a child process: (seconds, estimates, steps not applied, guard share).
