@@ -167,9 +167,12 @@ fn invalid_settings_values_are_named() {
 
 #[test]
 fn unsupported_version_is_rejected() {
-    let (err, msg) = load_err("version = 2\n");
-    assert!(matches!(err, PolicyError::Version { found: 2, .. }), "{err:?}");
-    assert_contains(&msg, &["version 2", "version 1"]);
+    let (err, msg) = load_err("version = 3\n");
+    assert!(matches!(err, PolicyError::Version { found: 3, .. }), "{err:?}");
+    assert_contains(&msg, &["version 3", "versions 1 to 2"]);
+    let (err, msg) = load_err("version = 0\n");
+    assert!(matches!(err, PolicyError::Version { found: 0, .. }), "{err:?}");
+    assert_contains(&msg, &["version 0"]);
     let (err, msg) = load_err("[settings]\nseed = 1\n");
     assert!(matches!(err, PolicyError::Syntax { .. }), "{err:?}");
     assert_contains(&msg, &["version"]);
