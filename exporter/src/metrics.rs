@@ -4,6 +4,7 @@
 //! scrape already shows all of them (counters at 0, leakage gauges at NaN until measured).
 //! Updates only touch pre-resolved children (atomic stores); the mutex around the tracking
 //! state is held only to copy a few values. Rendering happens on the scraping thread.
+use crate::bounds::BoundSeries;
 use crate::error::{ExporterError, LabelKind};
 use gradguard_guard::{Metric, Report};
 use parking_lot::Mutex;
@@ -120,6 +121,7 @@ pub struct Exporter {
     training_steps: IntCounter,
     report_step: Gauge,
     policy_info: IntGaugeVec,
+    bounds: BoundSeries,
     tracking: Mutex<Tracking>,
 }
 
@@ -300,6 +302,7 @@ impl Exporter {
                 s
             })
             .collect();
+        let bounds = BoundSeries::register(&registry, &layers)?;
         let releases = ReleaseOutcome::ALL.map(|o| releases.with_label_values(&[o.as_str()]));
         let rejected = LabelKind::ALL.map(|k| rejected.with_label_values(&[k.as_str()]));
 
@@ -329,6 +332,7 @@ impl Exporter {
             training_steps,
             report_step,
             policy_info,
+            bounds,
         })
     }
 
@@ -449,6 +453,7 @@ impl Exporter {
         };
         self.training_steps.inc_by(add_steps);
         self.report_step.set(report.step as f64);
+        self.bounds.observe(report, |name| self.layer_index.get(name).copied());
         self.observe_decisions(report);
         if unknown.is_empty() {
             Ok(())

@@ -1,0 +1,89 @@
+//! M5's series (METRICS.md): the reconstruction bound of the latest release per layer and for
+//! the whole release, and the run ledger's cumulative bound against its cap. A release without
+//! noise has no bound: its gauge holds +Inf; a bound not measured holds NaN.
+use crate::error::ExporterError;
+use gradguard_guard::{Metric, Report};
+use prometheus::{Gauge, GaugeVec, Opts, Registry};
+
+/// The M5 gauges of one exporter, resolved once per layer.
+pub(crate) struct BoundSeries {
+    layer_bound: Vec<Gauge>,
+    release_bound: Gauge,
+    ledger_layer: Vec<Gauge>,
+    ledger_release: Gauge,
+    ledger_cap: Gauge,
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<Gauge, ExporterError> {
+    let g = Gauge::with_opts(Opts::new(name, help))?;
+    registry.register(Box::new(g.clone()))?;
+    g.set(f64::NAN);
+    Ok(g)
+}
+
+fn per_layer(registry: &Registry, layers: &[String], name: &str, help: &str) -> Result<Vec<Gauge>, ExporterError> {
+    let v = GaugeVec::new(Opts::new(name, help), &["layer"])?;
+    registry.register(Box::new(v.clone()))?;
+    Ok(layers
+        .iter()
+        .map(|l| {
+            let g = v.with_label_values(&[l.as_str()]);
+            g.set(f64::NAN);
+            g
+        })
+        .collect())
+}
+
+const CAVEAT: &str = "It bounds attackers with a Gaussian prior of the data's mean and variance; a stronger prior can recover more.";
+
+impl BoundSeries {
+    pub(crate) fn register(registry: &Registry, layers: &[String]) -> Result<Self, ExporterError> {
+        Ok(Self {
+            layer_bound: per_layer(
+                registry,
+                layers,
+                "gradguard_layer_reconstruction_bound_bits",
+                &format!("M5: van Trees bound on what the layer's latest release reveals about the average sample, bits per input dimension (+Inf: released without noise, no bound; NaN: not measured). {CAVEAT}"),
+            )?,
+            release_bound: gauge(
+                registry,
+                "gradguard_release_reconstruction_bound_bits",
+                &format!("M5 of the whole latest release (dFIL summed over the released layers), bits per input dimension (+Inf: a layer released without noise). {CAVEAT}"),
+            )?,
+            ledger_layer: per_layer(
+                registry,
+                layers,
+                "gradguard_ledger_reconstruction_bound_bits",
+                &format!("The run ledger: the layer's cumulative bound over the run's releases (Fisher information adds), bits per input dimension (+Inf: a release without noise). {CAVEAT}"),
+            )?,
+            ledger_release: gauge(
+                registry,
+                "gradguard_ledger_release_reconstruction_bound_bits",
+                &format!("The run ledger: the whole release's cumulative bound over the run, bits per input dimension (+Inf: a release without noise on a layer). {CAVEAT}"),
+            )?,
+            ledger_cap: gauge(registry, "gradguard_ledger_cap_bits", "The policy's cap on the run ledger's cumulative bound (ledger_cap_bits), bits per input dimension; NaN when none.")?,
+        })
+    }
+
+    /// The bounds of one report (layers matched by position in `index`).
+    pub(crate) fn observe(&self, report: &Report, index: impl Fn(&str) -> Option<usize>) {
+        let bits = |m: &Metric<gradguard_guard::ReconstructionBound>| match m {
+            Metric::Measured(b) => b.bits_or_inf(),
+            Metric::Absent { .. } => f64::NAN,
+        };
+        for lr in &report.layers {
+            if let Some(l) = index(&lr.name) {
+                self.layer_bound[l].set(bits(&lr.reconstruction_bound));
+            }
+        }
+        self.release_bound.set(bits(&report.release_reconstruction_bound));
+        let Some(ledger) = &report.ledger else { return };
+        for line in &ledger.layer_dfil {
+            if let Some(l) = index(&line.name) {
+                self.ledger_layer[l].set(line.bound_bits.unwrap_or(f64::INFINITY));
+            }
+        }
+        self.ledger_release.set(ledger.release_bound_bits.unwrap_or(f64::INFINITY));
+        self.ledger_cap.set(ledger.cap_bits.unwrap_or(f64::NAN));
+    }
+}
