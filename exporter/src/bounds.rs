@@ -1,13 +1,13 @@
-//! M5's series (METRICS.md): the reconstruction bound of the latest release per layer and for
-//! the whole release, and the run ledger's cumulative bound against its cap. A release without
-//! noise has no bound: its gauge holds +Inf; a bound not measured holds NaN.
+//! M5's series (METRICS.md): the reconstruction bound of the whole latest release (each
+//! layer's is `gradguard_layer_leakage{metric="reconstruction_bound_bits"}`), and the run
+//! ledger's cumulative bound against its cap. A release without noise has no bound: its gauge
+//! holds +Inf; a bound not measured holds NaN.
 use crate::error::ExporterError;
 use gradguard_guard::{Metric, Report};
 use prometheus::{Gauge, GaugeVec, Opts, Registry};
 
 /// The M5 gauges of one exporter, resolved once per layer.
 pub(crate) struct BoundSeries {
-    layer_bound: Vec<Gauge>,
     release_bound: Gauge,
     ledger_layer: Vec<Gauge>,
     ledger_release: Gauge,
@@ -39,12 +39,6 @@ const CAVEAT: &str = "It bounds attackers with a Gaussian prior of the data's me
 impl BoundSeries {
     pub(crate) fn register(registry: &Registry, layers: &[String]) -> Result<Self, ExporterError> {
         Ok(Self {
-            layer_bound: per_layer(
-                registry,
-                layers,
-                "gradguard_layer_reconstruction_bound_bits",
-                &format!("M5: van Trees bound on what the layer's latest release reveals about the average sample, bits per input dimension (+Inf: released without noise, no bound; NaN: not measured). {CAVEAT}"),
-            )?,
             release_bound: gauge(
                 registry,
                 "gradguard_release_reconstruction_bound_bits",
@@ -71,11 +65,6 @@ impl BoundSeries {
             Metric::Measured(b) => b.bits_or_inf(),
             Metric::Absent { .. } => f64::NAN,
         };
-        for lr in &report.layers {
-            if let Some(l) = index(&lr.name) {
-                self.layer_bound[l].set(bits(&lr.reconstruction_bound));
-            }
-        }
         self.release_bound.set(bits(&report.release_reconstruction_bound));
         let Some(ledger) = &report.ledger else { return };
         for line in &ledger.layer_dfil {

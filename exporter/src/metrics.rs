@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 
 /// The leakage metrics of a [`Report`] that the exporter knows how to read, in label form
 /// (`gradguard_layer_leakage{metric=...}`, `gradguard_layer_threshold{metric=...}`).
-pub const LEAKAGE_METRICS: [&str; 6] = [
+pub const LEAKAGE_METRICS: [&str; 7] = [
     "sensitivity",
     "sensitivity_se",
     "sensitivity_rms",
     "relative_sensitivity",
     "subspace_distance",
     "subspace_separation",
+    "reconstruction_bound_bits",
 ];
 
 /// Defence action names for exporters that are not told otherwise: the transformations of
@@ -206,7 +207,7 @@ impl Exporter {
 
         let leakage = gauge_vec(
             "gradguard_layer_leakage",
-            "Latest per-layer leakage estimate (METRICS.md M1/M2), by metric: sensitivity (S_l), sensitivity_se (its standard error), sensitivity_rms (S_l/sqrt(P_l)), relative_sensitivity (S_l/||G_l||), subspace_distance (d_between), subspace_separation (d_between - d_within). NaN while absent.",
+            "Latest per-layer leakage estimate (METRICS.md M1/M2), by metric: sensitivity (S_l), sensitivity_se (its standard error), sensitivity_rms (S_l/sqrt(P_l)), relative_sensitivity (S_l/||G_l||), subspace_distance (d_between), subspace_separation (d_between - d_within), reconstruction_bound_bits (M5: van Trees bound of the layer's latest release in bits per input dimension against attackers with a Gaussian prior; +Inf when released without noise). NaN while absent.",
             &["layer", "metric"],
         )?;
         let absent = int_gauge_vec(
@@ -412,6 +413,7 @@ impl Exporter {
                     "relative_sensitivity" => sens.and_then(|s| s.relative_sensitivity),
                     "subspace_distance" => sub.map(|s| s.subspace_distance),
                     "subspace_separation" => sub.map(|s| s.subspace_separation),
+                    "reconstruction_bound_bits" => lr.reconstruction_bound.measured().map(|b| b.bits_or_inf()),
                     _ => None,
                 };
                 s.leakage[i].set(v.unwrap_or(f64::NAN));

@@ -14,7 +14,7 @@ fn bounds_and_the_ledger_are_exported() {
     let reports = reports_under(Policy::from_toml_str(POLICY, "test").unwrap());
     let ex = Exporter::for_layers(&common::LAYERS).unwrap();
     let fresh = samples(&ex.render());
-    assert!(fresh["gradguard_layer_reconstruction_bound_bits{layer=\"fc1\"}"].is_nan(), "NaN before a report");
+    assert!(fresh["gradguard_layer_leakage{layer=\"fc1\",metric=\"reconstruction_bound_bits\"}"].is_nan(), "NaN before a report");
     for r in &reports {
         ex.observe_report(r).unwrap();
     }
@@ -22,9 +22,9 @@ fn bounds_and_the_ledger_are_exported() {
     let last = reports.last().unwrap();
     let fc1 = last.layer("fc1").unwrap().reconstruction_bound.measured().unwrap().reconstruction_bound_bits.unwrap();
     assert!(fc1 > 0.0 && fc1 <= 0.1, "calibrated to the threshold: {fc1}");
-    assert_eq!(value(&text, "gradguard_layer_reconstruction_bound_bits{layer=\"fc1\"}"), fc1);
+    assert_eq!(value(&text, "gradguard_layer_leakage{layer=\"fc1\",metric=\"reconstruction_bound_bits\"}"), fc1);
     // fc2 is released without noise: no bound, and none for the release or the run.
-    assert_eq!(value(&text, "gradguard_layer_reconstruction_bound_bits{layer=\"fc2\"}"), f64::INFINITY);
+    assert_eq!(value(&text, "gradguard_layer_leakage{layer=\"fc2\",metric=\"reconstruction_bound_bits\"}"), f64::INFINITY);
     assert_eq!(value(&text, "gradguard_release_reconstruction_bound_bits"), f64::INFINITY);
     assert!(value(&text, "gradguard_ledger_cap_bits").is_nan(), "no cap in the policy");
     let ledger = last.ledger.as_ref().unwrap();
