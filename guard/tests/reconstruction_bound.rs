@@ -228,3 +228,27 @@ fn a_cap_on_the_ledger_blocks_the_release_that_would_cross_it() {
     let rec = records.iter().find(|r| r.rule.as_deref() == Some("ledger_cap_bits")).expect("a decision record for the cap");
     assert_eq!((rec.step, rec.outcome, rec.threshold), (2, Outcome::Blocked, Some(cap)));
 }
+
+#[test]
+fn with_on_violation_withhold_the_cap_withholds_layers_instead_of_blocking() {
+    let dir = scratch();
+    let free = run(&noise_policy("prior_variance = 1.0", "\"*\""), 2, &dir.join("free-w.jsonl"));
+    let first = free[0].report().ledger.clone().unwrap();
+    // Each release carries d per layer (calibrated), 2d in all: two releases take the whole
+    // release to 4d. A cap at 3.5d lets the second release out only without one of its layers.
+    let cap = reconstruction_bound_bits(1.0, 1.75 * first.release_dfil.unwrap());
+    let two = free[1].report().ledger.as_ref().unwrap().release_bound_bits.unwrap();
+    assert!(first.release_bound_bits.unwrap() < cap && cap < two, "the fixture: {cap} vs {two}");
+    let log = dir.join("withheld.jsonl");
+    let capped = run(&noise_policy(&format!("prior_variance = 1.0\nledger_cap_bits = {cap}\non_violation = \"withhold\""), "\"*\""), 2, &log);
+    assert!(capped[1].is_released(), "{:?}", capped[1].block_reason());
+    let manifest = capped[1].manifest();
+    assert_eq!(manifest.layers.iter().filter(|l| !l.released).count(), 1, "one layer withheld: {manifest:?}");
+    let bound = manifest.release_reconstruction_bound_bits.unwrap();
+    assert!(bound < free[1].manifest().release_reconstruction_bound_bits.unwrap(), "the manifest's bound leaves the withheld layer out");
+    let ledger = capped[1].report().ledger.clone().unwrap();
+    assert!(ledger.release_bound_bits.unwrap() <= cap && ledger.layer_dfil.iter().all(|l| l.bound_bits.unwrap() <= cap), "{ledger:?}");
+    assert!(ledger.capped >= 1);
+    let records = AuditLog::read_all(&log).unwrap();
+    assert!(records.iter().any(|r| r.rule.as_deref() == Some("ledger_cap_bits") && r.outcome == Outcome::Withheld && r.step == 1));
+}

@@ -180,6 +180,7 @@ impl RunLedger {
         let name = decision.layers[l].name.clone();
         decision.layers[l].released = false;
         decision.layers[l].actions = vec![Defence::Withhold];
+        decision.bounds.withhold(l, "withheld: the run ledger's cap");
         decision.records.push(record(
             step,
             &name,

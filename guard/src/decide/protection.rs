@@ -144,16 +144,12 @@ impl Protection {
         out
     }
 
-    /// Whether a decision needs the kept JVPs: a rule on M1 or M5, or noise on a ladder (M5
-    /// of the release is measured through it).
+    /// Whether a decision needs the kept JVPs (memory K x P): a rule on M1 or M5, or noise in
+    /// force on a layer (its M5 is measured through it). A chain without noise has no bound
+    /// and needs none; a layer escalated into noise is measured from the next estimate on.
     pub fn needs_jvps(&self) -> bool {
         let m1 = [LeakageMetric::Sensitivity, LeakageMetric::SensitivityRms, LeakageMetric::RelativeSensitivity, LeakageMetric::ReconstructionBoundBits];
-        m1.into_iter().any(|m| self.uses(m))
-            || self.policy.rules().iter().flat_map(|r| &r.ladder).any(|s| match s {
-                LadderStep::CalibratedNoise { .. } => true,
-                LadderStep::Defence(d) => bounds::adds_noise(std::slice::from_ref(d)),
-                LadderStep::Aggregate { .. } => false,
-            })
+        m1.into_iter().any(|m| self.uses(m)) || (0..self.layer_names.len()).any(|l| bounds::adds_noise(&self.chain(l)))
     }
 
     /// M5 of the chains in force, as measured at the last estimate.

@@ -63,8 +63,13 @@ impl Guard {
         let latent = self.latest.latent.lock().clone();
         // Without kept JVPs (M1 absent, e.g. discrete inputs without a split) a rule on M1
         // fails closed with the reason M1 is absent.
-        let absent = self.latest.sensitivity.iter().find_map(|m| m.absent_reason()).unwrap_or("sensitivity was not estimated");
-        let jvps = jvps.as_ref().ok_or_else(|| format!("sensitivity is absent: {absent}"));
+        let absent = self.latest.sensitivity.iter().find_map(|m| m.absent_reason());
+        let jvps = jvps.as_ref().ok_or_else(|| match (keep, absent) {
+            (true, Some(absent)) => format!("sensitivity is absent: {absent}"),
+            (true, None) => "sensitivity was not estimated".to_string(),
+            // Nothing needed them: no M1 or M5 rule, no noise in force until this decision.
+            (false, _) => "M1's probe JVPs were not kept at this estimate (no noise was in force before it): measured from the next estimate".to_string(),
+        });
         let m = Measurements { jvps, latent: latent.as_ref(), step, max_age_steps: settings.max_estimate_age_steps, seeds, prior_variance: settings.prior_variance };
         Ok((self.protection.decide(step, &m)?, true))
     }

@@ -22,6 +22,30 @@ impl Bounds {
         Self { layers: (0..layers).map(|_| Metric::absent(reason)).collect(), release: Metric::absent(reason) }
     }
 
+    /// Layer l is no longer released (the ledger's cap withheld it): its bound leaves the
+    /// release's, which is summed again from the layers left (without a standard error: the
+    /// per-probe sums are gone).
+    pub fn withhold(&mut self, l: usize, reason: &str) {
+        if let Some(m) = self.layers.get_mut(l) {
+            *m = Metric::absent(reason);
+        }
+        let Metric::Measured(release) = &mut self.release else { return };
+        if release.reconstruction_bound_bits.is_none() {
+            // Unbounded before: some layer had no noise; it may have been this one.
+            if self.layers.iter().any(|m| m.measured().is_some_and(|b| b.dfil.is_none())) {
+                return;
+            }
+        }
+        let dfil: f64 = self.layers.iter().filter_map(|m| m.measured().and_then(|b| b.dfil)).sum();
+        let v = release.prior_variance;
+        release.dfil = Some(dfil);
+        release.dfil_se = None;
+        release.reconstruction_bound_bits = Some(reconstruction_bound_bits(v, dfil));
+        release.reconstruction_bound_se = None;
+        release.unbiased_mse_floor = Some(unbiased_mse_floor(dfil)).filter(|f| f.is_finite());
+        release.unbounded_reason = None;
+    }
+
     /// Layer l's dFIL for the ledger: Some(Some(d)) bounded, Some(None) unbounded (or not
     /// measurable: the ledger then fails closed), None not released.
     pub fn ledger_dfil(&self, l: usize, released: bool) -> Option<Option<f64>> {
