@@ -1,7 +1,8 @@
 //! M5's series (METRICS.md): the reconstruction bound of the whole latest release (each
 //! layer's is `gradguard_layer_leakage{metric="reconstruction_bound_bits"}`), and the run
-//! ledger's cumulative bound against its cap. A release without noise has no bound: its gauge
-//! holds +Inf; a bound not measured holds NaN.
+//! ledger's cumulative bound against its cap, all in bits per input dimension (the names say
+//! `bound`, not `bits`: Prometheus' naming lint reserves `bits` for data sizes). A release
+//! without noise has no bound: its gauge holds +Inf; a bound not measured holds NaN.
 use crate::error::ExporterError;
 use gradguard_guard::{Metric, Report};
 use prometheus::{Gauge, GaugeVec, Opts, Registry};
@@ -41,21 +42,21 @@ impl BoundSeries {
         Ok(Self {
             release_bound: gauge(
                 registry,
-                "gradguard_release_reconstruction_bound_bits",
+                "gradguard_release_reconstruction_bound",
                 &format!("M5 of the whole latest release (dFIL summed over the released layers), bits per input dimension (+Inf: a layer released without noise). {CAVEAT}"),
             )?,
             ledger_layer: per_layer(
                 registry,
                 layers,
-                "gradguard_ledger_reconstruction_bound_bits",
+                "gradguard_ledger_reconstruction_bound",
                 &format!("The run ledger: the layer's cumulative bound over the run's releases (Fisher information adds), bits per input dimension (+Inf: a release without noise). {CAVEAT}"),
             )?,
             ledger_release: gauge(
                 registry,
-                "gradguard_ledger_release_reconstruction_bound_bits",
+                "gradguard_ledger_release_reconstruction_bound",
                 &format!("The run ledger: the whole release's cumulative bound over the run, bits per input dimension (+Inf: a release without noise on a layer). {CAVEAT}"),
             )?,
-            ledger_cap: gauge(registry, "gradguard_ledger_cap_bits", "The policy's cap on the run ledger's cumulative bound (ledger_cap_bits), bits per input dimension; NaN when none.")?,
+            ledger_cap: gauge(registry, "gradguard_ledger_cap", "The policy's cap on the run ledger's cumulative bound (ledger_cap_bits), bits per input dimension; NaN when none.")?,
         })
     }
 

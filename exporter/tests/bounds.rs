@@ -25,11 +25,11 @@ fn bounds_and_the_ledger_are_exported() {
     assert_eq!(value(&text, "gradguard_layer_leakage{layer=\"fc1\",metric=\"reconstruction_bound_bits\"}"), fc1);
     // fc2 is released without noise: no bound, and none for the release or the run.
     assert_eq!(value(&text, "gradguard_layer_leakage{layer=\"fc2\",metric=\"reconstruction_bound_bits\"}"), f64::INFINITY);
-    assert_eq!(value(&text, "gradguard_release_reconstruction_bound_bits"), f64::INFINITY);
-    assert!(value(&text, "gradguard_ledger_cap_bits").is_nan(), "no cap in the policy");
+    assert_eq!(value(&text, "gradguard_release_reconstruction_bound"), f64::INFINITY);
+    assert!(value(&text, "gradguard_ledger_cap").is_nan(), "no cap in the policy");
     let ledger = last.ledger.as_ref().unwrap();
-    assert_eq!(value(&text, "gradguard_ledger_reconstruction_bound_bits{layer=\"fc1\"}"), ledger.layer_dfil[0].bound_bits.unwrap());
+    assert_eq!(value(&text, "gradguard_ledger_reconstruction_bound{layer=\"fc1\"}"), ledger.layer_dfil[0].bound_bits.unwrap());
     assert!(ledger.layer_dfil[0].bound_bits.unwrap() > fc1, "two releases carry more than one");
-    assert_eq!(value(&text, "gradguard_ledger_release_reconstruction_bound_bits"), f64::INFINITY);
+    assert_eq!(value(&text, "gradguard_ledger_release_reconstruction_bound"), f64::INFINITY);
     assert_eq!(ledger.releases, 2);
 }
