@@ -147,8 +147,13 @@ fn noise_policy(extra_settings: &str, rule_layers: &str) -> String {
     )
 }
 
-/// Runs `steps` guarded releases of the MLP (SGD between them) under `policy`, with an audit log.
+/// Runs `steps` guarded releases of the MLP under `policy`, with an audit log.
 fn run(policy: &str, steps: usize, log: &std::path::Path) -> Vec<Release> {
+    run_with_ids(policy, steps, log, |_| None)
+}
+
+/// The same, with the sample ids `ids(step)` on each batch.
+fn run_with_ids(policy: &str, steps: usize, log: &std::path::Path, ids: impl Fn(usize) -> Option<Tensor>) -> Vec<Release> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let mlp = common::Mlp::new(&vs.root(), &[10, 12, 3]);
@@ -159,7 +164,7 @@ fn run(policy: &str, steps: usize, log: &std::path::Path) -> Vec<Release> {
     guard.set_audit_log(AuditLog::open(log).unwrap());
     let loss_fn = |x: &Tensor, y: &Tensor| mlp.loss(x, y);
     (0..steps)
-        .map(|_| {
+        .map(|step| {
             for p in vs.trainable_variables() {
                 let mut g = p.grad();
                 if g.defined() {
@@ -167,7 +172,13 @@ fn run(policy: &str, steps: usize, log: &std::path::Path) -> Vec<Release> {
                 }
             }
             mlp.loss(&x, &y).unwrap().backward();
-            guard.after_backward(&Batch::new(&x, &y), &loss_fn).unwrap()
+            let ids = ids(step);
+            let batch = Batch::new(&x, &y);
+            let batch = match &ids {
+                Some(ids) => batch.with_sample_ids(ids),
+                None => batch,
+            };
+            guard.after_backward(&batch, &loss_fn).unwrap()
         })
         .collect()
 }
@@ -251,4 +262,30 @@ fn with_on_violation_withhold_the_cap_withholds_layers_instead_of_blocking() {
     assert!(ledger.capped >= 1);
     let records = AuditLog::read_all(&log).unwrap();
     assert!(records.iter().any(|r| r.rule.as_deref() == Some("ledger_cap_bits") && r.outcome == Outcome::Withheld && r.step == 1));
+}
+
+#[test]
+fn the_ledger_counts_the_average_sample_by_sampling_rate_and_the_worst_by_ids() {
+    let dir = scratch();
+    let policy = |extra: &str| noise_policy(&format!("prior_variance = 1.0\n{extra}"), "\"*\"");
+    let every = run(&policy(""), 2, &dir.join("every.jsonl"));
+    let total = every[1].report().ledger.as_ref().unwrap().release_dfil.unwrap();
+    assert_eq!(every[1].report().ledger.as_ref().unwrap().accounting, "every_release");
+    // 20 samples of a declared 80: each release counts a quarter for the average sample.
+    let rate = run(&policy("dataset_size = 80"), 2, &dir.join("rate.jsonl"));
+    let ledger = rate[1].report().ledger.clone().unwrap();
+    assert_eq!((ledger.accounting.as_str(), ledger.dataset_size), ("sampling_rate", Some(80)));
+    assert!((ledger.release_dfil.unwrap() - 0.25 * total).abs() < 1e-12 * total, "{ledger:?} vs {total}");
+    // Ids: the two releases carry disjoint samples, so no sample has more than one release's worth.
+    let ids = |step: usize| Some(Tensor::from_slice(&(0..20).map(|i| (step * 20 + i) as i64).collect::<Vec<_>>()));
+    let by_id = run_with_ids(&policy(""), 2, &dir.join("ids.jsonl"), ids);
+    let ledger = by_id[1].report().ledger.clone().unwrap();
+    let dfil = |r: &Release| r.report().release_reconstruction_bound.measured().unwrap().dfil.unwrap();
+    assert_eq!(ledger.accounting, "per_sample_ids");
+    let worst = dfil(&by_id[0]).max(dfil(&by_id[1]));
+    assert!((ledger.release_dfil.unwrap() - worst).abs() < 1e-12 * worst, "{ledger:?} vs {worst}");
+    // The same ids twice: the worst sample was in both.
+    let same = run_with_ids(&policy(""), 2, &dir.join("same.jsonl"), |_| Some(Tensor::from_slice(&(0..20i64).collect::<Vec<_>>())));
+    let ledger = same[1].report().ledger.clone().unwrap();
+    assert!((ledger.release_dfil.unwrap() - (dfil(&same[0]) + dfil(&same[1]))).abs() < 1e-12);
 }
