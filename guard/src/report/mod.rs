@@ -259,6 +259,9 @@ pub struct Report {
     /// The run ledger so far (None: not kept by this guard).
     #[serde(default)]
     pub ledger: Option<Ledger>,
+    /// What every M5 figure of the report does not cover ([`BOUND_CAVEAT`]).
+    #[serde(default)]
+    pub bound_limit: Option<String>,
 }
 
 impl Report {
