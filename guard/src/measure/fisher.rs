@@ -18,9 +18,6 @@ use crate::error::{Result, TorchContext};
 use gradguard_defenses::Defence;
 use tch::Tensor;
 
-/// Why a release has no bound (METRICS.md, M5): shown where the number would be.
-pub const NO_NOISE_NO_BOUND: &str = "deterministic release: no noise, no bound";
-
 /// The Fisher information one layer's release carries, per probe, so that layers released
 /// together add probe by probe (they share the probes) and the standard error stays honest.
 #[derive(Debug, Clone, PartialEq)]

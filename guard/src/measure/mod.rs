@@ -45,7 +45,7 @@ mod usable;
 
 pub use batch::Batch;
 pub use device::parse_device;
-pub use fisher::{calibrated_noise_std, reconstruction_bound_bits, reconstruction_bound_se, release_dfil, unbiased_mse_floor, LayerFisher, NO_NOISE_NO_BOUND};
+pub use fisher::{calibrated_noise_std, reconstruction_bound_bits, reconstruction_bound_se, release_dfil, unbiased_mse_floor, LayerFisher};
 pub use inspection::Inspection;
 pub use inversion::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 pub(crate) use latent_table::LatentTable;
