@@ -34,6 +34,7 @@ mod inspection;
 mod inversion;
 mod latent_table;
 mod layers;
+mod logistic;
 mod loss;
 mod per_sample;
 mod sensitivity;
