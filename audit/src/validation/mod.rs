@@ -231,6 +231,9 @@ fn measure_checkpoint(target: &Inspection, attribute: &[i64], plan: &Plan) -> Re
         subspace: SubspaceSettings::default(),
         usable: UsableSettings::default(),
         inversion: Some((InversionPlan { batch_size: 1, releases: plan.m4_releases }, InversionSettings { iterations: plan.m4_iterations, ..Default::default() })),
+        defence: Vec::new(),
+        prior_variance: None,
+        seed: target.seed(),
     };
     let measured = measure_layers(target, Some(attribute), &settings)?;
     let grads = measured.grads.unwrap_or_else(|| vec![None; target.layers().len()]);

@@ -9,7 +9,6 @@ use gradguard_defenses::{derive_seed, Defence};
 use gradguard_guard::{Batch, InversionPlan, InversionSettings};
 use gradguard_guard::GradientMatrix;
 use gradguard_guard::Metric;
-use gradguard_guard::to_f64_vec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::borrow::Cow;
@@ -191,16 +190,7 @@ fn sweep_figure(path: &Path, title: &str, x_label: &str, rows: &[SweepRow]) -> R
 /// Each row of `g` released through `defence` (row i seeded with `seed_of(i)`), by
 /// `Defence::apply`; unchanged without a defence, None when the defence withholds.
 fn defend_rows<'g>(defence: Option<&Defence>, g: &'g GradientMatrix, seed_of: impl Fn(usize) -> u64) -> Result<Option<Cow<'g, GradientMatrix>>> {
-    let Some(d) = defence else { return Ok(Some(Cow::Borrowed(g))) };
-    let m = Tensor::f_from_slice(&g.data)?.f_reshape([g.rows as i64, g.cols as i64])?;
-    let mut out = Vec::with_capacity(g.rows);
-    for i in 0..g.rows {
-        match d.apply(&m.f_get(i as i64)?, seed_of(i))? {
-            Some(v) => out.push(v),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(Cow::Owned(GradientMatrix::new(g.rows, g.cols, to_f64_vec(&Tensor::f_stack(&out, 0)?)?)?)))
+    crate::estimate::defended::defend_rows(defence.map(std::slice::from_ref).unwrap_or(&[]), g, seed_of)
 }
 
 pub(super) fn defence_sweep(study: &Study) -> Result<DefenceSweeps> {
