@@ -109,3 +109,47 @@ pub(crate) fn release_bounds(jv: Option<&JvpSamples>, layers: usize, chain: &[De
     };
     Ok((rows, release))
 }
+
+/// M5 of single-sample releases, averaged over samples: for each of the first `releases`
+/// samples of the inspected batch (the samples M4 attacks with releases of one), the dFIL of
+/// each layer's release through `chain(l, point)`, for every grid point. Returns
+/// `[point][layer]`: the mean over the samples and its standard error over them (which holds
+/// the probes' error too), or None for a layer released without noise (or not at all). The
+/// probe JVPs are taken once per sample and reused for every point (the guard's
+/// re-measurement path), so the grid costs no backward pass.
+pub(crate) fn single_sample_dfil(t: &gradguard_guard::Inspection, releases: usize, probes: usize, points: usize, chain: &dyn Fn(usize, usize) -> Vec<Defence>) -> Result<Vec<Vec<Option<(f64, f64)>>>> {
+    let layers = t.layers().len();
+    let mut per: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); layers]; points];
+    let mut unbounded = vec![vec![false; layers]; points];
+    for r in 0..releases {
+        let (x, y) = (t.batch().inputs().f_narrow(0, r as i64, 1)?, t.batch().targets().f_narrow(0, r as i64, 1)?);
+        let jv = t.on(gradguard_guard::Batch::new(&x, &y)).seeded(t.seed(), r as u64).jvp_samples(&super::probe_settings(probes)).metric("M5 (probe JVPs of one sample)")?;
+        for p in 0..points {
+            for l in 0..layers {
+                match jv.release_fisher(l, &chain(l, p), 0).metric("M5 (release Fisher information)")? {
+                    Some(f @ LayerFisher::Bounded { .. }) => per[p][l].push(f.dfil().map_or(0.0, |d| d.0)),
+                    _ => unbounded[p][l] = true,
+                }
+            }
+        }
+    }
+    Ok(per
+        .into_iter()
+        .zip(unbounded)
+        .map(|(layers, unbounded)| {
+            layers
+                .into_iter()
+                .zip(unbounded)
+                .map(|(v, u)| (!u && !v.is_empty()).then(|| gradguard_guard::mean_and_standard_error(&v)))
+                .collect()
+        })
+        .collect())
+}
+
+/// The per-dimension population variance of every sample of the inspected batch (M5's prior
+/// scale, the same x_bar and expectation as M4's baseline over those samples).
+pub(crate) fn batch_prior_variance(t: &gradguard_guard::Inspection) -> Result<f64> {
+    let x = t.batch().inputs();
+    let n = x.size().first().copied().unwrap_or(0) as usize;
+    gradguard_guard::per_dimension_variance(x, n).metric("M5 (prior variance)")
+}

@@ -193,11 +193,10 @@ fn defend_rows<'g>(defence: Option<&Defence>, g: &'g GradientMatrix, seed_of: im
     crate::estimate::defended::defend_rows(defence.map(std::slice::from_ref).unwrap_or(&[]), g, seed_of)
 }
 
-pub(super) fn defence_sweep(study: &Study) -> Result<DefenceSweeps> {
-    let (t, plan, seed) = (&study.target, study.plan, study.target.seed());
-    // Clip norm per layer: the median per-sample gradient norm (noise std = multiplier x clip).
-    let clip: Vec<f64> = study
-        .grads
+/// Clip norm per layer: the median per-sample gradient norm (noise std = multiplier x clip);
+/// 1 for a layer without per-sample gradients.
+pub(super) fn median_norms(grads: &[Option<GradientMatrix>]) -> Vec<f64> {
+    grads
         .iter()
         .map(|g| {
             g.as_ref().map_or(1.0, |g| {
@@ -206,7 +205,12 @@ pub(super) fn defence_sweep(study: &Study) -> Result<DefenceSweeps> {
                 norms[norms.len() / 2].max(1e-12)
             })
         })
-        .collect();
+        .collect()
+}
+
+pub(super) fn defence_sweep(study: &Study) -> Result<DefenceSweeps> {
+    let (t, plan, seed) = (&study.target, study.plan, study.target.seed());
+    let clip = median_norms(study.grads);
     let jv = release_probes(t, plan.m1_batch, SWEEP_PROBES)?;
     let groups = indices_by_group(study.attribute);
     // Group-pure micro-batch releases (mean gradient of `micro_batch` samples sharing the
