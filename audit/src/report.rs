@@ -205,6 +205,10 @@ impl AuditReport {
         use std::fmt::Write;
         let mut out = table(&self.layers);
         let r = &self.release;
+        let m3: Vec<String> = self.layers.iter().filter_map(|l| Some(format!("{} {}", l.name, l.details.m3.measured()?.l2))).collect();
+        if let Some(m) = self.layers.iter().find_map(|l| l.details.m3.measured()) {
+            let _ = writeln!(out, "M3: mean ± standard error over {} seeded splits; L2 penalty (cross-validated on each training split unless --l2): {}", m.splits, m3.join(", "));
+        }
         let _ = writeln!(out, "defence: {}", self.defence.as_deref().unwrap_or("none (the raw release)"));
         let _ = match r.release_reconstruction_bound_bits {
             Some(b) => writeln!(
