@@ -41,8 +41,10 @@ fn the_quick_study_tests_the_bound_and_shows_m3_error_bars() {
     assert!(md.contains("**How loose the bound is:**"));
     // M3 with its standard error in the findings, and the claim read against the error bars.
     assert!(md.contains("*The same, with M3's error bars*"));
-    let findings = md.split("## The paper's findings, checked here").nth(1).unwrap();
-    assert!(findings.lines().filter(|l| l.starts_with("| cnn |")).all(|l| l.matches(" ± ").count() == 2), "{findings}");
+    let findings = md.split("## The paper's findings, checked here").nth(1).unwrap().split("## Per-layer numbers").next().unwrap();
+    let rows: Vec<&str> = findings.lines().filter(|l| l.starts_with("| cnn | step") || l.starts_with("| mlp | step")).collect();
+    assert_eq!(rows.len(), 4, "{findings}");
+    assert!(rows.iter().all(|l| l.matches(" ± ").count() == 2), "{findings}");
     let svg = std::fs::read_to_string(out_dir.join("validation").join("bound_vs_attack.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("attack = bound") && svg.contains("conv1") && svg.contains("fc0"));
 }

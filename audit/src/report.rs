@@ -213,7 +213,8 @@ impl AuditReport {
         let _ = match r.release_reconstruction_bound_bits {
             Some(b) => writeln!(
                 out,
-                "M5, whole release: {} ± {} bits/dim (dFIL {}, unbiased MSE/D >= {}), prior variance v = {} ({})",
+                "M5, whole release of the first {} samples: {} ± {} bits/dim for its average sample (dFIL {}, unbiased MSE/D >= {}), prior variance v = {} ({})",
+                self.batch_size,
                 fmt(Some(b)),
                 fmt(r.release_reconstruction_bound_se),
                 fmt(r.release_dfil),
