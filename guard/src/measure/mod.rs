@@ -43,6 +43,7 @@ mod subspace;
 mod tensors;
 mod transform;
 mod usable;
+mod usable_splits;
 
 pub use batch::Batch;
 pub use device::parse_device;
