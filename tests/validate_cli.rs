@@ -39,6 +39,7 @@ fn the_quick_study_tests_the_bound_and_shows_m3_error_bars() {
     assert!(md.contains("+inf (no noise, no bound)"));
     assert!(md.contains("**Cells where the attack beats the bound:**"));
     assert!(md.contains("**How loose the bound is:**"));
+    assert!(md.contains("- M5 (noised single-sample releases, 2 models): the M4 attack beat the bound in "), "the summary in What held");
     // M3 with its standard error in the findings, and the claim read against the error bars.
     assert!(md.contains("*The same, with M3's error bars*"));
     let findings = md.split("## The paper's findings, checked here").nth(1).unwrap().split("## Per-layer numbers").next().unwrap();

@@ -232,7 +232,7 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
 
     // Paper findings.
     out!(w, "\n## The paper's findings, checked here\n");
-    out!(w, "M3 is the mean over 5 seeded stratified splits ± its standard error (METRICS.md, M3 Uncertainty; the L2 penalty chosen by 3-fold cross-validation on each training split). M4 is a single seeded attack per sample: it has no error bar here.\n");
+    out!(w, "M3 is the mean over 5 seeded stratified splits ± its standard error (METRICS.md, M3 Uncertainty; the L2 penalty chosen by 3-fold cross-validation on each training split). The splits share the pool, so the error is that of the split choice, not of drawing a new pool. M4 is a single seeded attack per sample: it has no error bar here.\n");
     out!(w, "| model | checkpoint | most M4 bits | most M3 bits (per sample) | most M3 bits (micro-batches) | largest S_l | largest S_l^rms | largest R_l | largest separation |");
     out!(w, "|---|---|---|---|---|---|---|---|---|");
     let m4: Getter = |p| p.row.usable_original_bits_per_dim;
@@ -342,6 +342,7 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
     }
 
     render_bound(w, &results.bounds, &results.bound_figure);
+    let bound_summary = super::render_bound::summary(&results.bounds);
 
     // What held.
     out!(w, "\n## What held and what did not\n");
@@ -350,6 +351,9 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
         out!(w, "- {model}, pooled: {}.", line.join("; "));
     }
     out!(w, "- A rho above +0.5 is read as \"tracks the attack\", between -0.5 and +0.5 as \"does not track it\", below -0.5 as \"ranks the layers against the attack\".");
+    if let Some(line) = bound_summary {
+        out!(w, "- {line}");
+    }
     if let Some(agg) = aggregation {
         let falls = |get: Get| trend(&agg.rows, get).iter().filter(|t| t.3.is_some_and(|r| r <= -0.5)).count();
         let rises = |get: Get| trend(&agg.rows, get).iter().filter(|t| t.3.is_some_and(|r| r >= 0.5)).count();

@@ -145,3 +145,22 @@ pub(super) fn render_bound(w: &mut String, studies: &[BoundStudy], figure: &str)
         );
     }
 }
+
+/// One line for "What held": the bound against the attack, and against the label-only prior.
+pub(super) fn summary(studies: &[BoundStudy]) -> Option<String> {
+    let cells: Vec<(&BoundStudy, &BoundCell)> = studies.iter().flat_map(|s| s.cells.iter().map(move |c| (s, c))).collect();
+    let bounded: Vec<_> = cells.iter().filter(|(_, c)| c.bound.is_some() && c.attack_bits.is_some()).collect();
+    if bounded.is_empty() {
+        return None;
+    }
+    let exceed = bounded.iter().filter(|(_, c)| c.exceeds()).count();
+    let label = bounded.iter().filter(|(s, c)| c.bound.is_some_and(|b| b.0 < s.label_prior_bits)).count();
+    let mut ratios: Vec<f64> = bounded.iter().filter_map(|(_, c)| ratio(c)).collect();
+    ratios.sort_by(f64::total_cmp);
+    let loose = if ratios.is_empty() { "the attack recovered nothing measurable in any noised cell".to_string() } else { format!("where it recovered anything the bound was {:.1}x to {:.1}x the attack (median {:.1}x)", ratios[0], ratios[ratios.len() - 1], ratios[ratios.len() / 2]) };
+    Some(format!(
+        "M5 (noised single-sample releases, {} models): the M4 attack beat the bound in {exceed} of {} cells; {loose}; the label-only (class-conditional) prior beats the bound in {label} cells, the stronger-than-Gaussian prior the bound does not cover.",
+        studies.len(),
+        bounded.len()
+    ))
+}
