@@ -31,6 +31,6 @@ bench: venv
 	$(ENV) cargo bench --bench guard_cost
 	$(ENV) cargo bench --bench scrape_load
 
-# The validation study (docs/VALIDATION.md and docs/validation/*.svg), about 3 minutes.
+# The validation study (docs/VALIDATION.md and docs/validation/*.svg), about 6 minutes.
 validation: venv
 	$(ENV) cargo run --release --bin gradguard -- validate --out docs

@@ -165,7 +165,12 @@ fn full_audit_with_inversion_reports_every_metric() {
         ] {
             assert!(row[key].is_f64(), "{} {key} = {}", row["name"], row[key]);
         }
-        assert!(row["absent"].as_object().unwrap().is_empty(), "{}", row["absent"]);
+        // Only M5 is absent from an undefended release: no noise, no bound.
+        let absent = row["absent"].as_object().unwrap();
+        assert_eq!(absent.keys().map(String::as_str).collect::<Vec<_>>(), ["dfil", "reconstruction_bound_bits", "reconstruction_bound_se", "unbiased_mse_floor"], "{}", row["absent"]);
+        assert!(absent.values().all(|v| v == "deterministic release: no noise, no bound"), "{}", row["absent"]);
+        assert!(row["usable_information_se"].as_f64().is_some_and(|se| se > 0.0), "M3 over 5 splits has a spread");
+        assert_eq!(row["details"]["m3"]["l2_chosen"].as_array().map(Vec::len), Some(5));
         assert_eq!(row["details"]["m3"]["samples"].as_u64(), Some(256));
         assert_eq!(row["details"]["m4"]["releases"].as_u64(), Some(1));
     }
@@ -275,9 +280,131 @@ fn a_token_torchscript_model_is_audited_with_m1_on_its_embeddings() {
         assert_eq!(row["details"]["m1"]["representation"], "embedding");
         assert!(row["subspace_distance"].is_f64(), "M2 on token ids: {}", row["absent"]);
     }
+    // M5 of a noised release on the embeddings: the prior is the embeddings' variance.
+    let json = scratch("tokens_noised.json");
+    let out = audit(&[
+        "--model", &fixture("token_scripted.pt"),
+        "--inputs", &fixture("tokens_x.npy"),
+        "--labels", &fixture("tokens_y.npy"),
+        "--batch-size", "16",
+        "--defence", "noise(clip_norm=0.5,multiplier=0.5)",
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r = report(&json);
+    let release = &r["release"];
+    let v = release["prior_variance"].as_f64().unwrap();
+    assert!(v > 0.0 && release["prior_variance_source"].as_str().unwrap().contains("embeddings"), "{release}");
+    let mut sum = 0.0;
+    for row in r["layers"].as_array().unwrap() {
+        let (bits, dfil) = (row["reconstruction_bound_bits"].as_f64().unwrap(), row["dfil"].as_f64().unwrap());
+        assert!(bits > 0.0 && (bits - 0.5 * (1.0 + v * dfil).log2()).abs() < 1e-12, "{}", row["name"]);
+        assert_eq!(row["details"]["m5"]["noise_std"].as_f64(), Some(0.25));
+        sum += dfil;
+    }
+    assert!((release["release_dfil"].as_f64().unwrap() - sum).abs() < 1e-9 * sum, "dFIL adds over the layers: {release}");
     // Token ids need the split: a model without it names what is missing.
     fails_with(
         &["--model", &fixture("mlp_scripted.pt"), "--inputs", &fixture("tokens_x.npy"), "--labels", &fixture("tokens_y.npy")],
         &["inputs", "tokens_x.npy", "dtype int64", "float32 or float64", "embed and forward_embedded"],
     );
+}
+
+fn digits_audit(extra: &[&str], json: &Path) -> Value {
+    let mut args = vec![
+        "--model".to_string(), fixture("cnn_traced.pt"),
+        "--inputs".to_string(), fixture("digits_x.npy"),
+        "--labels".to_string(), fixture("digits_y.npy"),
+        "--batch-size".to_string(), "16".to_string(), "--probes".to_string(), "4".to_string(), "--seed".to_string(), "5".to_string(),
+        "--json".to_string(), json.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = audit(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(0), "{extra:?}: {}", stderr(&out));
+    report(json)
+}
+
+#[test]
+fn audit_with_a_defence_measures_every_metric_on_the_defended_release() {
+    // Batch-16 release norms are 0.02 (conv1) to 0.11 (fc2): a clip at 0.05 bites on three layers.
+    let noise = "noise(clip_norm=0.05,multiplier=0.1)";
+    let raw = digits_audit(&["--attribute", &fixture("digits_a.npy")], &scratch("raw.json"));
+    let def = digits_audit(&["--attribute", &fixture("digits_a.npy"), "--defence", noise, "--invert", "--invert-releases", "1", "--invert-iterations", "20"], &scratch("noised.json"));
+    assert_eq!(def["defence"], "noise(clip_norm=0.05, multiplier=0.1)");
+    assert!(raw["defence"].is_null());
+
+    // The prior variance defaults to the per-dimension population variance of all inputs.
+    let (shape, x) = read_f32(&fixture("digits_x.npy"));
+    let (n, d) = (shape[0] as usize, x.len() / shape[0] as usize);
+    let mut v = 0.0;
+    for j in 0..d {
+        let mean = (0..n).map(|i| x[i * d + j] as f64).sum::<f64>() / n as f64;
+        v += (0..n).map(|i| (x[i * d + j] as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+    }
+    v /= d as f64;
+    let release = &def["release"];
+    assert!((release["prior_variance"].as_f64().unwrap() - v).abs() < 1e-6 * v, "{release} vs {v}");
+    assert!(release["caveat"].as_str().unwrap().contains("stronger prior"));
+
+    let mut sum = 0.0;
+    for (r, d) in raw["layers"].as_array().unwrap().iter().zip(def["layers"].as_array().unwrap()) {
+        let name = d["name"].as_str().unwrap();
+        // Every metric is measured on the defended release.
+        for key in ["sensitivity", "sensitivity_rms", "relative_sensitivity", "subspace_distance", "usable_information_bits", "usable_information_se", "usable_original_bits_per_dim", "reconstruction_bound_bits", "reconstruction_bound_se", "dfil", "unbiased_mse_floor"] {
+            assert!(d[key].is_f64(), "{name} {key} = {} ({})", d[key], d["absent"]);
+        }
+        assert_eq!(d["absent"]["sensitivity_se"], "defended release: measured through the defence's Jacobian, no standard error");
+        // The clip's Jacobian has spectral norm min(1, C / ||g||): the release is never more
+        // sensitive (same probes; f32 against f64 arithmetic), and less where the clip bites.
+        let (s_def, s_raw) = (d["sensitivity"].as_f64().unwrap(), r["sensitivity"].as_f64().unwrap());
+        let norm = s_raw / r["relative_sensitivity"].as_f64().unwrap();
+        assert!(s_def <= s_raw * (1.0 + 1e-6), "{name}: {s_def} > {s_raw}");
+        if norm > 0.06 {
+            assert!(s_def < s_raw * 0.05 / norm * 1.001, "{name}: clipped from {norm} to 0.05, S {s_raw} -> {s_def}");
+        }
+        // The noised per-sample gradients are not the raw ones.
+        assert_ne!(d["details"]["m2"], r["details"]["m2"], "{name}: M2 of the defended release equals the raw one");
+        let m5 = &d["details"]["m5"];
+        assert!((m5["noise_std"].as_f64().unwrap() - 0.005).abs() < 1e-15);
+        let (bits, dfil) = (d["reconstruction_bound_bits"].as_f64().unwrap(), d["dfil"].as_f64().unwrap());
+        assert!(dfil > 0.0 && (bits - 0.5 * (1.0 + v * dfil).log2()).abs() < 1e-9, "{name}: {bits} vs dFIL {dfil}");
+        assert!((d["unbiased_mse_floor"].as_f64().unwrap() * dfil - 1.0).abs() < 1e-12);
+        assert!(r["reconstruction_bound_bits"].is_null() && r["absent"]["reconstruction_bound_bits"] == "deterministic release: no noise, no bound");
+        sum += dfil;
+    }
+    let total = release["release_dfil"].as_f64().unwrap();
+    assert!((total - sum).abs() < 1e-9 * sum, "dFIL adds over the layers: {total} vs {sum}");
+    assert!((release["release_reconstruction_bound_bits"].as_f64().unwrap() - 0.5 * (1.0 + v * total).log2()).abs() < 1e-9);
+    assert!(raw["release"]["release_reconstruction_bound_bits"].is_null());
+
+    // --prior-variance overrides; a chain applies in order; clip alone gives no bound.
+    let given = digits_audit(&["--defence", "sparsify(keep_fraction=0.5)", "--defence", noise, "--prior-variance", "2"], &scratch("chain.json"));
+    assert_eq!(given["defence"], "sparsify(keep_fraction=0.5) > noise(clip_norm=0.05, multiplier=0.1)");
+    assert_eq!(given["release"]["prior_variance"].as_f64(), Some(2.0));
+    for row in given["layers"].as_array().unwrap() {
+        let (bits, dfil) = (row["reconstruction_bound_bits"].as_f64().unwrap(), row["dfil"].as_f64().unwrap());
+        assert!((bits - 0.5 * (1.0 + 2.0 * dfil).log2()).abs() < 1e-9);
+    }
+    let clip = digits_audit(&["--defence", "clip(max_norm=0.5)"], &scratch("clip.json"));
+    assert!(clip["release"]["release_reconstruction_bound_bits"].is_null());
+    assert!(clip["layers"][0]["sensitivity"].is_f64() && clip["layers"][0]["reconstruction_bound_bits"].is_null());
+
+    // A defence that does not parse is named, with what is wrong; nothing is measured.
+    let base = ["--model", "cnn", "--samples", "32"];
+    for (bad, why) in [
+        ("noise(clip_norm=0.5)", "noise needs multiplier=..."),
+        ("blur(radius=1)", "unknown defence 'blur'"),
+        ("noise(clip_norm=0.5,multiplier=x)", "'x' is not a number"),
+        ("clip(max_norm=-1)", "max_norm"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(["--defence", bad]);
+        fails_with(&args, &["--defence", bad, why]);
+    }
+    let mut args = base.to_vec();
+    args.extend(["--defence", noise, "--exact"]);
+    fails_with(&args, &["--exact cannot be combined with --defence"]);
+    let mut args = base.to_vec();
+    args.extend(["--defence", noise, "--prior-variance", "0"]);
+    fails_with(&args, &["--prior-variance must be a finite number > 0"]);
 }

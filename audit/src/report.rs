@@ -1,6 +1,7 @@
 //! The audit's report: one row per layer with every metric under its METRICS.md name, the
 //! settings and timings, as JSON, a text table and an SVG.
 use crate::error::{write_file, Result};
+use crate::estimate::bound::{LayerBound, ReleaseBound};
 use crate::source::LossKind;
 use gradguard_guard::{Inversion, InversionPlan, InversionSettings};
 use gradguard_guard::{Metric, Representation, Sensitivity, Subspace};
@@ -35,6 +36,10 @@ pub struct LayerRow {
     pub subspace_separation: Option<f64>,
     /// M3: usable information about the attribute, in bits.
     pub usable_information_bits: Option<f64>,
+    /// M3: standard error of the bits over the seeded splits.
+    pub usable_information_se: Option<f64>,
+    /// M3: the L2 penalty cross-validation chose (on most splits).
+    pub usable_l2: Option<f64>,
     /// M3: the attacker's held-out accuracy.
     pub attack_accuracy: Option<f64>,
     /// M3: the majority-class accuracy it is compared with.
@@ -43,6 +48,15 @@ pub struct LayerRow {
     pub usable_original_bits_per_dim: Option<f64>,
     /// M4: PSNR of the reconstructions, dB.
     pub psnr: Option<f64>,
+    /// M5: bound on what a Gaussian-prior attacker recovers, bits per input dimension (null
+    /// without noise: no bound).
+    pub reconstruction_bound_bits: Option<f64>,
+    /// M5: its standard error.
+    pub reconstruction_bound_se: Option<f64>,
+    /// M5: dFIL_l, the Fisher information per input dimension.
+    pub dfil: Option<f64>,
+    /// M5: 1 / dFIL_l, the smallest per-dimension MSE of an unbiased attacker.
+    pub unbiased_mse_floor: Option<f64>,
     /// Why each absent metric is absent, by name.
     pub absent: BTreeMap<String, String>,
     /// The estimators' full records.
@@ -60,6 +74,8 @@ pub struct LayerDetails {
     pub m3: Metric<UsableInformation>,
     /// M4 usable original information (inversion attack).
     pub m4: Metric<Inversion>,
+    /// M5 reconstruction bound of the (defended) release.
+    pub m5: Metric<LayerBound>,
 }
 
 impl LayerRow {
@@ -80,20 +96,36 @@ impl LayerRow {
         let r3 = details.m3.absent_reason();
         let m4 = details.m4.measured();
         let r4 = details.m4.absent_reason();
+        let m5 = details.m5.measured();
+        let r5 = details.m5.absent_reason();
         let relative_reason = if s.is_some() { Some("the layer's released gradient is exactly 0") } else { r1 };
         Self {
             sensitivity: take("sensitivity", s.map(|s| s.sensitivity), r1),
-            sensitivity_se: take("sensitivity_se", s.filter(|s| !s.exact).map(|s| s.sensitivity_se), if s.is_some() { Some("exact mode: no standard error") } else { r1 }),
+            sensitivity_se: take(
+                "sensitivity_se",
+                s.filter(|s| !s.exact && s.sensitivity_se.is_finite()).map(|s| s.sensitivity_se),
+                match s {
+                    Some(s) if s.exact => Some("exact mode: no standard error"),
+                    Some(_) => Some("defended release: measured through the defence's Jacobian, no standard error"),
+                    None => r1,
+                },
+            ),
             sensitivity_rms: take("sensitivity_rms", s.map(|s| s.sensitivity_rms), r1),
             relative_sensitivity: take("relative_sensitivity", s.and_then(|s| s.relative_sensitivity), relative_reason),
             sensitivity_representation: s.map(|s| s.representation),
             subspace_distance: take("subspace_distance", m2.map(|m| m.subspace_distance), r2),
             subspace_separation: take("subspace_separation", m2.map(|m| m.subspace_separation), r2),
             usable_information_bits: take("usable_information_bits", m3.map(|m| m.usable_information_bits), r3),
+            usable_information_se: take("usable_information_se", m3.map(|m| m.usable_information_se), r3),
+            usable_l2: take("usable_l2", m3.map(|m| m.l2), r3),
             attack_accuracy: take("attack_accuracy", m3.map(|m| m.attack_accuracy), r3),
             majority_accuracy: take("majority_accuracy", m3.map(|m| m.majority_accuracy), r3),
             usable_original_bits_per_dim: take("usable_original_bits_per_dim", m4.map(|m| m.usable_original_bits_per_dim), r4),
             psnr: take("psnr", m4.map(|m| m.psnr), r4),
+            reconstruction_bound_bits: take("reconstruction_bound_bits", m5.map(|m| m.reconstruction_bound_bits), r5),
+            reconstruction_bound_se: take("reconstruction_bound_se", m5.map(|m| m.reconstruction_bound_se), r5),
+            dfil: take("dfil", m5.map(|m| m.dfil), r5),
+            unbiased_mse_floor: take("unbiased_mse_floor", m5.map(|m| m.unbiased_mse_floor), r5),
             name,
             params,
             absent,
@@ -113,6 +145,7 @@ impl LayerRow {
             ("attack_accuracy", self.attack_accuracy),
             ("usable_original_bits_per_dim", self.usable_original_bits_per_dim),
             ("psnr", self.psnr),
+            ("reconstruction_bound_bits", self.reconstruction_bound_bits),
         ]
     }
 }
@@ -140,6 +173,11 @@ pub struct AuditReport {
     pub device: String,
     /// Adam steps taken before the audit (built-in models).
     pub train_steps: usize,
+    /// The chain every layer's release went through (the policy's action syntax, steps joined
+    /// by " > "); None: the raw release.
+    pub defence: Option<String>,
+    /// M5 of the whole release, the prior variance and the bound's caveat.
+    pub release: ReleaseBound,
     /// The estimators' settings.
     pub settings: AuditSettings,
     /// Seconds per phase (`training`, `m1` ... `m4`).
@@ -164,7 +202,30 @@ pub struct AuditSettings {
 impl AuditReport {
     /// The per-layer table `gradguard audit` prints, with the absent metrics' reasons.
     pub fn table(&self) -> String {
-        table(&self.layers)
+        use std::fmt::Write;
+        let mut out = table(&self.layers);
+        let r = &self.release;
+        let m3: Vec<String> = self.layers.iter().filter_map(|l| Some(format!("{} {}", l.name, l.details.m3.measured()?.l2))).collect();
+        if let Some(m) = self.layers.iter().find_map(|l| l.details.m3.measured()) {
+            let _ = writeln!(out, "M3: mean ± standard error over {} seeded splits; L2 penalty (cross-validated on each training split unless --l2): {}", m.splits, m3.join(", "));
+        }
+        let _ = writeln!(out, "defence: {}", self.defence.as_deref().unwrap_or("none (the raw release)"));
+        let _ = match r.release_reconstruction_bound_bits {
+            Some(b) => writeln!(
+                out,
+                "M5, whole release of the first {} samples: {} ± {} bits/dim for its average sample (dFIL {}, unbiased MSE/D >= {}), prior variance v = {} ({})",
+                self.batch_size,
+                fmt(Some(b)),
+                fmt(r.release_reconstruction_bound_se),
+                fmt(r.release_dfil),
+                fmt(r.release_unbiased_mse_floor),
+                fmt(Some(r.prior_variance)),
+                r.prior_variance_source
+            ),
+            None => writeln!(out, "M5, whole release: no bound: {}", r.absent.as_deref().unwrap_or("-")),
+        };
+        let _ = writeln!(out, "M5 caveat: {}", r.caveat);
+        out
     }
 
     /// Writes the report as pretty JSON, creating the parent folder.
@@ -193,14 +254,14 @@ fn table(rows: &[LayerRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8}",
-        "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "M3 bits", "acc", "M4 b/dim", "PSNR"
+        "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9}",
+        "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "M3 bits", "±se", "acc", "M4 b/dim", "PSNR", "M5 b/dim", "±se"
     );
     for r in rows {
         let name = if r.name.chars().count() > 16 { format!("{}~", r.name.chars().take(15).collect::<String>()) } else { r.name.clone() };
         let _ = writeln!(
             out,
-            "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8}",
+            "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9}",
             name,
             r.params,
             fmt(r.sensitivity),
@@ -210,9 +271,12 @@ fn table(rows: &[LayerRow]) -> String {
             fmt(r.subspace_distance),
             fmt(r.subspace_separation),
             fmt(r.usable_information_bits),
+            fmt(r.usable_information_se),
             fmt(r.attack_accuracy),
             fmt(r.usable_original_bits_per_dim),
             fmt(r.psnr),
+            if r.reconstruction_bound_bits.is_none() && r.absent.get("reconstruction_bound_bits").map(String::as_str) == Some(gradguard_guard::NO_NOISE_NO_BOUND) { "+inf".to_string() } else { fmt(r.reconstruction_bound_bits) },
+            fmt(r.reconstruction_bound_se),
         );
     }
     let absent: Vec<String> = rows

@@ -2,7 +2,9 @@
 //! sensitivity, M2 subspace distance, M3 usable latent information, and optionally M4 usable
 //! original information).
 use crate::error::{AuditError, Result};
+use crate::estimate::defended::Chain;
 use crate::estimate::{measure_layers, MetricSettings};
+use gradguard_defenses::Defence;
 use crate::inputs::AuditData;
 use crate::report::{AuditReport, AuditSettings};
 use crate::source::{AuditModel, Trainer};
@@ -24,8 +26,15 @@ pub struct AuditOptions {
     pub exact: bool,
     /// Seed of every random choice (probes, splits, projections, attack starts).
     pub seed: u64,
-    /// M3: L2 penalty of the attacker.
-    pub l2: f64,
+    /// M3: a fixed L2 penalty of the attacker; None: chosen by cross-validation on each
+    /// training split from the default grid.
+    pub l2: Option<f64>,
+    /// M3: seeded stratified splits averaged (mean and standard error).
+    pub m3_splits: usize,
+    /// The defence chain applied to every layer's release (empty: the raw release).
+    pub defence: Vec<Defence>,
+    /// M5's prior variance; None: the per-dimension variance over all inputs.
+    pub prior_variance: Option<f64>,
     /// Built-in models only: Adam steps (lr 1e-3, batches of 64) on the audited data first.
     pub train_steps: usize,
     /// M4: run the inversion attack with these settings (slow); None: M4 absent.
@@ -36,7 +45,7 @@ pub struct AuditOptions {
 
 impl Default for AuditOptions {
     fn default() -> Self {
-        Self { batch_size: 32, probes: 8, exact: false, seed: 0, l2: 1e-2, train_steps: 0, inversion: None, device: "cpu".into() }
+        Self { batch_size: 32, probes: 8, exact: false, seed: 0, l2: None, m3_splits: 5, defence: Vec::new(), prior_variance: None, train_steps: 0, inversion: None, device: "cpu".into() }
     }
 }
 
@@ -64,6 +73,15 @@ impl AuditOptions {
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
             return Err(AuditError::Usage("--batch-size must be at least 1".into()));
+        }
+        if self.m3_splits == 0 {
+            return Err(AuditError::Usage("--m3-splits must be at least 1".into()));
+        }
+        if self.exact && !self.defence.is_empty() {
+            return Err(AuditError::Usage("--exact cannot be combined with --defence: a defended release is measured through K probe JVPs".into()));
+        }
+        if let Some(v) = self.prior_variance.filter(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(AuditError::Usage(format!("--prior-variance must be a finite number > 0, got {v}")));
         }
         if !self.exact && self.probes < 2 {
             return Err(AuditError::Usage(format!("--probes must be at least 2 (for a standard error), got {}", self.probes)));
@@ -96,10 +114,16 @@ pub fn run_audit(model: &AuditModel, data: &AuditData, options: &AuditOptions) -
         sensitivity: SensitivitySettings { probes: options.probes, method: JvpMethod::DoubleBackward, exact: options.exact },
         m1_batch: options.m1_batch(data.n),
         subspace: SubspaceSettings::default(),
-        usable: UsableSettings { l2: options.l2, ..Default::default() },
+        usable: match options.l2 {
+            Some(l2) => UsableSettings { l2, l2_grid: Vec::new(), splits: options.m3_splits, ..Default::default() },
+            None => UsableSettings { splits: options.m3_splits, ..Default::default() },
+        },
         inversion: options.inversion.map(|i| {
             (InversionPlan { batch_size: i.batch_size, releases: i.releases }, InversionSettings { iterations: i.iterations, learning_rate: i.learning_rate, ..Default::default() })
         }),
+        defence: options.defence.clone(),
+        prior_variance: options.prior_variance,
+        seed: options.seed,
     };
     let target = Inspection::new(&layers, &loss_fn, Batch::new(&data.x, &data.y)).seeded(options.seed, 0);
     let mut measured = measure_layers(&target, data.attribute.as_deref(), &settings)?;
@@ -117,6 +141,8 @@ pub fn run_audit(model: &AuditModel, data: &AuditData, options: &AuditOptions) -
         loss: data.loss,
         device: options.device.clone(),
         train_steps: options.train_steps,
+        defence: (!options.defence.is_empty()).then(|| Chain::describe(&options.defence)),
+        release: measured.release,
         settings: AuditSettings { sensitivity: settings.sensitivity, subspace: settings.subspace, usable: settings.usable, inversion: settings.inversion },
         seconds: measured.seconds,
         layers: measured.rows,

@@ -17,6 +17,8 @@ pub(super) struct MicroLatent {
     pub d_between: Option<f64>,
     pub separation: Option<f64>,
     pub bits: Option<f64>,
+    /// Standard error of `bits` over M3's seeded splits.
+    pub bits_se: Option<f64>,
     pub accuracy: Option<f64>,
 }
 
@@ -79,6 +81,7 @@ pub(super) fn micro_latent(grads: &[Option<GradientMatrix>], attribute: &[i64], 
             d_between: m2.map(|m| m.0),
             separation: m2.map(|m| m.1),
             bits: m3.as_ref().map(|m| m.usable_information_bits),
+            bits_se: m3.as_ref().map(|m| m.usable_information_se),
             accuracy: m3.as_ref().map(|m| m.attack_accuracy),
         });
     }

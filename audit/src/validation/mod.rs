@@ -9,8 +9,10 @@
 //! through the guard's own transform path (the closed loop's). Writes VALIDATION.md and SVG
 //! figures; every statement in VALIDATION.md is computed from the numbers of the run that
 //! wrote it.
+mod bound;
 mod groups;
 mod render;
+mod render_bound;
 mod sweeps;
 
 use crate::data::Digits;
@@ -83,6 +85,9 @@ struct Plan {
     /// Group-pure micro-batch size of the second latent comparison, and its release count.
     micro_batch: usize,
     micro_releases: usize,
+    /// The bound's test: noise multipliers (0: the raw release) and attacked single-sample releases.
+    bound_noise: Vec<f64>,
+    bound_releases: usize,
 }
 
 /// Probes K of M1 in the aggregation and defence sweeps.
@@ -109,6 +114,8 @@ impl Plan {
                 def_m4_iterations: 30,
                 micro_batch: 8,
                 micro_releases: 200,
+                bound_noise: vec![0.0, 0.01, 1.0],
+                bound_releases: 2,
             }
         } else {
             Self {
@@ -129,6 +136,8 @@ impl Plan {
                 def_m4_iterations: 300,
                 micro_batch: 8,
                 micro_releases: 800,
+                bound_noise: vec![0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+                bound_releases: 8,
             }
         }
     }
@@ -166,6 +175,9 @@ struct Results {
     checkpoints: Vec<Checkpoint>,
     aggregation: Option<Sweep>,
     defences: Option<DefenceSweeps>,
+    /// M5's bound against M4, per model, and the figure's file name.
+    bounds: Vec<bound::BoundStudy>,
+    bound_figure: String,
     timings: Vec<(String, f64)>,
     total: f64,
 }
@@ -187,7 +199,7 @@ pub fn run_validation(options: &ValidationOptions, progress: &mut dyn FnMut(&str
     let pool = Pool { x: px, y: py, attribute: to_f64_vec(&pa)?.into_iter().map(|v| v as i64).collect() };
     let (tx, ty, _) = digits.batch(&train, Device::Cpu)?;
 
-    let mut results = Results { checkpoints: Vec::new(), aggregation: None, defences: None, timings: Vec::new(), total: 0.0 };
+    let mut results = Results { checkpoints: Vec::new(), aggregation: None, defences: None, bounds: Vec::new(), bound_figure: "bound_vs_attack.svg".into(), timings: Vec::new(), total: 0.0 };
     let mut timed = |results: &mut Results, what: String, seconds: f64| {
         progress(&format!("{what} in {seconds:.1}s"));
         results.timings.push((what, seconds));
@@ -204,6 +216,12 @@ pub fn run_validation(options: &ValidationOptions, progress: &mut dyn FnMut(&str
             let (rows, grads) = measure_checkpoint(&target, &pool.attribute, &plan)?;
             bar_panels_svg(&fig_dir.join(format!("layers_{name}_step{step}.svg")), &format!("{name} at step {step}: per-layer metrics (digits, seed {seed})"), &rows)?;
             timed(&mut results, format!("{name} step {step}"), t.elapsed().as_secs_f64());
+            if step == *plan.steps.get(1).unwrap_or(&0) {
+                let study = Study { target, attribute: &pool.attribute, grads: &grads, plan: &plan, fig_dir: &fig_dir, step };
+                let t = Instant::now();
+                results.bounds.push(bound::bound_study(&study, name)?);
+                timed(&mut results, format!("{name} bound against attack"), t.elapsed().as_secs_f64());
+            }
             if name == "cnn" && step == *plan.steps.get(1).unwrap_or(&0) {
                 let study = Study { target, attribute: &pool.attribute, grads: &grads, plan: &plan, fig_dir: &fig_dir, step };
                 let t = Instant::now();
@@ -217,6 +235,7 @@ pub fn run_validation(options: &ValidationOptions, progress: &mut dyn FnMut(&str
             results.checkpoints.push(Checkpoint { model: name, step, rows, micro });
         }
     }
+    bound::bound_figure(&fig_dir.join(&results.bound_figure), &results.bounds)?;
     results.total = started.elapsed().as_secs_f64();
     let path = options.out.join("VALIDATION.md");
     write_file(&path, &render::render(options, &plan, &results), "writing")?;
@@ -231,6 +250,9 @@ fn measure_checkpoint(target: &Inspection, attribute: &[i64], plan: &Plan) -> Re
         subspace: SubspaceSettings::default(),
         usable: UsableSettings::default(),
         inversion: Some((InversionPlan { batch_size: 1, releases: plan.m4_releases }, InversionSettings { iterations: plan.m4_iterations, ..Default::default() })),
+        defence: Vec::new(),
+        prior_variance: None,
+        seed: target.seed(),
     };
     let measured = measure_layers(target, Some(attribute), &settings)?;
     let grads = measured.grads.unwrap_or_else(|| vec![None; target.layers().len()]);

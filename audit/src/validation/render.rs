@@ -1,6 +1,7 @@
 //! VALIDATION.md: every table, verdict and sentence computed from the study's numbers.
 use super::sweeps::{layer_names, Get, SweepRow};
 use super::groups::{MicroLatent, M2_COLUMNS};
+use super::render_bound::render_bound;
 use super::{Checkpoint, Plan, Results, ValidationOptions, SWEEP_PROBES};
 use crate::report::LayerRow;
 use std::fmt::Write as _;
@@ -100,6 +101,34 @@ fn argmax(points: &[Point], get: Getter) -> Option<(String, f64)> {
     points.iter().filter_map(|p| Some((p.row.name.clone(), get(p)?))).max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
+/// How many checkpoints a claim survives the error bars in (checkpoint: (survives, the attack
+/// measured anything)).
+fn survives(results: &[(bool, bool)]) -> String {
+    let measured: Vec<bool> = results.iter().filter(|r| r.1).map(|r| r.0).collect();
+    if measured.is_empty() {
+        return format!("**undetermined** (the attack stayed below {ATTACK_FLOOR} at every checkpoint)");
+    }
+    let kept = measured.iter().filter(|w| **w).count();
+    let verdict = if kept == measured.len() { "survives" } else if kept == 0 { "does not survive" } else { "survives in part" };
+    format!("**{verdict}** ({kept} of {} checkpoints where the attack measured anything)", measured.len())
+}
+
+/// For the latent claim with error bars: (the best fc layer leads the best conv layer by more
+/// than 2 standard errors of the difference, the attack measured anything).
+fn fc_lead(points: &[Point], get: Getter, se: Getter) -> (bool, bool) {
+    let best = |fc: bool| {
+        points
+            .iter()
+            .filter(|p| (p.row.name == "fc1" || p.row.name == "fc2") == fc)
+            .filter_map(|p| Some((get(p)?, se(p).unwrap_or(0.0))))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+    };
+    match (best(true), best(false)) {
+        (Some((f, fse)), Some((c, cse))) => (f - c > 2.0 * (fse * fse + cse * cse).sqrt(), f.max(c) >= ATTACK_FLOOR),
+        _ => (false, false),
+    }
+}
+
 fn points(c: &Checkpoint) -> Vec<Point<'_>> {
     c.rows.iter().zip(&c.micro).map(|(row, micro)| Point { row, micro: *micro }).collect()
 }
@@ -145,7 +174,7 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
     out!(w, "- Audited pool: the first {} training samples.", plan.pool);
     out!(w, "- M1: one batch of the first {} pool samples, K = {} probes (double backward).", plan.m1_batch, plan.m1_probes);
     out!(w, "- M2: m = 16 gradients per attribute value, rank r = 4; per-sample gradients, and group-pure micro-batches of {} samples.", plan.micro_batch);
-    out!(w, "- M3: projection r = 64, L2 = 1e-2, stratified 70/30 split; on all {} pool samples' per-sample gradients, and on {} group-pure micro-batch releases of {} (the mean gradient of {} samples sharing the attribute value, labelled with it).", plan.pool, plan.micro_releases, plan.micro_batch, plan.micro_batch);
+    out!(w, "- M3: projection r = 64, stratified 70/30 split repeated over 5 seeds (mean ± standard error), the L2 penalty chosen on each training split by 3-fold cross-validation from 1e-3, 1e-2, 1e-1, 1; on all {} pool samples' per-sample gradients, and on {} group-pure micro-batch releases of {} (the mean gradient of {} samples sharing the attribute value, labelled with it).", plan.pool, plan.micro_releases, plan.micro_batch, plan.micro_batch);
     out!(w, "- M4: {} single-sample releases, {} Adam steps (step 0.1 sigma, cosine decay), started at the mean input plus 0.1 sigma seeded noise, labels known.", plan.m4_releases, plan.m4_iterations);
     out!(w, "- Spearman rank correlations are across layers; with 3-4 layers per checkpoint a single checkpoint decides little (|rho| = 1 happens by chance with probability 1/12 for 4 layers, 1/3 for 3), so the pooled rows (all checkpoints of a model, then both models) are the ones to read. Ties (e.g. several layers at 0 bits) get average ranks; n/a: fewer than 3 points, a constant side, or an attack below {ATTACK_FLOOR} bits at every point compared (no ranking to track).");
 
@@ -203,25 +232,33 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
 
     // Paper findings.
     out!(w, "\n## The paper's findings, checked here\n");
+    out!(w, "M3 is the mean over 5 seeded stratified splits ± its standard error (METRICS.md, M3 Uncertainty; the L2 penalty chosen by 3-fold cross-validation on each training split). The splits share the pool, so the error is that of the split choice, not of drawing a new pool. M4 is a single seeded attack per sample: it has no error bar here.\n");
     out!(w, "| model | checkpoint | most M4 bits | most M3 bits (per sample) | most M3 bits (micro-batches) | largest S_l | largest S_l^rms | largest R_l | largest separation |");
     out!(w, "|---|---|---|---|---|---|---|---|---|");
     let m4: Getter = |p| p.row.usable_original_bits_per_dim;
     let m3: Getter = |p| p.row.usable_information_bits;
     let m3_micro: Getter = |p| p.micro.bits;
+    let m3_se: Getter = |p| p.row.usable_information_se;
+    let m3_micro_se: Getter = |p| p.micro.bits_se;
+    let mut latent_se: Vec<(bool, bool)> = Vec::new();
+    let mut latent_micro_se: Vec<(bool, bool)> = Vec::new();
     let mut first: Vec<(&str, Vec<(bool, bool)>)> = vec![("cnn", vec![]), ("mlp", vec![])];
     let mut latent: Vec<(bool, bool)> = Vec::new();
     let mut latent_micro: Vec<(bool, bool)> = Vec::new();
     for c in checkpoints {
         let pts = points(c);
         let show = |g: Getter| argmax(&pts, g).map_or("–".into(), |(n, v)| format!("{n} ({})", num(Some(v))));
+        let show_se = |g: Getter, se: Getter| {
+            argmax(&pts, g).map_or("–".into(), |(n, v)| format!("{n} ({} ± {})", num(Some(v)), num(pts.iter().find(|p| p.row.name == n).and_then(se))))
+        };
         out!(
             w,
             "| {} | step {} | {} | {} | {} | {} | {} | {} | {} |",
             c.model,
             c.step,
             show(m4),
-            show(m3),
-            show(m3_micro),
+            show_se(m3, m3_se),
+            show_se(m3_micro, m3_micro_se),
             show(|p| p.row.sensitivity),
             show(|p| p.row.sensitivity_rms),
             show(|p| p.row.relative_sensitivity),
@@ -240,11 +277,14 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
             if let Some((n, v)) = argmax(&pts, m3_micro) {
                 latent_micro.push((n == "fc1" || n == "fc2", v >= ATTACK_FLOOR));
             }
+            latent_se.push(fc_lead(&pts, m3, m3_se));
+            latent_micro_se.push(fc_lead(&pts, m3_micro, m3_micro_se));
         }
     }
     out!(w);
     out!(w, "- *First layers carry the most original information* (the first layer has the most M4 bits): CNN (conv1): {}; MLP (fc0): {}.", claim(&first[0].1), claim(&first[1].1));
     out!(w, "- *The fully-connected layers after the feature extractor carry the most latent information* (CNN: fc1 or fc2 has the most M3 bits): per-sample releases: {}; micro-batches of {}: {}.", claim(&latent), plan.micro_batch, claim(&latent_micro));
+    out!(w, "- *The same, with M3's error bars* (a checkpoint counts for the claim only when the best fully-connected layer beats the best convolutional layer by more than twice the standard error of the difference, sqrt(se_fc^2 + se_conv^2)): per-sample releases: {}; micro-batches of {}: {}.", survives(&latent_se), plan.micro_batch, survives(&latent_micro_se));
 
     // Per-checkpoint numbers.
     out!(w, "\n## Per-layer numbers\n");
@@ -264,11 +304,11 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
                 num(r.relative_sensitivity),
                 num(r.subspace_distance),
                 num(r.subspace_separation),
-                num(r.usable_information_bits),
+                format!("{} ± {}", num(r.usable_information_bits), num(r.usable_information_se)),
                 num(r.attack_accuracy),
                 num(r.majority_accuracy),
                 num(mb.separation),
-                num(mb.bits),
+                format!("{} ± {}", num(mb.bits), num(mb.bits_se)),
                 num(mb.accuracy),
                 num(r.usable_original_bits_per_dim),
                 num(r.psnr)
@@ -301,6 +341,9 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
         defence_verdicts(w, "sparsification", &d.sparsify, false);
     }
 
+    render_bound(w, &results.bounds, &results.bound_figure);
+    let bound_summary = super::render_bound::summary(&results.bounds);
+
     // What held.
     out!(w, "\n## What held and what did not\n");
     for (model, cells) in &summary {
@@ -308,6 +351,9 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
         out!(w, "- {model}, pooled: {}.", line.join("; "));
     }
     out!(w, "- A rho above +0.5 is read as \"tracks the attack\", between -0.5 and +0.5 as \"does not track it\", below -0.5 as \"ranks the layers against the attack\".");
+    if let Some(line) = bound_summary {
+        out!(w, "- {line}");
+    }
     if let Some(agg) = aggregation {
         let falls = |get: Get| trend(&agg.rows, get).iter().filter(|t| t.3.is_some_and(|r| r <= -0.5)).count();
         let rises = |get: Get| trend(&agg.rows, get).iter().filter(|t| t.3.is_some_and(|r| r >= 0.5)).count();

@@ -9,7 +9,6 @@ use gradguard_defenses::{derive_seed, Defence};
 use gradguard_guard::{Batch, InversionPlan, InversionSettings};
 use gradguard_guard::GradientMatrix;
 use gradguard_guard::Metric;
-use gradguard_guard::to_f64_vec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::borrow::Cow;
@@ -191,23 +190,13 @@ fn sweep_figure(path: &Path, title: &str, x_label: &str, rows: &[SweepRow]) -> R
 /// Each row of `g` released through `defence` (row i seeded with `seed_of(i)`), by
 /// `Defence::apply`; unchanged without a defence, None when the defence withholds.
 fn defend_rows<'g>(defence: Option<&Defence>, g: &'g GradientMatrix, seed_of: impl Fn(usize) -> u64) -> Result<Option<Cow<'g, GradientMatrix>>> {
-    let Some(d) = defence else { return Ok(Some(Cow::Borrowed(g))) };
-    let m = Tensor::f_from_slice(&g.data)?.f_reshape([g.rows as i64, g.cols as i64])?;
-    let mut out = Vec::with_capacity(g.rows);
-    for i in 0..g.rows {
-        match d.apply(&m.f_get(i as i64)?, seed_of(i))? {
-            Some(v) => out.push(v),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(Cow::Owned(GradientMatrix::new(g.rows, g.cols, to_f64_vec(&Tensor::f_stack(&out, 0)?)?)?)))
+    crate::estimate::defended::defend_rows(defence.map(std::slice::from_ref).unwrap_or(&[]), g, seed_of)
 }
 
-pub(super) fn defence_sweep(study: &Study) -> Result<DefenceSweeps> {
-    let (t, plan, seed) = (&study.target, study.plan, study.target.seed());
-    // Clip norm per layer: the median per-sample gradient norm (noise std = multiplier x clip).
-    let clip: Vec<f64> = study
-        .grads
+/// Clip norm per layer: the median per-sample gradient norm (noise std = multiplier x clip);
+/// 1 for a layer without per-sample gradients.
+pub(super) fn median_norms(grads: &[Option<GradientMatrix>]) -> Vec<f64> {
+    grads
         .iter()
         .map(|g| {
             g.as_ref().map_or(1.0, |g| {
@@ -216,7 +205,12 @@ pub(super) fn defence_sweep(study: &Study) -> Result<DefenceSweeps> {
                 norms[norms.len() / 2].max(1e-12)
             })
         })
-        .collect();
+        .collect()
+}
+
+pub(super) fn defence_sweep(study: &Study) -> Result<DefenceSweeps> {
+    let (t, plan, seed) = (&study.target, study.plan, study.target.seed());
+    let clip = median_norms(study.grads);
     let jv = release_probes(t, plan.m1_batch, SWEEP_PROBES)?;
     let groups = indices_by_group(study.attribute);
     // Group-pure micro-batch releases (mean gradient of `micro_batch` samples sharing the

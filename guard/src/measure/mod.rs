@@ -34,6 +34,7 @@ mod inspection;
 mod inversion;
 mod latent_table;
 mod layers;
+mod logistic;
 mod loss;
 mod per_sample;
 mod sensitivity;
@@ -42,6 +43,7 @@ mod subspace;
 mod tensors;
 mod transform;
 mod usable;
+mod usable_splits;
 
 pub use batch::Batch;
 pub use device::parse_device;

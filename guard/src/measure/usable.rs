@@ -6,15 +6,23 @@
 //! scored on the held-out split against the intercept-only model (the training-split class
 //! frequencies).
 //!
+//! Uncertainty (METRICS.md, M3, Uncertainty): one split of a few hundred samples moves the
+//! estimate by about 0.1 bit, so the split is repeated (`splits` seeded stratified splits,
+//! default 5) and the mean and its standard error are reported; on each split the L2 penalty is
+//! chosen from `l2_grid` by stratified `cv_folds`-fold cross-validation on the training split
+//! alone (held-out cross-entropy), so the held-out split never chooses its own attacker. The
+//! penalties chosen are reported.
+//!
 //! The core ([`usable_information`], [`attribute_information`]) is plain Rust on host f64
 //! data: no libtorch, no autograd, Send + Sync inputs, so it runs off the training thread.
 //! [`estimate_usable_information`] is the convenience that first takes per-sample gradients
 //! through a [`LossFn`].
 use crate::error::{GuardError, Result};
 use super::inspection::Inspection;
+use super::logistic::{dot, FitSettings};
 use super::per_sample::{per_sample_gradients, GradientMatrix};
+use super::usable_splits::{choose_penalty, fit_and_score, mean_and_se, most_chosen, stratified_split, SplitScore};
 use crate::report::Metric;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -26,9 +34,15 @@ use serde::{Deserialize, Serialize};
 pub struct UsableSettings {
     /// r: rows of the Gaussian projection R_l (entries N(0, 1/r)).
     pub projection_dim: usize,
-    /// L2 penalty on the weights (not the intercepts): the objective is the mean training
-    /// cross-entropy plus (l2 / 2) ||W||_F^2, on standardised features.
+    /// L2 penalty on the weights (not the intercepts) when `l2_grid` is empty: the objective is
+    /// the mean training cross-entropy plus (l2 / 2) ||W||_F^2, on standardised features.
     pub l2: f64,
+    /// Penalties cross-validation chooses from on each training split; empty: always `l2`.
+    pub l2_grid: Vec<f64>,
+    /// Folds of the cross-validation on the training split (stratified, seeded).
+    pub cv_folds: usize,
+    /// Seeded stratified splits averaged (mean and standard error).
+    pub splits: usize,
     /// Held-out fraction of each attribute value (stratified split).
     pub test_fraction: f64,
     /// Fewest samples for an estimate; below it the metric is absent.
@@ -41,13 +55,29 @@ pub struct UsableSettings {
 
 impl Default for UsableSettings {
     fn default() -> Self {
-        Self { projection_dim: 64, l2: 1e-2, test_fraction: 0.3, min_samples: 200, max_iterations: 500, tolerance: 1e-7 }
+        Self {
+            projection_dim: 64,
+            l2: 1e-2,
+            l2_grid: vec![1e-3, 1e-2, 1e-1, 1.0],
+            cv_folds: 3,
+            splits: 5,
+            test_fraction: 0.3,
+            min_samples: 200,
+            max_iterations: 500,
+            tolerance: 1e-7,
+        }
     }
 }
 
 impl UsableSettings {
-    /// Rejects settings outside their ranges (projection_dim >= 1, l2 >= 0, test_fraction in
-    /// (0, 1), min_samples >= 4, max_iterations >= 1).
+    /// One split, the fixed penalty `l2`: the single estimate of earlier releases (cheap).
+    pub fn single_split(l2: f64) -> Self {
+        Self { l2, l2_grid: Vec::new(), splits: 1, ..Self::default() }
+    }
+
+    /// Rejects settings outside their ranges (projection_dim >= 1, l2 and the grid's penalties
+    /// finite and >= 0, cv_folds >= 2 with a grid, splits >= 1, test_fraction in (0, 1),
+    /// min_samples >= 4, max_iterations >= 1).
     pub fn validate(&self) -> Result<()> {
         let bad = |setting: &'static str, why: String| Err(GuardError::Config { setting, why });
         if self.projection_dim == 0 {
@@ -55,6 +85,15 @@ impl UsableSettings {
         }
         if !(self.l2.is_finite() && self.l2 >= 0.0) {
             return bad("usable.l2", format!("must be a finite number >= 0, got {}", self.l2));
+        }
+        if let Some(v) = self.l2_grid.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+            return bad("usable.l2_grid", format!("every penalty must be a finite number >= 0, got {v}"));
+        }
+        if !self.l2_grid.is_empty() && self.cv_folds < 2 {
+            return bad("usable.cv_folds", format!("must be at least 2 to choose a penalty, got {}", self.cv_folds));
+        }
+        if self.splits == 0 {
+            return bad("usable.splits", "must be at least 1".into());
         }
         if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
             return bad("usable.test_fraction", format!("must be in (0, 1), got {}", self.test_fraction));
@@ -67,36 +106,51 @@ impl UsableSettings {
         }
         Ok(())
     }
+
+    pub(super) fn fit(&self) -> FitSettings {
+        FitSettings { max_iterations: self.max_iterations, tolerance: self.tolerance }
+    }
 }
 
-/// M3 for one layer.
+/// M3 for one layer: the mean over `splits` seeded stratified splits, with standard errors.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UsableInformation {
-    /// max(0, H_V(A|none) - H_V(A|Z)) in bits.
+    /// max(0, mean over splits of H_V(A|none) - H_V(A|Z)) in bits.
     pub usable_information_bits: f64,
-    /// Held-out accuracy of the fitted attacker.
+    /// Standard error of that mean over the splits (0 with one split). The splits share
+    /// samples, so this is the spread of the split choice, not of a fresh data set.
+    pub usable_information_se: f64,
+    /// Held-out accuracy of the fitted attacker (mean over splits).
     pub attack_accuracy: f64,
-    /// Held-out accuracy of always guessing the training split's most frequent value.
+    /// Standard error of the held-out accuracy over the splits.
+    pub attack_accuracy_se: f64,
+    /// Held-out accuracy of always guessing the training split's most frequent value (mean).
     pub majority_accuracy: f64,
-    /// H_V(A|none): held-out cross-entropy of the training-split class frequencies, in bits.
+    /// H_V(A|none): held-out cross-entropy of the training-split class frequencies, in bits
+    /// (mean over splits).
     pub prior_entropy_bits: f64,
-    /// H_V(A|Z): held-out cross-entropy of the fitted attacker, in bits.
+    /// H_V(A|Z): held-out cross-entropy of the fitted attacker, in bits (mean over splits).
     pub conditional_entropy_bits: f64,
-    /// Samples (or releases) used, and the split.
+    /// Samples (or releases) used.
     pub samples: usize,
-    /// Samples in the training split.
+    /// Samples in each training split.
     pub train: usize,
-    /// Samples in the held-out split.
+    /// Samples in each held-out split.
     pub test: usize,
     /// Distinct attribute values.
     pub classes: usize,
     /// r, the projection's rows.
     pub projection_dim: usize,
-    /// L2 penalty the attacker was fitted with.
+    /// The L2 penalty reported: the one cross-validation chose on most splits (ties: the
+    /// smaller), or the fixed penalty.
     pub l2: f64,
-    /// L-BFGS iterations the fit took.
+    /// The penalty chosen on each split, in split order.
+    pub l2_chosen: Vec<f64>,
+    /// Splits averaged.
+    pub splits: usize,
+    /// L-BFGS iterations of the slowest final fit.
     pub iterations: usize,
-    /// Seed of the projection and the split.
+    /// Seed of the projection and the splits.
     pub seed: u64,
     /// P_l (columns of the gradient matrix).
     pub params: usize,
@@ -126,23 +180,6 @@ pub fn project(grads: &GradientMatrix, r: usize, seed: u64, layer: usize) -> Res
             rmat.chunks(grads.cols.max(1)).take(r).map(|row| dot(row, g)).collect()
         })
         .collect())
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    // Four accumulators: the compiler vectorises this; the order is fixed, so it is
-    // deterministic.
-    let mut acc = [0.0f64; 4];
-    let chunks = a.len() / 4;
-    for c in 0..chunks {
-        for k in 0..4 {
-            acc[k] += a[4 * c + k] * b[4 * c + k];
-        }
-    }
-    let mut s = acc[0] + acc[1] + acc[2] + acc[3];
-    for k in 4 * chunks..a.len() {
-        s += a[k] * b[k];
-    }
-    s
 }
 
 /// M3 of one layer from its per-sample (or per-release) gradient matrix and one attribute
@@ -212,9 +249,10 @@ fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings) -> R
     }
 }
 
-/// The attack on arbitrary features (one row per sample): standardise with the training
-/// split's statistics, fit the L2-penalised multinomial logistic regression, score the held-out
-/// split. `params` of the result is the feature count; [`usable_information`] sets it to P_l.
+/// The attack on arbitrary features (one row per sample), on each of `settings.splits` seeded
+/// stratified splits: choose the penalty by cross-validation on the training split,
+/// standardise with the training split's statistics, fit the L2-penalised multinomial logistic
+/// regression, score the held-out split; then the mean and standard error over the splits. `params` of the result is the feature count; [`usable_information`] sets it to P_l.
 pub fn attribute_information(
     features: &[Vec<f64>],
     labels: &[i64],
@@ -244,239 +282,42 @@ pub fn attribute_information(
     }
     let c = values.len();
     let class: Vec<usize> = labels.iter().map(|a| values.binary_search(a).expect("value listed")).collect();
-    let (train, test) = stratified_split(&class, c, settings.test_fraction, seed);
-    if test.is_empty() {
-        return Ok(Metric::absent("held-out split is empty (every attribute value has a single sample)"));
-    }
-
-    // Standardise with training-split statistics.
-    let mut mean = vec![0.0; d];
-    for &i in &train {
-        for (m, v) in mean.iter_mut().zip(&features[i]) {
-            *m += v;
+    let mut scores = Vec::with_capacity(settings.splits);
+    for split in 0..settings.splits {
+        let (train, test) = stratified_split(&class, c, settings.test_fraction, seed, split as u64);
+        if test.is_empty() {
+            return Ok(Metric::absent("held-out split is empty (every attribute value has a single sample)"));
         }
+        let l2 = choose_penalty(features, &class, c, &train, settings, seed, split as u64);
+        scores.push(fit_and_score(features, &class, c, &train, &test, l2, &settings.fit()));
     }
-    mean.iter_mut().for_each(|m| *m /= train.len() as f64);
-    let mut sd = vec![0.0; d];
-    for &i in &train {
-        for ((s, v), m) in sd.iter_mut().zip(&features[i]).zip(&mean) {
-            *s += (v - m) * (v - m);
-        }
-    }
-    sd.iter_mut().for_each(|s| {
-        *s = (*s / train.len() as f64).sqrt();
-        if !(*s > 1e-300) {
-            *s = 1.0;
-        }
-    });
-    let standardise = |idx: &[usize]| -> Vec<Vec<f64>> {
-        idx.iter().map(|&i| features[i].iter().zip(&mean).zip(&sd).map(|((v, m), s)| (v - m) / s).collect()).collect()
-    };
-    let ztrain = standardise(&train);
-    let ztest = standardise(&test);
-    let atrain: Vec<usize> = train.iter().map(|&i| class[i]).collect();
-    let atest: Vec<usize> = test.iter().map(|&i| class[i]).collect();
-
-    // H_V(A|none): training-split frequencies on held-out labels.
-    let mut counts = vec![0usize; c];
-    for &a in &atrain {
-        counts[a] += 1;
-    }
-    let prior: Vec<f64> = counts.iter().map(|&k| k as f64 / atrain.len() as f64).collect();
-    let h_none = atest.iter().map(|&a| -prior[a].ln()).sum::<f64>() / atest.len() as f64;
-    let majority = (0..c).max_by_key(|&k| (counts[k], std::cmp::Reverse(k))).unwrap_or(0);
-    let majority_accuracy = atest.iter().filter(|&&a| a == majority).count() as f64 / atest.len() as f64;
-
-    let model = fit_logistic(&ztrain, &atrain, c, settings, &prior);
-    let mut h_z = 0.0;
-    let mut correct = 0usize;
-    for (z, &a) in ztest.iter().zip(&atest) {
-        let logp = model.log_probs(z);
-        h_z -= logp[a];
-        let best = (0..c).max_by(|&i, &j| logp[i].total_cmp(&logp[j]).then(j.cmp(&i))).unwrap_or(0);
-        correct += (best == a) as usize;
-    }
-    h_z /= atest.len() as f64;
     let ln2 = std::f64::consts::LN_2;
+    let gains: Vec<f64> = scores.iter().map(|s| (s.h_none - s.h_z) / ln2).collect();
+    let (gain, gain_se) = mean_and_se(&gains);
+    let (accuracy, accuracy_se) = mean_and_se(&scores.iter().map(|s| s.accuracy).collect::<Vec<_>>());
+    let mean = |f: fn(&SplitScore) -> f64| scores.iter().map(f).sum::<f64>() / scores.len() as f64;
+    let l2_chosen: Vec<f64> = scores.iter().map(|s| s.l2).collect();
     Ok(Metric::Measured(UsableInformation {
-        usable_information_bits: ((h_none - h_z) / ln2).max(0.0),
-        attack_accuracy: correct as f64 / atest.len() as f64,
-        majority_accuracy,
-        prior_entropy_bits: h_none / ln2,
-        conditional_entropy_bits: h_z / ln2,
+        usable_information_bits: gain.max(0.0),
+        usable_information_se: gain_se,
+        attack_accuracy: accuracy,
+        attack_accuracy_se: accuracy_se,
+        majority_accuracy: mean(|s| s.majority),
+        prior_entropy_bits: mean(|s| s.h_none) / ln2,
+        conditional_entropy_bits: mean(|s| s.h_z) / ln2,
         samples: n,
-        train: train.len(),
-        test: test.len(),
+        train: scores[0].train,
+        test: scores[0].test,
         classes: c,
         projection_dim: d,
-        l2: settings.l2,
-        iterations: model.iterations,
+        l2: most_chosen(&l2_chosen),
+        l2_chosen,
+        splits: scores.len(),
+        iterations: scores.iter().map(|s| s.iterations).max().unwrap_or(0),
         seed,
         params: d,
     }))
 }
-
-/// Stratified seeded split: of each class's k samples, round(k * fraction) go to the held-out
-/// split, keeping at least one in training (and one held out when k >= 2).
-pub fn stratified_split(class: &[usize], classes: usize, test_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(0x4d33_5350);
-    let mut train = Vec::new();
-    let mut test = Vec::new();
-    for k in 0..classes {
-        let mut idx: Vec<usize> = class.iter().enumerate().filter(|(_, &a)| a == k).map(|(i, _)| i).collect();
-        idx.shuffle(&mut rng);
-        let count = idx.len();
-        let held = if count >= 2 { ((count as f64 * test_fraction).round() as usize).clamp(1, count - 1) } else { 0 };
-        test.extend_from_slice(&idx[..held]);
-        train.extend_from_slice(&idx[held..]);
-    }
-    train.sort_unstable();
-    test.sort_unstable();
-    (train, test)
-}
-
-/// A fitted multinomial logistic regression: weights c x d (row-major) and intercepts.
-struct Logistic {
-    w: Vec<f64>,
-    b: Vec<f64>,
-    c: usize,
-    d: usize,
-    iterations: usize,
-}
-
-impl Logistic {
-    fn log_probs(&self, z: &[f64]) -> Vec<f64> {
-        let logits: Vec<f64> = (0..self.c).map(|k| self.b[k] + dot(&self.w[k * self.d..(k + 1) * self.d], z)).collect();
-        log_softmax(&logits)
-    }
-}
-
-fn log_softmax(logits: &[f64]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let lse = max + logits.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-    logits.iter().map(|v| v - lse).collect()
-}
-
-/// Objective and gradient at theta = [W (c x d), b (c)].
-fn objective(theta: &[f64], z: &[Vec<f64>], a: &[usize], c: usize, d: usize, l2: f64, grad: &mut [f64]) -> f64 {
-    grad.iter_mut().for_each(|g| *g = 0.0);
-    let n = z.len() as f64;
-    let (w, b) = theta.split_at(c * d);
-    let mut loss = 0.0;
-    let mut logits = vec![0.0; c];
-    for (zi, &ai) in z.iter().zip(a) {
-        for k in 0..c {
-            logits[k] = b[k] + dot(&w[k * d..(k + 1) * d], zi);
-        }
-        let lp = log_softmax(&logits);
-        loss -= lp[ai];
-        for k in 0..c {
-            let r = (lp[k].exp() - if k == ai { 1.0 } else { 0.0 }) / n;
-            let gw = &mut grad[k * d..(k + 1) * d];
-            for (g, v) in gw.iter_mut().zip(zi) {
-                *g += r * v;
-            }
-            grad[c * d + k] += r;
-        }
-    }
-    loss /= n;
-    let mut penalty = 0.0;
-    for (g, v) in grad[..c * d].iter_mut().zip(w) {
-        *g += l2 * v;
-        penalty += v * v;
-    }
-    loss + 0.5 * l2 * penalty
-}
-
-/// Deterministic full-batch L-BFGS (memory 10, Armijo backtracking) from the intercept-only
-/// optimum (W = 0, b = log prior), so the fit never ends above the intercept-only model's
-/// training objective.
-fn fit_logistic(z: &[Vec<f64>], a: &[usize], c: usize, settings: &UsableSettings, prior: &[f64]) -> Logistic {
-    let d = z.first().map_or(0, |r| r.len());
-    let dim = c * d + c;
-    let mut theta = vec![0.0; dim];
-    for k in 0..c {
-        theta[c * d + k] = prior[k].max(1e-300).ln();
-    }
-    let mut grad = vec![0.0; dim];
-    let mut f = objective(&theta, z, a, c, d, settings.l2, &mut grad);
-    let memory = 10;
-    let mut s_hist: Vec<Vec<f64>> = Vec::new();
-    let mut y_hist: Vec<Vec<f64>> = Vec::new();
-    let mut iterations = 0;
-    let mut new_grad = vec![0.0; dim];
-    for it in 0..settings.max_iterations {
-        iterations = it;
-        let gmax = grad.iter().fold(0.0f64, |m, g| m.max(g.abs()));
-        if gmax < settings.tolerance {
-            break;
-        }
-        // Two-loop recursion.
-        let mut q = grad.clone();
-        let mut alphas = Vec::with_capacity(s_hist.len());
-        for (s, y) in s_hist.iter().zip(&y_hist).rev() {
-            let rho = 1.0 / dot(y, s);
-            let alpha = rho * dot(s, &q);
-            q.iter_mut().zip(y).for_each(|(qi, yi)| *qi -= alpha * yi);
-            alphas.push((alpha, rho));
-        }
-        if let (Some(s), Some(y)) = (s_hist.last(), y_hist.last()) {
-            let gamma = dot(s, y) / dot(y, y);
-            q.iter_mut().for_each(|qi| *qi *= gamma);
-        } else {
-            let gnorm = dot(&grad, &grad).sqrt();
-            q.iter_mut().for_each(|qi| *qi /= gnorm.max(1.0));
-        }
-        for ((s, y), (alpha, rho)) in s_hist.iter().zip(&y_hist).zip(alphas.into_iter().rev()) {
-            let beta = rho * dot(y, &q);
-            q.iter_mut().zip(s).for_each(|(qi, si)| *qi += (alpha - beta) * si);
-        }
-        let mut dir: Vec<f64> = q.iter().map(|v| -v).collect();
-        let mut slope = dot(&grad, &dir);
-        if !(slope < 0.0) {
-            // Not a descent direction: restart from steepest descent.
-            s_hist.clear();
-            y_hist.clear();
-            let gnorm = dot(&grad, &grad).sqrt().max(1.0);
-            dir = grad.iter().map(|g| -g / gnorm).collect();
-            slope = dot(&grad, &dir);
-        }
-        let mut step = 1.0;
-        let mut accepted = None;
-        for _ in 0..40 {
-            let trial: Vec<f64> = theta.iter().zip(&dir).map(|(t, d)| t + step * d).collect();
-            let ft = objective(&trial, z, a, c, d, settings.l2, &mut new_grad);
-            if ft.is_finite() && ft <= f + 1e-4 * step * slope {
-                accepted = Some((trial, ft));
-                break;
-            }
-            step *= 0.5;
-        }
-        let Some((trial, ft)) = accepted else { break };
-        let s: Vec<f64> = trial.iter().zip(&theta).map(|(a, b)| a - b).collect();
-        let y: Vec<f64> = new_grad.iter().zip(&grad).map(|(a, b)| a - b).collect();
-        let decrease = f - ft;
-        theta = trial;
-        std::mem::swap(&mut grad, &mut new_grad);
-        f = ft;
-        if dot(&s, &y) > 1e-12 {
-            s_hist.push(s);
-            y_hist.push(y);
-            if s_hist.len() > memory {
-                s_hist.remove(0);
-                y_hist.remove(0);
-            }
-        }
-        iterations = it + 1;
-        if decrease.abs() <= 1e-14 * f.abs().max(1.0) {
-            break;
-        }
-    }
-    let (w, b) = theta.split_at(c * d);
-    Logistic { w: w.to_vec(), b: b.to_vec(), c, d, iterations }
-}
-
 
 impl Inspection<'_> {
     /// M3 of every layer against the batch's attribute labels, from per-sample gradients.

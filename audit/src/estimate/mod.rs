@@ -1,12 +1,17 @@
 //! Every call into the guard's estimators, in one place: the audit and the validation study
-//! measure through these functions only, so that a change of the estimators' API is a change
-//! here.
-use crate::error::{EstimateContext, Result};
+//! measure through these functions only (and `defended` and `bound`, their halves for a
+//! defended release and for M5), so that a change of the estimators' API is a change here.
+pub(crate) mod bound;
+pub(crate) mod defended;
+
+use crate::error::{AuditError, EstimateContext, Result};
+use bound::{release_bounds, ReleaseBound};
+use defended::Chain;
 use crate::report::{LayerDetails, LayerRow};
 use gradguard_defenses::Defence;
 use gradguard_guard::{attribute_information, project, usable_information, usable_information_layers, UsableInformation, UsableSettings};
 use gradguard_guard::{orthonormal_basis, projection_distance, SubspaceSettings};
-use gradguard_guard::{Batch, GradientMatrix, GuardError, Inspection, JvpMethod, JvpSamples, Metric, Sensitivity, SensitivitySettings, Subspace};
+use gradguard_guard::{per_dimension_variance, Batch, GradientMatrix, GuardError, Inspection, JvpMethod, JvpSamples, Metric, Representation, Sensitivity, SensitivitySettings, Subspace};
 use gradguard_guard::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -21,6 +26,13 @@ pub(crate) struct MetricSettings {
     pub usable: UsableSettings,
     /// M4 runs only when given.
     pub inversion: Option<(InversionPlan, InversionSettings)>,
+    /// The chain every layer's release goes through (empty: the raw release).
+    pub defence: Vec<Defence>,
+    /// M5's prior variance v; None: measured on all inputs (the embeddings of the M1 batch for
+    /// token inputs).
+    pub prior_variance: Option<f64>,
+    /// Seed of the defences' noise.
+    pub seed: u64,
 }
 
 /// The result of [`measure_layers`].
@@ -30,6 +42,8 @@ pub(crate) struct Measured {
     pub grads: Option<Vec<Option<GradientMatrix>>>,
     /// Seconds per metric.
     pub seconds: BTreeMap<&'static str, f64>,
+    /// M5 of the whole release.
+    pub release: ReleaseBound,
 }
 
 /// Probe M1 with K probes by double backward.
@@ -47,10 +61,22 @@ fn first(t: &Inspection, n: usize) -> Result<(Tensor, Tensor)> {
 /// (absent without one), M4 when `settings.inversion` is given (absent otherwise).
 pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings: &MetricSettings) -> Result<Measured> {
     let mut seconds = BTreeMap::new();
+    let chain = Chain { defences: &settings.defence, seed: settings.seed };
+    let defended = !settings.defence.is_empty();
     let clock = Instant::now();
     let (xb, yb) = first(t, settings.m1_batch)?;
-    let m1 = t.on(Batch::new(&xb, &yb)).sensitivity(&settings.sensitivity).metric("M1 (sensitivity)")?;
+    let (m1, jv) = if defended {
+        if settings.sensitivity.exact {
+            return Err(AuditError::Usage("--exact cannot be combined with --defence: a defended release is measured through K probe JVPs".into()));
+        }
+        let jv = t.on(Batch::new(&xb, &yb)).jvp_samples(&settings.sensitivity).metric("M1 (probe JVPs)")?;
+        (defended::sensitivity(&jv, t.layers(), chain)?, Some(jv))
+    } else {
+        (t.on(Batch::new(&xb, &yb)).sensitivity(&settings.sensitivity).metric("M1 (sensitivity)")?, None)
+    };
     seconds.insert("m1", clock.elapsed().as_secs_f64());
+    let prior = prior_variance(t, jv.as_ref(), settings.prior_variance)?;
+    let (m5, release) = release_bounds(jv.as_ref(), t.layers().len(), &settings.defence, |l| chain.layer_seed(l), prior)?;
 
     let absent_all = |reason: &str| -> Vec<String> { (0..t.layers().len()).map(|_| reason.to_string()).collect() };
     let (m2, m3, grads): (Vec<Metric<Subspace>>, Vec<Metric<UsableInformation>>, _) = match attribute {
@@ -60,7 +86,9 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
         }
         Some(attribute) => {
             let clock = Instant::now();
-            let m2 = t.on(t.batch().with_attribute(&Tensor::from_slice(attribute))).subspace(&settings.subspace).metric("M2 (subspace distance)")?;
+            let labels = Tensor::from_slice(attribute);
+            let with_attribute = t.on(t.batch().with_attribute(&labels));
+            let m2 = if defended { defended::subspace(&with_attribute, &settings.subspace, chain)? } else { with_attribute.subspace(&settings.subspace).metric("M2 (subspace distance)")? };
             seconds.insert("m2", clock.elapsed().as_secs_f64());
             let clock = Instant::now();
             let (m3, grads) = match t.per_sample_gradients() {
@@ -68,7 +96,13 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
                 Err(e @ GuardError::NoPerSampleGradients { .. }) => (absent_all(&e.to_string()).iter().map(Metric::absent).collect(), None),
                 grads => {
                     let grads = grads.metric("M3 (per-sample gradients)")?;
-                    (usable_information_layers(&grads, attribute, &settings.usable, t.seed()).metric("M3 (usable information)")?, Some(grads))
+                    let m3 = if settings.defence.iter().any(|d| matches!(d, Defence::Withhold)) {
+                        absent_all("the defence withholds the layer: nothing is released").iter().map(Metric::absent).collect()
+                    } else {
+                        let released = defended::defended_grads(&grads, chain)?;
+                        usable_information_layers(&released, attribute, &settings.usable, t.seed()).metric("M3 (usable information)")?
+                    };
+                    (m3, Some(grads))
                 }
             };
             seconds.insert("m3", clock.elapsed().as_secs_f64());
@@ -79,7 +113,8 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
         None => absent_all("not computed: pass --invert (the attack is slow)").iter().map(Metric::absent).collect(),
         Some((plan, inversion)) => {
             let clock = Instant::now();
-            let m4 = inversion_attack(t, plan, inversion, None)?;
+            let transform = |l: usize, g: &Tensor, r: usize| chain.apply(g, chain.release_seed(l, r));
+            let m4 = inversion_attack(t, plan, inversion, defended.then_some(&transform as &ReleaseTransform))?;
             seconds.insert("m4", clock.elapsed().as_secs_f64());
             m4
         }
@@ -88,10 +123,32 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
         .layers()
         .layers()
         .iter()
-        .zip(m1.into_iter().zip(m2).zip(m3).zip(m4))
-        .map(|(layer, (((m1, m2), m3), m4))| LayerRow::new(layer.name.clone(), layer.numel(), LayerDetails { m1, m2, m3, m4 }))
+        .zip(m1.into_iter().zip(m2).zip(m3).zip(m4).zip(m5))
+        .map(|(layer, ((((m1, m2), m3), m4), m5))| LayerRow::new(layer.name.clone(), layer.numel(), LayerDetails { m1, m2, m3, m4, m5 }))
         .collect();
-    Ok(Measured { rows, grads, seconds })
+    Ok(Measured { rows, grads, seconds, release })
+}
+
+/// M5's prior variance and where it came from: the setting, or the per-dimension variance over
+/// every inspected input (for token ids, which have no variance of their own, the embeddings
+/// of the probed batch).
+fn prior_variance(t: &Inspection, jv: Option<&JvpSamples>, given: Option<f64>) -> Result<(f64, String)> {
+    if let Some(v) = given {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(AuditError::Usage(format!("--prior-variance must be a finite number > 0, got {v}")));
+        }
+        return Ok((v, "given (--prior-variance)".into()));
+    }
+    if let Some(jv) = jv.filter(|jv| jv.representation == Representation::Embedding) {
+        return Ok((jv.batch_variance, format!("per-dimension variance of the embeddings of the {} probed samples (token inputs)", jv.n)));
+    }
+    let x = t.batch().inputs();
+    let n = x.size().first().copied().unwrap_or(0) as usize;
+    if !x.is_floating_point() {
+        return Ok((f64::NAN, "not measured: token inputs have no variance of their own, and no release was probed (no --defence)".into()));
+    }
+    let v = per_dimension_variance(x, n).metric("M5 (prior variance)")?;
+    Ok((v, format!("per-dimension variance of all {n} inputs")))
 }
 
 /// M1 of every layer on the target's whole batch (`step` picks the probe stream).

@@ -1,0 +1,51 @@
+//! `gradguard validate --quick` end to end: the study's smoke run writes VALIDATION.md with the
+//! M5 bound-against-attack section (every cell, the figure) and M3's error bars.
+use std::path::Path;
+use std::process::Command;
+
+/// The bound column of the bound-vs-attack table: (model, multiplier, layer) -> bound or None.
+fn bound_rows(md: &str) -> Vec<(String, f64, String, Option<f64>)> {
+    let section = md.split("## M5: the reconstruction bound against the attack").nth(1).expect("the M5 section");
+    section
+        .lines()
+        .filter(|l| l.starts_with("| cnn |") || l.starts_with("| mlp |"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let bound = cells[6].split(" ± ").next().and_then(|b| b.parse::<f64>().ok());
+            (cells[1].to_string(), cells[2].parse::<f64>().unwrap(), cells[3].to_string(), bound)
+        })
+        .collect()
+}
+
+#[test]
+fn the_quick_study_tests_the_bound_and_shows_m3_error_bars() {
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("validate_cli");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_gradguard")).args(["validate", "--quick", "--out"]).arg(&out_dir).output().expect("the gradguard binary runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let md = std::fs::read_to_string(out_dir.join("VALIDATION.md")).unwrap();
+    let rows = bound_rows(&md);
+    // Quick grid: multipliers 0, 0.01 and 1 on the CNN's 4 layers and the MLP's 3.
+    assert_eq!(rows.len(), 3 * 4 + 3 * 3, "{rows:?}");
+    let line = |model: &str, m: f64, layer: &str| rows.iter().find(|r| r.0 == model && r.1 == m && r.2 == layer).unwrap_or_else(|| panic!("{model} {m} {layer}")).3;
+    for (model, layers) in [("cnn", &["conv1", "conv2", "fc1", "fc2"][..]), ("mlp", &["fc0", "fc1", "fc2"][..])] {
+        for &layer in layers {
+            assert_eq!(line(model, 0.0, layer), None, "{model} {layer}: no noise, no bound");
+            let (weak, strong) = (line(model, 0.01, layer).unwrap(), line(model, 1.0, layer).unwrap());
+            // dFIL scales as 1 / multiplier^2 at a fixed clip: 100x more noise, a far smaller bound.
+            assert!(weak > 0.5 && strong < 0.05 && strong > 0.0, "{model} {layer}: bound {weak} at 0.01, {strong} at 1");
+        }
+    }
+    assert!(md.contains("+inf (no noise, no bound)"));
+    assert!(md.contains("**Cells where the attack beats the bound:**"));
+    assert!(md.contains("**How loose the bound is:**"));
+    assert!(md.contains("- M5 (noised single-sample releases, 2 models): the M4 attack beat the bound in "), "the summary in What held");
+    // M3 with its standard error in the findings, and the claim read against the error bars.
+    assert!(md.contains("*The same, with M3's error bars*"));
+    let findings = md.split("## The paper's findings, checked here").nth(1).unwrap().split("## Per-layer numbers").next().unwrap();
+    let rows: Vec<&str> = findings.lines().filter(|l| l.starts_with("| cnn | step") || l.starts_with("| mlp | step")).collect();
+    assert_eq!(rows.len(), 4, "{findings}");
+    assert!(rows.iter().all(|l| l.matches(" ± ").count() == 2), "{findings}");
+    let svg = std::fs::read_to_string(out_dir.join("validation").join("bound_vs_attack.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("attack = bound") && svg.contains("conv1") && svg.contains("fc0"));
+}
