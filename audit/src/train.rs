@@ -25,7 +25,7 @@ use crate::error::{create_dir, AuditError, Result};
 use crate::inputs::AuditData;
 use crate::source::{seeded_batch, AuditModel, LossKind};
 use gradguard_guard::{Batch, GuardError, LossFn, Policy, Release, Report};
-use gradguard_hooks::{GuardSummary, GuardedOptimizer, ReleaseCounts, RunSummary};
+use gradguard_hooks::{GuardSummary, GuardedOptimizer, PolicyReloader, ReleaseCounts, ReloadOutcome, RunSummary};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,6 +70,12 @@ pub struct GuardOptions {
     pub policy: Option<Policy>,
     /// Serve the guard's metrics here (`/metrics`, `/healthz`, `/report`) while training.
     pub metrics_addr: Option<SocketAddr>,
+    /// Reload the policy between steps when asked (SIGHUP in `gradguard train`).
+    pub reload: Option<PolicyReloader>,
+    /// Rotate the audit log at this size (None: the default, 64 MiB).
+    pub audit_max_file_bytes: Option<u64>,
+    /// Steps between the audit log's checkpoints (None: the default, 100).
+    pub checkpoint_every: Option<u64>,
 }
 
 /// How to train (the flags of `gradguard train`).
@@ -135,6 +141,8 @@ pub struct StepProgress<'r> {
     pub counts: ReleaseCounts,
     /// The guard's release of this step (None unguarded).
     pub release: Option<&'r Release>,
+    /// A policy reload done before this step, if one was asked for.
+    pub reload: Option<&'r ReloadOutcome>,
 }
 
 /// The model's mean loss and (cross-entropy) accuracy on the whole training data.
@@ -217,18 +225,15 @@ pub struct TrainOutcome {
 
 /// Trains the TorchScript `model` on `data` for `options.steps` steps and writes into `out`
 /// (created if needed): `model.pt` (the trained module in eval mode, for `torch.jit.load`),
-/// `report.json` ([`TrainReport`]) and, guarded, `audit.jsonl` (any earlier `audit.jsonl`
-/// there is removed first: one log per run). Training runs in training mode; the model is left
+/// `report.json` ([`TrainReport`]) and, guarded, `audit.jsonl` (an earlier run's log there is
+/// kept: this run appends to its chain). Training runs in training mode; the model is left
 /// in eval mode. `progress` sees every step.
 pub fn train(model: &mut AuditModel, data: &AuditData, options: &TrainOptions, out: &Path, progress: impl FnMut(&StepProgress<'_>)) -> Result<TrainOutcome> {
     options.validate()?;
     options.check_model(model)?;
     create_dir(out)?;
+    // An earlier run's log is kept: this run continues its chain.
     let audit_log = out.join("audit.jsonl");
-    match std::fs::remove_file(&audit_log) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(AuditError::Io { action: "removing the earlier audit log", path: audit_log, source: e }),
-        _ => {}
-    }
     let before = evaluate(model, data)?;
     model.set_training(true)?;
     let run = run_steps(model, data, options, &audit_log, progress);
@@ -292,6 +297,12 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
             if let Some(addr) = guard.metrics_addr {
                 builder = builder.metrics(addr);
             }
+            if let Some(bytes) = guard.audit_max_file_bytes {
+                builder = builder.audit_rotation(bytes);
+            }
+            if let Some(steps) = guard.checkpoint_every {
+                builder = builder.audit_checkpoint_every(steps);
+            }
             Stepper::Guarded(Box::new(builder.build()?))
         }
         _ => Stepper::Plain(optimizer),
@@ -311,6 +322,10 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
         let y = data.y.f_index_select(0, &idx)?;
         let loss = loss_fn.loss(&x, &y)?;
         let loss_value = loss.f_double_value(&[])?;
+        let reload = match (&mut stepper, options.guard.as_ref().and_then(|g| g.reload.as_ref())) {
+            (Stepper::Guarded(opt), Some(reloader)) => reloader.poll(opt.guard_mut()),
+            _ => None,
+        };
         let release = match &mut stepper {
             Stepper::Plain(opt) => {
                 // What GuardedOptimizer::backward_step does, without the guard.
@@ -330,10 +345,14 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
                 Some(release)
             }
         };
-        progress(&StepProgress { step, loss: loss_value, counts, release: release.as_ref() });
+        progress(&StepProgress { step, loss: loss_value, counts, release: release.as_ref(), reload: reload.as_ref() });
         if let Some(release) = release {
             last = Some(release.into_report());
         }
+    }
+    if let Stepper::Guarded(opt) = &mut stepper {
+        // The last checkpoint and the `closed` record, before the summary reads the log.
+        opt.guard_mut().close_audit_log()?;
     }
     Ok(Steps { seconds: started.elapsed().as_secs_f64(), counts, last, policy })
 }

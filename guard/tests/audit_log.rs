@@ -30,6 +30,8 @@ fn record(step: u64, layer: &str) -> DecisionRecord {
         outcome: Outcome::Protected,
         reason: Some("sensitivity_rms 0.0123 above act_above 0.01: \"escalate\" \u{2192} rung 1".into()),
         policy_hash: "0123456789abcdef".repeat(4),
+        previous_policy_hash: None,
+        checkpoint: None,
     }
 }
 

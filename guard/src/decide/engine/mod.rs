@@ -3,6 +3,7 @@
 //! fail closed). The flows live here; `estimates.rs` runs the estimators, `gradients.rs`
 //! applies a decision to the tensors, `reports.rs` assembles what a step reports.
 use super::audit_log::AuditLog;
+use super::audit_trail::{AuditTrail, DEFAULT_CHECKPOINT_EVERY};
 use super::policy::Policy;
 use super::protection::{Decision, Protection};
 use super::release::{BlockReason, Release};
@@ -17,6 +18,7 @@ use tch::Tensor;
 
 mod estimates;
 mod gradients;
+mod reload;
 mod reports;
 
 use gradients::{Held, LayerRelease};
@@ -38,7 +40,9 @@ pub struct Guard {
     /// What the estimators last found, and when.
     latest: Latest,
     held: Option<Held>,
-    audit: Option<AuditLog>,
+    audit: Option<AuditTrail>,
+    /// Reloads rejected so far (exported as gradguard_policy_reload_failures_total).
+    reload_failures: u64,
     scheduler: Scheduler,
     workers: Workers,
     sinks: Vec<ReportSink>,
@@ -94,6 +98,7 @@ impl Guard {
             },
             held: None,
             audit: None,
+            reload_failures: 0,
             workers,
             sinks: Vec::new(),
         })
@@ -120,24 +125,33 @@ impl Guard {
         self.workers.fan_out.as_ref()
     }
 
-    /// Replaces the policy while training. An invalid policy (or one that does not fit this
-    /// model) is rejected and the policy in force stays, which the error says. A new policy
-    /// starts from level 0 and forces a fresh estimate at the next release, so its first
-    /// decision is a measured one. Its settings take effect, except `background_estimates`,
-    /// which is fixed when the guard is built.
-    pub fn reload_policy(&mut self, text: &str, origin: &str) -> Result<()> {
-        let kept = || self.protection.policy().short_hash().to_string();
-        let policy = Policy::from_toml_str(text, origin).map_err(|e| GuardError::PolicyRejected { kept: kept(), source: e })?;
-        let protection = Protection::new(policy, self.layers.names()).map_err(|e| GuardError::PolicyRejected { kept: kept(), source: e })?;
-        self.scheduler.set_share(protection.policy().settings().budget_share);
-        self.protection = protection;
-        self.latest.estimate_step = None;
+    /// Every decision from now on is logged to `log` before the release it decides (see
+    /// [`AuditTrail`] for what is written when), with a checkpoint every 100 steps. Writes
+    /// the run's `started` record (an error when it cannot be written).
+    pub fn set_audit_log(&mut self, log: AuditLog) -> Result<()> {
+        self.set_audit_log_every(log, DEFAULT_CHECKPOINT_EVERY)
+    }
+
+    /// Like [`Guard::set_audit_log`], with a checkpoint every `checkpoint_every` steps.
+    pub fn set_audit_log_every(&mut self, log: AuditLog, checkpoint_every: u64) -> Result<()> {
+        self.close_audit_log()?;
+        let policy = self.protection.policy().hash().to_string();
+        self.audit = Some(AuditTrail::start(log, checkpoint_every, self.step, &self.layers.names(), &policy)?);
         Ok(())
     }
 
-    /// Every decision from now on is appended to this log before the release it decides.
-    pub fn set_audit_log(&mut self, log: AuditLog) {
-        self.audit = Some(log);
+    /// The audit log being written, if any.
+    pub fn audit_log(&self) -> Option<&AuditLog> {
+        self.audit.as_ref().map(|t| t.log())
+    }
+
+    /// Writes the last checkpoint and a `closed` record, and stops logging. Dropping the guard
+    /// does this too (reporting a failure on stderr, as a drop cannot return it).
+    pub fn close_audit_log(&mut self) -> Result<()> {
+        match self.audit.take() {
+            Some(mut trail) => Ok(trail.close()?),
+            None => Ok(()),
+        }
     }
 
     /// The model's layers.
@@ -305,6 +319,14 @@ impl Guard {
                 let reason = decision.block.unwrap_or(BlockReason::GuardFailure { what: reason });
                 Ok(Release::Blocked { reason, manifest, report })
             }
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_audit_log() {
+            eprintln!("gradguard: closing the audit log: {e}");
         }
     }
 }
