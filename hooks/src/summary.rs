@@ -71,6 +71,7 @@ impl GuardSummary {
                 for t in &c.layers {
                     *out.entry(Outcome::Released).or_default() += t.released;
                     *out.entry(Outcome::Protected).or_default() += t.protected;
+                    *out.entry(Outcome::Withheld).or_default() += t.withheld;
                 }
             } else if !matches!(r.outcome, Outcome::Started | Outcome::Checkpoint | Outcome::Closed | Outcome::Rotated) {
                 *out.entry(r.outcome).or_default() += 1;

@@ -66,12 +66,13 @@ fn summary(out: &mut String, run: &RunHistory, last: &Value, chain: &str, log_na
     row("steps", format!("{} (last step {steps})", steps + 1));
     row("layers", run.layers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "));
     row("policy", run.policy_hash.clone().unwrap_or_else(|| "-".into()));
-    row("audit log", format!("{log_name} ({} run(s) in the chain; this page shows the last)", run.runs.max(1)));
+    row("audit log", format!("{log_name} ({} run(s) in the chain; this page shows the last that ran)", run.runs.max(1)));
     row("chain", chain.to_string());
     let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
     for h in &run.layers {
         *counts.entry("released".into()).or_default() += h.released;
         *counts.entry("protected".into()).or_default() += h.protected;
+        *counts.entry("withheld".into()).or_default() += h.withheld;
         for d in &h.decisions {
             *counts.entry(d.outcome.to_string()).or_default() += 1;
         }
@@ -106,7 +107,7 @@ fn layer_section(out: &mut String, h: &LayerHistory, run: &RunHistory) {
     }
     let levels = [Line { name: "protection level", points: &h.levels, colour: "#444444", step_line: true }];
     out.push_str(&chart(&format!("{} protection level", h.name), run.last_step, &levels, &marks_for(h, run, None)));
-    let _ = write!(out, "</div><p class=\"counts\">unchanged releases: {} released, {} protected; {} decision(s) logged</p></section>", h.released, h.protected, h.decisions.len());
+    let _ = write!(out, "</div><p class=\"counts\">unchanged releases: {} released, {} protected, {} withheld; {} decision(s) logged</p></section>", h.released, h.protected, h.withheld, h.decisions.len());
 }
 
 fn decisions_table(out: &mut String, run: &RunHistory) {

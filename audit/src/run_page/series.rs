@@ -26,6 +26,7 @@ pub struct LayerHistory {
     /// Unchanged releases counted by the checkpoints.
     pub released: u64,
     pub protected: u64,
+    pub withheld: u64,
 }
 
 /// The run's history: per layer, plus the release-wide decisions and events.
@@ -33,7 +34,7 @@ pub struct RunHistory {
     pub layers: Vec<LayerHistory>,
     pub global: Vec<Decision>,
     pub last_step: u64,
-    /// Runs the chain holds (`started` records); the page draws the last.
+    /// Runs the chain holds (`started` records); the page draws the last that ran steps.
     pub runs: usize,
     pub policy_hash: Option<String>,
 }
@@ -56,8 +57,13 @@ fn describe(r: &DecisionRecord) -> String {
 /// Reads the last run of `records` (from its `started` record on).
 pub fn history(records: &[DecisionRecord], layer_names: &[String]) -> RunHistory {
     let runs = records.iter().filter(|r| r.outcome == Outcome::Started).count();
-    let from = records.iter().rposition(|r| r.outcome == Outcome::Started).unwrap_or(0);
-    let run = &records[from.min(records.len())..];
+    // The last run that did anything (a rerun with no steps leaves only started/closed).
+    let starts: Vec<usize> = records.iter().enumerate().filter(|(_, r)| r.outcome == Outcome::Started).map(|(i, _)| i).collect();
+    let ends: Vec<usize> = starts.iter().skip(1).copied().chain([records.len()]).collect();
+    let did_something = |&(a, b): &(usize, usize)| records[a..b].iter().any(|r| !matches!(r.outcome, Outcome::Started | Outcome::Closed));
+    let spans: Vec<(usize, usize)> = starts.iter().copied().zip(ends).collect();
+    let (from, to) = spans.iter().rev().find(|s| did_something(s)).or(spans.last()).copied().unwrap_or((0, records.len()));
+    let run = &records[from..to];
     let mut names: Vec<String> = layer_names.to_vec();
     for r in run {
         if let Some(c) = &r.checkpoint {
@@ -87,7 +93,7 @@ pub fn history(records: &[DecisionRecord], layer_names: &[String]) -> RunHistory
                     h.thresholds.entry(m.clone()).or_default().push((c.to_step, *v));
                 }
                 h.levels.push((c.to_step, t.level as f64));
-                (h.released, h.protected) = (h.released + t.released, h.protected + t.protected);
+                (h.released, h.protected, h.withheld) = (h.released + t.released, h.protected + t.protected, h.withheld + t.withheld);
             }
             continue;
         }

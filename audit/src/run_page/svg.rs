@@ -81,7 +81,7 @@ pub fn chart(title: &str, last_step: u64, lines: &[Line], marks: &[Mark]) -> Str
         let cy = m.value.filter(|v| v.is_finite()).map_or(y1, y);
         let _ = write!(out, r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="3.5" fill="{c}" class="mark"><title>{t}</title></circle>"#, c = m.colour, t = esc(&m.text));
     }
-    let mut legend_x = LEFT + 150.0;
+    let mut legend_x = LEFT + 12.0 + 7.0 * title.len() as f64;
     for l in lines {
         if l.points.is_empty() {
             continue;

@@ -63,10 +63,12 @@ impl Outcome {
         }
     }
 
-    /// Whether a record with this outcome says nothing new when it repeats (a release as
-    /// before): such records are counted in checkpoints instead of written one by one.
+    /// Whether a record with this outcome says nothing new when it repeats at the level in
+    /// force (a release as before): such records are counted in checkpoints instead of
+    /// written one by one. (A withheld record that explains itself, an exhausted ladder, is
+    /// a violation and always written.)
     pub fn is_unchanged_release(self) -> bool {
-        matches!(self, Outcome::Released | Outcome::Protected)
+        matches!(self, Outcome::Released | Outcome::Protected | Outcome::Withheld)
     }
 }
 
@@ -156,6 +158,9 @@ pub struct LayerTally {
     pub released: u64,
     /// Releases with the protection in force, at an unchanged level.
     pub protected: u64,
+    /// Releases that left the layer out, as the level in force already did.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub withheld: u64,
     /// Protection level in force at the checkpoint.
     pub level: usize,
     /// Step of the estimate the metrics come from.
@@ -167,6 +172,10 @@ pub struct LayerTally {
     /// METRICS.md name -> the threshold (act_above) a rule of the policy in force holds it to.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub thresholds: BTreeMap<String, f64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -63,7 +63,8 @@ impl AuditTrail {
         // new level, or released at level 0) is a state change too.
         let moved = |layer: &str| records.iter().any(|r| r.layer == layer && matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed));
         for r in records {
-            let counted = r.outcome.is_unchanged_release() && !moved(&r.layer) && self.tally.iter().any(|t| t.layer == r.layer);
+            let explained = r.outcome == Outcome::Withheld && r.reason.is_some();
+            let counted = r.outcome.is_unchanged_release() && !explained && !moved(&r.layer) && self.tally.iter().any(|t| t.layer == r.layer);
             if !counted {
                 self.log.record(r)?;
                 continue;
@@ -71,6 +72,7 @@ impl AuditTrail {
             if let Some(t) = self.tally.iter_mut().find(|t| t.layer == r.layer) {
                 match r.outcome {
                     Outcome::Released => t.released += 1,
+                    Outcome::Withheld => t.withheld += 1,
                     _ => t.protected += 1,
                 }
             }
@@ -114,7 +116,7 @@ impl AuditTrail {
         record.checkpoint = Some(Checkpoint { from_step, to_step: step, layers: self.tally.clone() });
         self.log.record(&record)?;
         for t in &mut self.tally {
-            (t.released, t.protected) = (0, 0);
+            (t.released, t.protected, t.withheld) = (0, 0, 0);
         }
         self.from_step = None;
         Ok(())

@@ -82,6 +82,12 @@ pub fn verify_files(files: &[PathBuf], expected_head: Option<&str>) -> Result<Ve
     ordered.sort();
     let files: Vec<PathBuf> = ordered.into_iter().map(|(_, _, p)| p).collect();
     let mut v = Verification { files: files.clone(), records: 0, torn: 0, head: None, closed: false, broken: None };
+    // Every sequence number in the files, to tell a record moved from one removed.
+    let mut present = std::collections::HashSet::new();
+    for file in &files {
+        let bytes = std::fs::read(file).map_err(|source| AuditError::Read { path: file.clone(), source })?;
+        present.extend(lines(&bytes).filter_map(|l| serde_json::from_slice::<ChainLink>(l.bytes).ok()).map(|l| l.seq));
+    }
     let mut expected_seq = 0u64;
     let mut continued_in: Option<String> = None;
     'files: for (i, file) in files.iter().enumerate() {
@@ -117,6 +123,10 @@ pub fn verify_files(files: &[PathBuf], expected_head: Option<&str>) -> Result<Ve
                     break 'files;
                 }
             };
+            if link.seq > expected_seq && present.contains(&expected_seq) {
+                v.broken = at(BreakKind::Reordered, format!("record {} comes before record {expected_seq}, which is further on (moved)", link.seq));
+                break 'files;
+            }
             if link.seq > expected_seq {
                 let detail = if expected_seq + 1 == link.seq { format!("record {expected_seq} is missing (removed)") } else { format!("records {expected_seq}..{} are missing (removed)", link.seq - 1) };
                 v.broken = at(BreakKind::Removed, detail);
