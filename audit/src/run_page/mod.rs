@@ -15,12 +15,16 @@ use std::fmt::Write;
 use std::path::Path;
 use svg::{chart, esc, Line, Mark, PALETTE};
 
-/// Renders the run in `dir` (its `report.json`, a demo's report or a training report, and its
-/// `audit.jsonl` chain).
+/// Renders the run in `dir`: its `audit.jsonl` chain and, when there is one, its
+/// `report.json` (a demo's report or a training report).
 pub fn render_dir(dir: &Path) -> Result<String> {
+    // A run killed before its end has no report.json: its log alone still draws.
     let report_path = dir.join("report.json");
-    let text = std::fs::read_to_string(&report_path).map_err(|e| AuditError::Io { action: "reading the run's report", path: report_path.clone(), source: e })?;
-    let report: Value = serde_json::from_str(&text)?;
+    let report: Value = match std::fs::read_to_string(&report_path) {
+        Ok(text) => serde_json::from_str(&text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
+        Err(e) => return Err(AuditError::Io { action: "reading the run's report", path: report_path, source: e }),
+    };
     let log = dir.join("audit.jsonl");
     let records = AuditLog::read_chain(&log).map_err(gradguard_guard::GuardError::from)?;
     let chain = verify_chain(&log).map_err(gradguard_guard::GuardError::from)?;
@@ -45,7 +49,7 @@ pub fn render(report: &Value, records: &[gradguard_guard::DecisionRecord], chain
     let names: Vec<String> = layer_values.iter().filter_map(|l| l.get("name").and_then(Value::as_str).map(String::from)).collect();
     let run = history(records, &names);
     let mut out = String::new();
-    let _ = write!(out, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>gradguard run report</title><style>{CSS}</style></head><body>");
+    let _ = write!(out, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><link rel=\"icon\" href=\"data:,\"><title>gradguard run report</title><style>{CSS}</style></head><body>");
     let _ = write!(out, "<h1>gradguard run report</h1>");
     summary(&mut out, &run, last, chain, log_name);
     for h in &run.layers {
