@@ -216,6 +216,7 @@ fn reloading_an_invalid_policy_keeps_the_one_in_force_and_says_so() {
     guard.reload_policy(&format!("version = 1\n[settings]\nestimate_every = 2\n{rules}"), "r3").unwrap();
     assert_ne!(guard.policy().hash(), before);
     assert_eq!(guard.policy().settings().estimate_every, 2);
+    assert_eq!(guard.policy_reload_failures(), 2, "both rejections are counted");
 }
 
 #[test]

@@ -497,8 +497,12 @@ impl Exporter {
         };
         self.policy_reload_failures.inc_by(delta);
         let Some(manifest) = &report.release else { return };
-        // A reloaded policy: its hash replaces the one exported (short form, as attach sets it).
-        let _ = self.set_policy_info(manifest.policy_hash.get(..12).unwrap_or(&manifest.policy_hash), &manifest.policy_version.to_string());
+        // A reloaded policy: its hash replaces the one exported (short form, as attach sets it),
+        // once a policy was set at all.
+        let following = self.tracking.lock().policy.0 != NO_POLICY;
+        if following {
+            let _ = self.set_policy_info(manifest.policy_hash.get(..12).unwrap_or(&manifest.policy_hash), &manifest.policy_version.to_string());
+        }
         for ml in &manifest.layers {
             for c in &ml.checks {
                 if let (Some(&l), Some(&m)) = (self.layer_index.get(&ml.name), self.metric_index.get(c.metric.name())) {

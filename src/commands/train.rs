@@ -166,8 +166,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     bar.finish();
     let outcome = outcome?;
     print!("\n{}", outcome.summary);
-    let html = super::report::write_for_run(&args.out)?;
-    println!("run report: {}", html.display());
+    if !args.no_guard {
+        let html = super::report::write_for_run(&args.out)?;
+        println!("run report: {}", html.display());
+    }
     println!("model: {} (torch.jit.load)", outcome.model_path.display());
     Ok(())
 }

@@ -1,4 +1,14 @@
-//! The audit log: every decision of the guard as one JSON line in an append-only file.
+//! The audit log: the guard's records as JSON lines in append-only files, each line linked to
+//! the one before it by a hash, rotated by size.
+//!
+//! # The chain
+//! Each line starts with `seq` (0, 1, 2, ... across files and runs) and `prev`, the sha256
+//! (hex) of the previous line's bytes; the chain's first line carries its own policy hash.
+//! [`AuditLog::open`] never truncates: it finds the chain's last complete line (in the base
+//! file or the last rotated one) and continues from it. A file that reaches
+//! [`LogOptions::max_file_bytes`] ends with a `rotated` record naming the next file
+//! (`audit.jsonl` -> `audit.1.jsonl` -> `audit.2.jsonl` ...). `verify_files` checks it all.
+//! What the guard writes, and what it only counts, is `audit_trail.rs`'s business.
 //!
 //! # Acknowledgement
 //! [`AuditLog::record`] serialises the record into one buffer (the JSON text plus `'\n'`) and
@@ -10,8 +20,8 @@
 //!
 //! # Why `sync_data` is not the default
 //! Surviving an operating-system crash or a power loss needs `fsync`/`fdatasync`, which costs a
-//! disk round trip (often milliseconds, far more on network storage) per record; the guard
-//! writes one record per layer per decision, inside the training loop. The default
+//! disk round trip (often milliseconds, far more on network storage) per record, inside the
+//! training loop. The default
 //! ([`Durability::Process`]) protects against the failure the log is mostly for (the training
 //! process dying) at the cost of a system call. [`Durability::Disk`] (via
 //! [`AuditLog::open_with`]) adds `sync_data` after every record, and syncs the parent folder
