@@ -74,3 +74,30 @@ fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_a_bad_edit() {
     // (The run went on after the rejection: the failure count reaches the exporter only in the
     // report of a later release, under the policy kept.)
 }
+
+#[test]
+fn gradguard_train_reloads_its_policy_file_on_sighup_too() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sighup-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy_path = dir.join("policy.toml");
+    std::fs::write(&policy_path, EXAMPLE).unwrap();
+    let edited = EXAMPLE.replace("act_above = 0.090", "act_above = 0.400");
+    let second = Policy::from_toml_str(&edited, "second").unwrap().hash().to_string();
+    let fixture = |name: &str| format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let (model, x, y, a) = (fixture("cnn_traced.pt"), fixture("digits_x.npy"), fixture("digits_y.npy"), fixture("digits_a.npy"));
+    let out = dir.join("out");
+    let mut run = Demo::spawn(&[
+        "train", "--model", &model, "--inputs", &x, "--labels", &y, "--attribute", &a, "--steps", "10000000",
+        "--policy", policy_path.to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    run.wait_line("policy reload: kill -HUP", Duration::from_secs(120));
+    std::fs::write(&policy_path, &edited).unwrap();
+    hup(run.pid());
+    let loaded = run.wait_line("policy loaded", Duration::from_secs(60));
+    assert!(loaded.contains(&second[..12]), "{loaded}");
+    drop(run);
+    let records = AuditLog::read_chain(out.join("audit.jsonl")).unwrap();
+    let loaded = records.iter().find(|r| r.outcome == Outcome::PolicyLoaded).expect("a policy_loaded record");
+    assert_eq!(loaded.policy_hash, second);
+}

@@ -1,4 +1,4 @@
-//! A `gradguard demo` child process for the tests that drive a running demo: its stdout
+//! A `gradguard demo` (or `train`) child process for the tests that drive a running one: its stdout
 //! lines as they come, the live page's address it prints, plain HTTP GETs to its exporter.
 #![allow(dead_code)]
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,14 +17,22 @@ pub struct Demo {
 impl Demo {
     /// Starts the demo with its exporter on a free loopback port and `extra` flags.
     pub fn start(out: &Path, steps: usize, extra: &[&str]) -> Demo {
+        let out = out.to_str().expect("a UTF-8 path");
+        let mut args = vec!["demo", "--metrics-addr", "127.0.0.1:0", "--out", out];
+        let steps = steps.to_string();
+        args.extend(["--steps", steps.as_str()]);
+        args.extend(extra);
+        Self::spawn(&args)
+    }
+
+    /// Starts `gradguard ARGS`.
+    pub fn spawn(args: &[&str]) -> Demo {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gradguard"))
-            .args(["demo", "--steps", &steps.to_string(), "--metrics-addr", "127.0.0.1:0", "--out"])
-            .arg(out)
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start gradguard demo");
+            .expect("start gradguard");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = channel();
         std::thread::spawn(move || {
