@@ -37,6 +37,7 @@
 //!
 //! One writer per file: two processes appending to the same log are not supported.
 use super::audit_files::{chain_files, segment_path};
+use super::audit_read::lines;
 use super::audit_record::{line_hash, ChainLink, ChainedLine};
 pub use super::audit_record::{unix_ms_now, Checkpoint, DecisionRecord, LayerTally, Outcome};
 use crate::error::AuditError;
@@ -209,93 +210,6 @@ impl AuditLog {
         (self.path, self.file, self.size) = (path, file, size);
         Ok(())
     }
-
-    /// Every complete record of the one file at `path`, skipping torn fragments (see
-    /// [`AuditLog::read_log`] for how many were skipped).
-    pub fn read_all(path: impl AsRef<Path>) -> Result<Vec<DecisionRecord>, AuditError> {
-        Ok(Self::read_log(path)?.records)
-    }
-
-    /// Every complete record of the chain that starts at `base`: the base file and the files
-    /// it was rotated into, in order.
-    pub fn read_chain(base: impl AsRef<Path>) -> Result<Vec<DecisionRecord>, AuditError> {
-        let files = chain_files(base.as_ref());
-        if files.is_empty() {
-            // Reading the absent base names it in the error.
-            return Self::read_all(base);
-        }
-        let mut out = Vec::new();
-        for f in files {
-            out.extend(Self::read_all(f)?);
-        }
-        Ok(out)
-    }
-
-    /// Reads one file: complete records plus the number of torn fragments skipped. A complete
-    /// line that is not a record (and not a torn one) is an [`AuditError::Corrupt`].
-    pub fn read_log(path: impl AsRef<Path>) -> Result<LogContents, AuditError> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| AuditError::Read { path: path.to_path_buf(), source })?;
-        let mut contents = LogContents { records: Vec::new(), skipped: 0, skipped_lines: Vec::new() };
-        for line in lines(&bytes) {
-            if line.blank() {
-                continue;
-            }
-            match serde_json::from_slice::<DecisionRecord>(line.bytes) {
-                Ok(r) => contents.records.push(r),
-                // The unterminated last line, whatever it holds, was never acknowledged; a
-                // terminated torn record is JSON cut short, closed by a later `open`.
-                Err(e) if !line.terminated || e.is_eof() => {
-                    contents.skipped += 1;
-                    contents.skipped_lines.push(line.number);
-                }
-                Err(e) => {
-                    return Err(AuditError::Corrupt { path: path.to_path_buf(), line: line.number, why: e.to_string() });
-                }
-            }
-        }
-        Ok(contents)
-    }
-}
-
-/// One line of a log file.
-pub(crate) struct Line<'a> {
-    /// 1-based.
-    pub number: usize,
-    /// Without the `'\n'`.
-    pub bytes: &'a [u8],
-    /// Whether a `'\n'` ended it (an unterminated last line is a torn write).
-    pub terminated: bool,
-}
-
-impl Line<'_> {
-    pub fn blank(&self) -> bool {
-        self.bytes.iter().all(|b| b.is_ascii_whitespace())
-    }
-}
-
-/// The lines of a file's bytes.
-pub(crate) fn lines(bytes: &[u8]) -> impl Iterator<Item = Line<'_>> {
-    let mut rest = bytes;
-    let mut number = 0;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        number += 1;
-        Some(match rest.iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                let line = Line { number, bytes: &rest[..i], terminated: true };
-                rest = &rest[i + 1..];
-                line
-            }
-            None => {
-                let line = Line { number, bytes: rest, terminated: false };
-                rest = &[];
-                line
-            }
-        })
-    })
 }
 
 /// The chain link and hash of the last complete chained line of a file, if it has one.

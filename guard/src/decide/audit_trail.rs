@@ -12,6 +12,7 @@ use super::audit_log::AuditLog;
 use super::audit_record::{Checkpoint, DecisionRecord, LayerTally, Outcome};
 use crate::error::AuditError;
 use crate::report::Report;
+use std::collections::{HashMap, HashSet};
 
 /// Steps between checkpoints unless told otherwise.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 100;
@@ -22,6 +23,8 @@ pub struct AuditTrail {
     log: AuditLog,
     every: u64,
     tally: Vec<LayerTally>,
+    /// Layer name -> its place in `tally`.
+    index: HashMap<String, usize>,
     /// First step the counts in `tally` cover (None: nothing counted since the last checkpoint).
     from_step: Option<u64>,
     last_step: u64,
@@ -35,7 +38,8 @@ impl AuditTrail {
         let reason = format!("{} layers: {}", layers.len(), layers.join(", "));
         log.record(&DecisionRecord::event(step, Outcome::Started, policy_hash, Some(reason)))?;
         let tally = layers.iter().map(|l| LayerTally { layer: l.clone(), ..LayerTally::default() }).collect();
-        Ok(Self { log, every: every.max(1), tally, from_step: None, last_step: step, worker_failures: 0, policy_hash: policy_hash.to_string() })
+        let index = layers.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect();
+        Ok(Self { log, every: every.max(1), tally, index, from_step: None, last_step: step, worker_failures: 0, policy_hash: policy_hash.to_string() })
     }
 
     /// The log written to.
@@ -61,20 +65,19 @@ impl AuditTrail {
     pub fn decided(&mut self, step: u64, records: &[DecisionRecord], report: &Report) -> Result<(), AuditError> {
         // A layer whose level moved at this release: its release record (protected at the
         // new level, or released at level 0) is a state change too.
-        let moved = |layer: &str| records.iter().any(|r| r.layer == layer && matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed));
+        let moved: HashSet<&str> = records.iter().filter(|r| matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed)).map(|r| r.layer.as_str()).collect();
         for r in records {
             let explained = r.outcome == Outcome::Withheld && r.reason.is_some();
-            let counted = r.outcome.is_unchanged_release() && !explained && !moved(&r.layer) && self.tally.iter().any(|t| t.layer == r.layer);
-            if !counted {
+            let slot = self.index.get(&r.layer).copied();
+            let Some(l) = slot.filter(|_| r.outcome.is_unchanged_release() && !explained && !moved.contains(r.layer.as_str())) else {
                 self.log.record(r)?;
                 continue;
-            }
-            if let Some(t) = self.tally.iter_mut().find(|t| t.layer == r.layer) {
-                match r.outcome {
-                    Outcome::Released => t.released += 1,
-                    Outcome::Withheld => t.withheld += 1,
-                    _ => t.protected += 1,
-                }
+            };
+            let t = &mut self.tally[l];
+            match r.outcome {
+                Outcome::Released => t.released += 1,
+                Outcome::Withheld => t.withheld += 1,
+                _ => t.protected += 1,
             }
             self.from_step.get_or_insert(step);
         }

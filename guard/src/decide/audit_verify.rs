@@ -7,7 +7,7 @@
 //! the chain, is caught only by comparing the head with one published earlier (`--head`; the
 //! run's summary prints it).
 use super::audit_files::{chain_files, split_segment};
-use super::audit_log::lines;
+use super::audit_read::lines;
 use super::audit_record::{line_hash, ChainLink, DecisionRecord, Outcome};
 use crate::error::AuditError;
 use std::path::{Path, PathBuf};

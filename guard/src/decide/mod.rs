@@ -3,6 +3,7 @@
 //! over the estimators of `measure` and returns a typed [`Release`].
 mod audit_files;
 mod audit_log;
+mod audit_read;
 mod audit_record;
 mod audit_trail;
 mod audit_verify;

@@ -2,8 +2,7 @@
 //! released gradient, schedules the M1/M2 estimates, and decides every release (closed loop,
 //! fail closed). The flows live here; `estimates.rs` runs the estimators, `gradients.rs`
 //! applies a decision to the tensors, `reports.rs` assembles what a step reports.
-use super::audit_log::AuditLog;
-use super::audit_trail::{AuditTrail, DEFAULT_CHECKPOINT_EVERY};
+use super::audit_trail::AuditTrail;
 use super::policy::Policy;
 use super::protection::{Decision, Protection};
 use super::release::{BlockReason, Release};
@@ -16,6 +15,7 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use tch::Tensor;
 
+mod audit;
 mod estimates;
 mod gradients;
 mod reload;
@@ -123,35 +123,6 @@ impl Guard {
     /// The report sinks' worker, when they run in the background.
     pub fn fan_out_worker(&self) -> Option<&Worker> {
         self.workers.fan_out.as_ref()
-    }
-
-    /// Every decision from now on is logged to `log` before the release it decides (see
-    /// [`AuditTrail`] for what is written when), with a checkpoint every 100 steps. Writes
-    /// the run's `started` record (an error when it cannot be written).
-    pub fn set_audit_log(&mut self, log: AuditLog) -> Result<()> {
-        self.set_audit_log_every(log, DEFAULT_CHECKPOINT_EVERY)
-    }
-
-    /// Like [`Guard::set_audit_log`], with a checkpoint every `checkpoint_every` steps.
-    pub fn set_audit_log_every(&mut self, log: AuditLog, checkpoint_every: u64) -> Result<()> {
-        self.close_audit_log()?;
-        let policy = self.protection.policy().hash().to_string();
-        self.audit = Some(AuditTrail::start(log, checkpoint_every, self.step, &self.layers.names(), &policy)?);
-        Ok(())
-    }
-
-    /// The audit log being written, if any.
-    pub fn audit_log(&self) -> Option<&AuditLog> {
-        self.audit.as_ref().map(|t| t.log())
-    }
-
-    /// Writes the last checkpoint and a `closed` record, and stops logging. Dropping the guard
-    /// does this too (reporting a failure on stderr, as a drop cannot return it).
-    pub fn close_audit_log(&mut self) -> Result<()> {
-        match self.audit.take() {
-            Some(mut trail) => Ok(trail.close()?),
-            None => Ok(()),
-        }
     }
 
     /// The model's layers.
@@ -319,14 +290,6 @@ impl Guard {
                 let reason = decision.block.unwrap_or(BlockReason::GuardFailure { what: reason });
                 Ok(Release::Blocked { reason, manifest, report })
             }
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Err(e) = self.close_audit_log() {
-            eprintln!("gradguard: closing the audit log: {e}");
         }
     }
 }
