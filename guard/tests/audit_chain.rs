@@ -52,12 +52,12 @@ fn an_intact_chain_verifies_from_the_policy_hash_and_reopening_continues_it() {
     assert_eq!(second["prev"].as_str().unwrap(), line_hash(all[0].as_bytes()));
     assert_eq!(v.head.as_deref(), Some(line_hash(all[7].as_bytes()).as_str()));
     // The published head catches an edit of the last record, which nothing after it links.
-    assert!(verify_files(&[path.clone()], v.head.as_deref()).unwrap().broken.is_none());
+    assert!(verify_files(std::slice::from_ref(&path), v.head.as_deref()).unwrap().broken.is_none());
     let mut edited = all.clone();
     edited[7] = edited[7].replace("\"step 7\"", "\"step 70\"");
     rewrite(&path, &edited);
     assert!(verify_chain(&path).unwrap().broken.is_none(), "the unkeyed chain alone cannot see an edit of its last line");
-    assert_eq!(verify_files(&[path.clone()], v.head.as_deref()).unwrap().broken.unwrap().kind, BreakKind::HeadMismatch);
+    assert_eq!(verify_files(std::slice::from_ref(&path), v.head.as_deref()).unwrap().broken.unwrap().kind, BreakKind::HeadMismatch);
 }
 
 #[test]

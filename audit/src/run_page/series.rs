@@ -97,6 +97,12 @@ pub fn history(records: &[DecisionRecord], layer_names: &[String]) -> RunHistory
             }
             continue;
         }
+        if r.outcome == Outcome::PolicyLoaded {
+            // A new policy starts every layer from level 0.
+            for h in &mut layers {
+                h.levels.push((r.step, 0.0));
+            }
+        }
         let d = Decision { step: r.step, outcome: r.outcome, metric: r.metric.clone(), value: r.value, text: describe(r) };
         match layers.iter_mut().find(|h| h.name == r.layer) {
             Some(h) => {

@@ -15,7 +15,8 @@ impl Guard {
     /// `gradguard_policy_reload_failures_total`). A policy that passes takes effect at the
     /// next release, logged as `policy_loaded` with both hashes. A new policy starts from
     /// level 0 and forces a fresh estimate at the next release, so its first decision is a
-    /// measured one. Its settings take effect, except `background_estimates`, which is fixed
+    /// measured one (the levels of the old policy end with it: no per-layer `relaxed` record
+    /// is written for them). Its settings take effect, except `background_estimates`, which is fixed
     /// when the guard is built.
     pub fn reload_policy(&mut self, text: &str, origin: &str) -> Result<()> {
         let checked = Policy::from_toml_str(text, origin).and_then(|policy| Protection::new(policy, self.layers.names()));
@@ -43,7 +44,7 @@ impl Guard {
                     let why = format!("{origin}: {source}");
                     trail.event(&DecisionRecord::event(self.step, Outcome::PolicyRejected, &kept, Some(why)))?;
                 }
-                return Err(GuardError::PolicyRejected { kept: kept[..kept.len().min(12)].to_string(), source });
+                return Err(GuardError::PolicyRejected { kept: self.protection.policy().short_hash().to_string(), source });
             }
         };
         if let Some(trail) = self.audit.as_mut() {
