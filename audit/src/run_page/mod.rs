@@ -180,3 +180,60 @@ th{background:#f6f6f6}.charts{display:flex;flex-wrap:wrap;gap:8px}\
 .chart .tick{font-size:10px;fill:#555}.chart .legend{font-size:10px}.chart .frame{fill:none;stroke:#ccc}\
 .chart .mark-line{stroke-width:.6;opacity:.45}.counts{color:#555;margin:.2em 0 1em}\
 .extras td{font-family:ui-monospace,monospace;font-size:12px}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gradguard_guard::{Checkpoint, DecisionRecord, LayerTally};
+
+    fn tally(layer: &str, step: u64, value: f64, level: usize) -> LayerTally {
+        LayerTally {
+            layer: layer.into(),
+            released: 9,
+            protected: 1,
+            level,
+            estimate_step: Some(step),
+            metrics: [("sensitivity".to_string(), value)].into(),
+            thresholds: [("sensitivity".to_string(), 0.5)].into(),
+            ..LayerTally::default()
+        }
+    }
+
+    fn checkpoint(to: u64, values: [f64; 2]) -> DecisionRecord {
+        let mut r = DecisionRecord::event(to, Outcome::Checkpoint, "p", None);
+        r.checkpoint = Some(Checkpoint { from_step: to - 9, to_step: to, layers: vec![tally("a<b", to, values[0], 1), tally("fc", to, values[1], 0)] });
+        r
+    }
+
+    #[test]
+    fn the_last_run_that_ran_is_drawn_per_layer_with_thresholds_and_decisions() {
+        let mut escalated = DecisionRecord::event(12, Outcome::Escalated, "p", None);
+        (escalated.layer, escalated.metric, escalated.value, escalated.threshold, escalated.level) = ("a<b".into(), Some("sensitivity".into()), Some(0.7), Some(0.5), 1);
+        let records = vec![
+            DecisionRecord::event(0, Outcome::Started, "old", None),
+            checkpoint(9, [9.0, 9.0]),
+            DecisionRecord::event(9, Outcome::Closed, "old", None),
+            DecisionRecord::event(0, Outcome::Started, "p", None),
+            checkpoint(9, [0.1, 0.2]),
+            escalated,
+            checkpoint(19, [0.3, 0.4]),
+            checkpoint(29, [0.2, 0.1]),
+            DecisionRecord::event(29, Outcome::Closed, "p", None),
+            // A later run with no step does not hide the one before.
+            DecisionRecord::event(0, Outcome::Started, "p", None),
+            DecisionRecord::event(0, Outcome::Closed, "p", None),
+        ];
+        let html = render(&Value::Null, &records, "3 records verified", "audit.jsonl");
+        assert!(html.contains("data-layer=\"a&lt;b\"") && html.contains("<h2>a&lt;b</h2>") && !html.contains("<h2>a<b"), "names are escaped");
+        assert!(html.contains("data-layer=\"fc\""));
+        assert!(html.contains("3 run(s) in the chain"));
+        // Three checkpoints of this run, not the old run's value 9.
+        let series: Vec<&str> = html.split("data-series=\"sensitivity\" points=\"").skip(1).map(|s| s.split('"').next().unwrap()).collect();
+        assert_eq!(series.len(), 2, "one sensitivity chart per layer");
+        assert!(series.iter().all(|p| p.split_whitespace().count() == 3), "{series:?}");
+        assert!(html.contains("data-series=\"sensitivity threshold\""));
+        assert!(html.contains("step 12 a&lt;b: escalated"), "the decision is marked and listed");
+        assert!(html.contains("1 escalated, 6 protected, 54 released"), "this run's counts only");
+        assert!(!html.contains("<script"));
+    }
+}
