@@ -1,7 +1,11 @@
 //! On the command line: a second `gradguard demo` with the same `--out` continues the first
 //! run's log (never truncates it), and `gradguard log verify` exits 0 on the chain, non-zero
-//! naming the line after an edit or a removal, and checks a published head.
-use gradguard::guard::{AuditLog, Outcome};
+//! naming the line after an edit or a removal, and checks a published head. SIGTERM ends a
+//! run between steps with its log closed.
+#[path = "support/demo.rs"]
+mod demo;
+
+use gradguard::guard::{verify_chain, AuditLog, Outcome};
 use std::path::Path;
 use std::process::Command;
 
@@ -61,4 +65,28 @@ fn a_second_run_continues_the_chain_and_log_verify_names_the_first_bad_line() {
     let (code, text) = verify(&[log_arg]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("line 3") && text.contains("record 2 is missing"), "{text}");
+}
+
+#[test]
+fn sigterm_ends_a_demo_between_steps_with_its_log_closed_and_its_summary() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("log-cli-term-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.join("out");
+    let mut run = demo::Demo::start(&out, 100_000, &["--checkpoint-every", "1000"]);
+    let addr = run.live_addr();
+    run.wait_steps(addr, 5, std::time::Duration::from_secs(120));
+    let status = Command::new("kill").args(["-TERM", &run.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let stopped = run.wait_line("stop requested", std::time::Duration::from_secs(60));
+    let at: u64 = stopped.trim_start_matches("step ").split(':').next().unwrap().parse().unwrap();
+    run.wait_line("run report: ", std::time::Duration::from_secs(120));
+    assert!(run.child.wait().unwrap().success(), "the demo ends normally after a stop");
+    let v = verify_chain(&out.join("audit.jsonl")).unwrap();
+    assert_eq!((v.broken.clone(), v.closed), (None, true), "{:?}", v.broken);
+    // The one checkpoint (every 1000 steps, none due yet) was written at the close: it counts
+    // every step run.
+    let records = AuditLog::read_chain(out.join("audit.jsonl")).unwrap();
+    let counted: u64 = records.iter().filter_map(|r| r.checkpoint.as_ref()).flat_map(|c| &c.layers).filter(|t| t.layer == "conv1").map(|t| t.released + t.protected + t.withheld).sum();
+    let written = records.iter().filter(|r| r.layer == "conv1" && matches!(r.outcome, Outcome::Released | Outcome::Protected | Outcome::Withheld)).count() as u64;
+    assert_eq!(counted + written, at, "conv1 decided each of the {at} steps run once");
 }

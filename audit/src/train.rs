@@ -25,7 +25,7 @@ use crate::error::{create_dir, AuditError, Result};
 use crate::inputs::AuditData;
 use crate::source::{seeded_batch, AuditModel, LossKind};
 use gradguard_guard::{Batch, GuardError, LossFn, Policy, Release, Report};
-use gradguard_hooks::{GuardSummary, GuardedOptimizer, PolicyReloader, ReleaseCounts, ReloadOutcome, RunSummary};
+use gradguard_hooks::{GuardSummary, GuardedOptimizer, PolicyReloader, ReleaseCounts, ReloadOutcome, RunSummary, StopSignal};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -76,6 +76,9 @@ pub struct GuardOptions {
     pub audit_max_file_bytes: Option<u64>,
     /// Steps between the audit log's checkpoints (None: the default, 100).
     pub checkpoint_every: Option<u64>,
+    /// End the run early, between steps, when a stop is requested (SIGINT/SIGTERM in
+    /// `gradguard train`); the report then gives the steps run.
+    pub stop: Option<StopSignal>,
 }
 
 /// How to train (the flags of `gradguard train`).
@@ -249,7 +252,7 @@ pub fn train(model: &mut AuditModel, data: &AuditData, options: &TrainOptions, o
         loss: data.loss,
         optimizer: options.optimizer,
         learning_rate: options.learning_rate,
-        steps: options.steps,
+        steps: run.steps,
         batch_size: options.batch_size.min(data.n),
         seed: options.seed,
         device: options.device.clone(),
@@ -267,12 +270,14 @@ pub fn train(model: &mut AuditModel, data: &AuditData, options: &TrainOptions, o
         true => Some(GuardSummary::read(run.counts, report.last_report.as_ref(), &audit_log)?),
         false => None,
     };
-    let summary = RunSummary { steps: options.steps, seconds: report.seconds, score: report.score(), guard, report: report_path };
+    let summary = RunSummary { steps: run.steps, seconds: report.seconds, score: report.score(), guard, report: report_path };
     Ok(TrainOutcome { report, summary, model_path })
 }
 
 /// What the loop leaves for the report.
 struct Steps {
+    /// Steps run (fewer than asked when a stop was requested).
+    steps: usize,
     seconds: f64,
     counts: ReleaseCounts,
     last: Option<Report>,
@@ -316,7 +321,13 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
     let attribute = data.attribute.as_deref().map(|a| Tensor::f_from_slice(a)?.f_to_device(device)).transpose()?;
     let (mut counts, mut last) = (ReleaseCounts::default(), None);
     let started = Instant::now();
+    let stop = options.guard.as_ref().and_then(|g| g.stop);
+    let mut steps = 0;
     for step in 0..options.steps {
+        if stop.is_some_and(|s| s.requested()) {
+            break;
+        }
+        steps = step + 1;
         let idx = Tensor::f_from_slice(&seeded_batch(&indices, options.batch_size, options.seed, step))?.f_to_device(device)?;
         let x = data.x.f_index_select(0, &idx)?;
         let y = data.y.f_index_select(0, &idx)?;
@@ -354,7 +365,7 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
         // The last checkpoint and the `closed` record, before the summary reads the log.
         opt.guard_mut().close_audit_log()?;
     }
-    Ok(Steps { seconds: started.elapsed().as_secs_f64(), counts, last, policy })
+    Ok(Steps { seconds: started.elapsed().as_secs_f64(), counts, last, policy, steps })
 }
 
 /// Mean loss and (cross-entropy) accuracy on all of `data`, without gradients.

@@ -80,10 +80,12 @@
 
 mod reload;
 mod script_module;
+mod stop;
 mod summary;
 mod torchscript;
 
 pub use reload::{PolicyReloader, ReloadOutcome};
+pub use stop::StopSignal;
 pub use summary::{GuardSummary, ReleaseCounts, RunSummary};
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
 

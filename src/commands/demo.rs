@@ -5,7 +5,7 @@
 use anyhow::Context;
 use gradguard::data::Digits;
 use gradguard::guard::{parse_device, Policy};
-use gradguard::hooks::{GuardSummary, PolicyReloader, ReleaseCounts, RunSummary};
+use gradguard::hooks::{GuardSummary, PolicyReloader, ReleaseCounts, RunSummary, StopSignal};
 use gradguard::models::DigitsCnn;
 use gradguard::{Batch, GuardedOptimizer, Report};
 use std::net::SocketAddr;
@@ -65,6 +65,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     // An earlier run's log is kept: this run continues its chain.
     // SIGHUP reloads the policy file between steps (without --policy, SIGHUP ends the run).
     let reload = args.policy.as_ref().map(PolicyReloader::on_sighup).transpose()?;
+    // Ctrl-C or SIGTERM ends the run between steps, with its log closed and its summary.
+    let stop = StopSignal::install()?;
     let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
     let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?)
         .policy(policy)
@@ -89,7 +91,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut counts = ReleaseCounts::default();
     let mut last = None;
+    let mut steps = 0;
     for step in 0..args.steps {
+        if stop.requested() {
+            bar.suspend(|| println!("step {step}: stop requested: closing the audit log (again to end at once)"));
+            break;
+        }
+        steps = step + 1;
         let idx: Vec<usize> = (0..args.batch_size).map(|i| train[(step * args.batch_size + i) % train.len()]).collect();
         if let Some(outcome) = reload.as_ref().and_then(|r| r.poll(opt.guard_mut())) {
             bar.suspend(|| println!("step {step}: {outcome}"));
@@ -116,7 +124,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     // The last checkpoint and the `closed` record, before the summary reads the log.
     opt.guard_mut().close_audit_log()?;
     let guard = GuardSummary::read(counts, last.as_ref(), &audit_path)?;
-    let summary = RunSummary { steps: args.steps, seconds, score: format!("test accuracy {accuracy:.3}"), guard: Some(guard), report: report_path };
+    let summary = RunSummary { steps, seconds, score: format!("test accuracy {accuracy:.3}"), guard: Some(guard), report: report_path };
     print!("\n{summary}");
     let html = super::report::write_for_run(&args.out)?;
     println!("run report: {}", html.display());

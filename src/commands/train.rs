@@ -12,7 +12,7 @@
 use super::audit::LossArg;
 use gradguard::audit::{train, AuditData, DataSpec, GuardOptions, ModelSource, OptimizerKind, TrainOptions};
 use gradguard::guard::parse_device;
-use gradguard::hooks::PolicyReloader;
+use gradguard::hooks::{PolicyReloader, StopSignal};
 use gradguard::Policy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -106,12 +106,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         (Some(path), false) => Some(PolicyReloader::on_sighup(path)?),
         _ => None,
     };
+    // Ctrl-C or SIGTERM ends a guarded run between steps, with its log closed and its summary.
+    let stop = (!args.no_guard).then(StopSignal::install).transpose()?;
     let guard = (!args.no_guard).then(|| GuardOptions {
         policy: policy.clone(),
         metrics_addr: args.metrics_addr,
         reload: reload.clone(),
         audit_max_file_bytes: Some(args.audit_max_bytes),
         checkpoint_every: Some(args.checkpoint_every),
+        stop,
     });
     let options = TrainOptions {
         steps: args.steps,
