@@ -8,7 +8,7 @@ ENV := source scripts/env.sh &&
 venv:
 	@scripts/setup-venv.sh
 
-# Prometheus and promtool for the exporter's integration test (Debian's package).
+# Prometheus, promtool and chromium for the integration tests (Debian packages).
 test-deps:
 	@scripts/install-test-deps.sh
 

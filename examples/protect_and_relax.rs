@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    println!("\ndecision log {} (conv1, changes of level and the checks at estimates):", log_path.display());
+    println!("\ndecision log {} (conv1: each change of level and the release at the new level; the rest is counted in checkpoints):", log_path.display());
     for r in AuditLog::read_all(&log_path)? {
         if r.layer == "conv1" && (r.outcome != Outcome::Released || r.rule.is_some()) && r.reason.is_none() {
             println!("{}", serde_json::to_string(&r)?);

@@ -22,6 +22,10 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Validate a policy file and show what its rules cover.
     Policy(commands::policy::PolicyArgs),
+    /// Audit log tools: `log verify FILE...` checks the hash chain.
+    Log(commands::log::LogArgs),
+    /// Turn a run's report.json and audit log into one self-contained HTML page.
+    Report(commands::report::ReportArgs),
 }
 
 fn main() {
@@ -32,6 +36,8 @@ fn main() {
         Command::Demo(args) => commands::demo::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Policy(args) => commands::policy::run(args),
+        Command::Log(args) => commands::log::run(args),
+        Command::Report(args) => commands::report::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

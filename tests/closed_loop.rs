@@ -84,7 +84,7 @@ fn a_layer_above_its_threshold_is_protected_until_the_release_is_below_it() {
     let ladder = "{ action = \"quantize\", bits = 4 }, { action = \"clip\", max_norm = 0.2 }, { action = \"clip\", max_norm = 0.05 }, { action = \"withhold\" }";
     let log = temp_log("protect");
     let mut guard = guard_for(&s.vs, conv1_rule("sensitivity_rms", act, act * 0.5, ladder, "estimate_every = 1\nmax_estimate_age_steps = 1"));
-    guard.set_audit_log(AuditLog::open(&log).unwrap());
+    guard.set_audit_log(AuditLog::open(&log).unwrap()).unwrap();
     let report = guarded_step(&s, &mut guard, 0, 64).0.unwrap().into_report();
     let manifest = report.release.as_ref().unwrap();
     assert_eq!(manifest.outcome, ReleaseOutcome::Released);
@@ -216,6 +216,7 @@ fn reloading_an_invalid_policy_keeps_the_one_in_force_and_says_so() {
     guard.reload_policy(&format!("version = 1\n[settings]\nestimate_every = 2\n{rules}"), "r3").unwrap();
     assert_ne!(guard.policy().hash(), before);
     assert_eq!(guard.policy().settings().estimate_every, 2);
+    assert_eq!(guard.policy_reload_failures(), 2, "both rejections are counted");
 }
 
 #[test]
@@ -227,7 +228,7 @@ fn an_aggregate_rung_raises_the_floor_and_the_larger_release_is_measured_again()
     let settings = "estimate_every = 1\naggregation_floor = 16\naggregation_ceiling = 64\nbudget_share = 1.0";
     let log = temp_log("aggregate");
     let mut guard = guard_for(&s.vs, conv1_rule("sensitivity", act, act * 0.1, ladder, settings));
-    guard.set_audit_log(AuditLog::open(&log).unwrap());
+    guard.set_audit_log(AuditLog::open(&log).unwrap()).unwrap();
     let first = guarded_step(&s, &mut guard, 0, 16).0.unwrap().into_report();
     let m = first.release.as_ref().unwrap();
     assert!(matches!(m.outcome, ReleaseOutcome::Pending { .. }), "{:?}", m.outcome);
@@ -254,7 +255,7 @@ fn a_calibrated_noise_rung_meets_its_bound_within_one_re_measurement() {
     let policy = Policy::from_toml_str(&format!("version = 2\n[settings]\nestimate_every = 1\nmax_estimate_age_steps = 1\n{rule}"), "test").unwrap();
     let log = temp_log("calibrated");
     let mut guard = guard_for(&s.vs, policy);
-    guard.set_audit_log(AuditLog::open(&log).unwrap());
+    guard.set_audit_log(AuditLog::open(&log).unwrap()).unwrap();
     let report = guarded_step(&s, &mut guard, 0, 64).0.unwrap().into_report();
     let manifest = report.release.as_ref().unwrap();
     assert_eq!(manifest.outcome, ReleaseOutcome::Released);

@@ -35,6 +35,7 @@ mod npy;
 mod plot;
 mod report;
 mod run;
+pub mod run_page;
 mod source;
 mod train;
 mod validation;

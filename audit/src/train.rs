@@ -25,7 +25,7 @@ use crate::error::{create_dir, AuditError, Result};
 use crate::inputs::AuditData;
 use crate::source::{seeded_batch, AuditModel, LossKind};
 use gradguard_guard::{Batch, GuardError, LossFn, Policy, Release, Report};
-use gradguard_hooks::{GuardSummary, GuardedOptimizer, ReleaseCounts, RunSummary};
+use gradguard_hooks::{GuardSummary, GuardedOptimizer, PolicyReloader, ReleaseCounts, ReloadOutcome, RunSummary, StopSignal};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,6 +70,15 @@ pub struct GuardOptions {
     pub policy: Option<Policy>,
     /// Serve the guard's metrics here (`/metrics`, `/healthz`, `/report`) while training.
     pub metrics_addr: Option<SocketAddr>,
+    /// Reload the policy between steps when asked (SIGHUP in `gradguard train`).
+    pub reload: Option<PolicyReloader>,
+    /// Rotate the audit log at this size (None: the default, 64 MiB).
+    pub audit_max_file_bytes: Option<u64>,
+    /// Steps between the audit log's checkpoints (None: the default, 100).
+    pub checkpoint_every: Option<u64>,
+    /// End the run early, between steps, when a stop is requested (SIGINT/SIGTERM in
+    /// `gradguard train`); the report then gives the steps run.
+    pub stop: Option<StopSignal>,
 }
 
 /// How to train (the flags of `gradguard train`).
@@ -135,6 +144,8 @@ pub struct StepProgress<'r> {
     pub counts: ReleaseCounts,
     /// The guard's release of this step (None unguarded).
     pub release: Option<&'r Release>,
+    /// A policy reload done before this step, if one was asked for.
+    pub reload: Option<&'r ReloadOutcome>,
 }
 
 /// The model's mean loss and (cross-entropy) accuracy on the whole training data.
@@ -217,18 +228,15 @@ pub struct TrainOutcome {
 
 /// Trains the TorchScript `model` on `data` for `options.steps` steps and writes into `out`
 /// (created if needed): `model.pt` (the trained module in eval mode, for `torch.jit.load`),
-/// `report.json` ([`TrainReport`]) and, guarded, `audit.jsonl` (any earlier `audit.jsonl`
-/// there is removed first: one log per run). Training runs in training mode; the model is left
+/// `report.json` ([`TrainReport`]) and, guarded, `audit.jsonl` (an earlier run's log there is
+/// kept: this run appends to its chain). Training runs in training mode; the model is left
 /// in eval mode. `progress` sees every step.
 pub fn train(model: &mut AuditModel, data: &AuditData, options: &TrainOptions, out: &Path, progress: impl FnMut(&StepProgress<'_>)) -> Result<TrainOutcome> {
     options.validate()?;
     options.check_model(model)?;
     create_dir(out)?;
+    // An earlier run's log is kept: this run continues its chain.
     let audit_log = out.join("audit.jsonl");
-    match std::fs::remove_file(&audit_log) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(AuditError::Io { action: "removing the earlier audit log", path: audit_log, source: e }),
-        _ => {}
-    }
     let before = evaluate(model, data)?;
     model.set_training(true)?;
     let run = run_steps(model, data, options, &audit_log, progress);
@@ -244,7 +252,7 @@ pub fn train(model: &mut AuditModel, data: &AuditData, options: &TrainOptions, o
         loss: data.loss,
         optimizer: options.optimizer,
         learning_rate: options.learning_rate,
-        steps: options.steps,
+        steps: run.steps,
         batch_size: options.batch_size.min(data.n),
         seed: options.seed,
         device: options.device.clone(),
@@ -262,12 +270,14 @@ pub fn train(model: &mut AuditModel, data: &AuditData, options: &TrainOptions, o
         true => Some(GuardSummary::read(run.counts, report.last_report.as_ref(), &audit_log)?),
         false => None,
     };
-    let summary = RunSummary { steps: options.steps, seconds: report.seconds, score: report.score(), guard, report: report_path };
+    let summary = RunSummary { steps: run.steps, seconds: report.seconds, score: report.score(), guard, report: report_path };
     Ok(TrainOutcome { report, summary, model_path })
 }
 
 /// What the loop leaves for the report.
 struct Steps {
+    /// Steps run (fewer than asked when a stop was requested).
+    steps: usize,
     seconds: f64,
     counts: ReleaseCounts,
     last: Option<Report>,
@@ -292,6 +302,12 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
             if let Some(addr) = guard.metrics_addr {
                 builder = builder.metrics(addr);
             }
+            if let Some(bytes) = guard.audit_max_file_bytes {
+                builder = builder.audit_rotation(bytes);
+            }
+            if let Some(steps) = guard.checkpoint_every {
+                builder = builder.audit_checkpoint_every(steps);
+            }
             Stepper::Guarded(Box::new(builder.build()?))
         }
         _ => Stepper::Plain(optimizer),
@@ -305,12 +321,22 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
     let attribute = data.attribute.as_deref().map(|a| Tensor::f_from_slice(a)?.f_to_device(device)).transpose()?;
     let (mut counts, mut last) = (ReleaseCounts::default(), None);
     let started = Instant::now();
+    let stop = options.guard.as_ref().and_then(|g| g.stop);
+    let mut steps = 0;
     for step in 0..options.steps {
+        if stop.is_some_and(|s| s.requested()) {
+            break;
+        }
+        steps = step + 1;
         let idx = Tensor::f_from_slice(&seeded_batch(&indices, options.batch_size, options.seed, step))?.f_to_device(device)?;
         let x = data.x.f_index_select(0, &idx)?;
         let y = data.y.f_index_select(0, &idx)?;
         let loss = loss_fn.loss(&x, &y)?;
         let loss_value = loss.f_double_value(&[])?;
+        let reload = match (&mut stepper, options.guard.as_ref().and_then(|g| g.reload.as_ref())) {
+            (Stepper::Guarded(opt), Some(reloader)) => reloader.poll(opt.guard_mut()),
+            _ => None,
+        };
         let release = match &mut stepper {
             Stepper::Plain(opt) => {
                 // What GuardedOptimizer::backward_step does, without the guard.
@@ -332,12 +358,16 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
                 Some(release)
             }
         };
-        progress(&StepProgress { step, loss: loss_value, counts, release: release.as_ref() });
+        progress(&StepProgress { step, loss: loss_value, counts, release: release.as_ref(), reload: reload.as_ref() });
         if let Some(release) = release {
             last = Some(release.into_report());
         }
     }
-    Ok(Steps { seconds: started.elapsed().as_secs_f64(), counts, last, policy })
+    if let Stepper::Guarded(opt) = &mut stepper {
+        // The last checkpoint and the `closed` record, before the summary reads the log.
+        opt.guard_mut().close_audit_log()?;
+    }
+    Ok(Steps { seconds: started.elapsed().as_secs_f64(), counts, last, policy, steps })
 }
 
 /// Mean loss and (cross-entropy) accuracy on all of `data`, without gradients.

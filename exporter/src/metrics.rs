@@ -94,6 +94,8 @@ struct Tracking {
     policy: (String, String),
     /// The guard's cumulative dropped-estimate count already exported.
     dropped_seen: u64,
+    /// The guard's cumulative count of rejected policy reloads already exported.
+    reload_failures_seen: u64,
 }
 
 /// gradguard's Prometheus metrics for one model. `Send + Sync`; share it in an `Arc` between
@@ -119,6 +121,7 @@ pub struct Exporter {
     aggregation_floor: Gauge,
     estimate_duration: Histogram,
     estimates_dropped: IntCounter,
+    policy_reload_failures: IntCounter,
     training_steps: IntCounter,
     report_step: Gauge,
     policy_info: IntGaugeVec,
@@ -261,6 +264,11 @@ impl Exporter {
         let estimates_dropped =
             IntCounter::with_opts(Opts::new("gradguard_estimates_dropped_total", "Leakage estimates that were due but skipped or discarded (budget, queue full, error)."))?;
         reg(Box::new(estimates_dropped.clone()))?;
+        let policy_reload_failures = IntCounter::with_opts(Opts::new(
+            "gradguard_policy_reload_failures_total",
+            "Policy reloads (SIGHUP or the library call) the guard rejected; the policy in force stayed.",
+        ))?;
+        reg(Box::new(policy_reload_failures.clone()))?;
         let training_steps = IntCounter::with_opts(Opts::new("gradguard_training_steps_total", "Training steps inspected by the guard (latest report step + 1)."))?;
         reg(Box::new(training_steps.clone()))?;
         let report_step = Gauge::with_opts(Opts::new("gradguard_report_step", "Step number of the latest report (NaN before the first)."))?;
@@ -316,6 +324,7 @@ impl Exporter {
                 latest_step: None,
                 estimate_seen: vec![None; layers.len()],
                 dropped_seen: 0,
+                reload_failures_seen: 0,
                 policy: (NO_POLICY.into(), NO_POLICY.into()),
             }),
             layers,
@@ -330,6 +339,7 @@ impl Exporter {
             aggregation_floor,
             estimate_duration,
             estimates_dropped,
+            policy_reload_failures,
             training_steps,
             report_step,
             policy_info,
@@ -485,7 +495,28 @@ impl Exporter {
             d
         };
         self.estimates_dropped.inc_by(delta);
+        let failures = report.health.policy_reload_failures;
+        let delta = {
+            let mut t = self.tracking.lock();
+            let d = failures.saturating_sub(t.reload_failures_seen);
+            t.reload_failures_seen = t.reload_failures_seen.max(failures);
+            d
+        };
+        self.policy_reload_failures.inc_by(delta);
         let Some(manifest) = &report.release else { return };
+        // A reloaded policy: its hash replaces the one exported (short form, as attach sets it),
+        // once a policy was set at all.
+        let following = self.tracking.lock().policy.0 != NO_POLICY;
+        if following {
+            let _ = self.set_policy_info(manifest.policy_hash.get(..12).unwrap_or(&manifest.policy_hash), &manifest.policy_version.to_string());
+        }
+        for ml in &manifest.layers {
+            for c in &ml.checks {
+                if let (Some(&l), Some(&m)) = (self.layer_index.get(&ml.name), self.metric_index.get(c.metric.name())) {
+                    self.series[l].threshold[m].set(c.act_above);
+                }
+            }
+        }
         self.aggregation_floor.set(manifest.aggregation_floor as f64);
         let mut protected = false;
         for ml in &manifest.layers {

@@ -1,5 +1,5 @@
-//! [`MetricsServer`]: `/metrics`, `/healthz` and `/report` on a thread and tokio runtime of
-//! their own. Read-only: every route is a GET (HEAD answered too); anything else is 404/405.
+//! [`MetricsServer`]: `/metrics`, `/healthz`, `/report` and the live page `/` on a thread and
+//! tokio runtime of their own. Read-only: every route is a GET (HEAD answered too); anything else is 404/405.
 use crate::error::ExporterError;
 use crate::metrics::Exporter;
 use axum::extract::State;
@@ -117,6 +117,7 @@ pub fn router(exporter: Arc<Exporter>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/report", get(report))
+        .route("/", get(live_page))
         .fallback(not_found)
         .with_state(exporter)
 }
@@ -134,6 +135,14 @@ async fn report(State(exporter): State<Arc<Exporter>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], exporter.snapshot_json())
 }
 
+/// The live page: HTML and a little inline JavaScript that polls `/report` and draws each
+/// layer's metrics, thresholds and protection level as they move. No external asset.
+pub const LIVE_PAGE: &str = include_str!("live_page.html");
+
+async fn live_page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], LIVE_PAGE)
+}
+
 async fn not_found() -> impl IntoResponse {
-    (StatusCode::NOT_FOUND, "not found: gradguard serves /metrics, /healthz and /report\n")
+    (StatusCode::NOT_FOUND, "not found: gradguard serves /, /metrics, /healthz and /report\n")
 }

@@ -1,4 +1,4 @@
-//! The metrics server: endpoints, a busy port, shutdown on drop.
+//! The metrics server: endpoints (the live page included), a busy port, shutdown on drop.
 mod common;
 use common::{real_reports, value, LAYERS};
 use gradguard_exporter::client::get;
@@ -47,6 +47,13 @@ fn serves_metrics_healthz_and_report_and_stops_on_drop() {
     let json: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(json["report"]["step"], 1);
     assert_eq!(json["report"]["layers"].as_array().unwrap().len(), 2);
+
+    // The live page: HTML whose inline script polls /report; nothing fetched from elsewhere.
+    let page = get(addr, "/", T).unwrap();
+    assert_eq!((page.status, page.header("content-type")), (200, Some("text/html; charset=utf-8")));
+    assert!(page.body.contains("<script>") && page.body.contains("fetch(\"/report\""), "the page polls /report");
+    assert!(!page.body.contains(" src=") && !page.body.contains("<link rel=\"stylesheet\""), "no external script or style");
+    assert_eq!(page.body.matches("://").count(), page.body.matches("http://www.w3.org/2000/svg").count(), "no URL but the SVG namespace");
 
     assert_eq!(get(addr, "/nope", T).unwrap().status, 404);
     // Read-only: no state-changing method is routed.

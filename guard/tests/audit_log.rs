@@ -1,6 +1,6 @@
 //! The audit log: acknowledged records survive SIGKILL, every complete line parses, reopening
 //! appends, torn tails are skipped and reported.
-use gradguard_guard::{AuditError, AuditLog, DecisionRecord, Outcome};
+use gradguard_guard::{verify_chain, AuditError, AuditLog, BreakKind, DecisionRecord, Outcome};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -30,6 +30,8 @@ fn record(step: u64, layer: &str) -> DecisionRecord {
         outcome: Outcome::Protected,
         reason: Some("sensitivity_rms 0.0123 above act_above 0.01: \"escalate\" \u{2192} rung 1".into()),
         policy_hash: "0123456789abcdef".repeat(4),
+        previous_policy_hash: None,
+        checkpoint: None,
     }
 }
 
@@ -100,6 +102,24 @@ fn acknowledged_records_survive_sigkill() {
         assert!(steps.contains(&a), "acknowledged step {a} missing from the log ({} records)", steps.len());
     }
     assert!(steps.len() >= acked.len());
+    // The chain verifies up to the last complete record; at most a cut last line follows.
+    let chain = verify_chain(&path).expect("the log reads");
+    assert_eq!(chain.records as usize, contents.records.len(), "every complete record verifies: {:?}", chain.broken);
+    match &chain.broken {
+        None => assert_eq!(contents.skipped, 0),
+        Some(b) => {
+            assert_eq!((b.kind, contents.skipped), (BreakKind::Truncated, 1), "{b}");
+            assert_eq!(b.line, contents.skipped_lines[0]);
+        }
+    }
+    // A new writer closes the torn tail and continues the chain, which then verifies whole.
+    {
+        let mut log = AuditLog::open(&path).unwrap();
+        log.record(&record(steps.len() as u64, "conv1")).unwrap();
+    }
+    let chain = verify_chain(&path).unwrap();
+    assert_eq!((chain.broken.clone(), chain.records as usize), (None, contents.records.len() + 1), "{:?}", chain.broken);
+    assert_eq!(chain.torn, contents.skipped);
     // The records read back equal what was written (bar the clock, and floats to the last
     // bit: serde_json without its `float_roundtrip` feature may parse 1 ulp off).
     for r in &contents.records {

@@ -161,7 +161,7 @@ fn run_with_ids(policy: &str, steps: usize, log: &std::path::Path, ids: impl Fn(
     let y = Tensor::from_slice(&(0..20).map(|i| i % 3).collect::<Vec<i64>>());
     let mut guard = Guard::new(LayerMap::from_var_store(&vs).unwrap(), Policy::from_toml_str(policy, "test").unwrap()).unwrap();
     let _ = std::fs::remove_file(log);
-    guard.set_audit_log(AuditLog::open(log).unwrap());
+    guard.set_audit_log(AuditLog::open(log).unwrap()).unwrap();
     let loss_fn = |x: &Tensor, y: &Tensor| mlp.loss(x, y);
     (0..steps)
         .map(|step| {

@@ -78,15 +78,19 @@
 //! ```
 #![warn(missing_docs)]
 
+mod reload;
 mod script_module;
+mod stop;
 mod summary;
 mod torchscript;
 
+pub use reload::{PolicyReloader, ReloadOutcome};
+pub use stop::StopSignal;
 pub use summary::{GuardSummary, ReleaseCounts, RunSummary};
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
 
 use gradguard_exporter::MetricsServer;
-use gradguard_guard::{AuditLog, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, ReportSink, Settings, SplitLoss};
+use gradguard_guard::{AuditLog, LogOptions, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, ReportSink, Settings, SplitLoss};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tch::{nn, TchError, Tensor};
@@ -108,6 +112,8 @@ pub struct GuardBuilder<'a> {
     loss: Option<Box<dyn LossFn + 'a>>,
     embedding: Option<Box<dyn EmbeddingSplit + 'a>>,
     audit_log: Option<PathBuf>,
+    audit_options: LogOptions,
+    checkpoint_every: u64,
     metrics_addr: Option<SocketAddr>,
     sinks: Vec<ReportSink>,
 }
@@ -164,9 +170,23 @@ impl<'a> GuardBuilder<'a> {
         self
     }
 
-    /// Appends every decision to this JSON-lines file, before the release it decides.
+    /// Logs every change of state to this hash-chained JSON-lines file, before the release
+    /// it decides, with the unchanged releases counted in checkpoints. An existing log is
+    /// never truncated: the run continues its chain.
     pub fn audit_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.audit_log = Some(path.into());
+        self
+    }
+
+    /// Rotates the audit log when a file reaches `max_file_bytes` (default 64 MiB).
+    pub fn audit_rotation(mut self, max_file_bytes: u64) -> Self {
+        self.audit_options.max_file_bytes = max_file_bytes;
+        self
+    }
+
+    /// Steps between the audit log's checkpoints (default 100).
+    pub fn audit_checkpoint_every(mut self, steps: u64) -> Self {
+        self.checkpoint_every = steps;
         self
     }
 
@@ -198,7 +218,7 @@ impl<'a> GuardBuilder<'a> {
         };
         let mut guard = Guard::new(self.layers?, policy)?;
         if let Some(path) = self.audit_log {
-            guard.set_audit_log(AuditLog::open(path).map_err(GuardError::from)?);
+            guard.set_audit_log_every(AuditLog::open_options(path, self.audit_options).map_err(GuardError::from)?, self.checkpoint_every)?;
         }
         for sink in self.sinks {
             guard.add_report_sink(sink);
@@ -229,7 +249,7 @@ impl<'a> GuardedOptimizer<'a> {
     }
 
     fn wrapping(layers: Result<LayerMap, BuildError>, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
-        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, metrics_addr: None, sinks: Vec::new() }
+        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, audit_options: LogOptions::default(), checkpoint_every: gradguard_guard::DEFAULT_CHECKPOINT_EVERY, metrics_addr: None, sinks: Vec::new() }
     }
 
     /// zero_grad, backward, guard, step. The step is applied only when the release is

@@ -1,6 +1,6 @@
 //! What a guarded run did, counted while it runs and summarised at its end: the summary
 //! `gradguard demo` and `gradguard train` print.
-use gradguard_guard::{AuditLog, DecisionRecord, GuardError, GuardHealth, Ledger, Outcome, Release, Report};
+use gradguard_guard::{verify_chain, AuditLog, DecisionRecord, GuardError, GuardHealth, Ledger, Outcome, Release, Report, Verification};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -42,19 +42,45 @@ pub struct GuardSummary {
     pub counts: ReleaseCounts,
     /// The guard's health in the last step's report.
     pub health: Option<GuardHealth>,
-    /// Every decision of the audit log.
+    /// This run's records of the audit log (from its `started` record on).
     pub records: Vec<DecisionRecord>,
     /// The run ledger at the last step (M5 summed over the run's releases).
     pub ledger: Option<Ledger>,
-    /// The audit log.
+    /// The audit log (the chain's base file).
     pub audit_log: PathBuf,
+    /// The whole chain checked at the end of the run.
+    pub chain: Verification,
 }
 
 impl GuardSummary {
-    /// Reads the run's audit log at `audit_log`.
+    /// Reads the run's audit log at `audit_log` (close it first, so that its last checkpoint
+    /// is in) and checks its chain.
     pub fn read(counts: ReleaseCounts, last: Option<&Report>, audit_log: &Path) -> Result<Self, GuardError> {
-        let records = AuditLog::read_all(audit_log)?;
-        Ok(Self { counts, health: last.map(|r| r.health.clone()), records, ledger: last.and_then(|r| r.ledger.clone()), audit_log: audit_log.to_path_buf() })
+        let all = AuditLog::read_chain(audit_log)?;
+        let from = all.iter().rposition(|r| r.outcome == Outcome::Started).unwrap_or(0);
+        let records = all[from..].to_vec();
+        let chain = verify_chain(audit_log)?;
+        Ok(Self { counts, health: last.map(|r| r.health.clone()), records, ledger: last.and_then(|r| r.ledger.clone()), audit_log: audit_log.to_path_buf(), chain })
+    }
+
+    /// This run's decisions by outcome: the records written one by one plus the unchanged
+    /// releases the checkpoints counted. Run events (started, checkpoint, closed, rotated)
+    /// are not decisions.
+    pub fn decisions_by_outcome(&self) -> BTreeMap<Outcome, u64> {
+        let mut out: BTreeMap<Outcome, u64> = BTreeMap::new();
+        for r in &self.records {
+            if let Some(c) = &r.checkpoint {
+                for t in &c.layers {
+                    *out.entry(Outcome::Released).or_default() += t.released;
+                    *out.entry(Outcome::Protected).or_default() += t.protected;
+                    *out.entry(Outcome::Withheld).or_default() += t.withheld;
+                }
+            } else if !matches!(r.outcome, Outcome::Started | Outcome::Checkpoint | Outcome::Closed | Outcome::Rotated) {
+                *out.entry(r.outcome).or_default() += 1;
+            }
+        }
+        out.retain(|_, n| *n > 0);
+        out
     }
 }
 
@@ -101,10 +127,7 @@ impl fmt::Display for RunSummary {
                 h.worker_failures
             )?;
         }
-        let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
-        for r in &g.records {
-            *by_outcome.entry(r.outcome.to_string()).or_default() += 1;
-        }
+        let by_outcome = g.decisions_by_outcome();
         writeln!(f, "decisions: {}", by_outcome.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", "))?;
         for r in g.records.iter().filter(|r| matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed | Outcome::Blocked)).take(8) {
             writeln!(
@@ -125,6 +148,11 @@ impl fmt::Display for RunSummary {
         if let Some(ledger) = &g.ledger {
             write!(f, "{}", ledger.summary())?;
         }
-        writeln!(f, "report: {}\naudit log: {} ({} decisions)", self.report.display(), g.audit_log.display(), g.records.len())
+        let chain = match (&g.chain.broken, &g.chain.head) {
+            (Some(b), _) => format!("chain BROKEN at {b}"),
+            (None, Some(head)) => format!("chain of {} records verified, head {head}", g.chain.records),
+            (None, None) => "empty".into(),
+        };
+        writeln!(f, "report: {}\naudit log: {} ({} records this run; {chain})", self.report.display(), g.audit_log.display(), g.records.len())
     }
 }

@@ -62,7 +62,7 @@ fn drain(spool: &Path, exporter: &Exporter) -> usize {
     n
 }
 
-/// Serves the gradguard exporter's `/metrics`, `/healthz` and `/report` on `host:port` (port 0:
+/// Serves the gradguard exporter's `/metrics`, `/healthz`, `/report` and live page `/` on `host:port` (port 0:
 /// any free port) for the reports spooled in `spool_dir`, until `watch_pid` exits, a `stop`
 /// file appears in the spool, or a signal arrives. Writes the bound port to `ready_file` (when
 /// given) once serving. Blocks; returns the number of reports observed.

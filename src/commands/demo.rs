@@ -5,7 +5,7 @@
 use anyhow::Context;
 use gradguard::data::Digits;
 use gradguard::guard::{parse_device, Policy};
-use gradguard::hooks::{GuardSummary, ReleaseCounts, RunSummary};
+use gradguard::hooks::{GuardSummary, PolicyReloader, ReleaseCounts, RunSummary, StopSignal};
 use gradguard::models::DigitsCnn;
 use gradguard::{Batch, GuardedOptimizer, Report};
 use std::net::SocketAddr;
@@ -36,7 +36,14 @@ pub struct DemoArgs {
     /// Seed of the model initialisation and the data order (the policy seeds the guard).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Folder for the final report (report.json) and the audit log (audit.jsonl).
+    /// Rotate the audit log when a file reaches this many bytes.
+    #[arg(long, default_value_t = gradguard::guard::DEFAULT_MAX_FILE_BYTES)]
+    audit_max_bytes: u64,
+    /// Steps between the audit log's checkpoints (the counts of unchanged releases).
+    #[arg(long, default_value_t = gradguard::guard::DEFAULT_CHECKPOINT_EVERY)]
+    checkpoint_every: u64,
+    /// Folder for the final report (report.json), the audit log (audit.jsonl) and the run
+    /// report (report.html).
     #[arg(long, default_value = "out")]
     out: PathBuf,
 }
@@ -55,25 +62,46 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let net = DigitsCnn::new(&vs.root());
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let audit_path = args.out.join("audit.jsonl");
-    let _ = std::fs::remove_file(&audit_path); // one log per demo run
+    // An earlier run's log is kept: this run continues its chain.
+    // SIGHUP reloads the policy file between steps (without --policy, SIGHUP ends the run).
+    let reload = args.policy.as_ref().map(PolicyReloader::on_sighup).transpose()?;
+    // Ctrl-C or SIGTERM ends the run between steps, with its log closed and its summary.
+    let stop = StopSignal::install()?;
     let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
     let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?)
         .policy(policy)
         .loss(loss_fn)
         .audit_log(&audit_path)
+        .audit_rotation(args.audit_max_bytes)
+        .audit_checkpoint_every(args.checkpoint_every)
         .metrics(args.metrics_addr)
         .build()?;
     let guard = opt.guard();
     let thresholds = guard.protection().thresholds();
     println!("gradguard demo: digits CNN on {} train / {} test samples, {device:?}", train.len(), test.len());
     println!("{}", super::progress::guard_header(&guard.layers().names(), guard.policy(), opt.metrics_addr(), &audit_path));
+    if let Some(addr) = opt.metrics_addr() {
+        println!("live page: http://{addr}/");
+    }
+    if let Some(r) = &reload {
+        println!("policy reload: kill -HUP {} re-reads {}\n", std::process::id(), r.path().display());
+    }
 
     let bar = super::progress::steps_bar(args.steps);
     let started = Instant::now();
     let mut counts = ReleaseCounts::default();
     let mut last = None;
+    let mut steps = 0;
     for step in 0..args.steps {
+        if stop.requested() {
+            bar.suspend(|| println!("step {step}: stop requested: closing the audit log (again to end at once)"));
+            break;
+        }
+        steps = step + 1;
         let idx: Vec<usize> = (0..args.batch_size).map(|i| train[(step * args.batch_size + i) % train.len()]).collect();
+        if let Some(outcome) = reload.as_ref().and_then(|r| r.poll(opt.guard_mut())) {
+            bar.suspend(|| println!("step {step}: {outcome}"));
+        }
         let (x, y, heavy_stroke) = digits.batch(&idx, device)?;
         let loss = net.f_loss(&x, &y)?;
         // Sample ids let the run ledger count each image's releases exactly.
@@ -95,9 +123,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if let Some(report) = &last {
         std::fs::write(&report_path, report.to_json()).with_context(|| format!("writing {}", report_path.display()))?;
     }
+    // The last checkpoint and the `closed` record, before the summary reads the log.
+    opt.guard_mut().close_audit_log()?;
     let guard = GuardSummary::read(counts, last.as_ref(), &audit_path)?;
-    let summary = RunSummary { steps: args.steps, seconds, score: format!("test accuracy {accuracy:.3}"), guard: Some(guard), report: report_path };
+    let summary = RunSummary { steps, seconds, score: format!("test accuracy {accuracy:.3}"), guard: Some(guard), report: report_path };
     print!("\n{summary}");
+    let html = super::report::write_for_run(&args.out)?;
+    println!("run report: {}", html.display());
     drop(opt);
     Ok(())
 }

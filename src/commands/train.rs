@@ -12,6 +12,7 @@
 use super::audit::LossArg;
 use gradguard::audit::{train, AuditData, DataSpec, GuardOptions, ModelSource, OptimizerKind, TrainOptions};
 use gradguard::guard::parse_device;
+use gradguard::hooks::{PolicyReloader, StopSignal};
 use gradguard::Policy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,12 @@ pub struct TrainArgs {
     /// Seed of the mini-batch order: the same seed gives the same run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Rotate the audit log when a file reaches this many bytes.
+    #[arg(long, default_value_t = gradguard::guard::DEFAULT_MAX_FILE_BYTES, conflicts_with = "no_guard")]
+    audit_max_bytes: u64,
+    /// Steps between the audit log's checkpoints (the counts of unchanged releases).
+    #[arg(long, default_value_t = gradguard::guard::DEFAULT_CHECKPOINT_EVERY, conflicts_with = "no_guard")]
+    checkpoint_every: u64,
     /// Train without the guard (the baseline run): no policy, no audit log.
     #[arg(long)]
     no_guard: bool,
@@ -94,7 +101,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let optimizer = OptimizerKind::from(args.optimizer);
     let policy = args.policy.as_deref().map(Policy::load).transpose()?;
-    let guard = (!args.no_guard).then(|| GuardOptions { policy: policy.clone(), metrics_addr: args.metrics_addr });
+    // SIGHUP reloads the policy file between steps (without one, SIGHUP ends the run as usual).
+    let reload = match (&args.policy, args.no_guard) {
+        (Some(path), false) => Some(PolicyReloader::on_sighup(path)?),
+        _ => None,
+    };
+    // Ctrl-C or SIGTERM ends a guarded run between steps, with its log closed and its summary.
+    let stop = (!args.no_guard).then(StopSignal::install).transpose()?;
+    let guard = (!args.no_guard).then(|| GuardOptions {
+        policy: policy.clone(),
+        metrics_addr: args.metrics_addr,
+        reload: reload.clone(),
+        audit_max_file_bytes: Some(args.audit_max_bytes),
+        checkpoint_every: Some(args.checkpoint_every),
+        stop,
+    });
     let options = TrainOptions {
         steps: args.steps,
         batch_size: args.batch_size,
@@ -124,12 +145,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         Some(g) => {
             let policy = policy.unwrap_or_else(Policy::permissive);
             println!("{}", super::progress::guard_header(&model.layer_names()?, &policy, g.metrics_addr, &args.out.join("audit.jsonl")));
+            if let Some(r) = &reload {
+                println!("policy reload: kill -HUP {} re-reads {}\n", std::process::id(), r.path().display());
+            }
         }
         None => println!("guard: off (--no-guard): every step applied, no audit log\n"),
     }
 
     let bar = super::progress::steps_bar(options.steps);
     let outcome = train(&mut model, &data, &options, &args.out, |p| {
+        if let Some(outcome) = p.reload {
+            bar.suspend(|| println!("step {}: {outcome}", p.step));
+        }
         if let Some(release) = p.release {
             super::progress::show_release(&bar, p.step, release);
         }
@@ -142,6 +169,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     bar.finish();
     let outcome = outcome?;
     print!("\n{}", outcome.summary);
+    if !args.no_guard {
+        let html = super::report::write_for_run(&args.out)?;
+        println!("run report: {}", html.display());
+    }
     println!("model: {} (torch.jit.load)", outcome.model_path.display());
     Ok(())
 }

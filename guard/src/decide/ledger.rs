@@ -272,5 +272,7 @@ fn record(step: u64, layer: &str, outcome: Outcome, action: &str, value: Option<
         outcome,
         reason: Some(reason),
         policy_hash: policy_hash.to_string(),
+        previous_policy_hash: None,
+        checkpoint: None,
     }
 }

@@ -1,7 +1,12 @@
 //! What decides: the engine with its state. The policy, the protection levels it drives, the
 //! budget scheduler, the background workers, the audit log, and the [`Guard`] that runs them
 //! over the estimators of `measure` and returns a typed [`Release`].
+mod audit_files;
 mod audit_log;
+mod audit_read;
+mod audit_record;
+mod audit_trail;
+mod audit_verify;
 mod engine;
 mod ledger;
 mod policy;
@@ -10,7 +15,11 @@ mod release;
 mod schedule;
 mod worker;
 
-pub use audit_log::{unix_ms_now, AuditLog, DecisionRecord, Durability, LogContents, Outcome};
+pub use audit_files::{chain_files, segment_path};
+pub use audit_log::{unix_ms_now, AuditLog, Checkpoint, DecisionRecord, Durability, LayerTally, LogContents, LogOptions, Outcome, DEFAULT_MAX_FILE_BYTES};
+pub use audit_record::{line_hash, ChainLink};
+pub use audit_trail::{AuditTrail, DEFAULT_CHECKPOINT_EVERY};
+pub use audit_verify::{verify_chain, verify_files, BreakKind, ChainBreak, Verification};
 pub use engine::{Guard, ReportSink};
 pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
 pub use ledger::RunLedger;

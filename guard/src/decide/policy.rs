@@ -491,6 +491,6 @@ fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
 /// The text of the permissive policy (no settings, no rules).
 const PERMISSIVE: &str = "version = 1\n";
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -235,6 +235,8 @@ impl Protection {
             outcome,
             reason: None,
             policy_hash: self.policy.hash().to_string(),
+            previous_policy_hash: None,
+            checkpoint: None,
         }
     }
 

@@ -226,6 +226,9 @@ pub struct GuardHealth {
     pub worker_failures: u64,
     /// The last worker failure, if any (the guard then fails closed).
     pub worker_error: Option<String>,
+    /// Policy reloads rejected so far (the policy in force stayed).
+    #[serde(default)]
+    pub policy_reload_failures: u64,
 }
 
 /// The guard's report for one training step.

@@ -2,7 +2,7 @@
 //! released gradient, schedules the M1/M2 estimates, and decides every release (closed loop,
 //! fail closed). The flows live here; `estimates.rs` runs the estimators, `gradients.rs`
 //! applies a decision to the tensors, `reports.rs` assembles what a step reports.
-use super::audit_log::AuditLog;
+use super::audit_trail::AuditTrail;
 use super::ledger::RunLedger;
 use super::policy::Policy;
 use super::protection::{Decision, Protection};
@@ -16,8 +16,10 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use tch::Tensor;
 
+mod audit;
 mod estimates;
 mod gradients;
+mod reload;
 mod reports;
 
 use gradients::{Held, LayerRelease};
@@ -39,7 +41,9 @@ pub struct Guard {
     /// What the estimators last found, and when.
     latest: Latest,
     held: Option<Held>,
-    audit: Option<AuditLog>,
+    audit: Option<AuditTrail>,
+    /// Reloads rejected so far (exported as gradguard_policy_reload_failures_total).
+    reload_failures: u64,
     scheduler: Scheduler,
     workers: Workers,
     sinks: Vec<ReportSink>,
@@ -97,6 +101,7 @@ impl Guard {
             },
             held: None,
             audit: None,
+            reload_failures: 0,
             workers,
             sinks: Vec::new(),
             ledger: RunLedger::new(l),
@@ -122,26 +127,6 @@ impl Guard {
     /// The report sinks' worker, when they run in the background.
     pub fn fan_out_worker(&self) -> Option<&Worker> {
         self.workers.fan_out.as_ref()
-    }
-
-    /// Replaces the policy while training. An invalid policy (or one that does not fit this
-    /// model) is rejected and the policy in force stays, which the error says. A new policy
-    /// starts from level 0 and forces a fresh estimate at the next release, so its first
-    /// decision is a measured one. Its settings take effect, except `background_estimates`,
-    /// which is fixed when the guard is built.
-    pub fn reload_policy(&mut self, text: &str, origin: &str) -> Result<()> {
-        let kept = || self.protection.policy().short_hash().to_string();
-        let policy = Policy::from_toml_str(text, origin).map_err(|e| GuardError::PolicyRejected { kept: kept(), source: e })?;
-        let protection = Protection::new(policy, self.layers.names()).map_err(|e| GuardError::PolicyRejected { kept: kept(), source: e })?;
-        self.scheduler.set_share(protection.policy().settings().budget_share);
-        self.protection = protection;
-        self.latest.estimate_step = None;
-        Ok(())
-    }
-
-    /// Every decision from now on is appended to this log before the release it decides.
-    pub fn set_audit_log(&mut self, log: AuditLog) {
-        self.audit = Some(log);
     }
 
     /// The model's layers.

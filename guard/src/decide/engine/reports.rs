@@ -40,12 +40,11 @@ impl Guard {
         } else {
             self.ledger.discard();
         }
-        if let Some(log) = self.audit.as_mut() {
-            for record in &decision.records {
-                log.record(record)?;
-            }
+        let report = self.assemble(step, samples, estimated, stats, Some(manifest.clone()));
+        if let Some(trail) = self.audit.as_mut() {
+            trail.decided(step, &decision.records, &report)?;
         }
-        Ok((self.assemble(step, samples, estimated, stats, Some(manifest.clone())), manifest))
+        Ok((report, manifest))
     }
 
     pub(super) fn assemble(&self, step: u64, n: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, release: Option<Manifest>) -> Report {
@@ -87,6 +86,7 @@ impl Guard {
                 reports_dropped: self.workers.fan_out.as_ref().map_or(0, |w| w.dropped()),
                 worker_failures: self.workers.all().map(|w| w.failures()).sum(),
                 worker_error: self.workers.all().find_map(|w| w.last_error()),
+                policy_reload_failures: self.reload_failures,
             },
             release_reconstruction_bound: bounds.release.clone(),
             release_reconstruction_bound_bits: bounds.release.measured().and_then(|b| b.reconstruction_bound_bits),

@@ -1,0 +1,145 @@
+//! A run's history per layer, read back from its audit log: the metrics at each checkpoint's
+//! latest estimate, the thresholds and protection level in force, and the decisions.
+use gradguard_guard::{DecisionRecord, Outcome};
+use std::collections::BTreeMap;
+
+/// One decision drawn on the charts.
+pub struct Decision {
+    pub step: u64,
+    pub outcome: Outcome,
+    pub metric: Option<String>,
+    pub value: Option<f64>,
+    pub text: String,
+}
+
+/// What the page draws for one layer.
+#[derive(Default)]
+pub struct LayerHistory {
+    pub name: String,
+    /// metric -> (estimate step, value)
+    pub metrics: BTreeMap<String, Vec<(u64, f64)>>,
+    /// metric -> (step, act_above)
+    pub thresholds: BTreeMap<String, Vec<(u64, f64)>>,
+    /// (step, level)
+    pub levels: Vec<(u64, f64)>,
+    pub decisions: Vec<Decision>,
+    /// Unchanged releases counted by the checkpoints.
+    pub released: u64,
+    pub protected: u64,
+    pub withheld: u64,
+}
+
+/// The run's history: per layer, plus the release-wide decisions and events.
+pub struct RunHistory {
+    pub layers: Vec<LayerHistory>,
+    pub global: Vec<Decision>,
+    pub last_step: u64,
+    /// Runs the chain holds (`started` records); the page draws the last that ran steps.
+    pub runs: usize,
+    pub policy_hash: Option<String>,
+}
+
+fn describe(r: &DecisionRecord) -> String {
+    let mut t = format!("step {} {}: {} {}", r.step, r.layer, r.outcome, r.action);
+    if let (Some(m), Some(v)) = (&r.metric, r.value) {
+        t += &format!(" ({m} {v:.4}");
+        if let Some(th) = r.threshold {
+            t += &format!(" vs {th}");
+        }
+        t += ")";
+    }
+    if let Some(reason) = &r.reason {
+        t += &format!(": {reason}");
+    }
+    t
+}
+
+/// Reads the last run of `records` (from its `started` record on).
+pub fn history(records: &[DecisionRecord], layer_names: &[String]) -> RunHistory {
+    let runs = records.iter().filter(|r| r.outcome == Outcome::Started).count();
+    // The last run that did anything (a rerun with no steps leaves only started/closed).
+    let starts: Vec<usize> = records.iter().enumerate().filter(|(_, r)| r.outcome == Outcome::Started).map(|(i, _)| i).collect();
+    let ends: Vec<usize> = starts.iter().skip(1).copied().chain([records.len()]).collect();
+    let did_something = |&(a, b): &(usize, usize)| records[a..b].iter().any(|r| !matches!(r.outcome, Outcome::Started | Outcome::Closed));
+    let spans: Vec<(usize, usize)> = starts.iter().copied().zip(ends).collect();
+    let (from, to) = spans.iter().rev().find(|s| did_something(s)).or(spans.last()).copied().unwrap_or((0, records.len()));
+    let run = &records[from..to];
+    let mut names: Vec<String> = layer_names.to_vec();
+    for r in run {
+        if let Some(c) = &r.checkpoint {
+            for t in &c.layers {
+                if !names.contains(&t.layer) {
+                    names.push(t.layer.clone());
+                }
+            }
+        }
+    }
+    let mut layers: Vec<LayerHistory> = names.iter().map(|n| LayerHistory { name: n.clone(), levels: vec![(run.first().map_or(0, |r| r.step), 0.0)], ..Default::default() }).collect();
+    let mut global = Vec::new();
+    let mut last_step = 0;
+    for r in run {
+        last_step = last_step.max(r.step);
+        if let Some(c) = &r.checkpoint {
+            for t in &c.layers {
+                let Some(h) = layers.iter_mut().find(|h| h.name == t.layer) else { continue };
+                let at = t.estimate_step.unwrap_or(c.to_step);
+                for (m, v) in &t.metrics {
+                    let s = h.metrics.entry(m.clone()).or_default();
+                    if s.last().is_none_or(|p| p.0 < at) {
+                        s.push((at, *v));
+                    }
+                }
+                for (m, v) in &t.thresholds {
+                    h.thresholds.entry(m.clone()).or_default().push((c.to_step, *v));
+                }
+                h.levels.push((c.to_step, t.level as f64));
+                (h.released, h.protected, h.withheld) = (h.released + t.released, h.protected + t.protected, h.withheld + t.withheld);
+            }
+            continue;
+        }
+        if r.outcome == Outcome::PolicyLoaded {
+            // A new policy starts every layer from level 0.
+            for h in &mut layers {
+                h.levels.push((r.step, 0.0));
+            }
+        }
+        let d = Decision { step: r.step, outcome: r.outcome, metric: r.metric.clone(), value: r.value, text: describe(r) };
+        match layers.iter_mut().find(|h| h.name == r.layer) {
+            Some(h) => {
+                if matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed) {
+                    h.levels.push((r.step, r.level as f64));
+                }
+                if let (Some(m), Some(th)) = (&r.metric, r.threshold) {
+                    if r.outcome != Outcome::Relaxed {
+                        h.thresholds.entry(m.clone()).or_default().push((r.step, th));
+                    }
+                }
+                h.decisions.push(d);
+            }
+            None if !matches!(r.outcome, Outcome::Started | Outcome::Closed | Outcome::Rotated) => global.push(d),
+            None => {}
+        }
+    }
+    for h in &mut layers {
+        for s in h.thresholds.values_mut() {
+            s.sort_by_key(|p| p.0);
+        }
+        h.levels.sort_by_key(|p| p.0);
+    }
+    RunHistory { layers, global, last_step, runs, policy_hash: run.first().map(|r| r.policy_hash.clone()) }
+}
+
+/// The colour a decision is marked with.
+pub fn colour(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Escalated => "#d62728",
+        Outcome::Relaxed => "#2ca02c",
+        Outcome::Withheld => "#7f7f7f",
+        Outcome::Blocked => "#000000",
+        Outcome::Pending => "#bcbd22",
+        Outcome::PolicyLoaded => "#17becf",
+        Outcome::PolicyRejected => "#e377c2",
+        Outcome::WorkerFailure => "#8c564b",
+        _ => "#1f77b4",
+    }
+}
