@@ -51,7 +51,8 @@ fn sighup_reloads_a_valid_policy_and_keeps_the_old_one_on_a_bad_edit() {
     loop {
         let text = get(addr, "/metrics").unwrap_or_default();
         let failures = metric(&text, "gradguard_policy_reload_failures_total");
-        let info = metric(&text, &format!("gradguard_policy_info{{hash=\"{}\",version=\"1\"}}", &second[..12]));
+        let version = Policy::from_toml_str(&edited, "second").unwrap().version();
+        let info = metric(&text, &format!("gradguard_policy_info{{hash=\"{}\",version=\"{version}\"}}", &second[..12]));
         if failures == Some(1.0) && info == Some(1.0) {
             break;
         }
