@@ -7,6 +7,7 @@ mod policy;
 mod protection;
 mod release;
 mod schedule;
+mod state;
 mod worker;
 
 pub use audit_log::{unix_ms_now, AuditLog, DecisionRecord, Durability, LogContents, Outcome};
@@ -15,4 +16,5 @@ pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
 pub use protection::Protection;
 pub use release::{BlockReason, Release};
 pub use schedule::{Clock, SystemClock};
+pub use state::{GuardState, StateError};
 pub use worker::Worker;

@@ -7,6 +7,7 @@ use super::policy::Policy;
 use super::protection::{Decision, Protection};
 use super::release::{BlockReason, Release};
 use super::schedule::{Clock, Scheduler, SystemClock};
+use super::state::{GuardState, StateError};
 use super::worker::Worker;
 use crate::error::{GuardError, Result};
 use crate::measure::{current_grads, gradient_stats, Batch, LatentTable, LayerMap, LossFn};
@@ -131,6 +132,26 @@ impl Guard {
         let protection = Protection::new(policy, self.layers.names()).map_err(|e| GuardError::PolicyRejected { kept: kept(), source: e })?;
         self.scheduler.set_share(protection.policy().settings().budget_share);
         self.protection = protection;
+        self.latest.estimate_step = None;
+        Ok(())
+    }
+
+    /// What this guard would need to go on in another process: the protection levels in
+    /// force and the step count ([`GuardState`], serde).
+    pub fn state(&self) -> GuardState {
+        GuardState { policy_hash: self.policy().hash().to_string(), step: self.step, levels: self.protection.saved_levels() }
+    }
+
+    /// Goes on from a saved state: the levels (hysteresis) and the step count. The state must
+    /// be of this guard's policy and fit its layers; on an error nothing changes. The next
+    /// release is still a measured one (no estimate carries over).
+    pub fn restore_state(&mut self, state: &GuardState) -> std::result::Result<(), StateError> {
+        let current = self.policy().hash();
+        if state.policy_hash != current {
+            return Err(StateError::OtherPolicy { saved: state.policy_hash.clone(), current: current.to_string() });
+        }
+        self.protection.restore_levels(&state.levels)?;
+        self.step = state.step;
         self.latest.estimate_step = None;
         Ok(())
     }
