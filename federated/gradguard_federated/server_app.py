@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 import gradguard_fl
 
 from .task import ARRAYS_KEY, CONFIG_KEY, GUARD_KEY, METRICS_KEY, to_numpy, to_record
+from .node_metrics import NodeSeries
 from .verify import REJECT_REASONS, ClientRow, RequiredPolicies, check_reply, layer_of
 
 LOG = logging.getLogger("flwr")
@@ -150,6 +151,8 @@ class ServerMetrics:
             self.rounds.labels(outcome)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        # Each node's series from its verified replies, under the exporter's names.
+        self.nodes = NodeSeries(r)
         self.server = None
         if port:
             self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
@@ -410,6 +413,7 @@ class GuardedFedAvg(FedAvg):
         for r in rows:
             counts[r.status] += 1
             m.releases.labels(r.partition, r.status).inc()
+            m.nodes.observe(r)
             # Only what was applied to a release counts (a blocked release applied nothing).
             for layer, acts in (r.actions or {}).items() if r.status == "released" else ():
                 for a in acts:

@@ -92,6 +92,7 @@ class ClientRow:
     reject: str | None = None  # the reason code when rejected
     policy_hash: str | None = None
     step: int | None = None
+    levels: dict[str, int] | None = None  # protection level per layer (its checks' highest)
 
     def summary(self) -> str:
         if self.status == "released":
@@ -129,6 +130,7 @@ def check_reply(msg: Message, partition: str, global_params: dict[str, np.ndarra
         row.withheld = [l["name"] for l in layers if not l.get("released")]
         row.policy_hash = str(manifest["policy_hash"])
         row.step = int(manifest.get("step", 0))
+        row.levels = {l["name"]: max([int(c.get("level", 0)) for c in l.get("checks", [])] or [0]) for l in layers}
         row.num_examples = int(metrics.get("num-examples", 0))
     except (ValueError, KeyError, TypeError) as error:
         return row.rejected("malformed", f"unreadable manifest: {type(error).__name__}: {error}"), None

@@ -66,4 +66,13 @@ def test_torchscript_model_on_own_data_three_nodes(deployment: Deployment, tmp_p
     assert [r["level"] for r in round1 if r["outcome"] == "escalated"] == [1, 2]
     assert round2 and all(r["outcome"] != "escalated" for r in round2)
     assert {r["level"] for r in round2} == {2} and {r["outcome"] for r in round2} == {"withheld"}
+    # Node metrics without a sidecar: the server's per-node series from the verified manifests,
+    # under the exporter's names.
+    prom = (d.out / "metrics.prom").read_text()
+    assert 'gradguard_layer_withheld{layer="fc1",node="p2"} 1.0' in prom
+    assert 'gradguard_layer_withheld{layer="fc1",node="p0"} 0.0' in prom
+    assert 'gradguard_layer_protection_level{layer="fc1",node="p2"} 2.0' in prom
+    assert 'gradguard_releases_total{node="p2",outcome="protected"} 3.0' in prom
+    assert 'gradguard_report_step{node="p1"} 2.0' in prom
+    assert 'gradguard_layer_leakage{layer="fc2",metric="sensitivity_rms",node="p0"}' in prom
     print("\n" + (d.out / "rounds.txt").read_text())

@@ -117,11 +117,15 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, simulation: bool = False, env: dict[str, str] | None = None) -> None:
+        """The SuperLink; with `simulation`, in simulation mode (Flower's Simulation Engine runs
+        the virtual SuperNodes, `flwr run --federation-config num-supernodes=N`)."""
         self._start(
             "superlink",
             [str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-             "--disable-runtime-dependency-installation"],
+             "--disable-runtime-dependency-installation",
+             *(["--simulation"] if simulation else [])],
+            env,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -145,11 +149,11 @@ class Deployment:
             env,
         )
 
-    def run(self, run_config: dict[str, Any], app_dir: Path = APP_DIR) -> int:
+    def run(self, run_config: dict[str, Any], app_dir: Path = APP_DIR, extra: tuple[str, ...] = ()) -> int:
         run_config = {"out-dir": str(self.out), **run_config}
         config = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         done = subprocess.run(
-            [str(VENV_BIN / "flwr"), "run", str(app_dir), "loopback", "--run-config", config, "--format", "json"],
+            [str(VENV_BIN / "flwr"), "run", str(app_dir), "loopback", "--run-config", config, *extra, "--format", "json"],
             capture_output=True, text=True, env=self.env(), cwd=self.root, timeout=180,
         )
         assert done.returncode == 0, f"flwr run failed:\n{done.stdout}\n{done.stderr}"
