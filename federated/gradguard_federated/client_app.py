@@ -102,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
 
     # The node's own /metrics sees every release, blocked ones included (full local report).
     try:
-        ensure_metrics_server(settings)
+        ensure_metrics_server(settings, model_config(context.run_config)["model-path"])
         spool_report(settings, result.report, server_round)
     except OSError as error:
         LOG.warning("gradguard: node metrics unavailable: %s", error)

@@ -195,8 +195,9 @@ def _listening(port: int) -> bool:
         return False
 
 
-def ensure_metrics_server(settings: NodeSettings) -> None:
-    """Starts the node's metrics server (gradguard's exporter) unless it already serves."""
+def ensure_metrics_server(settings: NodeSettings, model_path: str = "") -> None:
+    """Starts the node's metrics server (gradguard's exporter, for the layers of the run's
+    model) unless it already serves."""
     if settings.metrics_port == 0 or _listening(settings.metrics_port):
         return
     spool = settings.spool_dir
@@ -208,7 +209,7 @@ def ensure_metrics_server(settings: NodeSettings) -> None:
     code = (
         "import sys, gradguard_fl; "
         "gradguard_fl.serve_metrics(int(sys.argv[1]), sys.argv[2], watch_pid=int(sys.argv[3]), "
-        "ready_file=sys.argv[4])"
+        "ready_file=sys.argv[4], model_path=sys.argv[5] or None)"
     )
     with open(spool / "metrics-server.log", "ab") as log:
         proc = subprocess.Popen(
@@ -220,6 +221,7 @@ def ensure_metrics_server(settings: NodeSettings) -> None:
                 str(spool),
                 str(os.getppid()),
                 str(spool / SIDECAR_READY_FILE),
+                model_path,
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -93,3 +93,22 @@ def test_file_errors_name_the_file(mlp, tmp_path):
     # The module still trains afterwards.
     ok = gradguard_fl.train(params, config(mlp), gradguard_fl.DataDir(str(write_node(tmp_path / "ok", 2))))
     assert ok.released_layers == ["fc2"]
+
+
+def test_token_model_follows_the_embedding_convention(tmp_path):
+    """A TorchScript model on token ids that exports embed and forward_embedded (the fixture of
+    tests/token_torchscript.rs) trains on integer x.npy; M1 is measured on its embeddings."""
+    import shutil
+    from pathlib import Path
+
+    fixtures = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    for src, dst in (("tokens_x.npy", "x.npy"), ("tokens_y.npy", "y.npy"), ("tokens_a.npy", "attribute.npy")):
+        shutil.copy(fixtures / src, folder / dst)
+    model = str(fixtures / "token_scripted.pt")
+    params = gradguard_fl.initial_parameters(model_path=model)
+    result = gradguard_fl.train(params, config(model, policy="permissive.toml"), gradguard_fl.DataDir(str(folder)))
+    assert not result.blocked and result.released_layers == gradguard_fl.layer_names(model_path=model)
+    layers = json.loads(result.report)["layers"]
+    assert all(l["sensitivity"]["status"] == "measured" for l in layers), layers
