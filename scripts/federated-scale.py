@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,7 +74,10 @@ def measure(n: int, rounds: int, work: Path) -> dict:
         write_node(data / f"partition-{p}", p, n=200)
     port = free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    # The virtual nodes' audit logs and Ray's session go under TMPDIR: a short one (Ray's Unix
+    # sockets are limited to 107 bytes of path), removed with the rest.
+    short = tempfile.mkdtemp(prefix="gg-scale-", dir="/tmp")
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "TMPDIR": short}
     log = open(work / "superlink.log", "wb")
     link = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
                              "--disable-runtime-dependency-installation"], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -126,6 +130,7 @@ def measure(n: int, rounds: int, work: Path) -> dict:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(short, ignore_errors=True)
     starts = {e["round"]: e["time"] for e in events if e["event"] == "round-start"}
     ends = {e["round"]: e["time"] for e in events if e["event"] == "round-end"}
     per_round = {r["round"]: r for r in (json.loads(l) for l in (out / "rounds.jsonl").read_text().splitlines())}

@@ -6,6 +6,11 @@ policy that the server verified and aggregated."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
 from byo import CHANCE, POLICIES, save_mlp, write_node
 from test_deployment import Deployment, deployment, rounds  # noqa: F401 - the fixture
 
@@ -18,7 +23,17 @@ def test_simulation_with_ten_virtual_clients(deployment: Deployment, tmp_path):
     data = tmp_path / "data"
     for p in range(CLIENTS):
         write_node(data / f"partition-{p}", p, n=200)
-    d.start_superlink(simulation=True)
+    # The virtual nodes' audit logs go under $TMPDIR (no node config in simulation). A short
+    # folder: Ray puts its sockets there too, and a Unix socket path is limited to 107 bytes.
+    short = Path(tempfile.mkdtemp(prefix="gg-sim-", dir="/tmp"))
+    try:
+        simulate(d, tmp_path, model, data, short)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def simulate(d: Deployment, tmp_path: Path, model: Path, data: Path, tmpdir: Path) -> None:
+    d.start_superlink(simulation=True, env={"TMPDIR": str(tmpdir)})
     policy = POLICIES / "mlp-observe.toml"
     d.run(
         {"num-server-rounds": 2, "min-cohort": CLIENTS, "min-nodes": CLIENTS, "round-timeout": 300.0, "local-steps": 10,
@@ -36,4 +51,10 @@ def test_simulation_with_ten_virtual_clients(deployment: Deployment, tmp_path):
         assert {c["policy_hash"] for c in clients} == {record["clients"][0]["policy_hash"]}
         assert {c["step"] for c in clients} == {r - 1}  # each virtual node's guard remembered
     assert per_round[2]["federated_accuracy"] > CHANCE + 0.2, per_round[2]
+    # Each virtual node appended its decisions to its own audit log, round after round.
+    logs = sorted(tmpdir.glob("gradguard-fl-node-*/audit.jsonl"))
+    assert len(logs) == CLIENTS, logs
+    for log in logs:
+        steps = {json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()}
+        assert steps == {0, 1}, (log, steps)
     print("\n" + (d.out / "rounds.txt").read_text())
