@@ -242,3 +242,43 @@ fn an_aggregate_rung_raises_the_floor_and_the_larger_release_is_measured_again()
     let records = AuditLog::read_all(&log).unwrap();
     assert!(records.iter().any(|r| r.outcome == Outcome::Escalated && r.action.starts_with("aggregate")));
 }
+
+/// A bits rule with a calibrated noise rung on the CNN's conv1: one escalation, the sigma
+/// computed from the measured S_l after the clip, and the bound re-measured on the release at
+/// the threshold; the noise is in `.grad()` and the sigma in the record and the manifest.
+#[test]
+fn a_calibrated_noise_rung_meets_its_bound_within_one_re_measurement() {
+    let s = setup();
+    let rule = "[[rule]]\nname = \"bound\"\nmetric = \"reconstruction_bound_bits\"\nlayers = [\"conv1\"]\nact_above = 0.05\nrelax_below = 0.01\n\
+                ladder = [{ action = \"noise\", clip_norm = 0.02, target = \"threshold\" }]\n";
+    let policy = Policy::from_toml_str(&format!("version = 2\n[settings]\nestimate_every = 1\nmax_estimate_age_steps = 1\n{rule}"), "test").unwrap();
+    let log = temp_log("calibrated");
+    let mut guard = guard_for(&s.vs, policy);
+    guard.set_audit_log(AuditLog::open(&log).unwrap());
+    let report = guarded_step(&s, &mut guard, 0, 64).0.unwrap().into_report();
+    let manifest = report.release.as_ref().unwrap();
+    assert_eq!(manifest.outcome, ReleaseOutcome::Released);
+    let conv1 = &manifest.layers[0];
+    let check = &conv1.checks[0];
+    assert_eq!((check.metric, check.level), (LeakageMetric::ReconstructionBoundBits, 1));
+    assert_eq!(check.raw, Some(f64::INFINITY), "the raw gradient has no noise: no bound");
+    let released = check.released.unwrap();
+    assert!(released <= 0.05 && released > 0.05 * (1.0 - 1e-5), "re-measured at the threshold: {released}");
+    // The bound the report gives agrees with its own dFIL, prior and D.
+    let b = report.layer("conv1").unwrap().reconstruction_bound.measured().unwrap();
+    assert_eq!(b.input_dims, 64);
+    assert!((0.5 * (1.0 + b.prior_variance * b.dfil.unwrap()).log2() - released).abs() < 1e-12);
+    let sigma = b.noise_std.unwrap();
+    let gradguard::defenses::Defence::Noise { clip_norm, multiplier } = conv1.actions[0] else { panic!("{:?}", conv1.actions) };
+    assert!((clip_norm * multiplier - sigma).abs() < 1e-15 && conv1.noise_std == Some(sigma));
+    // sigma^2 = v S^2 / (D (2^(2b) - 1)) with S the clipped release's M1: dFIL = S^2 / (sigma^2 D).
+    assert!(report.release_reconstruction_bound_bits.is_none(), "conv2, fc1 and fc2 carry no noise");
+    let records = AuditLog::read_all(&log).unwrap();
+    let escalations = records.iter().filter(|r| r.layer == "conv1" && r.outcome == Outcome::Escalated).count();
+    assert_eq!(escalations, 1, "one rung, one re-measurement");
+    let calibration = records.iter().find(|r| r.reason.as_deref().is_some_and(|w| w.starts_with("calibrated noise"))).expect("the sigma is logged");
+    assert!(calibration.reason.as_ref().unwrap().contains(&format!("{sigma:.6e}")), "{calibration:?}");
+    // The release in .grad() is clipped and noised: its norm is not the clip's.
+    let norm = grad_norm(&s.vs, "conv1.");
+    assert!(norm > 0.0 && (norm - 0.02).abs() > 1e-6, "noise was added: ||conv1|| = {norm}");
+}

@@ -20,17 +20,27 @@ fn the_example_policy_checks_against_the_cnn() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}", out.status, text(&out.stderr));
     assert!(stdout.contains("examples/policy.toml: valid"), "{stdout}");
-    assert!(stdout.contains("version 1, hash "), "{stdout}");
+    assert!(stdout.contains("version 2, hash "), "{stdout}");
     assert!(stdout.contains("aggregation_floor") && stdout.contains("= 64"), "{stdout}");
-    // conv1 is listed under the first rule, fc1 and fc2 under the second.
+    // Rule 1 is the bound on conv1, in bits, explained in words with its limit; rule 2 the
+    // sensitivity of conv1; rule 3 covers fc1 and fc2.
     let first = stdout.find("rule 1 ").expect("rule 1 printed");
     let second = stdout.find("rule 2 ").expect("rule 2 printed");
-    let first_rule = &stdout[first..second];
-    assert!(first_rule.contains("  layers:     conv1\n"), "{first_rule}");
-    assert!(first_rule.contains("metric:     sensitivity\n"), "{first_rule}");
-    assert!(first_rule.contains("1. clip(max_norm=0.03) -> 2. sparsify("), "{first_rule}");
-    assert!(first_rule.contains("4. withhold"), "{first_rule}");
-    assert!(stdout[second..].contains("  layers:     fc1, fc2\n"), "{stdout}");
+    let third = stdout.find("rule 3 ").expect("rule 3 printed");
+    let bits_rule = &stdout[first..second];
+    assert!(bits_rule.contains("metric:     reconstruction_bound_bits\n"), "{bits_rule}");
+    assert!(
+        bits_rule.contains("no attacker with a Gaussian prior recovers more than 0.05 bits per input dimension of the average sample from conv1's release"),
+        "{bits_rule}"
+    );
+    assert!(bits_rule.contains("a stronger prior can recover more"), "{bits_rule}");
+    assert!(bits_rule.contains("1. noise(clip_norm=0.05,target=threshold)"), "{bits_rule}");
+    let second_rule = &stdout[second..third];
+    assert!(second_rule.contains("  layers:     conv1\n"), "{second_rule}");
+    assert!(second_rule.contains("metric:     sensitivity\n"), "{second_rule}");
+    assert!(second_rule.contains("1. clip(max_norm=0.03) -> 2. sparsify("), "{second_rule}");
+    assert!(second_rule.contains("4. withhold"), "{second_rule}");
+    assert!(stdout[third..].contains("  layers:     fc1, fc2\n"), "{stdout}");
     assert!(stdout.contains("note: no rule covers conv2"), "{stdout}");
 }
 

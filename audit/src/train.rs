@@ -321,10 +321,12 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
             }
             Stepper::Guarded(opt) => {
                 let a = attribute.as_ref().map(|a| a.f_index_select(0, &idx)).transpose()?;
+                // The sample ids let the run ledger (M5) count each sample's releases exactly.
                 let batch = match &a {
                     Some(a) => Batch::new(&x, &y).with_attribute(a),
                     None => Batch::new(&x, &y),
-                };
+                }
+                .with_sample_ids(&idx);
                 let release = opt.backward_step(&loss, &batch)?;
                 counts.count(&release);
                 Some(release)

@@ -51,6 +51,7 @@
 #![warn(missing_docs)]
 
 mod attach;
+mod bounds;
 pub mod client;
 mod error;
 mod metrics;

@@ -4,6 +4,7 @@
 //! scrape already shows all of them (counters at 0, leakage gauges at NaN until measured).
 //! Updates only touch pre-resolved children (atomic stores); the mutex around the tracking
 //! state is held only to copy a few values. Rendering happens on the scraping thread.
+use crate::bounds::BoundSeries;
 use crate::error::{ExporterError, LabelKind};
 use gradguard_guard::{Metric, Report};
 use parking_lot::Mutex;
@@ -14,13 +15,14 @@ use std::time::{Duration, Instant};
 
 /// The leakage metrics of a [`Report`] that the exporter knows how to read, in label form
 /// (`gradguard_layer_leakage{metric=...}`, `gradguard_layer_threshold{metric=...}`).
-pub const LEAKAGE_METRICS: [&str; 6] = [
+pub const LEAKAGE_METRICS: [&str; 7] = [
     "sensitivity",
     "sensitivity_se",
     "sensitivity_rms",
     "relative_sensitivity",
     "subspace_distance",
     "subspace_separation",
+    "reconstruction_bound_bits",
 ];
 
 /// Defence action names for exporters that are not told otherwise: the transformations of
@@ -120,6 +122,7 @@ pub struct Exporter {
     training_steps: IntCounter,
     report_step: Gauge,
     policy_info: IntGaugeVec,
+    bounds: BoundSeries,
     tracking: Mutex<Tracking>,
 }
 
@@ -204,7 +207,7 @@ impl Exporter {
 
         let leakage = gauge_vec(
             "gradguard_layer_leakage",
-            "Latest per-layer leakage estimate (METRICS.md M1/M2), by metric: sensitivity (S_l), sensitivity_se (its standard error), sensitivity_rms (S_l/sqrt(P_l)), relative_sensitivity (S_l/||G_l||), subspace_distance (d_between), subspace_separation (d_between - d_within). NaN while absent.",
+            "Latest per-layer leakage estimate (METRICS.md M1/M2), by metric: sensitivity (S_l), sensitivity_se (its standard error), sensitivity_rms (S_l/sqrt(P_l)), relative_sensitivity (S_l/||G_l||), subspace_distance (d_between), subspace_separation (d_between - d_within), reconstruction_bound_bits (M5: van Trees bound of the layer's latest release in bits per input dimension against attackers with a Gaussian prior; +Inf when released without noise). NaN while absent.",
             &["layer", "metric"],
         )?;
         let absent = int_gauge_vec(
@@ -300,6 +303,7 @@ impl Exporter {
                 s
             })
             .collect();
+        let bounds = BoundSeries::register(&registry, &layers)?;
         let releases = ReleaseOutcome::ALL.map(|o| releases.with_label_values(&[o.as_str()]));
         let rejected = LabelKind::ALL.map(|k| rejected.with_label_values(&[k.as_str()]));
 
@@ -329,6 +333,7 @@ impl Exporter {
             training_steps,
             report_step,
             policy_info,
+            bounds,
         })
     }
 
@@ -408,6 +413,7 @@ impl Exporter {
                     "relative_sensitivity" => sens.and_then(|s| s.relative_sensitivity),
                     "subspace_distance" => sub.map(|s| s.subspace_distance),
                     "subspace_separation" => sub.map(|s| s.subspace_separation),
+                    "reconstruction_bound_bits" => lr.reconstruction_bound.measured().map(|b| b.bits_or_inf()),
                     _ => None,
                 };
                 s.leakage[i].set(v.unwrap_or(f64::NAN));
@@ -449,6 +455,7 @@ impl Exporter {
         };
         self.training_steps.inc_by(add_steps);
         self.report_step.set(report.step as f64);
+        self.bounds.observe(report, |name| self.layer_index.get(name).copied());
         self.observe_decisions(report);
         if unknown.is_empty() {
             Ok(())

@@ -254,15 +254,13 @@ fn a_report_carries_its_decisions_into_the_counters() {
         .layers
         .iter()
         .enumerate()
-        .map(|(i, l)| LayerManifest {
-            name: l.name.clone(),
-            released: i != 1,
-            actions: match i {
+        .map(|(i, l)| {
+            let actions = match i {
                 0 => vec![Defence::Clip { max_norm: 0.03 }, Defence::Sparsify { keep_fraction: 0.25 }],
                 1 => vec![Defence::Withhold],
                 _ => vec![],
-            },
-            checks: vec![],
+            };
+            LayerManifest::new(l.name.clone(), i != 1, actions, vec![])
         })
         .collect();
     let (first, second) = (r.layers[0].name.clone(), r.layers[1].name.clone());

@@ -169,7 +169,7 @@ def test_missing_policy_is_refused(global_params):
         ("version = 1\n[settings]\nmystery = 1\n", "unknown field `mystery`"),
         ('version = 1\n[[rule]]\nname = "r"\nmetric = "sensitivity"\nlayers = ["conv7"]\nact_above = 1.0\nrelax_below = 0.5\nladder = [{ action = "withhold" }]\n',
          "layer pattern 'conv7' matches no layer"),
-        ("version = 2\n", "version 2 is not supported"),
+        ("version = 3\n", "version 3 is not supported"),
     ],
     ids=["unknown-setting", "unknown-layer", "version"],
 )

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use tch::TchError;
 
-/// The policy format version this build reads.
-pub const POLICY_VERSION: u32 = 1;
+/// The newest policy format version this build reads (it reads every version from 1 up).
+pub const POLICY_VERSION: u32 = 2;
 
 /// Errors the guard returns instead of panicking on user input.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,9 @@ pub enum GuardError {
     /// Attribute labels of a non-integer dtype (named in the field).
     #[error("attribute labels must be integer class ids (int64/int32), got dtype {0}")]
     AttributeKind(String),
+    /// Sample ids of a non-integer dtype (named in the field).
+    #[error("sample ids must be integers (int64/int32), got dtype {0}")]
+    SampleIdKind(String),
     /// The loss was NaN or infinite: nothing is estimated or released.
     #[error("non-finite loss ({value}) at step {step}: nothing was estimated or released")]
     NonFiniteLoss {
@@ -197,7 +200,7 @@ pub enum PolicyError {
         message: String,
     },
     /// The policy declares a version this build does not read.
-    #[error("policy {origin}: version {found} is not supported (this build reads version {POLICY_VERSION})")]
+    #[error("policy {origin}: version {found} is not supported (this build reads versions 1 to {POLICY_VERSION})")]
     Version {
         /// Where the policy came from.
         origin: String,

@@ -167,9 +167,12 @@ fn invalid_settings_values_are_named() {
 
 #[test]
 fn unsupported_version_is_rejected() {
-    let (err, msg) = load_err("version = 2\n");
-    assert!(matches!(err, PolicyError::Version { found: 2, .. }), "{err:?}");
-    assert_contains(&msg, &["version 2", "version 1"]);
+    let (err, msg) = load_err("version = 3\n");
+    assert!(matches!(err, PolicyError::Version { found: 3, .. }), "{err:?}");
+    assert_contains(&msg, &["version 3", "versions 1 to 2"]);
+    let (err, msg) = load_err("version = 0\n");
+    assert!(matches!(err, PolicyError::Version { found: 0, .. }), "{err:?}");
+    assert_contains(&msg, &["version 0"]);
     let (err, msg) = load_err("[settings]\nseed = 1\n");
     assert!(matches!(err, PolicyError::Syntax { .. }), "{err:?}");
     assert_contains(&msg, &["version"]);
@@ -280,7 +283,7 @@ fn digits_cnn_layer_names() -> Vec<String> {
 #[test]
 fn the_example_policy_loads_and_covers_the_cnn() {
     let p = Policy::load(&example_path()).unwrap();
-    assert_eq!(p.version(), 1);
+    assert_eq!(p.version(), 2);
     assert!(p.origin().ends_with("policy.toml"));
     let s = &p.settings();
     assert_eq!((s.seed, s.estimate_every, s.max_estimate_age_steps), (0, 10, 300));
@@ -289,13 +292,17 @@ fn the_example_policy_loads_and_covers_the_cnn() {
     assert_eq!(s.on_violation, OnViolation::Block);
     assert!(s.strict_layers);
 
-    assert_eq!(p.rules().len(), 2);
-    let first = &p.rules()[0];
+    assert_eq!(p.rules().len(), 3);
+    let bound = &p.rules()[0];
+    assert_eq!(bound.metric, LeakageMetric::ReconstructionBoundBits);
+    assert_eq!(bound.act_above, 0.05);
+    assert_eq!(bound.ladder, vec![LadderStep::CalibratedNoise { clip_norm: 0.05 }]);
+    let first = &p.rules()[1];
     assert_eq!(first.metric, LeakageMetric::Sensitivity);
     assert!(first.relax_below < first.act_above);
     let names: Vec<&str> = first.ladder.iter().map(|s| s.name()).collect();
     assert_eq!(names, ["clip", "sparsify", "aggregate", "withhold"]);
-    let head = &p.rules()[1];
+    let head = &p.rules()[2];
     assert_eq!(head.metric, LeakageMetric::SubspaceSeparation);
     assert_eq!((head.act_above, head.relax_below), (0.15, 0.08));
     assert_eq!(head.ladder.iter().map(|s| s.name()).collect::<Vec<_>>(), ["noise", "withhold"]);
@@ -303,7 +310,7 @@ fn the_example_policy_loads_and_covers_the_cnn() {
     let layers = digits_cnn_layer_names();
     assert_eq!(layers, cnn_layers());
     let coverage = p.coverage(&layers).unwrap();
-    assert_eq!(coverage.rule_layers, vec![vec![0], vec![2, 3]]);
+    assert_eq!(coverage.rule_layers, vec![vec![0], vec![0], vec![2, 3]]);
     assert!(coverage.warnings.is_empty());
 }
 
@@ -333,4 +340,33 @@ fn the_bad_policy_fixtures_are_rejected() {
     assert!(seen >= 4, "fixtures found: {seen}");
     let err = Policy::load(&dir.join("does-not-exist.toml")).unwrap_err();
     assert!(matches!(err, PolicyError::Io { .. }) && err.to_string().contains("does-not-exist.toml"));
+}
+
+#[test]
+fn bits_rules_and_calibrated_rungs_need_version_2_and_parse_there() {
+    let rule = |metric: &str, ladder: &str| {
+        format!("[[rule]]\nname = \"b\"\nmetric = \"{metric}\"\nlayers = [\"conv1\"]\nact_above = 0.05\nrelax_below = 0.01\nladder = [{ladder}]\n")
+    };
+    let calibrated = "{ action = \"noise\", clip_norm = 0.5, target = \"threshold\" }";
+    let p = load(&format!("version = 2\n{}", rule("reconstruction_bound_bits", calibrated))).unwrap();
+    assert_eq!(p.rules()[0].ladder, vec![LadderStep::CalibratedNoise { clip_norm: 0.5 }]);
+    // A fixed multiplier still works in a bits rule.
+    let fixed = load(&format!("version = 2\n{}", rule("reconstruction_bound_bits", "{ action = \"noise\", clip_norm = 0.5, multiplier = 1.0 }"))).unwrap();
+    assert_eq!(fixed.rules()[0].ladder, vec![LadderStep::Defence(Defence::Noise { clip_norm: 0.5, multiplier: 1.0 })]);
+    // Version 1 files keep parsing, without the new features.
+    let (_, msg) = load_err(&format!("version = 1\n{}", rule("reconstruction_bound_bits", calibrated)));
+    assert_contains(&msg, &["version = 2", "reconstruction_bound_bits"]);
+    let (_, msg) = load_err("version = 1\n[settings]\nledger_cap_bits = 1.0\n");
+    assert_contains(&msg, &["ledger_cap_bits", "version = 2"]);
+    // A calibrated rung targets bits: not in a rule on another metric.
+    let (_, msg) = load_err(&format!("version = 2\n{}", rule("sensitivity", calibrated)));
+    assert_contains(&msg, &["calibrated", "reconstruction_bound_bits", "sensitivity"]);
+    let (_, msg) = load_err(&format!("version = 2\n{}", rule("reconstruction_bound_bits", "{ action = \"noise\", clip_norm = 0.5, target = \"0.1\" }")));
+    assert_contains(&msg, &["target", "threshold"]);
+    let (_, msg) = load_err(&format!("version = 2\n{}", rule("reconstruction_bound_bits", "{ action = \"noise\", clip_norm = 0.5, multiplier = 1.0, target = \"threshold\" }")));
+    assert_contains(&msg, &["not both"]);
+    let (_, msg) = load_err("version = 2\n[settings]\nprior_variance = -1.0\n");
+    assert_contains(&msg, &["prior_variance", "> 0"]);
+    let (_, msg) = load_err("version = 2\n[settings]\ndataset_size = 0\n");
+    assert_contains(&msg, &["dataset_size"]);
 }

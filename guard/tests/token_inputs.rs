@@ -307,3 +307,33 @@ fn a_guard_with_an_m1_rule_measures_token_models_on_their_embeddings() {
     assert!(json.contains("\"representation\": \"embedding\""), "{json}");
     assert!(releases[0].report().table().contains("embedding representation"));
 }
+
+/// M5 on a token model (METRICS.md, M5): D is the embedding block (L x E), v the embeddings'
+/// per-dimension variance over the batch, and a calibrated noise rung on every layer brings
+/// each to its threshold and bounds the whole release.
+#[test]
+fn the_reconstruction_bound_of_a_token_model_is_on_its_embedding_block() {
+    let model = TokenModel::new(Kind::Float);
+    let loss = model.split_loss();
+    let toml = "version = 2\n[settings]\nbudget_share = 1.0\nbackground_estimates = false\nestimate_every = 1\nprobes = 16\n\
+                [[rule]]\nname = \"bits\"\nmetric = \"reconstruction_bound_bits\"\nlayers = [\"*\"]\nact_above = 0.1\nrelax_below = 0.01\n\
+                ladder = [{ action = \"noise\", clip_norm = 1.0, target = \"threshold\" }]\n";
+    let mut guard = Guard::new(model.layers(), Policy::from_toml_str(toml, "test").unwrap()).unwrap();
+    let (t, _) = tokens(16, 100);
+    let embedded = model.embed(&t).unwrap();
+    let variance = gradguard_guard::per_dimension_variance(&embedded, 16).unwrap();
+    let (releases, _) = train(&model, &mut guard, &loss, 1);
+    let report = releases[0].report();
+    assert!(releases[0].is_released(), "{:?}", releases[0].block_reason());
+    for layer in &report.layers {
+        let b = layer.reconstruction_bound.measured().unwrap_or_else(|| panic!("{}: {:?}", layer.name, layer.reconstruction_bound));
+        assert_eq!(b.input_dims, (LENGTH * DIM) as usize, "D is the sample's embedding block");
+        assert!((b.prior_variance - variance).abs() < 1e-9 * variance, "v is the embeddings' variance: {} vs {variance}", b.prior_variance);
+        let bits = b.reconstruction_bound_bits.unwrap();
+        assert!(bits <= 0.1 && bits > 0.0999, "{}: {bits}", layer.name);
+    }
+    let release = report.release_reconstruction_bound.measured().unwrap();
+    let sum: f64 = report.layers.iter().map(|l| l.reconstruction_bound.measured().unwrap().dfil.unwrap()).sum();
+    assert!((release.dfil.unwrap() - sum).abs() < 1e-12 * sum, "dFIL adds over the layers");
+    assert!(release.reconstruction_bound_bits.unwrap() > 0.1, "two layers together carry more than one");
+}

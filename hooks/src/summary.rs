@@ -1,6 +1,6 @@
 //! What a guarded run did, counted while it runs and summarised at its end: the summary
 //! `gradguard demo` and `gradguard train` print.
-use gradguard_guard::{AuditLog, DecisionRecord, GuardError, GuardHealth, Outcome, Release, Report};
+use gradguard_guard::{AuditLog, DecisionRecord, GuardError, GuardHealth, Ledger, Outcome, Release, Report};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,8 @@ pub struct GuardSummary {
     pub health: Option<GuardHealth>,
     /// Every decision of the audit log.
     pub records: Vec<DecisionRecord>,
+    /// The run ledger at the last step (M5 summed over the run's releases).
+    pub ledger: Option<Ledger>,
     /// The audit log.
     pub audit_log: PathBuf,
 }
@@ -52,7 +54,7 @@ impl GuardSummary {
     /// Reads the run's audit log at `audit_log`.
     pub fn read(counts: ReleaseCounts, last: Option<&Report>, audit_log: &Path) -> Result<Self, GuardError> {
         let records = AuditLog::read_all(audit_log)?;
-        Ok(Self { counts, health: last.map(|r| r.health.clone()), records, audit_log: audit_log.to_path_buf() })
+        Ok(Self { counts, health: last.map(|r| r.health.clone()), records, ledger: last.and_then(|r| r.ledger.clone()), audit_log: audit_log.to_path_buf() })
     }
 }
 
@@ -116,6 +118,12 @@ impl fmt::Display for RunSummary {
                 fmt_value(r.value),
                 fmt_value(r.threshold)
             )?;
+        }
+        if let Some(r) = g.records.iter().rev().find(|r| r.reason.as_deref().is_some_and(|w| w.starts_with("calibrated noise"))) {
+            writeln!(f, "  last calibration: step {} {}: {}", r.step, r.layer, r.reason.as_deref().unwrap_or(""))?;
+        }
+        if let Some(ledger) = &g.ledger {
+            write!(f, "{}", ledger.summary())?;
         }
         writeln!(f, "report: {}\naudit log: {} ({} decisions)", self.report.display(), g.audit_log.display(), g.records.len())
     }

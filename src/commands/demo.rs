@@ -76,7 +76,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let idx: Vec<usize> = (0..args.batch_size).map(|i| train[(step * args.batch_size + i) % train.len()]).collect();
         let (x, y, heavy_stroke) = digits.batch(&idx, device)?;
         let loss = net.f_loss(&x, &y)?;
-        let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&heavy_stroke))?;
+        // Sample ids let the run ledger count each image's releases exactly.
+        let ids = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&heavy_stroke).with_sample_ids(&ids))?;
         counts.count(&release);
         super::progress::show_release(&bar, step, &release);
         if release.report().estimated {
@@ -108,7 +110,7 @@ fn fmt(v: Option<f64>) -> String {
 fn live_table(report: &Report, thresholds: &[(String, gradguard::guard::LeakageMetric, f64)]) -> String {
     use std::fmt::Write;
     let mut out = format!("step {} (estimate):\n", report.step);
-    let _ = writeln!(out, "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<30} {}", "layer", "S_l", "S_rms", "R_l", "separ", "|G_l|", "thresholds", "protection");
+    let _ = writeln!(out, "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<52} {}", "layer", "S_l", "S_rms", "R_l", "separ", "|G_l|", "M5 bits", "thresholds", "protection");
     let manifest = report.release.as_ref();
     for (i, l) in report.layers.iter().enumerate() {
         let s = l.sensitivity.measured();
@@ -116,17 +118,20 @@ fn live_table(report: &Report, thresholds: &[(String, gradguard::guard::LeakageM
         let actions = manifest.and_then(|m| m.layers.get(i)).map(|m| if m.actions.is_empty() { "none".to_string() } else { m.actions.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" -> ") });
         let _ = writeln!(
             out,
-            "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<30} level {} {}",
+            "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<52} level {} {}",
             l.name,
             fmt(s.map(|s| s.sensitivity)),
             fmt(s.map(|s| s.sensitivity_rms)),
             fmt(s.and_then(|s| s.relative_sensitivity)),
             fmt(l.subspace.measured().map(|m| m.subspace_separation)),
             fmt(l.gradient.measured().map(|g| g.norm)),
+            // M5: +Inf for a layer released without noise (no bound).
+            l.reconstruction_bound.measured().map_or("-".to_string(), |b| b.reconstruction_bound_bits.map_or("+Inf".into(), |v| format!("{v:.4}"))),
             if limits.is_empty() { "-".into() } else { limits.join(", ") },
             l.protection_level,
             actions.unwrap_or_default()
         );
     }
+    let _ = writeln!(out, "  {}", report.bound_line());
     out
 }

@@ -34,6 +34,32 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<()> {
     }
 }
 
+/// What a rule promises, in words, for the rules whose metric has a unit that does (M5).
+fn explain(rule: &gradguard::guard::Rule, layers: &[String]) -> Vec<String> {
+    use gradguard::guard::{LadderStep, LeakageMetric, BOUND_CAVEAT};
+    if rule.metric != LeakageMetric::ReconstructionBoundBits {
+        return vec![];
+    }
+    let whose = match layers {
+        [one] => format!("{one}'s release"),
+        many => format!("the release of each of {}", many.join(", ")),
+    };
+    let mut out = vec![format!(
+        "meaning:    no attacker with a Gaussian prior recovers more than {} bits per input dimension of the average sample from {whose} (van Trees bound from the release's noise; a release without noise has no bound and fails the rule)",
+        rule.act_above
+    )];
+    out.push(format!("limit:      {BOUND_CAVEAT}"));
+    for step in &rule.ladder {
+        if let LadderStep::CalibratedNoise { clip_norm } = step {
+            out.push(format!(
+                "calibrated: {step} clips to {clip_norm} and adds noise of std sigma_l = sqrt(v S_l^2 / (D (2^(2*{b}) - 1))), S_l measured after the clip at each estimate, so that the bound is {b} bits/dim",
+                b = rule.act_above
+            ));
+        }
+    }
+    out
+}
+
 /// The label and layer names, in model order, of a built-in model or a TorchScript file.
 fn model_layers(name: &str) -> anyhow::Result<(String, Vec<String>)> {
     let model = match AuditModel::load(name, 0, Device::Cpu) {
@@ -77,6 +103,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         let ladder: Vec<String> = rule.ladder.iter().enumerate().map(|(k, s)| format!("{}. {s}", k + 1)).collect();
         println!("  ladder:     {}", ladder.join(" -> "));
         println!("  patterns:   {}", rule.layers.join(", "));
+        let mut names: Vec<String> = rule.layers.clone();
         if let (Some((_, layers)), Some(coverage)) = (&model, &coverage) {
             let covered: Vec<&str> = coverage.rule_layers[i].iter().map(|&l| layers[l].as_str()).collect();
             if covered.is_empty() {
@@ -84,7 +111,20 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             } else {
                 println!("  layers:     {}", covered.join(", "));
             }
+            names = covered.iter().map(|s| s.to_string()).collect();
         }
+        for line in explain(rule, &names) {
+            println!("  {line}");
+        }
+    }
+    if let Some(cap) = policy.settings().ledger_cap_bits {
+        println!(
+            "ledger cap: over the whole run, no attacker with a Gaussian prior recovers more than {cap} bits per input dimension of any sample from all releases together (Fisher information summed over releases; a release that would cross it is {})",
+            match policy.settings().on_violation {
+                gradguard::guard::OnViolation::Block => "blocked",
+                gradguard::guard::OnViolation::Withhold => "sent without the layers that would cross it",
+            }
+        );
     }
     if let Some(coverage) = &coverage {
         for w in &coverage.warnings {

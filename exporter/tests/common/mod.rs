@@ -9,6 +9,12 @@ pub const LAYERS: [&str; 2] = ["fc1", "fc2"];
 /// Two guarded steps of a 2-layer MLP on random data with a binary attribute, estimating at
 /// every step, inline (no worker: deterministic): real reports with M1, M2 and gradient statistics.
 pub fn real_reports() -> Vec<Report> {
+    let settings = Settings { estimate_every: 1, background_estimates: false, budget_share: 1.0, ..Default::default() };
+    reports_under(Policy::permissive_with(settings).expect("valid settings"))
+}
+
+/// The same two guarded steps under `policy`.
+pub fn reports_under(policy: Policy) -> Vec<Report> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let fc1 = nn::linear(vs.root() / "fc1", 6, 8, Default::default());
@@ -16,8 +22,6 @@ pub fn real_reports() -> Vec<Report> {
     let loss_fn = |x: &Tensor, y: &Tensor| {
         fc2.forward(&fc1.forward(x).relu()).f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
     };
-    let settings = Settings { estimate_every: 1, background_estimates: false, budget_share: 1.0, ..Default::default() };
-    let policy = Policy::permissive_with(settings).expect("valid settings");
     let mut guard = Guard::new(LayerMap::from_var_store(&vs).expect("layers"), policy).expect("guard");
     assert_eq!(guard.layers().names(), LAYERS);
     let n = 48i64;

@@ -3,6 +3,7 @@
 //! over the estimators of `measure` and returns a typed [`Release`].
 mod audit_log;
 mod engine;
+mod ledger;
 mod policy;
 mod protection;
 mod release;
@@ -13,7 +14,8 @@ mod worker;
 pub use audit_log::{unix_ms_now, AuditLog, DecisionRecord, Durability, LogContents, Outcome};
 pub use engine::{Guard, ReportSink};
 pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
-pub use protection::Protection;
+pub use ledger::RunLedger;
+pub use protection::{Bounds, Protection};
 pub use release::{BlockReason, Release};
 pub use schedule::{Clock, SystemClock};
 pub use state::{GuardState, StateError};

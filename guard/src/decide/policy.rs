@@ -57,6 +57,20 @@ pub struct Settings {
     pub background_estimates: bool,
     /// How M2 picks and compares per-sample gradients (`[settings.subspace]`).
     pub subspace: SubspaceSettings,
+    /// M5's prior variance v per input dimension (None: measured on each estimate's batch).
+    /// Version 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prior_variance: Option<f64>,
+    /// N, the size of the data set the batches are drawn from: the run ledger counts the
+    /// average sample at sampling rate n/N (without it and without sample ids, every release
+    /// counts in full for every sample). Version 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset_size: Option<u64>,
+    /// The cap on the run ledger's cumulative bound, bits per input dimension, for the whole
+    /// release and for each layer: a release that would cross it is blocked, or the layers that
+    /// would are withheld (`on_violation`). Version 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger_cap_bits: Option<f64>,
 }
 
 impl Default for Settings {
@@ -77,6 +91,9 @@ impl Default for Settings {
             subspace: SubspaceSettings::default(),
             budget_share: 0.05,
             background_estimates: true,
+            prior_variance: None,
+            dataset_size: None,
+            ledger_cap_bits: None,
         }
     }
 }
@@ -92,6 +109,14 @@ pub enum LadderStep {
         /// Multiplier of the aggregation floor.
         factor: f64,
     },
+    /// Clip to `clip_norm`, then add the Gaussian noise that brings the layer's M5 bound to the
+    /// rule's `act_above` (METRICS.md, M5, Calibration): `{ action = "noise", clip_norm = C,
+    /// target = "threshold" }`, only in a `reconstruction_bound_bits` rule. It resolves at each
+    /// measured decision into a concrete `noise(clip_norm=C, multiplier=sigma/C)`.
+    CalibratedNoise {
+        /// The clip before the noise.
+        clip_norm: f64,
+    },
 }
 
 impl LadderStep {
@@ -100,6 +125,7 @@ impl LadderStep {
         match self {
             LadderStep::Defence(d) => d.name(),
             LadderStep::Aggregate { .. } => "aggregate",
+            LadderStep::CalibratedNoise { .. } => "noise",
         }
     }
 }
@@ -109,6 +135,7 @@ impl std::fmt::Display for LadderStep {
         match self {
             LadderStep::Defence(d) => write!(f, "{d}"),
             LadderStep::Aggregate { factor } => write!(f, "aggregate(factor={factor})"),
+            LadderStep::CalibratedNoise { clip_norm } => write!(f, "noise(clip_norm={clip_norm},target=threshold)"),
         }
     }
 }
@@ -213,11 +240,20 @@ impl Policy {
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(text)
             .map_err(|e| PolicyError::Syntax { origin: origin.into(), message: e.to_string().trim_end().to_string() })?;
-        if file.version != POLICY_VERSION {
+        if !(1..=POLICY_VERSION).contains(&file.version) {
             return Err(PolicyError::Version { origin: origin.into(), found: file.version });
         }
         let invalid = |location: String, why: String| PolicyError::Invalid { origin: origin.into(), location, why };
         validate_settings(&file.settings).map_err(|(field, why)| invalid(format!("settings.{field}"), why))?;
+        let needs_v2 = |what: &str| format!("{what} needs `version = 2` (this file declares version 1)");
+        if file.version < 2 {
+            let s = &file.settings;
+            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some())] {
+                if set {
+                    return Err(invalid(format!("settings.{field}"), needs_v2(field)));
+                }
+            }
+        }
         let mut rules = Vec::new();
         for (i, r) in file.rules.into_iter().enumerate() {
             let at = |field: &str| format!("rule {} ('{}'), {field}", i + 1, r.name);
@@ -229,6 +265,12 @@ impl Policy {
                     at("metric"),
                     "usable_information_bits is not estimated online by this build: a rule on it could never be checked".into(),
                 ));
+            }
+            if r.metric == LeakageMetric::ReconstructionBoundBits && file.version < 2 {
+                return Err(invalid(at("metric"), needs_v2("reconstruction_bound_bits")));
+            }
+            if r.metric == LeakageMetric::ReconstructionBoundBits && !(r.act_above > 0.0) {
+                return Err(invalid(at("act_above"), format!("a bound in bits/dim must be > 0 (a release always carries some information), got {}", r.act_above)));
             }
             if !(r.act_above.is_finite() && r.act_above >= 0.0) {
                 return Err(invalid(at("act_above"), format!("must be a finite number >= 0, got {}", r.act_above)));
@@ -257,6 +299,18 @@ impl Policy {
                 .enumerate()
                 .map(|(k, v)| parse_step(v).map_err(|why| invalid(at(&format!("ladder step {}", k + 1)), why)))
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(k) = ladder.iter().position(|s| matches!(s, LadderStep::CalibratedNoise { .. })) {
+                let at_step = at(&format!("ladder step {}", k + 1));
+                if file.version < 2 {
+                    return Err(invalid(at_step, needs_v2("a calibrated noise rung (target = \"threshold\")")));
+                }
+                if r.metric != LeakageMetric::ReconstructionBoundBits {
+                    return Err(invalid(
+                        at_step,
+                        format!("a calibrated noise rung targets a bound in bits/dim: the rule's metric must be reconstruction_bound_bits, not {}", r.metric.name()),
+                    ));
+                }
+            }
             rules.push(Rule {
                 name: r.name.clone(),
                 metric: r.metric,
@@ -361,12 +415,51 @@ fn parse_step(value: &toml::Value) -> Result<LadderStep, String> {
         }
         return Ok(LadderStep::Aggregate { factor });
     }
+    if action == "noise" && table.contains_key("target") {
+        return parse_calibrated(table);
+    }
     let defence: Defence = value.clone().try_into().map_err(|e: toml::de::Error| e.to_string().trim_end().to_string())?;
     defence.validate().map_err(|e| e.to_string())?;
     Ok(LadderStep::Defence(defence))
 }
 
+/// `{ action = "noise", clip_norm = C, target = "threshold" }`.
+fn parse_calibrated(table: &toml::value::Table) -> Result<LadderStep, String> {
+    let mut clip_norm = None;
+    for (k, v) in table {
+        match k.as_str() {
+            "action" => {}
+            "target" => {
+                if v.as_str() != Some("threshold") {
+                    return Err(format!("`target` must be \"threshold\" (noise calibrated to the rule's act_above), got {v}"));
+                }
+            }
+            "clip_norm" => clip_norm = Some(v.as_float().or(v.as_integer().map(|i| i as f64)).ok_or("`clip_norm` must be a number")?),
+            "multiplier" => return Err("a calibrated noise rung computes its multiplier: give `target` or `multiplier`, not both".into()),
+            other => return Err(format!("unknown field `{other}` for a calibrated noise rung (expected `clip_norm`, `target`)")),
+        }
+    }
+    let clip_norm = clip_norm.ok_or("missing field `clip_norm`")?;
+    if !(clip_norm.is_finite() && clip_norm > 0.0) {
+        return Err(format!("clip_norm must be a finite number > 0, got {clip_norm}"));
+    }
+    Ok(LadderStep::CalibratedNoise { clip_norm })
+}
+
 fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
+    if let Some(v) = s.prior_variance {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(("prior_variance", format!("must be a finite number > 0, got {v}")));
+        }
+    }
+    if s.dataset_size == Some(0) {
+        return Err(("dataset_size", "must be at least 1 sample".into()));
+    }
+    if let Some(c) = s.ledger_cap_bits {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(("ledger_cap_bits", format!("must be a finite number > 0 of bits per dimension, got {c}")));
+        }
+    }
     if s.estimate_every == 0 {
         return Err(("estimate_every", "must be at least 1".into()));
     }

@@ -13,6 +13,10 @@ use crate::report::{LayerManifest, LeakageMetric, ReleaseOutcome, RuleCheck};
 use gradguard_defenses::Defence;
 use std::collections::BTreeMap;
 
+mod bounds;
+mod calibrate;
+pub use bounds::Bounds;
+
 /// The measurements a decision can use. Each is optional: a rule whose metric is missing fails
 /// closed.
 pub struct Measurements<'a> {
@@ -24,6 +28,8 @@ pub struct Measurements<'a> {
     pub max_age_steps: u64,
     /// Seed of the defences' randomness for this release, per layer.
     pub seeds: &'a [u64],
+    /// M5's prior variance from the settings (None: the estimate's batch variance).
+    pub prior_variance: Option<f64>,
 }
 
 /// A metric value on a release: None when nothing is released (withheld or unused layer).
@@ -58,6 +64,15 @@ impl Measurements<'_> {
                 Ok(table.separation(l, chain).map(Some))
             }
             LeakageMetric::UsableInformationBits => Ok(Err("usable information is not estimated online".into())),
+            LeakageMetric::ReconstructionBoundBits => {
+                let jvps = match &self.jvps {
+                    Ok(jvps) => *jvps,
+                    Err(reason) => return Ok(Err(reason.clone())),
+                };
+                let Some(fisher) = jvps.release_fisher(l, chain, self.seeds[l])? else { return Ok(Ok(None)) };
+                // A release without noise has no bound: +Inf, above every threshold.
+                Ok(Ok(Some(bounds::bound(fisher.dfil(), None, self, jvps).bits_or_inf())))
+            }
         }
     }
 }
@@ -70,6 +85,8 @@ pub struct Decision {
     pub records: Vec<DecisionRecord>,
     /// What blocked the release, if anything did.
     pub block: Option<BlockReason>,
+    /// M5 of the decided chains (before a block zeroes them): what the release carries.
+    pub bounds: Bounds,
 }
 
 /// Protection levels per rule and layer, and the aggregation floor they imply.
@@ -82,6 +99,11 @@ pub struct Protection {
     /// Set when the last measured decision found a rule's metric absent: nothing vouches for
     /// a release until a measurement does, so the releases between estimates block too.
     unmeasured: Option<BlockReason>,
+    /// The concrete noise each calibrated rung resolved to at the last measured decision,
+    /// [rule][layer].
+    calibrated: Vec<Vec<Option<Defence>>>,
+    /// M5 of the last measured decision's chains, reused between estimates.
+    bounds: Bounds,
 }
 
 impl Protection {
@@ -90,7 +112,9 @@ impl Protection {
     pub fn new(policy: Policy, layer_names: Vec<String>) -> std::result::Result<Self, PolicyError> {
         let coverage = policy.coverage(&layer_names)?;
         let levels = vec![vec![0; layer_names.len()]; policy.rules().len()];
-        Ok(Self { policy, coverage, layer_names, levels, unmeasured: None })
+        let calibrated = vec![vec![None; layer_names.len()]; policy.rules().len()];
+        let bounds = Bounds::absent(layer_names.len(), "not estimated yet");
+        Ok(Self { policy, coverage, layer_names, levels, unmeasured: None, calibrated, bounds })
     }
 
     /// The policy in force.
@@ -157,6 +181,19 @@ impl Protection {
         out
     }
 
+    /// Whether a decision needs the kept JVPs (memory K x P): a rule on M1 or M5, or noise in
+    /// force on a layer (its M5 is measured through it). A chain without noise has no bound
+    /// and needs none; a layer escalated into noise is measured from the next estimate on.
+    pub fn needs_jvps(&self) -> bool {
+        let m1 = [LeakageMetric::Sensitivity, LeakageMetric::SensitivityRms, LeakageMetric::RelativeSensitivity, LeakageMetric::ReconstructionBoundBits];
+        m1.into_iter().any(|m| self.uses(m)) || (0..self.layer_names.len()).any(|l| bounds::adds_noise(&self.chain(l)))
+    }
+
+    /// M5 of the chains in force, as measured at the last estimate.
+    pub fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
     /// Whether any rule acts on this metric.
     pub fn uses(&self, metric: LeakageMetric) -> bool {
         self.policy.rules().iter().zip(&self.coverage.rule_layers).any(|(r, l)| r.metric == metric && !l.is_empty())
@@ -210,8 +247,11 @@ impl Protection {
                 _ => self.levels[r][l],
             };
             for step in &rule.ladder[..level] {
-                if let LadderStep::Defence(d) = step {
-                    chain.push(d.clone());
+                match step {
+                    LadderStep::Defence(d) => chain.push(d.clone()),
+                    // Resolved at the last measured decision (unresolved: no noise, no bound).
+                    LadderStep::CalibratedNoise { .. } => chain.extend(self.calibrated[r][l].clone()),
+                    LadderStep::Aggregate { .. } => {}
                 }
             }
         }
@@ -283,6 +323,15 @@ impl Protection {
             }
             // Escalate while a rule fails on the release.
             let (chain, checks, withheld) = loop {
+                if let Err(reason) = self.calibrate(step, l, m, &mut records)? {
+                    let reason_block = BlockReason::GuardFailure { what: reason.clone() };
+                    unmeasured.get_or_insert_with(|| reason_block.clone());
+                    block.get_or_insert(reason_block);
+                    let mut rec = self.record(step, &name, Outcome::Blocked, "block".into());
+                    rec.reason = Some(reason);
+                    records.push(rec);
+                    break (self.chain(l), vec![], false);
+                }
                 let chain = self.chain(l);
                 let mut checks = Vec::new();
                 let mut failing = None;
@@ -370,8 +419,10 @@ impl Protection {
                 records.push(rec);
             }
             chains.push(if withheld { None } else { Some(actions.clone()) });
-            layers.push(LayerManifest { name, released: !withheld, actions, checks });
+            layers.push(LayerManifest::new(name, !withheld, actions, checks));
         }
+        self.bounds = bounds::measure_bounds(&chains, m)?;
+        let bounds = self.bounds.clone();
         if block.is_some() {
             // A block releases nothing, whatever the other layers' checks said.
             for layer in &mut layers {
@@ -387,7 +438,7 @@ impl Protection {
             ReleaseOutcome::Released
         };
         self.unmeasured = unmeasured;
-        Ok(Decision { chains, outcome, layers, records, block })
+        Ok(Decision { chains, outcome, layers, records, block, bounds })
     }
 
     /// Applies the levels in force without re-measuring (between estimates); blocks as the
@@ -409,10 +460,10 @@ impl Protection {
             rec.level = levels[l];
             rec.reason = Some(format!("levels from the estimate at step {estimate_step}"));
             records.push(rec);
-            layers.push(LayerManifest { name: self.layer_names[l].clone(), released: !withheld, actions, checks: vec![] });
+            layers.push(LayerManifest::new(self.layer_names[l].clone(), !withheld, actions, vec![]));
             chains.push(if withheld { None } else { Some(chain) });
         }
-        Decision { chains, outcome: ReleaseOutcome::Released, layers, records, block: None }
+        Decision { chains, outcome: ReleaseOutcome::Released, layers, records, block: None, bounds: self.bounds.clone() }
     }
 
     /// Nothing released yet: the release waits for more samples.
@@ -423,6 +474,7 @@ impl Protection {
             layers: vec![],
             records: vec![],
             block: None,
+            bounds: Bounds::absent(self.layer_names.len(), "nothing released (pending)"),
         }
     }
 
@@ -436,10 +488,11 @@ impl Protection {
             layers: self
                 .layer_names
                 .iter()
-                .map(|n| LayerManifest { name: n.clone(), released: false, actions: vec![], checks: vec![] })
+                .map(|n| LayerManifest::new(n.clone(), false, vec![], vec![]))
                 .collect(),
             records: vec![rec],
             block: Some(reason),
+            bounds: Bounds::absent(self.layer_names.len(), "nothing released (blocked)"),
         }
     }
 }
@@ -470,7 +523,7 @@ mod tests {
         let layers: Vec<String> = ["conv1", "fc1", "fc2"].map(String::from).to_vec();
         let mut protection = Protection::new(policy, layers).unwrap();
         let old = LatentTable::unavailable(0, 3, "never reached: the age check comes first".into());
-        let m = Measurements { jvps: Err("not estimated".into()), latent: Some(&old), step: 10, max_age_steps: 4, seeds: &[0, 0, 0] };
+        let m = Measurements { jvps: Err("not estimated".into()), latent: Some(&old), step: 10, max_age_steps: 4, seeds: &[0, 0, 0], prior_variance: None };
         let decision = protection.decide(10, &m).unwrap();
         assert!(matches!(decision.outcome, ReleaseOutcome::Blocked { .. }));
         assert!(decision.layers.iter().all(|l| !l.released));

@@ -33,6 +33,16 @@ pub enum BlockReason {
         /// The floor in force.
         floor: usize,
     },
+    /// The release would take the run ledger's cumulative reconstruction bound above the
+    /// policy's `ledger_cap_bits` (`layer` `"*"`: the whole release's).
+    LedgerCap {
+        /// The layer whose cumulative bound would cross, or `"*"`.
+        layer: String,
+        /// The cumulative bound the release would reach, bits per input dimension.
+        bits: f64,
+        /// The cap.
+        cap: f64,
+    },
     /// The guard's own machinery failed (an estimate, the estimator's worker) while a policy
     /// needed it.
     GuardFailure {
@@ -54,6 +64,11 @@ impl fmt::Display for BlockReason {
             BlockReason::BelowFloor { samples, floor } => {
                 write!(f, "the update covers {samples} samples, below the aggregation floor of {floor}")
             }
+            BlockReason::LedgerCap { layer, bits, cap } => write!(
+                f,
+                "the run ledger's cumulative reconstruction bound would reach {bits:.4e} bits/dim ({}), above the cap ledger_cap_bits = {cap}",
+                if layer == "*" { "whole release".to_string() } else { format!("layer {layer}") }
+            ),
             BlockReason::GuardFailure { what } => f.write_str(what),
         }
     }

@@ -9,13 +9,14 @@ pub struct Batch<'a> {
     inputs: &'a Tensor,
     targets: &'a Tensor,
     attribute: Option<&'a Tensor>,
+    sample_ids: Option<&'a Tensor>,
 }
 
 impl<'a> Batch<'a> {
     /// Inputs (samples along dimension 0) and their targets. Checked when the guard reads
     /// the batch ([`Batch::validate`]), not here.
     pub fn new(inputs: &'a Tensor, targets: &'a Tensor) -> Self {
-        Self { inputs, targets, attribute: None }
+        Self { inputs, targets, attribute: None, sample_ids: None }
     }
 
     /// Adds per-sample private attribute labels (integers, one per sample): M2 and M3 need
@@ -23,6 +24,18 @@ impl<'a> Batch<'a> {
     pub fn with_attribute(mut self, attribute: &'a Tensor) -> Self {
         self.attribute = Some(attribute);
         self
+    }
+
+    /// Adds each sample's id in the data set (integers, one per sample): the run ledger then
+    /// sums M5's Fisher information per sample, exactly over the releases that contained it.
+    pub fn with_sample_ids(mut self, ids: &'a Tensor) -> Self {
+        self.sample_ids = Some(ids);
+        self
+    }
+
+    /// The sample ids, if given.
+    pub fn sample_ids(&self) -> Option<&'a Tensor> {
+        self.sample_ids
     }
 
     /// The inputs.
@@ -62,6 +75,15 @@ impl<'a> Batch<'a> {
                 return Err(GuardError::AttributeKind(format!("{:?}", a.kind())));
             }
         }
+        if let Some(ids) = self.sample_ids {
+            if !ids.defined() || ids.numel() as i64 != n {
+                let got = if ids.defined() { ids.numel() as i64 } else { 0 };
+                return Err(GuardError::BatchMismatch { what: "sample ids", inputs: n, got });
+            }
+            if !matches!(ids.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+                return Err(GuardError::SampleIdKind(format!("{:?}", ids.kind())));
+            }
+        }
         Ok(n as usize)
     }
 
@@ -72,6 +94,18 @@ impl<'a> Batch<'a> {
             return vec![];
         }
         self.inputs.size().get(1..).map(<[i64]>::to_vec).unwrap_or_default()
+    }
+
+    /// The sample ids on the host, if given.
+    pub fn sample_id_values(&self) -> Result<Option<Vec<i64>>> {
+        match self.sample_ids {
+            None => Ok(None),
+            Some(ids) => {
+                use crate::error::TorchContext;
+                let flat = ids.f_reshape([-1]).and_then(|t| t.f_to_kind(Kind::Int64)).and_then(|t| t.f_to_device(tch::Device::Cpu)).during("reading sample ids")?;
+                Ok(Some(Vec::<i64>::try_from(&flat).during("reading sample ids")?))
+            }
+        }
     }
 
     /// The attribute labels on the host, if given.

@@ -9,13 +9,14 @@
 //!
 //! Precision: the Gram matrix squares the singular values, so directions whose singular value
 //! is below [`resolved`]`(m, P)` of the top one (4 sqrt(m sqrt(P) eps): 2e-6 for m = 8 and
-//! P = 1e6) are not resolved in it. The rank rule is orthonormal_basis's (singular values at or below
-//! `top * eps * max(P, m)` dropped, eigenvalues at or below its square) with that floor added:
-//! for f32 gradients the floor is always below the rule's threshold, so the rule is the same;
-//! for f64 gradients directions between the two thresholds are dropped here and kept by the SVD.
+//! P = 1e6) are not resolved in it. The rank rule is orthonormal_basis's ([`rank_tolerance`]:
+//! singular values at or below `top * eps * m` dropped, eigenvalues at or below its square) with
+//! that floor added. The floor is the larger except for tiny layers (P < 16 m^2 in f32), so
+//! directions between the two thresholds are dropped here and kept by the SVD.
 //! Sums of squared sines are taken as k - ||U_A^T U_B||_F^2 (the cosine form): their absolute
 //! error is a few f64 eps, so distances and angles are exact to about 1e-8 absolute.
 use crate::error::{GuardError, Result, TorchContext};
+use crate::measure::subspace::rank_tolerance;
 use crate::measure::tensors::to_f64_vec;
 use tch::{Kind, Tensor};
 
@@ -117,7 +118,7 @@ pub(crate) fn gram_basis(gram: &Gram, idx: &[usize], rank: usize, eps: f64) -> R
         return Ok(None);
     }
     let sigma_top = top.sqrt();
-    let tol = sigma_top * eps * gram.rows.max(m) as f64;
+    let tol = rank_tolerance(sigma_top, eps, m);
     let floor = sigma_top * resolved(m, gram.rows);
     let keep = tol.max(floor);
     let k = lambda.iter().take(rank).filter(|&&l| l > keep * keep).count();

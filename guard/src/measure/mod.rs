@@ -28,6 +28,7 @@
 //!   maps each pair to +-1 per channel: a different model, not the one being released.
 mod batch;
 mod device;
+mod fisher;
 mod gram;
 mod inspection;
 mod inversion;
@@ -44,13 +45,14 @@ mod usable;
 
 pub use batch::Batch;
 pub use device::parse_device;
+pub use fisher::{calibrated_noise_std, reconstruction_bound_bits, reconstruction_bound_se, release_dfil, unbiased_mse_floor, LayerFisher};
 pub use inspection::Inspection;
 pub use inversion::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 pub(crate) use latent_table::LatentTable;
 pub use layers::{layer_name, Layer, LayerInfo, LayerMap, Param};
 pub use loss::{EmbeddingSplit, LossFn, SplitLoss};
 pub use per_sample::GradientMatrix;
-pub use sensitivity::{mean_and_standard_error, JvpSamples, LayerJvps, SensitivitySettings};
+pub use sensitivity::{mean_and_standard_error, per_dimension_variance, JvpSamples, LayerJvps, SensitivitySettings};
 pub(crate) use stats::{current_grads, gradient_stats};
 pub use subspace::{orthonormal_basis, principal_angles, projection_distance, SubspaceSamples, SubspaceSettings};
 pub use tensors::to_f64_vec;

@@ -394,6 +394,11 @@ pub struct JvpSamples {
     pub step: u64,
     /// What the JVPs were taken with respect to: the inputs or the embeddings.
     pub representation: Representation,
+    /// D: scalars per sample in that representation.
+    pub input_dims: usize,
+    /// E||x - x_bar||^2 / D over the batch (population variance per dimension, METRICS.md M5's
+    /// prior scale measured on the batch).
+    pub batch_variance: f64,
 }
 
 impl JvpSamples {
@@ -463,7 +468,22 @@ fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSa
         seed: ins.seed(),
         step: ins.step(),
         representation: point.representation,
+        input_dims: input_dims(&point.values, n)?,
+        batch_variance: per_dimension_variance(&point.values, n)?,
     })
+}
+
+/// D: scalars per sample of an n-sample batch.
+fn input_dims(values: &Tensor, n: usize) -> Result<usize> {
+    let numel = values.numel();
+    Ok(if n == 0 { 0 } else { numel / n })
+}
+
+/// E||x - x_bar||^2 / D over the n samples of `values` (divide by n: a population variance).
+pub fn per_dimension_variance(values: &Tensor, n: usize) -> Result<f64> {
+    let flat = values.f_reshape([n as i64, -1]).and_then(|v| v.f_to_kind(Kind::Double)).during("flattening the inputs")?;
+    let centred = flat.f_mean_dim(0, true, Kind::Double).and_then(|m| flat.f_sub(&m)).during("centring the inputs")?;
+    centred.f_square().and_then(|sq| sq.f_mean(Kind::Double)).and_then(|m| m.f_double_value(&[])).during("the inputs' variance")
 }
 
 /// Exact mode: enumerate the basis of the smaller side. Input basis: one JVP per input scalar

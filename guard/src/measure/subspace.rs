@@ -50,6 +50,18 @@ impl SubspaceSettings {
     }
 }
 
+/// The singular value at or below which a direction of m gradient columns is rounding, not
+/// signal: top * eps * m, with eps the gradients' machine epsilon.
+///
+/// Why m and not numpy's max(P, m): each stored entry carries a relative error of at most eps,
+/// so the columns' error E has ||E||_2 <= ||E||_F <= eps ||A||_F <= eps sqrt(m) top; a further
+/// sqrt(m) is margin for the rounding of the backward pass that computed them. A rule that grows
+/// with P drops every direction of an f32 layer above 1/eps = 8.4M parameters (tolerance above
+/// the top singular value), which made M2 of such layers meaningless.
+pub(crate) fn rank_tolerance(top: f64, eps: f64, m: usize) -> f64 {
+    top * eps * m.max(1) as f64
+}
+
 /// Orthonormal basis (P x k, f64, host) of the top-r left singular vectors of the columns,
 /// k = min(r, numerical rank). None when every column is zero.
 pub fn orthonormal_basis(columns: &Tensor, rank: usize, eps: f64) -> Result<Option<Tensor>> {
@@ -61,8 +73,7 @@ pub fn orthonormal_basis(columns: &Tensor, rank: usize, eps: f64) -> Result<Opti
     if top <= 0.0 || !top.is_finite() {
         return Ok(None);
     }
-    let size = a.size();
-    let tol = top * eps * size.iter().copied().max().unwrap_or(1) as f64;
+    let tol = rank_tolerance(top, eps, s.len());
     let k = s.iter().take(rank).filter(|&&v| v > tol).count();
     Ok(Some(u.f_narrow(1, 0, k as i64).during("selecting singular vectors")?))
 }
@@ -501,7 +512,7 @@ mod tests {
             (1e-3, f32::EPSILON as f64, 3, 3),
             (1e-9, f32::EPSILON as f64, 2, 2),
             (1e-3, f64::EPSILON, 3, 3),
-            // Resolved by the SVD (above top * eps * P = 4e-14 top), not by the Gram matrix
+            // Resolved by the SVD (above top * eps * m = 9e-16 top), not by the Gram matrix
             // (below resolved(4, P) = 4.4e-7 top): the precision the Gram form gives up.
             (1e-9, f64::EPSILON, 2, 3),
         ] {
@@ -512,5 +523,16 @@ mod tests {
             assert_eq!((basis.rank(), svd.size()[1] as usize), (gram_rank, svd_rank), "weak {weak}, eps {eps}");
         }
         assert!(resolved(4, P as usize) < 5e-7 && resolved(4, P as usize) > 1e-9);
+    }
+
+    #[test]
+    fn an_f32_layer_above_one_over_eps_parameters_keeps_its_directions() {
+        // 9M > 1/f32::EPSILON = 8.4M: a tolerance growing with P would exceed the top singular
+        // value and keep nothing.
+        const BIG: i64 = 9_000_000;
+        let cols = gaussian(BIG, 2, 40).matmul(&gaussian(2, 4, 41)).to_kind(Kind::Float);
+        let cols: Vec<Tensor> = (0..4).map(|j| cols.select(1, j).contiguous()).collect();
+        let basis = gram_basis(&gram(&cols).unwrap(), &[0, 1, 2, 3], 4, f32::EPSILON as f64).unwrap().unwrap();
+        assert_eq!(basis.rank(), 2);
     }
 }

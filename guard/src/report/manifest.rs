@@ -54,6 +54,19 @@ pub struct LayerManifest {
     pub actions: Vec<Defence>,
     /// Each covering rule's check at this release.
     pub checks: Vec<RuleCheck>,
+    /// M5 of the layer's release, bits per input dimension (null: no bound, or not released).
+    #[serde(default)]
+    pub reconstruction_bound_bits: Option<f64>,
+    /// The noise std sigma_l the release carries (a calibrated rung's choice shows here).
+    #[serde(default)]
+    pub noise_std: Option<f64>,
+}
+
+impl LayerManifest {
+    /// A layer's entry without an M5 figure.
+    pub fn new(name: String, released: bool, actions: Vec<Defence>, checks: Vec<RuleCheck>) -> Self {
+        Self { name, released, actions, checks, reconstruction_bound_bits: None, noise_std: None }
+    }
 }
 
 /// The manifest of a release: what was done to each layer and why. Carries no gradient value.
@@ -75,6 +88,12 @@ pub struct Manifest {
     pub outcome: ReleaseOutcome,
     /// One entry per layer, in the layer map's order.
     pub layers: Vec<LayerManifest>,
+    /// M5 of the whole release, bits per input dimension (null: no bound; `bound_note` says why).
+    #[serde(default)]
+    pub release_reconstruction_bound_bits: Option<f64>,
+    /// The bound's reason when null, else what it does not cover.
+    #[serde(default)]
+    pub bound_note: Option<String>,
 }
 
 /// Defences travel as their text (what a policy writes), so that a manifest read by a Python

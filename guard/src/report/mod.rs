@@ -2,7 +2,9 @@
 //! seed, P_l); a metric that could not be computed is `absent` with its reason, never 0.
 use serde::{Deserialize, Serialize};
 
+mod bound;
 mod manifest;
+pub use bound::{Ledger, LedgerLayer, PriorSource, ReconstructionBound, BOUND_CAVEAT, NO_NOISE_NO_BOUND};
 pub use manifest::{LayerManifest, Manifest, ReleaseOutcome, RuleCheck};
 
 /// The metric a rule acts on, by its METRICS.md name.
@@ -19,6 +21,9 @@ pub enum LeakageMetric {
     SubspaceSeparation,
     /// M3 usable (V-)information about the attribute, in bits.
     UsableInformationBits,
+    /// M5 the van Trees bound of a noised release, bits per input dimension (+Inf without
+    /// noise).
+    ReconstructionBoundBits,
 }
 
 impl LeakageMetric {
@@ -30,6 +35,7 @@ impl LeakageMetric {
             Self::RelativeSensitivity => "relative_sensitivity",
             Self::SubspaceSeparation => "subspace_separation",
             Self::UsableInformationBits => "usable_information_bits",
+            Self::ReconstructionBoundBits => "reconstruction_bound_bits",
         }
     }
 }
@@ -188,6 +194,14 @@ pub struct LayerReport {
     pub subspace: Metric<Subspace>,
     /// Ladder rungs in force on this layer (0: unprotected), the highest over its rules.
     pub protection_level: usize,
+    /// M5 of the layer's release as decided at the latest estimate (null bits when the layer
+    /// is released without noise; absent when it is not released or no estimate kept JVPs).
+    #[serde(default = "not_estimated")]
+    pub reconstruction_bound: Metric<ReconstructionBound>,
+}
+
+fn not_estimated<T>() -> Metric<T> {
+    Metric::absent("not estimated yet")
 }
 
 /// The guard's own state: its cost against its budget and the worker's health.
@@ -234,6 +248,20 @@ pub struct Report {
     pub release: Option<Manifest>,
     /// The guard's own cost and worker health.
     pub health: GuardHealth,
+    /// M5 of the whole release (dFIL summed over the released layers), as decided at the
+    /// latest estimate.
+    #[serde(default = "not_estimated")]
+    pub release_reconstruction_bound: Metric<ReconstructionBound>,
+    /// The same bound as one number: null when unbounded or absent (the reason is in
+    /// `release_reconstruction_bound`).
+    #[serde(default)]
+    pub release_reconstruction_bound_bits: Option<f64>,
+    /// The run ledger so far (None: not kept by this guard).
+    #[serde(default)]
+    pub ledger: Option<Ledger>,
+    /// What every M5 figure of the report does not cover ([`BOUND_CAVEAT`]).
+    #[serde(default)]
+    pub bound_limit: Option<String>,
 }
 
 impl Report {
@@ -266,16 +294,17 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10}",
-            "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "|G_l|"
+            "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9}",
+            "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "|G_l|", "M5 bits", "dFIL"
         );
         for l in &self.layers {
             let s = l.sensitivity.measured();
             let m = l.subspace.measured();
             let g = l.gradient.measured();
+            let b = l.reconstruction_bound.measured();
             let _ = writeln!(
                 out,
-                "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10}",
+                "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9}",
                 truncate(&l.name, 14),
                 l.params,
                 fmt(s.map(|s| s.sensitivity)),
@@ -285,8 +314,11 @@ impl Report {
                 fmt(m.map(|m| m.subspace_distance)),
                 fmt(m.map(|m| m.subspace_separation)),
                 fmt(g.map(|g| g.norm)),
+                bound_cell(b),
+                b.map_or("-".into(), |b| fmt(b.dfil)),
             );
         }
+        let _ = writeln!(out, "{}", self.bound_line());
         match (self.layers.iter().find_map(|l| l.sensitivity.measured()), self.layers.first().and_then(|l| l.sensitivity.absent_reason())) {
             (Some(s), _) if s.representation == Representation::Embedding => {
                 let _ = writeln!(out, "M1 on the embedding representation (x_i: the sample's embedding block)");
@@ -297,6 +329,32 @@ impl Report {
             _ => {}
         }
         out
+    }
+}
+
+impl Report {
+    /// The release's M5 in words, with what it does not cover.
+    pub fn bound_line(&self) -> String {
+        match &self.release_reconstruction_bound {
+            Metric::Measured(b) => match b.reconstruction_bound_bits {
+                Some(bits) => format!(
+                    "M5 release bound {bits:.4} ±{:.1e} bits/dim (unbiased MSE/D >= {}; v = {:.4}); {BOUND_CAVEAT}",
+                    b.reconstruction_bound_se.unwrap_or(f64::NAN),
+                    b.unbiased_mse_floor.map_or("-".into(), |m| format!("{m:.3e}")),
+                    b.prior_variance
+                ),
+                None => format!("M5 release bound +Inf: {}", b.unbounded_reason.as_deref().unwrap_or(NO_NOISE_NO_BOUND)),
+            },
+            Metric::Absent { reason } => format!("M5 release bound absent: {reason}"),
+        }
+    }
+}
+
+/// A layer's M5 cell: `+Inf` for a release without noise.
+fn bound_cell(b: Option<&ReconstructionBound>) -> String {
+    match b {
+        None => "-".into(),
+        Some(b) => b.reconstruction_bound_bits.map_or("+Inf".into(), |v| fmt(Some(v))),
     }
 }
 

@@ -4,7 +4,7 @@ use crate::decide::protection::{Decision, Measurements};
 use crate::decide::release::BlockReason;
 use crate::error::{GuardError, Result};
 use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LossFn};
-use crate::report::{LeakageMetric, Metric, Report};
+use crate::report::{Metric, Report};
 
 impl Guard {
     /// Decides with fresh measurements when due (the interval has passed and the budget
@@ -12,6 +12,17 @@ impl Guard {
     /// an estimate before every release), else reuses the levels in force. Fails closed on a
     /// failed worker, a failed estimate, and (in the decision) on M2 results that are too old.
     pub(super) fn decide(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64, seeds: &[u64]) -> Result<(Decision, bool)> {
+        let (mut decision, estimated) = self.decide_levels(batch, loss_fn, step, seeds)?;
+        // The run ledger's cap, on what the decision would release.
+        let n = batch.validate()?;
+        let ids = batch.sample_id_values()?;
+        let settings = self.protection.policy().settings().clone();
+        let hash = self.protection.policy().hash().to_string();
+        self.ledger.check(&mut decision, ids, n, &settings, &hash, step);
+        Ok((decision, estimated))
+    }
+
+    fn decide_levels(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64, seeds: &[u64]) -> Result<(Decision, bool)> {
         let has_rules = !self.policy().rules().is_empty();
         if let Some(error) = self.workers.all().find_map(|w| w.last_error()) {
             if has_rules {
@@ -31,9 +42,8 @@ impl Guard {
             Some(last) if !due => return Ok((self.protection.reuse(step, last), false)),
             _ => {}
         }
-        let keep = [LeakageMetric::Sensitivity, LeakageMetric::SensitivityRms, LeakageMetric::RelativeSensitivity]
-            .into_iter()
-            .any(|m| self.protection.uses(m));
+        // M1 and M5 of the release are measured on the kept JVPs (no extra backward pass).
+        let keep = self.protection.needs_jvps();
         // M2 inline when forced (the decision needs this estimate), before the first result,
         // or when the worker's last result (one estimate behind) could outlive the age bound
         // before the next estimate lands.
@@ -53,9 +63,14 @@ impl Guard {
         let latent = self.latest.latent.lock().clone();
         // Without kept JVPs (M1 absent, e.g. discrete inputs without a split) a rule on M1
         // fails closed with the reason M1 is absent.
-        let absent = self.latest.sensitivity.iter().find_map(|m| m.absent_reason()).unwrap_or("sensitivity was not estimated");
-        let jvps = jvps.as_ref().ok_or_else(|| format!("sensitivity is absent: {absent}"));
-        let m = Measurements { jvps, latent: latent.as_ref(), step, max_age_steps: settings.max_estimate_age_steps, seeds };
+        let absent = self.latest.sensitivity.iter().find_map(|m| m.absent_reason());
+        let jvps = jvps.as_ref().ok_or_else(|| match (keep, absent) {
+            (true, Some(absent)) => format!("sensitivity is absent: {absent}"),
+            (true, None) => "sensitivity was not estimated".to_string(),
+            // Nothing needed them: no M1 or M5 rule, no noise in force until this decision.
+            (false, _) => "M1's probe JVPs were not kept at this estimate (no noise was in force before it): measured from the next estimate".to_string(),
+        });
+        let m = Measurements { jvps, latent: latent.as_ref(), step, max_age_steps: settings.max_estimate_age_steps, seeds, prior_variance: settings.prior_variance };
         Ok((self.protection.decide(step, &m)?, true))
     }
 

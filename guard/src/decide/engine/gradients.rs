@@ -14,6 +14,7 @@ pub(super) struct Held {
     inputs: Vec<Tensor>,
     targets: Vec<Tensor>,
     attributes: Vec<Tensor>,
+    sample_ids: Vec<Tensor>,
 }
 
 /// The held micro-batches joined into one batch.
@@ -21,13 +22,18 @@ pub(super) struct Joined {
     inputs: Tensor,
     targets: Tensor,
     attribute: Option<Tensor>,
+    sample_ids: Option<Tensor>,
 }
 
 impl Joined {
     pub(super) fn batch(&self) -> Batch<'_> {
         let batch = Batch::new(&self.inputs, &self.targets);
-        match &self.attribute {
+        let batch = match &self.attribute {
             Some(a) => batch.with_attribute(a),
+            None => batch,
+        };
+        match &self.sample_ids {
+            Some(ids) => batch.with_sample_ids(ids),
             None => batch,
         }
     }
@@ -40,6 +46,13 @@ impl Held {
             targets: Tensor::f_cat(&self.targets, 0).during("joining held targets")?,
             attribute: if self.attributes.len() == self.inputs.len() {
                 Some(Tensor::f_cat(&self.attributes, 0).during("joining held attributes")?)
+            } else {
+                None
+            },
+            // Ids only when every micro-batch carried them: a partial list would name the
+            // wrong samples.
+            sample_ids: if self.sample_ids.len() == self.inputs.len() {
+                Some(Tensor::f_cat(&self.sample_ids, 0).during("joining held sample ids")?)
             } else {
                 None
             },
@@ -99,6 +112,7 @@ impl Guard {
             inputs: vec![],
             targets: vec![],
             attributes: vec![],
+            sample_ids: vec![],
         });
         let flat: Vec<Option<Tensor>> = grads.iter().flatten().map(|g| g.defined().then(|| g.shallow_clone())).collect();
         held.grads.add(&flat, n)?;
@@ -107,6 +121,9 @@ impl Guard {
         held.targets.push(copy(batch.targets())?);
         if let Some(a) = batch.attribute() {
             held.attributes.push(copy(a)?);
+        }
+        if let Some(ids) = batch.sample_ids() {
+            held.sample_ids.push(copy(ids)?);
         }
         Ok(held)
     }

@@ -3,6 +3,7 @@
 //! fail closed). The flows live here; `estimates.rs` runs the estimators, `gradients.rs`
 //! applies a decision to the tensors, `reports.rs` assembles what a step reports.
 use super::audit_log::AuditLog;
+use super::ledger::RunLedger;
 use super::policy::Policy;
 use super::protection::{Decision, Protection};
 use super::release::{BlockReason, Release};
@@ -43,6 +44,8 @@ pub struct Guard {
     scheduler: Scheduler,
     workers: Workers,
     sinks: Vec<ReportSink>,
+    /// M5 summed over the run's releases.
+    ledger: RunLedger,
 }
 
 /// The latest estimates the decisions and reports rest on.
@@ -97,6 +100,7 @@ impl Guard {
             audit: None,
             workers,
             sinks: Vec::new(),
+            ledger: RunLedger::new(l),
         })
     }
 

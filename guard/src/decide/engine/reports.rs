@@ -30,7 +30,16 @@ impl Guard {
             estimate_step: self.latest.estimate_step,
             outcome: decision.outcome.clone(),
             layers: decision.layers.clone(),
+            release_reconstruction_bound_bits: None,
+            bound_note: None,
         };
+        let manifest = with_bounds(manifest, decision);
+        // The ledger takes the release's Fisher information only if it leaves.
+        if matches!(decision.outcome, crate::report::ReleaseOutcome::Released) {
+            self.ledger.commit();
+        } else {
+            self.ledger.discard();
+        }
         if let Some(log) = self.audit.as_mut() {
             for record in &decision.records {
                 log.record(record)?;
@@ -42,6 +51,7 @@ impl Guard {
     pub(super) fn assemble(&self, step: u64, n: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, release: Option<Manifest>) -> Report {
         let levels = self.protection.layer_levels();
         let latent = self.latest.latent.lock().as_ref().map(|t| t.raw.clone());
+        let bounds = self.protection.bounds();
         let layers = self
             .layers
             .layers()
@@ -55,6 +65,7 @@ impl Guard {
                 sensitivity: self.latest.sensitivity[l].clone(),
                 subspace: latent.as_ref().map_or_else(|| Metric::absent("not estimated yet"), |raw| raw[l].clone()),
                 protection_level: levels[l],
+                reconstruction_bound: bounds.layers[l].clone(),
             })
             .collect();
         let settings = self.policy().settings();
@@ -77,6 +88,34 @@ impl Guard {
                 worker_failures: self.workers.all().map(|w| w.failures()).sum(),
                 worker_error: self.workers.all().find_map(|w| w.last_error()),
             },
+            release_reconstruction_bound: bounds.release.clone(),
+            release_reconstruction_bound_bits: bounds.release.measured().and_then(|b| b.reconstruction_bound_bits),
+            ledger: Some(self.ledger.report(&self.layers.names(), settings)),
+            bound_limit: Some(crate::report::BOUND_CAVEAT.to_string()),
         }
     }
+}
+
+/// The manifest with M5 of what it releases: each released layer's bound and noise std, and
+/// the whole release's (nothing when nothing is released).
+fn with_bounds(mut manifest: Manifest, decision: &Decision) -> Manifest {
+    use crate::report::{ReleaseOutcome, BOUND_CAVEAT, NO_NOISE_NO_BOUND};
+    for (layer, bound) in manifest.layers.iter_mut().zip(&decision.bounds.layers) {
+        if layer.released {
+            let b = bound.measured();
+            layer.reconstruction_bound_bits = b.and_then(|b| b.reconstruction_bound_bits);
+            layer.noise_std = b.and_then(|b| b.noise_std);
+        }
+    }
+    if !matches!(manifest.outcome, ReleaseOutcome::Released) {
+        manifest.bound_note = Some("nothing released".into());
+        return manifest;
+    }
+    manifest.release_reconstruction_bound_bits = decision.bounds.release.measured().and_then(|b| b.reconstruction_bound_bits);
+    manifest.bound_note = Some(match (&decision.bounds.release, manifest.release_reconstruction_bound_bits) {
+        (_, Some(_)) => BOUND_CAVEAT.into(),
+        (crate::report::Metric::Absent { reason }, None) => reason.clone(),
+        (_, None) => NO_NOISE_NO_BOUND.into(),
+    });
+    manifest
 }

@@ -1,0 +1,75 @@
+//! Calibrated noise rungs (METRICS.md, M5, Calibration): at each measured decision a rung
+//! `{ action = "noise", clip_norm = C, target = "threshold" }` in force resolves into the
+//! concrete `noise(clip_norm=C, multiplier=sigma/C)` whose bound meets its rule's threshold,
+//! sigma^2 = v S_l^2 / (D (2^{2b} - 1)) with S_l measured after the chain before it and the
+//! clip. Between estimates the resolved noise stays in force, as every level does.
+use super::bounds::prior;
+use super::{Measurements, Protection};
+use crate::decide::audit_log::{DecisionRecord, Outcome};
+use crate::decide::policy::LadderStep;
+use crate::error::Result;
+use crate::measure::calibrated_noise_std;
+use gradguard_defenses::Defence;
+
+/// The calibration aims this far below the threshold, so that the re-measurement (on the same
+/// probes: the same number up to rounding) passes `value <= act_above`.
+const MARGIN: f64 = 1e-6;
+
+/// The smallest multiplier a calibration resolves to: a layer whose release does not move with
+/// its input (S_l = 0) still gets noise, so that its release is bounded (at 0 bits).
+const MIN_MULTIPLIER: f64 = 1e-9;
+
+impl Protection {
+    /// Resolves every calibrated rung in force on layer `l`, in chain order, from the kept
+    /// JVPs; writes a record for each sigma chosen. Err(reason): the JVPs are absent, the
+    /// decision must fail closed.
+    pub(super) fn calibrate(&mut self, step: u64, l: usize, m: &Measurements, records: &mut Vec<DecisionRecord>) -> Result<std::result::Result<(), String>> {
+        let mut before: Vec<Defence> = Vec::new();
+        for r in 0..self.policy.rules().len() {
+            if !self.coverage.rule_layers[r].contains(&l) {
+                continue;
+            }
+            let rule = self.policy.rules()[r].clone();
+            for step_in_force in &rule.ladder[..self.levels[r][l]] {
+                match step_in_force {
+                    LadderStep::Defence(d) => before.push(d.clone()),
+                    LadderStep::Aggregate { .. } => {}
+                    LadderStep::CalibratedNoise { clip_norm } => {
+                        let jvps = match &m.jvps {
+                            Ok(jvps) => *jvps,
+                            Err(reason) => return Ok(Err(format!("cannot calibrate the noise of rule '{}': {reason}", rule.name))),
+                        };
+                        let mut clipped = before.clone();
+                        clipped.push(Defence::Clip { max_norm: *clip_norm });
+                        let s = jvps.release_sensitivity(l, &clipped, m.seeds[l])?.map_or(0.0, |r| r.sensitivity);
+                        let (v, _) = prior(m, jvps);
+                        let target = rule.act_above * (1.0 - MARGIN);
+                        let Some(sigma) = calibrated_noise_std(v, s, jvps.input_dims, target) else {
+                            return Ok(Err(format!("cannot calibrate the noise of rule '{}' to {target} bits/dim (D = {})", rule.name, jvps.input_dims)));
+                        };
+                        let multiplier = (sigma / clip_norm).max(MIN_MULTIPLIER);
+                        let noise = Defence::Noise { clip_norm: *clip_norm, multiplier };
+                        before.push(noise.clone());
+                        if self.calibrated[r][l].as_ref() == Some(&noise) {
+                            continue;
+                        }
+                        let mut rec = self.record(step, &self.layer_names[l], Outcome::Protected, noise.to_string());
+                        rec.rule = Some(rule.name.clone());
+                        rec.metric = Some(rule.metric.name().into());
+                        rec.threshold = Some(rule.act_above);
+                        rec.level = self.levels[r][l];
+                        rec.reason = Some(format!(
+                            "calibrated noise: sigma = {:.6e} (multiplier {multiplier:.6e} of clip_norm {clip_norm}) for {} bits/dim, from S_l = {s:.6e} after the clip, v = {v:.6e}, D = {}",
+                            multiplier * clip_norm,
+                            rule.act_above,
+                            jvps.input_dims
+                        ));
+                        records.push(rec);
+                        self.calibrated[r][l] = Some(noise);
+                    }
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+}
