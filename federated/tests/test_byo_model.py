@@ -45,6 +45,10 @@ def test_state_carries_levels_and_steps_across_rounds(mlp, tmp_path):
     assert state["levels"] == {"first-layer-tight": {"fc1": 2}} and state["step"] == 1
     second = gradguard_fl.train(params, config(mlp, server_round=2), data, state=first.state, audit_log=str(log))
     assert second.state_origin == "restored (step 1)" and second.step == 1
+    # The M5 run ledger goes on too: two releases, each of the samples it used by id.
+    ledger = json.loads(second.state)["ledger"]
+    assert ledger["releases"] == 2 and json.loads(first.state)["ledger"]["releases"] == 1
+    assert len(ledger["per_sample"]) >= len(json.loads(first.state)["ledger"]["per_sample"]) > 0
     records = [json.loads(line) for line in log.read_text().splitlines()]
     by_step = {s: [r for r in records if r["step"] == s and r["layer"] == "fc1"] for s in (0, 1)}
     # Round 1 climbed the ladder; round 2 started at the top rung: no escalation, level 2.

@@ -47,9 +47,13 @@ fn levels_and_steps_go_on_in_a_new_guard() {
     assert_eq!(state.levels["tight"]["fc0"], 2);
     let text = serde_json::to_string(&state).unwrap();
 
+    let ledger = state.ledger.as_ref().expect("the state carries the run ledger");
+    assert_eq!(ledger.releases, 1);
+
     let mut second = Guard::new(LayerMap::from_var_store(&vs).unwrap(), policy.clone()).unwrap();
     second.restore_state(&serde_json::from_str::<GuardState>(&text).unwrap()).unwrap();
     assert_eq!(second.protection().layer_levels()[0], 2);
+    assert_eq!(second.state().ledger, state.ledger, "the ledger goes on where it was");
     let r = release(&mut second, &vs, &mlp);
     assert_eq!(r.manifest().step, 1);
     let check = &r.manifest().layers[0].checks[0];
@@ -63,6 +67,9 @@ fn levels_and_steps_go_on_in_a_new_guard() {
     let mut other = state.clone();
     other.policy_hash = "0".repeat(64);
     assert!(matches!(third.restore_state(&other), Err(StateError::OtherPolicy { .. })));
+    let mut short = state.clone();
+    short.ledger.as_mut().unwrap().base.layers.pop();
+    assert!(matches!(third.restore_state(&short), Err(StateError::Mismatch(m)) if m.contains("layers")));
     let mut unknown = state;
     unknown.levels.insert("gone".into(), Default::default());
     assert!(matches!(third.restore_state(&unknown), Err(StateError::Mismatch(m)) if m.contains("gone")));

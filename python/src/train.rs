@@ -192,10 +192,14 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
 
     let used: Vec<usize> = used.into_iter().collect();
     let (x, y, a) = samples.batch(&used)?;
+    // Sample ids (indices into the node's training data, the same every round): the M5 ledger,
+    // carried in the state, then sums each sample's releases exactly across rounds.
+    let ids = Tensor::f_from_slice(&used.iter().map(|&i| i as i64).collect::<Vec<i64>>())?;
     let batch = match &a {
         Some(a) => Batch::new(&x, &y).with_attribute(a),
         None => Batch::new(&x, &y),
-    };
+    }
+    .with_sample_ids(&ids);
     let loss_fn = model.model.loss_fn(model.loss);
     let policy_hash = guard.policy().hash().to_string();
     let (blocked, tensors, manifest, report) = match guard.release(&update, &batch, &loss_fn)? {

@@ -14,7 +14,7 @@ mod worker;
 pub use audit_log::{unix_ms_now, AuditLog, DecisionRecord, Durability, LogContents, Outcome};
 pub use engine::{Guard, ReportSink};
 pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
-pub use ledger::RunLedger;
+pub use ledger::{LedgerState, RunLedger, SavedSums};
 pub use protection::{Bounds, Protection};
 pub use release::{BlockReason, Release};
 pub use schedule::{Clock, SystemClock};

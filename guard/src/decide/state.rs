@@ -1,13 +1,15 @@
 //! What a guard remembers between processes: the protection level of every rule on every
-//! layer (the hysteresis) and the step count (the position of its releases in the audit log).
+//! layer (the hysteresis), the step count (the position of its releases in the audit log) and
+//! the M5 run ledger (what every sample has released so far).
 //! A federated client runs each round in a fresh process; it saves a [`GuardState`] after a
 //! round and restores it before the next, so round r+1 starts where round r ended.
+use super::ledger::LedgerState;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// A guard's protection state, serialisable (serde): the policy it belongs to, the next
 /// release's step, and the levels in force per rule and layer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GuardState {
     /// The SHA-256 of the policy the levels were reached under; a state is only restored into
     /// a guard enforcing the same policy.
@@ -16,6 +18,9 @@ pub struct GuardState {
     pub step: u64,
     /// Per rule (by name), the level in force on each layer it covers (by name).
     pub levels: BTreeMap<String, BTreeMap<String, usize>>,
+    /// The M5 run ledger; absent in a state saved before the ledger (it then starts empty).
+    #[serde(default)]
+    pub ledger: Option<LedgerState>,
 }
 
 /// Why a state cannot be restored into a guard.

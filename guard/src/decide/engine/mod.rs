@@ -141,9 +141,9 @@ impl Guard {
     }
 
     /// What this guard would need to go on in another process: the protection levels in
-    /// force and the step count ([`GuardState`], serde).
+    /// force, the step count and the M5 run ledger ([`GuardState`], serde).
     pub fn state(&self) -> GuardState {
-        GuardState { policy_hash: self.policy().hash().to_string(), step: self.step, levels: self.protection.saved_levels() }
+        GuardState { policy_hash: self.policy().hash().to_string(), step: self.step, levels: self.protection.saved_levels(), ledger: Some(self.ledger.saved()) }
     }
 
     /// Goes on from a saved state: the levels (hysteresis) and the step count. The state must
@@ -154,7 +154,11 @@ impl Guard {
         if state.policy_hash != current {
             return Err(StateError::OtherPolicy { saved: state.policy_hash.clone(), current: current.to_string() });
         }
+        let ledger = state.ledger.as_ref().map(|l| RunLedger::from_saved(self.layers.len(), l)).transpose().map_err(StateError::Mismatch)?;
         self.protection.restore_levels(&state.levels)?;
+        if let Some(ledger) = ledger {
+            self.ledger = ledger;
+        }
         self.step = state.step;
         self.latest.estimate_step = None;
         Ok(())
