@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The Flower side of gradguard (docs/FEDERATED.md): installs flwr, maturin, prometheus-client
+# The Flower side of gradguard (docs/FEDERATED.md): installs flwr with its Simulation Engine
+# (flwr[simulation]: Ray, pinned by flwr to ray 2.55.1), maturin, prometheus-client
 # and pytest into the project venv (.venv, with libtorch 2.11.0 from scripts/setup-venv.sh),
 # then builds the `gradguard_fl` extension module (python/, PyO3) with maturin against that
 # same libtorch and installs it into the venv. Idempotent: the pip step runs once per set of
@@ -15,15 +16,15 @@ FLWR_VERSION=1.42.0
 MATURIN_VERSION=1.16.0
 PROMETHEUS_CLIENT_VERSION=0.26.0
 PYTEST_VERSION=9.2.0
-stamp=".venv/.gradguard-federated-flwr-$FLWR_VERSION-maturin-$MATURIN_VERSION-prom-$PROMETHEUS_CLIENT_VERSION-pytest-$PYTEST_VERSION"
+stamp=".venv/.gradguard-federated-flwr-sim-$FLWR_VERSION-maturin-$MATURIN_VERSION-prom-$PROMETHEUS_CLIENT_VERSION-pytest-$PYTEST_VERSION"
 if [ ! -f "$stamp" ]; then
   python -m pip install --quiet \
-    "flwr==$FLWR_VERSION" \
+    "flwr[simulation]==$FLWR_VERSION" \
     "maturin==$MATURIN_VERSION" \
     "prometheus-client==$PROMETHEUS_CLIENT_VERSION" \
     "pytest==$PYTEST_VERSION"
   # flwr must not have moved torch: the extension links the venv's libtorch 2.11.0.
-  python -c "import torch, flwr; assert torch.__version__.startswith('2.11.0'), torch.__version__; assert flwr.__version__ == '$FLWR_VERSION', flwr.__version__"
+  python -c "import ray, torch, flwr; assert ray.__version__ == '2.55.1', ray.__version__; assert torch.__version__.startswith('2.11.0'), torch.__version__; assert flwr.__version__ == '$FLWR_VERSION', flwr.__version__"
   touch "$stamp"
 fi
 

@@ -1,5 +1,9 @@
-"""The ClientApp: a client trains on its own partition of the digits and releases only what its
-privacy policy allows, decided by gradguard's `Guard::release` inside the Rust extension.
+"""The ClientApp: a client trains the run's model (the digits CNN, or the TorchScript file of
+run config `model-path`) on its own data (node config `data-dir`, else its digits partition)
+and releases only what its privacy policy allows, decided by gradguard's `Guard::release`
+inside the Rust extension. The guard remembers across rounds: its state (protection levels,
+step count) is kept in `Context.state` and restored each round, and every decision is appended
+to the node's audit log (node config `audit-log`).
 
 Reply to a train message (`RecordDict`):
 - released: "arrays" (ArrayRecord: the protected update, released layers only), "metrics"
@@ -26,8 +30,10 @@ from .task import (
     CONFIG_KEY,
     GUARD_KEY,
     METRICS_KEY,
+    STATE_KEY,
     NodeConfigError,
     ensure_metrics_server,
+    model_config,
     node_settings,
     spool_report,
     to_numpy,
@@ -73,9 +79,21 @@ def train(msg: Message, context: Context) -> Message:
                 "the server cannot set a client's privacy policy: the client enforces its own "
                 "(node config `policy`, else the run's `default-policy`)"
             )
+        if "model-path" in config or "loss" in config:
+            raise gradguard_fl.ConfigError("the model comes from the run config (model-path, loss), not the round's config")
         config["policy-path"] = settings.policy_path
+        config.update(model_config(context.run_config))
         server_round = int(config.get("server-round", 0))
-        result = gradguard_fl.train(params, config, settings.partition())
+        saved = context.state.config_records.get(STATE_KEY)
+        result = gradguard_fl.train(
+            params,
+            config,
+            settings.data(),
+            state=str(saved["state"]) if saved is not None else None,
+            audit_log=str(settings.audit_log),
+        )
+        # Round r+1 starts where round r ended (levels, hysteresis, step count).
+        context.state.config_records[STATE_KEY] = ConfigRecord({"state": result.state, "round": server_round})
     except (gradguard_fl.GradguardError, NodeConfigError, BadMessage) as error:
         return _error_reply(msg, error, context)
     except Exception as error:  # noqa: BLE001 - every failure becomes a reply, never a crash
@@ -84,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
 
     # The node's own /metrics sees every release, blocked ones included (full local report).
     try:
-        ensure_metrics_server(settings)
+        ensure_metrics_server(settings, model_config(context.run_config)["model-path"])
         spool_report(settings, result.report, server_round)
     except OSError as error:
         LOG.warning("gradguard: node metrics unavailable: %s", error)
@@ -94,6 +112,8 @@ def train(msg: Message, context: Context) -> Message:
         "manifest": result.manifest,
         "policy-hash": result.policy_hash,
         "partition-id": settings.partition_id,
+        "step": result.step,
+        "state-origin": result.state_origin,
     }
     metrics = {
         "num-examples": result.num_examples,
@@ -134,18 +154,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         settings = node_settings(context.node_config, context.run_config, context.node_id)
         params, _ = _inputs(msg)
-        scores = gradguard_fl.evaluate(params, settings.partition())
+        model = model_config(context.run_config)
+        scores = gradguard_fl.evaluate(params, settings.data(), model_path=model["model-path"], loss=model["loss"])
     except (gradguard_fl.GradguardError, NodeConfigError, BadMessage) as error:
         return _error_reply(msg, error, context)
     except Exception as error:  # noqa: BLE001
         LOG.error("%s", traceback.format_exc())
         return _error_reply(msg, error, context)
-    metrics = MetricRecord(
-        {
-            "accuracy": float(scores["accuracy"]),
-            "loss": float(scores["loss"]),
-            "num-examples": int(scores["num_examples"]),
-            "partition-id": settings.partition_id,
-        }
-    )
-    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    values = {
+        "loss": float(scores["loss"]),
+        "num-examples": int(scores["num_examples"]),
+        "partition-id": settings.partition_id,
+    }
+    if scores["accuracy"] is not None:  # None for mse
+        values["accuracy"] = float(scores["accuracy"])
+    return Message(RecordDict({METRICS_KEY: MetricRecord(values)}), reply_to=msg)
+

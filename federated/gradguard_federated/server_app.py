@@ -6,10 +6,12 @@
 - A round updates the global model only when at least `min-cohort` compliant updates arrived
   (the server side of strong aggregation); otherwise the global model stays and the reason is
   logged.
-- Compliant: a reply with status "released", a manifest whose outcome is released, arrays only
-  for the layers the manifest marks released, with the model's shapes and finite values.
-  Blocked replies, error replies, missing replies and anything inconsistent are never
-  aggregated.
+- Compliant: a reply that passed verify.check_reply (a manifest of a `required-policy` that
+  releases exactly the arrays present, with the model's shapes and finite values). Blocked
+  replies, error replies, missing replies and rejected ones (counted by reason in
+  `gradguard_server_rejected_total`) are never aggregated.
+- The model is the run's `model-path` (a TorchScript file; the server starts from its
+  parameters) or the digits CNN.
 - What clients release is the round's mean gradient (see gradguard_fl), so the new global model
   is `w - lr * local_steps * mean(update)`.
 
@@ -22,7 +24,6 @@ client), global-round<N>.npz (the global model after each round) and metrics.pro
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -35,19 +36,16 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest, start_http_server
 
 import gradguard_fl
 
-from .task import ARRAYS_KEY, CONFIG_KEY, GUARD_KEY, METRICS_KEY, summarise_leakage, to_numpy, to_record
+from .task import ARRAYS_KEY, CONFIG_KEY, GUARD_KEY, METRICS_KEY, to_numpy, to_record
+from .server_records import Recorder, ServerMetrics
+from .verify import ClientRow, RequiredPolicies, check_reply, layer_of
 
 LOG = logging.getLogger("flwr")
 
 app = ServerApp()
-
-
-def layer_of(param: str) -> str:
-    return param.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -65,6 +63,10 @@ class ServerSettings:
     fraction_evaluate: float
     metrics_port: int
     out_dir: Path | None
+    # What a reply's manifest must show (verify.py); the model every node trains.
+    required: RequiredPolicies = RequiredPolicies()
+    model_path: str = ""
+    loss: str = "cross-entropy"
 
     @staticmethod
     def from_run_config(cfg: dict[str, Any]) -> "ServerSettings":
@@ -91,91 +93,10 @@ class ServerSettings:
             fraction_evaluate=num("fraction-evaluate", float, 0.0, 1.0),
             metrics_port=num("metrics-port", int, 0, 65535),
             out_dir=Path(out) if out else None,
+            required=RequiredPolicies.parse(str(cfg.get("required-policy", "")), str(cfg.get("model-path", ""))),
+            model_path=str(cfg.get("model-path", "")),
+            loss=str(cfg.get("loss", "cross-entropy")),
         )
-
-
-class Recorder:
-    """The run's files under `out-dir` (nothing when it is not set)."""
-
-    def __init__(self, out_dir: Path | None) -> None:
-        self.out = out_dir
-        if self.out:
-            (self.out / "received").mkdir(parents=True, exist_ok=True)
-
-    def append(self, name: str, record: dict[str, Any]) -> None:
-        if self.out:
-            with open(self.out / name, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-
-    def event(self, event: str, **fields: Any) -> None:
-        self.append("events.jsonl", {"event": event, "time": time.time(), **fields})
-
-    def text(self, name: str, line: str) -> None:
-        if self.out:
-            with open(self.out / name, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-
-    def arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
-        if self.out:
-            np.savez(self.out / name, **arrays)
-
-    def write(self, name: str, data: bytes) -> None:
-        if self.out:
-            tmp = self.out / f"{name}.tmp"
-            tmp.write_bytes(data)
-            tmp.rename(self.out / name)
-
-
-class ServerMetrics:
-    """The server's Prometheus metrics (its own registry), served while the run lasts."""
-
-    def __init__(self, port: int) -> None:
-        disable_created_metrics()
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.round = Gauge("gradguard_fl_round", "Last completed federated round.", registry=r)
-        self.accuracy = Gauge("gradguard_fl_global_accuracy", "Global model accuracy on the held-out digits.", registry=r)
-        self.rounds = Counter("gradguard_fl_rounds", "Rounds by outcome (aggregated, or skipped: cohort floor not met).", ["outcome"], registry=r)
-        self.updates = Gauge("gradguard_fl_round_updates", "Client replies of the last round by status.", ["status"], registry=r)
-        self.releases = Counter("gradguard_fl_client_releases", "Client replies by partition and status.", ["client", "status"], registry=r)
-        self.actions = Counter("gradguard_fl_client_layer_actions", "Defence actions applied to released updates, per client and layer.", ["client", "layer", "action"], registry=r)
-        self.leakage = Gauge("gradguard_fl_client_layer_leakage", "Leakage a client reported for a layer (its last release).", ["client", "layer", "metric"], registry=r)
-        self.contributors = Gauge("gradguard_fl_layer_contributors", "Compliant clients whose release of the layer was aggregated in the last round.", ["layer"], registry=r)
-        for outcome in ("aggregated", "skipped"):
-            self.rounds.labels(outcome)
-        self.server = None
-        if port:
-            self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
-            LOG.info("gradguard: server metrics on http://127.0.0.1:%d/metrics", port)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
-@dataclass
-class ClientRow:
-    node_id: int
-    partition: str
-    status: str  # released | blocked | error | rejected | no reply
-    reason: str | None = None
-    released: list[str] | None = None
-    withheld: list[str] | None = None
-    actions: dict[str, list[str]] | None = None
-    leakage: dict[str, dict[str, float]] | None = None
-    num_examples: int = 0
-
-    def summary(self) -> str:
-        if self.status == "released":
-            acted = [f"{layer}:{'+'.join(a.split('(')[0] for a in acts)}" for layer, acts in (self.actions or {}).items() if acts]
-            return ", ".join(acted) if acted else "released as computed"
-        if self.status == "blocked":
-            return "BLOCKED"
-        return self.status.upper()
 
 
 class GuardedFedAvg(FedAvg):
@@ -255,63 +176,15 @@ class GuardedFedAvg(FedAvg):
         self.recorder.append("received.jsonl", entry)
 
     def _check(self, msg: Message) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
-        """A reply's row, and its update when it is compliant."""
+        """A reply's row, and its update when it passed verification (verify.check_reply)."""
         node = msg.metadata.src_node_id
-        partition = self.partitions.get(node, f"node {node}")
-        if msg.has_error():
-            return ClientRow(node, partition, "error", reason=msg.error.reason), None
-        content = msg.content
-        guard = content.config_records.get(GUARD_KEY)
-        metrics = content.metric_records.get(METRICS_KEY)
-        if guard is None or metrics is None:
-            return ClientRow(node, partition, "rejected", reason="no gradguard manifest in the reply"), None
-        if "partition-id" in guard:
-            partition = f"p{guard['partition-id']}"
-            self.partitions[node] = partition
-        try:
-            manifest = json.loads(str(guard.get("manifest", "")))
-        except ValueError:
-            return ClientRow(node, partition, "rejected", reason="unreadable manifest"), None
-        layers = manifest.get("layers", [])
-        actions = {l["name"]: list(l.get("actions", [])) for l in layers}
-        released = [l["name"] for l in layers if l.get("released")]
-        withheld = [l["name"] for l in layers if not l.get("released")]
-        row = ClientRow(node, partition, str(guard.get("status")), released=released, withheld=withheld, actions=actions)
-        row.num_examples = int(metrics.get("num-examples", 0))
-        if row.status == "blocked":
-            row.reason = str(guard.get("reason", "blocked"))
-            row.leakage = {
-                l["name"]: {c["metric"]: c["raw"] for c in l.get("checks", []) if c.get("raw") is not None} for l in layers
-            }
-            if content.array_records:
-                row.status, row.reason = "rejected", "a blocked reply carried arrays (ignored)"
-            return row, None
-        row.leakage = summarise_leakage(str(guard.get("report", "")))
-        if row.status != "released":
-            row.status, row.reason = "rejected", f"unknown status {row.status!r}"
-            return row, None
-        if manifest.get("outcome", {}).get("outcome") != "released":
-            row.status, row.reason = "rejected", f"manifest outcome {manifest.get('outcome')}"
-            return row, None
-        if row.num_examples < 1:
-            row.status, row.reason = "rejected", "num-examples missing"
-            return row, None
-        record = content.array_records.get(ARRAYS_KEY)
-        update = to_numpy(record) if record is not None else {}
-        for name, value in update.items():
-            if name not in self.global_params:
-                row.status, row.reason = "rejected", f"unknown parameter {name}"
-            elif layer_of(name) not in released:
-                row.status, row.reason = "rejected", f"{name} arrived but the manifest withholds {layer_of(name)}"
-            elif value.shape != self.global_params[name].shape:
-                row.status, row.reason = "rejected", f"{name} has shape {value.shape}, the model {self.global_params[name].shape}"
-            elif not np.all(np.isfinite(value)):
-                row.status, row.reason = "rejected", f"{name} is not finite"
-        for layer in released:
-            expected = {n for n in self.global_params if layer_of(n) == layer}
-            if not expected <= set(update):
-                row.status, row.reason = "rejected", f"the manifest releases {layer} but its parameters are missing"
-        return (row, update) if row.status == "released" else (row, None)
+        row, update = check_reply(msg, self.partitions.get(node, f"node {node}"), self.global_params, self.settings.required)
+        if row.partition.startswith("p"):
+            self.partitions[node] = row.partition
+        if row.status == "rejected":
+            self.metrics.rejected.labels(row.reject).inc()
+            LOG.warning("gradguard: rejected the reply of %s (node %d): %s: %s", row.partition, node, row.reject, row.reason)
+        return row, update
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -391,33 +264,46 @@ class GuardedFedAvg(FedAvg):
             if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
                 continue
             m = msg.content.metric_records[METRICS_KEY]
+            if "accuracy" not in m:  # mse: loss only
+                continue
             accuracies[f"p{m['partition-id']}"] = float(m["accuracy"])
             total += int(m["num-examples"])
             weighted += float(m["accuracy"]) * int(m["num-examples"])
         if server_round in self.rows:
             self.rows[server_round]["client_accuracy"] = accuracies
+            self.rows[server_round]["federated_accuracy"] = weighted / total if total else None
         return MetricRecord({"accuracy": weighted / total}) if total else None
 
     # -- the round's record -----------------------------------------------------------------
 
     def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Central evaluation on the held-out digits; closes the round's record."""
+        """Central evaluation on the held-out digits (the digits CNN), or, for the run's own
+        model (`model-path`: the server holds no data), the clients' accuracy on their
+        held-out shares weighted by their size; closes the round's record."""
         params = to_numpy(arrays)
-        scores = gradguard_fl.evaluate(params)
-        accuracy = float(scores["accuracy"])
-        self.metrics.accuracy.set(accuracy)
+        if self.settings.model_path:
+            scores = {"accuracy": None, "loss": None}
+        else:
+            scores = gradguard_fl.evaluate(params)
         if server_round == 0:
+            accuracy = scores["accuracy"]
             self.history.append({"round": 0, "accuracy": accuracy})
-            self.recorder.append("rounds.jsonl", {"round": 0, "accuracy": accuracy, "loss": float(scores["loss"])})
+            self.recorder.append("rounds.jsonl", {"round": 0, "accuracy": accuracy, "loss": scores["loss"]})
             self._table_line(0, accuracy, None)
-            return MetricRecord({"accuracy": accuracy, "loss": float(scores["loss"])})
+            if accuracy is not None:
+                self.metrics.accuracy.set(accuracy)
+            return MetricRecord({"accuracy": accuracy, "loss": scores["loss"]} if accuracy is not None else {})
         self.recorder.arrays(f"global-round{server_round}.npz", params)
         state = self.rows.get(server_round, {"rows": [], "aggregated": False, "reason": "no replies", "contributors": {}, "compliant": 0})
+        accuracy = scores["accuracy"] if scores["accuracy"] is not None else state.get("federated_accuracy")
+        if accuracy is not None:
+            self.metrics.accuracy.set(accuracy)
         rows: list[ClientRow] = state["rows"]
         record = {
             "round": server_round,
             "accuracy": accuracy,
-            "loss": float(scores["loss"]),
+            "loss": scores["loss"],
+            "federated_accuracy": state.get("federated_accuracy"),
             "aggregated": state["aggregated"],
             "reason": state["reason"],
             "compliant": state["compliant"],
@@ -436,6 +322,9 @@ class GuardedFedAvg(FedAvg):
                     "actions": r.actions,
                     "leakage": r.leakage,
                     "num_examples": r.num_examples,
+                    "reject": r.reject,
+                    "policy_hash": r.policy_hash,
+                    "step": r.step,
                 }
                 for r in rows
             ],
@@ -446,7 +335,7 @@ class GuardedFedAvg(FedAvg):
         self._table_line(server_round, accuracy, state)
         self._leakage_lines(server_round, rows)
         self.recorder.event("round-end", round=server_round, aggregated=state["aggregated"], reason=state["reason"])
-        return MetricRecord({"accuracy": accuracy, "loss": float(scores["loss"])})
+        return MetricRecord({"accuracy": accuracy} if accuracy is not None else {})
 
     def _export(self, server_round: int, state: dict[str, Any], rows: list[ClientRow]) -> None:
         m = self.metrics
@@ -456,6 +345,7 @@ class GuardedFedAvg(FedAvg):
         for r in rows:
             counts[r.status] += 1
             m.releases.labels(r.partition, r.status).inc()
+            m.nodes.observe(r)
             # Only what was applied to a release counts (a blocked release applied nothing).
             for layer, acts in (r.actions or {}).items() if r.status == "released" else ():
                 for a in acts:
@@ -484,18 +374,19 @@ class GuardedFedAvg(FedAvg):
             LOG.info("gradguard: %s", line)
             self.recorder.text("leakage.txt", line)
 
-    def _table_line(self, server_round: int, accuracy: float, state: dict[str, Any] | None) -> None:
+    def _table_line(self, server_round: int, accuracy: float | None, state: dict[str, Any] | None) -> None:
+        shown = "-" if accuracy is None else f"{accuracy:.3f}"
         if server_round == 0:
             header = f"{'round':>5}  {'accuracy':>8}  {'update':<22}  clients (actions per layer; blocks)"
             LOG.info("gradguard: %s", header)
             self.recorder.text("rounds.txt", header)
-            line = f"{0:>5}  {accuracy:>8.3f}  {'(initial model)':<22}"
+            line = f"{0:>5}  {shown:>8}  {'(initial model)':<22}"
         else:
             rows = sorted(state["rows"], key=lambda r: r.partition)
             update = f"aggregated {state['compliant']}/{len(rows)}" if state["aggregated"] else f"SKIPPED {state['compliant']}<{self.settings.min_cohort}"
             clients = " | ".join(f"{r.partition}: {r.summary()}" for r in rows)
             blocks = [r.partition for r in rows if r.status == "blocked"]
-            line = f"{server_round:>5}  {accuracy:>8.3f}  {update:<22}  {clients}; blocks: {', '.join(blocks) if blocks else 'none'}"
+            line = f"{server_round:>5}  {shown:>8}  {update:<22}  {clients}; blocks: {', '.join(blocks) if blocks else 'none'}"
             if state["reason"]:
                 line += f"; {state['reason']}"
         LOG.info("gradguard: %s", line)
@@ -509,6 +400,7 @@ def main(grid: Grid, context: Context) -> None:
     metrics = ServerMetrics(settings.metrics_port)
     strategy = GuardedFedAvg(settings, recorder, metrics)
     recorder.event("run-start", settings={k: str(v) for k, v in settings.__dict__.items()})
+    LOG.info("gradguard: aggregating only manifests of %s", settings.required.describe())
     train_config = ConfigRecord(
         {
             "local-steps": settings.local_steps,
@@ -520,7 +412,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=to_record(gradguard_fl.initial_parameters(settings.seed)),
+            initial_arrays=to_record(gradguard_fl.initial_parameters(settings.seed, model_path=settings.model_path or None)),
             num_rounds=settings.num_rounds,
             timeout=settings.round_timeout,
             train_config=train_config,

@@ -43,7 +43,14 @@ NODE_CONFIG_KEYS = (
     "policy",
     "metrics-port",
     "spool-dir",
+    "data-dir",
+    "test-fraction",
+    "audit-log",
 )
+
+# Where a node keeps what the guard remembers between rounds (Context.state, a RecordDict that
+# the SuperNode keeps for the run and hands to every ClientApp process).
+STATE_KEY = "gradguard-guard"
 
 
 class NodeConfigError(ValueError):
@@ -59,11 +66,33 @@ class NodeSettings:
     policy_path: str
     metrics_port: int
     spool_dir: Path
+    # The node's own data folder (x.npy, y.npy, ...); None: its digits partition.
+    data_dir: Path | None = None
+    test_fraction: float = 0.2
+    audit_log: Path | None = None
 
     def partition(self) -> gradguard_fl.Partition:
         return gradguard_fl.Partition(
             self.partition_id, self.num_partitions, label_skew=self.label_skew, seed=self.data_seed
         )
+
+    def data(self) -> gradguard_fl.Partition | gradguard_fl.DataDir:
+        """The node's samples: its data folder, else its share of the shipped digits."""
+        if self.data_dir is None:
+            return self.partition()
+        return gradguard_fl.DataDir(str(self.data_dir), test_fraction=self.test_fraction, seed=self.data_seed)
+
+
+def resolve_data_dir(value: str, partition_id: int | None) -> Path:
+    """A node's data folder: `value` itself when it holds x.npy, else (simulation, where nodes
+    are virtual) its `partition-<id>/` sub-folder for the partition id Flower gave the node."""
+    path = Path(value).expanduser()
+    if (path / "x.npy").is_file() or partition_id is None:
+        return path
+    sub = path / f"partition-{partition_id}"
+    if sub.is_dir():
+        return sub
+    raise NodeConfigError(f"data-dir {path}: neither x.npy nor partition-{partition_id}/ is there")
 
 
 def resolve_policy(value: str) -> str:
@@ -91,13 +120,24 @@ def _int(config: dict[str, Any], key: str, default: int | None, low: int, high: 
 
 
 def node_settings(node_config: dict[str, Any], run_config: dict[str, Any], node_id: int) -> NodeSettings:
-    """Reads and checks the node's settings (its partition, policy and metrics port)."""
+    """Reads and checks the node's settings (its data, policy, audit log and metrics port).
+
+    `data-dir` comes from the node config, else the run config (simulation: one folder with a
+    `partition-<id>/` per virtual node). Without it, the node trains on its digits partition
+    (`partition-id`, `num-partitions`)."""
     config = dict(node_config)
     unknown = sorted(set(config) - set(NODE_CONFIG_KEYS))
     if unknown:
         LOG.warning("gradguard: ignoring unknown node config keys %s (known: %s)", unknown, list(NODE_CONFIG_KEYS))
-    num_partitions = _int(config, "num-partitions", None, 1, 1_000_000)
-    partition_id = _int(config, "partition-id", None, 0, num_partitions - 1)
+    data_dir = config.get("data-dir") or run_config.get("data-dir") or None
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise NodeConfigError(f"data-dir must be a path, got {data_dir!r}")
+    default_parts = None if data_dir is None else 1
+    num_partitions = _int(config, "num-partitions", default_parts, 1, 1_000_000)
+    partition_id = _int(config, "partition-id", None if data_dir is None else 0, 0, num_partitions - 1)
+    test_fraction = config.get("test-fraction", 0.2)
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < float(test_fraction) < 1.0:
+        raise NodeConfigError(f"node config test-fraction must be a number in (0, 1), got {test_fraction!r}")
     skew = config.get("label-skew", 0.8)
     if isinstance(skew, bool) or not isinstance(skew, (int, float)) or not 0.0 <= float(skew) <= 1.0:
         raise NodeConfigError(f"node config label-skew must be a number in [0, 1], got {skew!r}")
@@ -107,6 +147,10 @@ def node_settings(node_config: dict[str, Any], run_config: dict[str, Any], node_
     spool = config.get("spool-dir") or str(Path(tempfile.gettempdir()) / f"gradguard-fl-node-{node_id}")
     if not isinstance(spool, str):
         raise NodeConfigError(f"node config spool-dir must be a path, got {spool!r}")
+    audit_log = config.get("audit-log") or str(Path(spool) / "audit.jsonl")
+    if not isinstance(audit_log, str):
+        raise NodeConfigError(f"node config audit-log must be a path, got {audit_log!r}")
+    given_id = partition_id if "partition-id" in config else None
     return NodeSettings(
         partition_id=partition_id,
         num_partitions=num_partitions,
@@ -115,7 +159,16 @@ def node_settings(node_config: dict[str, Any], run_config: dict[str, Any], node_
         policy_path=resolve_policy(policy),
         metrics_port=metrics_port,
         spool_dir=Path(spool),
+        data_dir=None if data_dir is None else resolve_data_dir(data_dir, given_id),
+        test_fraction=float(test_fraction),
+        audit_log=Path(audit_log),
     )
+
+
+def model_config(run_config: dict[str, Any]) -> dict[str, str]:
+    """The run's model for `gradguard_fl.train`: `model-path` (a TorchScript file on every
+    node; "" for the digits CNN) and `loss`."""
+    return {"model-path": str(run_config.get("model-path", "")), "loss": str(run_config.get("loss", "cross-entropy"))}
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -142,8 +195,9 @@ def _listening(port: int) -> bool:
         return False
 
 
-def ensure_metrics_server(settings: NodeSettings) -> None:
-    """Starts the node's metrics server (gradguard's exporter) unless it already serves."""
+def ensure_metrics_server(settings: NodeSettings, model_path: str = "") -> None:
+    """Starts the node's metrics server (gradguard's exporter, for the layers of the run's
+    model) unless it already serves."""
     if settings.metrics_port == 0 or _listening(settings.metrics_port):
         return
     spool = settings.spool_dir
@@ -155,7 +209,7 @@ def ensure_metrics_server(settings: NodeSettings) -> None:
     code = (
         "import sys, gradguard_fl; "
         "gradguard_fl.serve_metrics(int(sys.argv[1]), sys.argv[2], watch_pid=int(sys.argv[3]), "
-        "ready_file=sys.argv[4])"
+        "ready_file=sys.argv[4], model_path=sys.argv[5] or None)"
     )
     with open(spool / "metrics-server.log", "ab") as log:
         proc = subprocess.Popen(
@@ -167,6 +221,7 @@ def ensure_metrics_server(settings: NodeSettings) -> None:
                 str(spool),
                 str(os.getppid()),
                 str(spool / SIDECAR_READY_FILE),
+                model_path,
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,

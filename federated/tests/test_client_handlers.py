@@ -113,3 +113,34 @@ def test_array_record_round_trip(global_params):
     assert isinstance(record, ArrayRecord)
     for name, array in record.items():
         np.testing.assert_array_equal(array.numpy(), global_params[name])
+
+
+def test_own_model_and_data_errors_name_the_file_and_the_node_keeps_its_state(tmp_path):
+    """With the run's TorchScript model and the node's data folder: a broken x.npy is an error
+    reply naming the file; once fixed, the node serves, and its guard state is in Context.state,
+    going on from round to round."""
+    from byo import POLICIES, save_mlp, write_node
+
+    import gradguard_fl
+
+    model = str(save_mlp(tmp_path / "mlp.pt"))
+    folder = write_node(tmp_path / "data", 0)
+    good_x = np.load(folder / "x.npy")
+    np.save(folder / "x.npy", good_x[:, :5])
+    ctx = Context(run_id=1, node_id=8, state=RecordDict(),
+                  node_config={"data-dir": str(folder), "policy": str(POLICIES / "mlp-tight.toml"), "audit-log": str(tmp_path / "audit.jsonl")},
+                  run_config={"default-policy": "default.toml", "model-path": model, "loss": "cross-entropy"})
+    params = gradguard_fl.initial_parameters(model_path=model)
+    reply = client_app.train(message(params), ctx)
+    assert reply.has_error() and "ModelError" in reply.error.reason and str(folder / "x.npy") in reply.error.reason
+    assert "gradguard-guard" not in ctx.state.config_records
+    np.save(folder / "x.npy", good_x)
+    for r in (1, 2):
+        config = {"local-steps": 10, "lr": 0.1, "batch-size": 32, "server-round": r}
+        reply = client_app.train(message(params, config), ctx)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        guard = reply.content.config_records[GUARD_KEY]
+        assert guard["step"] == r - 1 and guard["state-origin"] == ("fresh" if r == 1 else "restored (step 1)")
+        assert json.loads(ctx.state.config_records["gradguard-guard"]["state"])["step"] == r
+    scores = client_app.evaluate(message(params, kind=MessageType.EVALUATE), ctx)
+    assert 0.0 <= scores.content.metric_records[METRICS_KEY]["accuracy"] <= 1.0

@@ -109,18 +109,23 @@ class Deployment:
         )
         return env
 
-    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(), cwd=self.root)
+        env = {**self.env(), **(extra_env or {})}
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=self.root)
         log.close()
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, simulation: bool = False, env: dict[str, str] | None = None) -> None:
+        """The SuperLink; with `simulation`, in simulation mode (Flower's Simulation Engine runs
+        the virtual SuperNodes, `flwr run --federation-config num-supernodes=N`)."""
         self._start(
             "superlink",
             [str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-             "--disable-runtime-dependency-installation"],
+             "--disable-runtime-dependency-installation",
+             *(["--simulation"] if simulation else [])],
+            env,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -132,7 +137,8 @@ class Deployment:
                 time.sleep(0.2)
         raise AssertionError("the SuperLink did not start listening\n" + self.logs("superlink"))
 
-    def start_supernode(self, name: str, node_config: dict[str, Any]) -> None:
+    def start_supernode(self, name: str, node_config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+        """A SuperNode; `env` is added to its environment (and so its ClientApps')."""
         if "spool-dir" in node_config:
             self.spools.append(Path(node_config["spool-dir"]))
         config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
@@ -140,13 +146,14 @@ class Deployment:
             name,
             [str(VENV_BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
              "--port", str(free_port()), "--node-config", config],
+            env,
         )
 
-    def run(self, run_config: dict[str, Any]) -> int:
+    def run(self, run_config: dict[str, Any], app_dir: Path = APP_DIR, extra: tuple[str, ...] = ()) -> int:
         run_config = {"out-dir": str(self.out), **run_config}
         config = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         done = subprocess.run(
-            [str(VENV_BIN / "flwr"), "run", str(APP_DIR), "loopback", "--run-config", config, "--format", "json"],
+            [str(VENV_BIN / "flwr"), "run", str(app_dir), "loopback", "--run-config", config, *extra, "--format", "json"],
             capture_output=True, text=True, env=self.env(), cwd=self.root, timeout=180,
         )
         assert done.returncode == 0, f"flwr run failed:\n{done.stdout}\n{done.stderr}"

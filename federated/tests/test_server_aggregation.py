@@ -36,7 +36,7 @@ def strategy(global_params, **overrides) -> GuardedFedAvg:
 
 
 def manifest(released, outcome="released"):
-    return json.dumps({"outcome": {"outcome": outcome},
+    return json.dumps({"outcome": {"outcome": outcome}, "policy_hash": "x", "step": 0,
                        "layers": [{"name": l, "released": l in released, "actions": [] if l in released else ["withhold"], "checks": []} for l in LAYERS]})
 
 
@@ -74,9 +74,13 @@ def test_layers_are_averaged_over_the_clients_that_released_them(global_params):
         expected = 1.0 if name.startswith("conv1.") else (100 * 1.0 + 300 * 4.0) / 400
         np.testing.assert_allclose(new[name], before - step * expected, rtol=1e-6, atol=1e-6)
     rows = {r.partition: r for r in s.rows[1]["rows"]}
-    assert rows["p2"].status == "rejected" and "manifest withholds conv1" in rows["p2"].reason
+    assert rows["p2"].status == "rejected" and "the manifest does not release conv1" in rows["p2"].reason
     assert rows["p3"].status == "rejected" and "blocked reply carried arrays" in rows["p3"].reason
     assert rows["p4"].status == "rejected" and "fc2.bias has shape (3,)" in rows["p4"].reason
+    assert [rows[p].reject for p in ("p2", "p3", "p4")] == ["withheld-layer-present", "blocked-with-arrays", "shape"]
+    text = s.metrics.render().decode()
+    for reason in ("withheld-layer-present", "blocked-with-arrays", "shape"):
+        assert f'gradguard_server_rejected_total{{reason="{reason}"}} 1.0' in text
     assert s.rows[1]["contributors"]["conv1"] == ["p0"]
 
 

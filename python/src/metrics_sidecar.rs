@@ -67,7 +67,7 @@ fn drain(spool: &Path, exporter: &Exporter) -> usize {
 /// file appears in the spool, or a signal arrives. Writes the bound port to `ready_file` (when
 /// given) once serving. Blocks; returns the number of reports observed.
 #[pyfunction]
-#[pyo3(signature = (port, spool_dir, watch_pid = None, host = "127.0.0.1".to_string(), poll_interval = 0.5, ready_file = None))]
+#[pyo3(signature = (port, spool_dir, watch_pid = None, host = "127.0.0.1".to_string(), poll_interval = 0.5, ready_file = None, model_path = None))]
 pub fn serve_metrics(
     py: Python<'_>,
     port: u16,
@@ -76,6 +76,7 @@ pub fn serve_metrics(
     host: String,
     poll_interval: f64,
     ready_file: Option<String>,
+    model_path: Option<String>,
 ) -> PyResult<usize> {
     if !(poll_interval.is_finite() && poll_interval > 0.0 && poll_interval <= 60.0) {
         return Err(crate::ConfigError::new_err(format!("poll_interval must be in (0, 60] seconds, got {poll_interval}")));
@@ -83,8 +84,9 @@ pub fn serve_metrics(
     let ip: IpAddr = host.parse().map_err(|e| crate::ConfigError::new_err(format!("host {host:?}: {e}")))?;
     let spool = PathBuf::from(&spool_dir);
     std::fs::create_dir_all(&spool).map_err(|e| crate::ConfigError::new_err(format!("spool {spool_dir}: {e}")))?;
-    let layers = crate::guarded(py, "listing layers", || {
-        Ok(gradguard_guard::LayerMap::from_var_store(crate::LocalModel::new(crate::MODEL_SEED)?.vs())?.names())
+    let layers = crate::guarded(py, "listing layers", move || {
+        let spec = crate::model::ModelSpec::new(model_path, "cross-entropy")?;
+        Ok(crate::model::LocalModel::new(&spec, crate::model::MODEL_SEED)?.layer_map()?.names())
     })?;
     let exporter = Arc::new(Exporter::for_layers(&layers).map_err(|e| InternalError::new_err(e.to_string()))?);
     let server = MetricsServer::start(SocketAddr::new(ip, port), exporter.clone())

@@ -20,6 +20,9 @@ use crate::report::{Ledger, LedgerLayer, LeakageMetric, ReleaseOutcome};
 use gradguard_defenses::Defence;
 use std::collections::HashMap;
 
+mod saved;
+pub use saved::{LedgerState, SavedSums};
+
 /// Cumulative dFIL per layer and for the whole release (+Inf: unbounded).
 #[derive(Debug, Clone, PartialEq)]
 struct Sums {

@@ -13,6 +13,7 @@ mod policy;
 mod protection;
 mod release;
 mod schedule;
+mod state;
 mod worker;
 
 pub use audit_files::{chain_files, segment_path};
@@ -22,8 +23,9 @@ pub use audit_trail::{AuditTrail, DEFAULT_CHECKPOINT_EVERY};
 pub use audit_verify::{verify_chain, verify_files, BreakKind, ChainBreak, Verification};
 pub use engine::{Guard, ReportSink};
 pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
-pub use ledger::RunLedger;
+pub use ledger::{LedgerState, RunLedger, SavedSums};
 pub use protection::{Bounds, Protection};
 pub use release::{BlockReason, Release};
 pub use schedule::{Clock, SystemClock};
+pub use state::{GuardState, StateError};
 pub use worker::Worker;

@@ -6,10 +6,12 @@
 use super::audit_log::{DecisionRecord, Outcome};
 use super::policy::{Coverage, LadderStep, OnViolation, Policy};
 use super::release::BlockReason;
+use super::state::StateError;
 use crate::error::{PolicyError, Result};
 use crate::measure::{JvpSamples, LatentTable};
 use crate::report::{LayerManifest, LeakageMetric, ReleaseOutcome, RuleCheck};
 use gradguard_defenses::Defence;
+use std::collections::BTreeMap;
 
 mod bounds;
 mod calibrate;
@@ -123,6 +125,41 @@ impl Protection {
     /// The protection level of each layer: the highest rung in force over its rules.
     pub fn layer_levels(&self) -> Vec<usize> {
         (0..self.layer_names.len()).map(|l| self.levels.iter().map(|r| r[l]).max().unwrap_or(0)).collect()
+    }
+
+    /// The levels in force, per rule name and covered layer name (for [`super::GuardState`]).
+    pub fn saved_levels(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
+        let mut out = BTreeMap::new();
+        for (r, rule) in self.policy.rules().iter().enumerate() {
+            let layers = self.coverage.rule_layers[r].iter().map(|&l| (self.layer_names[l].clone(), self.levels[r][l])).collect();
+            out.insert(rule.name.clone(), layers);
+        }
+        out
+    }
+
+    /// Sets the levels from saved ones. Every rule and covered layer of the policy must be
+    /// there, with a level within its ladder; nothing changes on an error.
+    pub fn restore_levels(&mut self, saved: &BTreeMap<String, BTreeMap<String, usize>>) -> std::result::Result<(), StateError> {
+        let mut levels = self.levels.clone();
+        for (r, rule) in self.policy.rules().iter().enumerate() {
+            let layers = saved.get(&rule.name).ok_or_else(|| StateError::Mismatch(format!("rule {:?} has no saved levels", rule.name)))?;
+            for &l in &self.coverage.rule_layers[r] {
+                let name = &self.layer_names[l];
+                let level = *layers.get(name).ok_or_else(|| StateError::Mismatch(format!("rule {:?}: layer {name} has no saved level", rule.name)))?;
+                if level > rule.ladder.len() {
+                    return Err(StateError::Mismatch(format!("rule {:?}: layer {name} at level {level}, the ladder has {} rungs", rule.name, rule.ladder.len())));
+                }
+                levels[r][l] = level;
+            }
+            if let Some(extra) = layers.keys().find(|n| !self.coverage.rule_layers[r].iter().any(|&l| self.layer_names[l] == **n)) {
+                return Err(StateError::Mismatch(format!("rule {:?}: layer {extra} is not covered by the rule", rule.name)));
+            }
+        }
+        if let Some(extra) = saved.keys().find(|n| !self.policy.rules().iter().any(|r| r.name == **n)) {
+            return Err(StateError::Mismatch(format!("rule {extra:?} is not in the policy")));
+        }
+        self.levels = levels;
+        Ok(())
     }
 
     /// The (layer, chain) pairs whose M2 a decision may look up: the raw gradient of every

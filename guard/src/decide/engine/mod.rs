@@ -8,6 +8,7 @@ use super::policy::Policy;
 use super::protection::{Decision, Protection};
 use super::release::{BlockReason, Release};
 use super::schedule::{Clock, Scheduler, SystemClock};
+use super::state::{GuardState, StateError};
 use super::worker::Worker;
 use crate::error::{GuardError, Result};
 use crate::measure::{current_grads, gradient_stats, Batch, LatentTable, LayerMap, LossFn};
@@ -127,6 +128,30 @@ impl Guard {
     /// The report sinks' worker, when they run in the background.
     pub fn fan_out_worker(&self) -> Option<&Worker> {
         self.workers.fan_out.as_ref()
+    }
+
+    /// What this guard would need to go on in another process: the protection levels in
+    /// force, the step count and the M5 run ledger ([`GuardState`], serde).
+    pub fn state(&self) -> GuardState {
+        GuardState { policy_hash: self.policy().hash().to_string(), step: self.step, levels: self.protection.saved_levels(), ledger: Some(self.ledger.saved()) }
+    }
+
+    /// Goes on from a saved state: the levels (hysteresis) and the step count. The state must
+    /// be of this guard's policy and fit its layers; on an error nothing changes. The next
+    /// release is still a measured one (no estimate carries over).
+    pub fn restore_state(&mut self, state: &GuardState) -> std::result::Result<(), StateError> {
+        let current = self.policy().hash();
+        if state.policy_hash != current {
+            return Err(StateError::OtherPolicy { saved: state.policy_hash.clone(), current: current.to_string() });
+        }
+        let ledger = state.ledger.as_ref().map(|l| RunLedger::from_saved(self.layers.len(), l)).transpose().map_err(StateError::Mismatch)?;
+        self.protection.restore_levels(&state.levels)?;
+        if let Some(ledger) = ledger {
+            self.ledger = ledger;
+        }
+        self.step = state.step;
+        self.latest.estimate_step = None;
+        Ok(())
     }
 
     /// The model's layers.

@@ -1,0 +1,86 @@
+"""The server's record of a run: the files under `out-dir` (Recorder) and its Prometheus
+metrics (ServerMetrics: round-level series, rejections by reason, and each node's series)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest, start_http_server
+
+from .node_metrics import NodeSeries
+from .verify import REJECT_REASONS
+
+LOG = logging.getLogger("flwr")
+
+
+class Recorder:
+    """The run's files under `out-dir` (nothing when it is not set)."""
+
+    def __init__(self, out_dir: Path | None) -> None:
+        self.out = out_dir
+        if self.out:
+            (self.out / "received").mkdir(parents=True, exist_ok=True)
+
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        if self.out:
+            with open(self.out / name, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def event(self, event: str, **fields: Any) -> None:
+        self.append("events.jsonl", {"event": event, "time": time.time(), **fields})
+
+    def text(self, name: str, line: str) -> None:
+        if self.out:
+            with open(self.out / name, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        if self.out:
+            np.savez(self.out / name, **arrays)
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.out:
+            tmp = self.out / f"{name}.tmp"
+            tmp.write_bytes(data)
+            tmp.rename(self.out / name)
+
+
+class ServerMetrics:
+    """The server's Prometheus metrics (its own registry), served while the run lasts."""
+
+    def __init__(self, port: int) -> None:
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.round = Gauge("gradguard_fl_round", "Last completed federated round.", registry=r)
+        self.accuracy = Gauge("gradguard_fl_global_accuracy", "Global model accuracy on the held-out digits.", registry=r)
+        self.rounds = Counter("gradguard_fl_rounds", "Rounds by outcome (aggregated, or skipped: cohort floor not met).", ["outcome"], registry=r)
+        self.updates = Gauge("gradguard_fl_round_updates", "Client replies of the last round by status.", ["status"], registry=r)
+        self.releases = Counter("gradguard_fl_client_releases", "Client replies by partition and status.", ["client", "status"], registry=r)
+        self.actions = Counter("gradguard_fl_client_layer_actions", "Defence actions applied to released updates, per client and layer.", ["client", "layer", "action"], registry=r)
+        self.leakage = Gauge("gradguard_fl_client_layer_leakage", "Leakage a client reported for a layer (its last release).", ["client", "layer", "metric"], registry=r)
+        self.contributors = Gauge("gradguard_fl_layer_contributors", "Compliant clients whose release of the layer was aggregated in the last round.", ["layer"], registry=r)
+        self.rejected = Counter("gradguard_server_rejected", "Train replies rejected before aggregation, by reason (see verify.py).", ["reason"], registry=r)
+        for outcome in ("aggregated", "skipped"):
+            self.rounds.labels(outcome)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        # Each node's series from its verified replies, under the exporter's names.
+        self.nodes = NodeSeries(r)
+        self.server = None
+        if port:
+            self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
+            LOG.info("gradguard: server metrics on http://127.0.0.1:%d/metrics", port)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

@@ -1,0 +1,105 @@
+//! The extension's errors: the Python exception classes, the Rust-side error, and the wrapper that
+//! runs every entry point without the GIL and turns a panic into an `InternalError`.
+use gradguard_guard::GuardError;
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+create_exception!(gradguard_fl, GradguardError, PyException, "Base class of every gradguard_fl error.");
+create_exception!(gradguard_fl, ConfigError, GradguardError, "The round's config has an unknown key or a bad value.");
+create_exception!(
+    gradguard_fl,
+    ParameterError,
+    GradguardError,
+    "The given parameters do not match the local model (names, shapes, dtypes, values)."
+);
+create_exception!(gradguard_fl, DataError, GradguardError, "The client's data partition cannot be used (empty, bad spec).");
+create_exception!(gradguard_fl, PolicyError, GradguardError, "The privacy policy is invalid or does not fit the model.");
+create_exception!(
+    gradguard_fl,
+    ModelError,
+    GradguardError,
+    "The model file cannot be used (missing, not TorchScript, does not fit the data); the message names the file."
+);
+create_exception!(gradguard_fl, InternalError, GradguardError, "A libtorch failure or a caught panic inside the extension.");
+
+/// The extension's errors before they become Python exceptions.
+#[derive(Debug)]
+pub(crate) enum FlError {
+    Config(String),
+    Parameter(String),
+    Data(String),
+    Policy(String),
+    Model(String),
+    Internal(String),
+}
+
+impl From<FlError> for PyErr {
+    fn from(e: FlError) -> PyErr {
+        match e {
+            FlError::Config(m) => ConfigError::new_err(m),
+            FlError::Parameter(m) => ParameterError::new_err(m),
+            FlError::Data(m) => DataError::new_err(m),
+            FlError::Policy(m) => PolicyError::new_err(m),
+            FlError::Model(m) => ModelError::new_err(m),
+            FlError::Internal(m) => InternalError::new_err(m),
+        }
+    }
+}
+
+impl From<tch::TchError> for FlError {
+    fn from(e: tch::TchError) -> Self {
+        FlError::Internal(format!("libtorch: {e}"))
+    }
+}
+
+impl From<gradguard::data::DataError> for FlError {
+    fn from(e: gradguard::data::DataError) -> Self {
+        FlError::Data(e.to_string())
+    }
+}
+
+impl From<gradguard::audit::AuditError> for FlError {
+    /// The audit crate's loader errors name the file and what is wrong with it; data files
+    /// are `DataError`s, the model file (and a model that does not fit the data) `ModelError`s.
+    fn from(e: gradguard::audit::AuditError) -> Self {
+        use gradguard::audit::AuditError as A;
+        match e {
+            A::ModelFit { .. } | A::UnknownModel { .. } => FlError::Model(e.to_string()),
+            A::NotFound { .. } | A::NotNpy { .. } | A::Dtype { .. } | A::Shape { .. } | A::NonFinite { .. } | A::LabelRange { .. } | A::Usage(_) => FlError::Data(e.to_string()),
+            other => FlError::Model(other.to_string()),
+        }
+    }
+}
+
+impl From<GuardError> for FlError {
+    fn from(e: GuardError) -> Self {
+        match e {
+            GuardError::Policy(_) | GuardError::PolicyRejected { .. } => FlError::Policy(e.to_string()),
+            GuardError::UnknownParameter { .. } | GuardError::ParameterShape { .. } => FlError::Parameter(e.to_string()),
+            GuardError::EmptyBatch | GuardError::BatchMismatch { .. } | GuardError::InputShape { .. } => FlError::Data(e.to_string()),
+            GuardError::Config { .. } => FlError::Config(e.to_string()),
+            other => FlError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub(crate) type FlResult<T> = Result<T, FlError>;
+
+/// Runs `f` without the GIL and turns a panic into an `InternalError`.
+pub(crate) fn guarded<T: Send>(py: Python<'_>, what: &str, f: impl FnOnce() -> FlResult<T> + Send) -> PyResult<T> {
+    let out = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
+    match out {
+        Ok(result) => result.map_err(PyErr::from),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            Err(InternalError::new_err(format!("internal error while {what} (a Rust panic, caught): {msg}")))
+        }
+    }
+}
+
