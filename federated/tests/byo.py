@@ -64,3 +64,23 @@ def write_node(folder: Path, node: int, n: int = 300, test_files: bool = False, 
         np.save(folder / "x_test.npy", xt)
         np.save(folder / "y_test.npy", yt)
     return folder
+
+
+def layer_decisions(log_path: Path, layer: str, step: int) -> list[dict]:
+    """`layer`'s decisions at `step` in a node's audit log: the records written one by one (a
+    change of state) and, for a release that changed nothing, the checkpoint's tally of it
+    (outcome and level), since the bounded log counts those instead of writing them."""
+    import json
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    out = [r for r in records if r["step"] == step and r["layer"] == layer]
+    for r in records:
+        c = r.get("checkpoint")
+        if not c or not c["from_step"] <= step <= c["to_step"]:
+            continue
+        for t in c["layers"]:
+            if t["layer"] != layer:
+                continue
+            for outcome in ("released", "protected", "withheld"):
+                out += [{"step": step, "layer": layer, "outcome": outcome, "level": t["level"], "tally": True}] * t[outcome]
+    return out

@@ -10,7 +10,7 @@ import json
 
 import gradguard_fl
 
-from byo import CHANCE, POLICIES, save_mlp, write_node
+from byo import CHANCE, POLICIES, layer_decisions, save_mlp, write_node
 from test_deployment import Deployment, deployment, rounds  # noqa: F401 - the fixture
 
 # Chance is 0.25 on the balanced held-out data; three rounds of 20 local steps reach about
@@ -19,8 +19,7 @@ MARGIN = 0.35
 
 
 def fc1_records(log_path, step):
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["step"] == step and r["layer"] == "fc1"]
+    return layer_decisions(log_path, "fc1", step)
 
 
 def test_torchscript_model_on_own_data_three_nodes(deployment: Deployment, tmp_path):

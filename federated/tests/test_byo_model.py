@@ -10,7 +10,7 @@ import gradguard_fl
 import numpy as np
 import pytest
 
-from byo import CHANCE, POLICIES, save_mlp, write_node
+from byo import CHANCE, POLICIES, layer_decisions, save_mlp, write_node
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,7 @@ def test_state_carries_levels_and_steps_across_rounds(mlp, tmp_path):
     ledger = json.loads(second.state)["ledger"]
     assert ledger["releases"] == 2 and json.loads(first.state)["ledger"]["releases"] == 1
     assert len(ledger["per_sample"]) >= len(json.loads(first.state)["ledger"]["per_sample"]) > 0
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    by_step = {s: [r for r in records if r["step"] == s and r["layer"] == "fc1"] for s in (0, 1)}
+    by_step = {s: layer_decisions(log, "fc1", s) for s in (0, 1)}
     # Round 1 climbed the ladder; round 2 started at the top rung: no escalation, level 2.
     assert [r["level"] for r in by_step[0] if r["outcome"] == "escalated"] == [1, 2]
     assert by_step[1] and all(r["outcome"] != "escalated" for r in by_step[1])

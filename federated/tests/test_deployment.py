@@ -217,6 +217,11 @@ class Deployment:
         for pid in family:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        # A SIGKILLed process takes a moment to die on a loaded machine (Ray's workers hold
+        # sockets and shared memory): wait for it before anyone counts survivors.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p) for p in family):
+            time.sleep(0.2)
 
     def kill_node(self, name: str) -> None:
         """A crash: SIGKILL the SuperNode and everything it started."""
@@ -244,6 +249,9 @@ class Deployment:
                     time.sleep(0.2)
                 if alive(pid):
                     os.kill(pid, signal.SIGTERM)
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline and alive(pid):
+                        time.sleep(0.2)
         survivors = [p for p in self.known if alive(p)]
         assert not survivors, f"processes left running: {survivors}"
 
