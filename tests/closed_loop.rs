@@ -282,4 +282,20 @@ fn a_calibrated_noise_rung_meets_its_bound_within_one_re_measurement() {
     // The release in .grad() is clipped and noised: its norm is not the clip's.
     let norm = grad_norm(&s.vs, "conv1.");
     assert!(norm > 0.0 && (norm - 0.02).abs() > 1e-6, "noise was added: ||conv1|| = {norm}");
+
+    // Later estimates at the same level recalibrate on other batches: every new sigma is a
+    // change of state the bounded log writes (not a checkpoint tally), and the manifest's.
+    let mut sigmas = vec![sigma];
+    for from in [64, 128, 192] {
+        let report = guarded_step(&s, &mut guard, from, 64).0.unwrap().into_report();
+        sigmas.push(report.release.as_ref().unwrap().layers[0].noise_std.unwrap());
+    }
+    sigmas.dedup();
+    assert!(sigmas.len() > 1, "other batches, other S_l: {sigmas:?}");
+    guard.close_audit_log().unwrap();
+    let logged: Vec<String> = AuditLog::read_all(&log).unwrap().into_iter().filter_map(|r| r.reason).filter(|w| w.starts_with("calibrated noise")).collect();
+    assert_eq!(logged.len(), sigmas.len(), "{logged:?}");
+    for (why, sigma) in logged.iter().zip(&sigmas) {
+        assert!(why.contains(&format!("{sigma:.6e}")), "{why} vs {sigma}");
+    }
 }

@@ -1,6 +1,6 @@
 //! What a guarded run did, counted while it runs and summarised at its end: the summary
 //! `gradguard demo` and `gradguard train` print.
-use gradguard_guard::{verify_chain, AuditLog, DecisionRecord, GuardError, GuardHealth, Ledger, Outcome, Release, Report, Verification};
+use gradguard_guard::{verify_chain, AuditLog, DecisionRecord, GuardError, GuardHealth, Ledger, Outcome, Release, Report, Verification, CALIBRATION_REASON};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -142,7 +142,7 @@ impl fmt::Display for RunSummary {
                 fmt_value(r.threshold)
             )?;
         }
-        if let Some(r) = g.records.iter().rev().find(|r| r.reason.as_deref().is_some_and(|w| w.starts_with("calibrated noise"))) {
+        if let Some(r) = g.records.iter().rev().find(|r| r.reason.as_deref().is_some_and(|w| w.starts_with(CALIBRATION_REASON))) {
             writeln!(f, "  last calibration: step {} {}: {}", r.step, r.layer, r.reason.as_deref().unwrap_or(""))?;
         }
         if let Some(ledger) = &g.ledger {

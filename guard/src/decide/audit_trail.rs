@@ -10,6 +10,7 @@
 //! loses them (at most `checkpoint_every` steps of unchanged releases), never a state change.
 use super::audit_log::AuditLog;
 use super::audit_record::{Checkpoint, DecisionRecord, LayerTally, Outcome};
+use super::protection::CALIBRATION_REASON;
 use crate::error::AuditError;
 use crate::report::Report;
 use std::collections::{HashMap, HashSet};
@@ -67,7 +68,8 @@ impl AuditTrail {
         // new level, or released at level 0) is a state change too.
         let moved: HashSet<&str> = records.iter().filter(|r| matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed)).map(|r| r.layer.as_str()).collect();
         for r in records {
-            let explained = r.outcome == Outcome::Withheld && r.reason.is_some();
+            let calibration = r.reason.as_deref().is_some_and(|w| w.starts_with(CALIBRATION_REASON));
+            let explained = (r.outcome == Outcome::Withheld && r.reason.is_some()) || calibration;
             let slot = self.index.get(&r.layer).copied();
             let Some(l) = slot.filter(|_| r.outcome.is_unchanged_release() && !explained && !moved.contains(r.layer.as_str())) else {
                 self.log.record(r)?;

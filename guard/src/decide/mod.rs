@@ -24,7 +24,7 @@ pub use audit_verify::{verify_chain, verify_files, BreakKind, ChainBreak, Verifi
 pub use engine::{Guard, ReportSink};
 pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
 pub use ledger::{LedgerState, RunLedger, SavedSums};
-pub use protection::{Bounds, Protection};
+pub use protection::{Bounds, Protection, CALIBRATION_REASON};
 pub use release::{BlockReason, Release};
 pub use schedule::{Clock, SystemClock};
 pub use state::{GuardState, StateError};

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 
 mod bounds;
 mod calibrate;
+
+pub use calibrate::CALIBRATION_REASON;
 pub use bounds::Bounds;
 
 /// The measurements a decision can use. Each is optional: a rule whose metric is missing fails

@@ -15,6 +15,10 @@ use gradguard_defenses::Defence;
 /// probes: the same number up to rounding) passes `value <= act_above`.
 const MARGIN: f64 = 1e-6;
 
+/// How a calibration's decision record begins: the audit trail writes every one (a new sigma is
+/// a change of state, even at the same level) and the run summary finds the last.
+pub const CALIBRATION_REASON: &str = "calibrated noise";
+
 /// The smallest multiplier a calibration resolves to: a layer whose release does not move with
 /// its input (S_l = 0) still gets noise, so that its release is bounded (at 0 bits).
 const MIN_MULTIPLIER: f64 = 1e-9;
@@ -59,7 +63,7 @@ impl Protection {
                         rec.threshold = Some(rule.act_above);
                         rec.level = self.levels[r][l];
                         rec.reason = Some(format!(
-                            "calibrated noise: sigma = {:.6e} (multiplier {multiplier:.6e} of clip_norm {clip_norm}) for {} bits/dim, from S_l = {s:.6e} after the clip, v = {v:.6e}, D = {}",
+                            "{CALIBRATION_REASON}: sigma = {:.6e} (multiplier {multiplier:.6e} of clip_norm {clip_norm}) for {} bits/dim, from S_l = {s:.6e} after the clip, v = {v:.6e}, D = {}",
                             multiplier * clip_norm,
                             rule.act_above,
                             jvps.input_dims
