@@ -298,4 +298,11 @@ fn a_calibrated_noise_rung_meets_its_bound_within_one_re_measurement() {
     for (why, sigma) in logged.iter().zip(&sigmas) {
         assert!(why.contains(&format!("{sigma:.6e}")), "{why} vs {sigma}");
     }
+    // The closing checkpoint carries conv1's bound (what the run report plots against its
+    // threshold), the last release's.
+    let records = AuditLog::read_all(&log).unwrap();
+    let tally = records.iter().filter_map(|r| r.checkpoint.as_ref()).flat_map(|c| &c.layers).filter(|t| t.layer == "conv1").last().expect("a checkpoint");
+    let bound = tally.metrics["reconstruction_bound_bits"];
+    assert!(bound <= 0.05 && bound > 0.05 * (1.0 - 1e-5), "{tally:?}");
+    assert_eq!(tally.thresholds["reconstruction_bound_bits"], 0.05);
 }

@@ -106,6 +106,13 @@ impl AuditTrail {
             if let Some(m) = layer.subspace.measured() {
                 t.metrics.insert("subspace_separation".into(), m.subspace_separation);
             }
+            // M5 and the run ledger (finite values only: +Inf is "no bound", not a point).
+            if let Some(bits) = layer.reconstruction_bound.measured().and_then(|b| b.reconstruction_bound_bits) {
+                t.metrics.insert("reconstruction_bound_bits".into(), bits);
+            }
+            if let Some(bits) = report.ledger.as_ref().and_then(|g| g.layer_dfil.get(l)).and_then(|x| x.bound_bits) {
+                t.metrics.insert("ledger_bound_bits".into(), bits);
+            }
         }
         self.last_step = step;
         if self.from_step.is_some_and(|from| step + 1 - from >= self.every) {
