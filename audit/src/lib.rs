@@ -41,7 +41,7 @@ mod train;
 mod validation;
 
 pub use error::{AuditError, Result};
-pub use estimate::bound::{LayerBound, ReleaseBound, BOUND_CAVEAT};
+pub use estimate::bound::ReleaseBound;
 pub use inputs::{AuditData, DataSpec};
 pub use plot::{bar_panels_svg, line_panels_svg, Panel};
 pub use report::{AuditReport, AuditSettings, LayerDetails, LayerRow};

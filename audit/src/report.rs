@@ -1,10 +1,10 @@
 //! The audit's report: one row per layer with every metric under its METRICS.md name, the
 //! settings and timings, as JSON, a text table and an SVG.
 use crate::error::{write_file, Result};
-use crate::estimate::bound::{LayerBound, ReleaseBound};
+use crate::estimate::bound::ReleaseBound;
 use crate::source::LossKind;
 use gradguard_guard::{Inversion, InversionPlan, InversionSettings};
-use gradguard_guard::{Metric, Representation, Sensitivity, Subspace};
+use gradguard_guard::{Metric, ReconstructionBound, Representation, Sensitivity, Subspace};
 use gradguard_guard::SensitivitySettings;
 use gradguard_guard::SubspaceSettings;
 use gradguard_guard::{UsableInformation, UsableSettings};
@@ -75,7 +75,7 @@ pub struct LayerDetails {
     /// M4 usable original information (inversion attack).
     pub m4: Metric<Inversion>,
     /// M5 reconstruction bound of the (defended) release.
-    pub m5: Metric<LayerBound>,
+    pub m5: Metric<ReconstructionBound>,
 }
 
 impl LayerRow {
@@ -122,10 +122,10 @@ impl LayerRow {
             majority_accuracy: take("majority_accuracy", m3.map(|m| m.majority_accuracy), r3),
             usable_original_bits_per_dim: take("usable_original_bits_per_dim", m4.map(|m| m.usable_original_bits_per_dim), r4),
             psnr: take("psnr", m4.map(|m| m.psnr), r4),
-            reconstruction_bound_bits: take("reconstruction_bound_bits", m5.map(|m| m.reconstruction_bound_bits), r5),
-            reconstruction_bound_se: take("reconstruction_bound_se", m5.map(|m| m.reconstruction_bound_se), r5),
-            dfil: take("dfil", m5.map(|m| m.dfil), r5),
-            unbiased_mse_floor: take("unbiased_mse_floor", m5.map(|m| m.unbiased_mse_floor), r5),
+            reconstruction_bound_bits: take("reconstruction_bound_bits", m5.and_then(|m| m.reconstruction_bound_bits), r5),
+            reconstruction_bound_se: take("reconstruction_bound_se", m5.and_then(|m| m.reconstruction_bound_se), r5),
+            dfil: take("dfil", m5.and_then(|m| m.dfil), r5),
+            unbiased_mse_floor: take("unbiased_mse_floor", m5.and_then(|m| m.unbiased_mse_floor), r5),
             name,
             params,
             absent,

@@ -4,7 +4,7 @@
 //! `bound`, not `bits`: Prometheus' naming lint reserves `bits` for data sizes). A release
 //! without noise has no bound: its gauge holds +Inf; a bound not measured holds NaN.
 use crate::error::ExporterError;
-use gradguard_guard::{Metric, Report};
+use gradguard_guard::{Metric, Report, BOUND_CAVEAT};
 use prometheus::{Gauge, GaugeVec, Opts, Registry};
 
 /// The M5 gauges of one exporter, resolved once per layer.
@@ -35,26 +35,24 @@ fn per_layer(registry: &Registry, layers: &[String], name: &str, help: &str) -> 
         .collect())
 }
 
-const CAVEAT: &str = "It bounds attackers with a Gaussian prior of the data's mean and variance; a stronger prior can recover more.";
-
 impl BoundSeries {
     pub(crate) fn register(registry: &Registry, layers: &[String]) -> Result<Self, ExporterError> {
         Ok(Self {
             release_bound: gauge(
                 registry,
                 "gradguard_release_reconstruction_bound",
-                &format!("M5 of the whole latest release (dFIL summed over the released layers), bits per input dimension (+Inf: a layer released without noise). {CAVEAT}"),
+                &format!("M5 of the whole latest release (dFIL summed over the released layers), bits per input dimension (+Inf: a layer released without noise). The bound {BOUND_CAVEAT}."),
             )?,
             ledger_layer: per_layer(
                 registry,
                 layers,
                 "gradguard_ledger_reconstruction_bound",
-                &format!("The run ledger: the layer's cumulative bound over the run's releases (Fisher information adds), bits per input dimension (+Inf: a release without noise). {CAVEAT}"),
+                &format!("The run ledger: the layer's cumulative bound over the run's releases (Fisher information adds), bits per input dimension (+Inf: a release without noise). The bound {BOUND_CAVEAT}."),
             )?,
             ledger_release: gauge(
                 registry,
                 "gradguard_ledger_release_reconstruction_bound",
-                &format!("The run ledger: the whole release's cumulative bound over the run, bits per input dimension (+Inf: a release without noise on a layer). {CAVEAT}"),
+                &format!("The run ledger: the whole release's cumulative bound over the run, bits per input dimension (+Inf: a release without noise on a layer). The bound {BOUND_CAVEAT}."),
             )?,
             ledger_cap: gauge(registry, "gradguard_ledger_cap", "The policy's cap on the run ledger's cumulative bound (ledger_cap_bits), bits per input dimension; NaN when none.")?,
         })

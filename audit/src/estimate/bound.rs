@@ -3,27 +3,14 @@
 //! probe JVPs. A release without noise has no bound: null with the METRICS.md reason.
 use crate::error::{EstimateContext, Result};
 use gradguard_defenses::Defence;
-use gradguard_guard::{reconstruction_bound_bits, reconstruction_bound_se, release_dfil, unbiased_mse_floor, JvpSamples, LayerFisher, Metric, NO_NOISE_NO_BOUND};
+use gradguard_guard::{release_dfil, JvpSamples, LayerFisher, Metric, PriorSource, ReconstructionBound, BOUND_CAVEAT, NO_NOISE_NO_BOUND};
 use serde::Serialize;
 
-/// Shown wherever the bound is: what it does not promise.
-pub const BOUND_CAVEAT: &str = "van Trees bound for an attacker whose prior knowledge is a Gaussian of the data's mean and per-dimension variance; an attacker with a stronger prior of the data (e.g. knowing the data lie on a low-dimensional manifold, or a trained generative model) can recover more";
-
-/// M5 of one layer's release.
-#[derive(Serialize, Debug, Clone, Copy, PartialEq)]
-pub struct LayerBound {
-    /// sigma_l: the noise std the chain adds (after its clip).
-    pub noise_std: f64,
-    /// dFIL_l = S_l^2 / (sigma_l^2 D) of the clipped release, and its standard error.
-    pub dfil: f64,
-    /// Standard error of dFIL_l over the probes.
-    pub dfil_se: f64,
-    /// 0.5 log2(1 + v dFIL_l), bits per input dimension.
-    pub reconstruction_bound_bits: f64,
-    /// Its standard error (delta method).
-    pub reconstruction_bound_se: f64,
-    /// 1 / dFIL_l: the smallest per-dimension MSE an unbiased attacker can reach (Cramer-Rao).
-    pub unbiased_mse_floor: f64,
+/// M5's prior variance v, its kind, and where it came from in words.
+pub(crate) struct Prior {
+    pub v: f64,
+    pub source: PriorSource,
+    pub described: String,
 }
 
 /// M5 of the whole release (every released layer's dFIL summed probe by probe).
@@ -49,23 +36,11 @@ pub struct ReleaseBound {
     pub caveat: &'static str,
 }
 
-/// The bound of a dFIL and its standard error under prior variance `v`.
-fn bound(v: f64, noise_std: f64, (dfil, dfil_se): (f64, f64)) -> LayerBound {
-    LayerBound {
-        noise_std,
-        dfil,
-        dfil_se,
-        reconstruction_bound_bits: reconstruction_bound_bits(v, dfil),
-        reconstruction_bound_se: reconstruction_bound_se(v, dfil, dfil_se),
-        unbiased_mse_floor: unbiased_mse_floor(dfil),
-    }
-}
-
 /// M5 of every layer released through `chain` (layer l seeded with `seed_of(l)`) and of the
 /// release. `jv`: the kept probe JVPs of the released batch; None when nothing was probed
 /// (an empty chain: every layer is released without noise).
-pub(crate) fn release_bounds(jv: Option<&JvpSamples>, layers: usize, chain: &[Defence], seed_of: impl Fn(usize) -> u64, prior: (f64, String)) -> Result<(Vec<Metric<LayerBound>>, ReleaseBound)> {
-    let (v, source) = prior;
+pub(crate) fn release_bounds(jv: Option<&JvpSamples>, layers: usize, chain: &[Defence], seed_of: impl Fn(usize) -> u64, prior: Prior) -> Result<(Vec<Metric<ReconstructionBound>>, ReleaseBound)> {
+    let Prior { v, source, described } = prior;
     let mut fishers = Vec::new();
     let mut rows = Vec::new();
     for l in 0..layers {
@@ -76,36 +51,24 @@ pub(crate) fn release_bounds(jv: Option<&JvpSamples>, layers: usize, chain: &[De
         rows.push(match &fisher {
             None => Metric::absent("not released (withheld, or the loss does not reach the layer): carries nothing"),
             Some(LayerFisher::Unbounded) => Metric::absent(NO_NOISE_NO_BOUND),
-            Some(f @ LayerFisher::Bounded { noise_std, .. }) => Metric::Measured(bound(v, *noise_std, f.dfil().unwrap_or((0.0, 0.0)))),
+            Some(f @ LayerFisher::Bounded { noise_std, .. }) => match jv {
+                Some(jv) => Metric::Measured(jv.reconstruction_bound(f.dfil(), Some(*noise_std), (v, source))),
+                None => Metric::absent(NO_NOISE_NO_BOUND),
+            },
         });
         fishers.extend(fisher);
     }
-    let release = match release_dfil(&fishers) {
-        None => ReleaseBound {
-            release_reconstruction_bound_bits: None,
-            release_reconstruction_bound_se: None,
-            release_dfil: None,
-            release_dfil_se: None,
-            release_unbiased_mse_floor: None,
-            absent: Some(format!("{NO_NOISE_NO_BOUND} (a layer is released without noise)")),
-            prior_variance: v,
-            prior_variance_source: source,
-            caveat: BOUND_CAVEAT,
-        },
-        Some(d) => {
-            let b = bound(v, f64::NAN, d);
-            ReleaseBound {
-                release_reconstruction_bound_bits: Some(b.reconstruction_bound_bits),
-                release_reconstruction_bound_se: Some(b.reconstruction_bound_se),
-                release_dfil: Some(b.dfil),
-                release_dfil_se: Some(b.dfil_se),
-                release_unbiased_mse_floor: Some(b.unbiased_mse_floor),
-                absent: None,
-                prior_variance: v,
-                prior_variance_source: source,
-                caveat: BOUND_CAVEAT,
-            }
-        }
+    let whole = release_dfil(&fishers).zip(jv).map(|(d, jv)| jv.reconstruction_bound(Some(d), None, (v, source)));
+    let release = ReleaseBound {
+        release_reconstruction_bound_bits: whole.as_ref().and_then(|b| b.reconstruction_bound_bits),
+        release_reconstruction_bound_se: whole.as_ref().and_then(|b| b.reconstruction_bound_se),
+        release_dfil: whole.as_ref().and_then(|b| b.dfil),
+        release_dfil_se: whole.as_ref().and_then(|b| b.dfil_se),
+        release_unbiased_mse_floor: whole.as_ref().and_then(|b| b.unbiased_mse_floor),
+        absent: whole.is_none().then(|| format!("{NO_NOISE_NO_BOUND} (a layer is released without noise)")),
+        prior_variance: v,
+        prior_variance_source: described,
+        caveat: BOUND_CAVEAT,
     };
     Ok((rows, release))
 }

@@ -5,13 +5,13 @@ pub(crate) mod bound;
 pub(crate) mod defended;
 
 use crate::error::{AuditError, EstimateContext, Result};
-use bound::{release_bounds, ReleaseBound};
+use bound::{release_bounds, Prior, ReleaseBound};
 use defended::Chain;
 use crate::report::{LayerDetails, LayerRow};
 use gradguard_defenses::Defence;
 use gradguard_guard::{attribute_information, project, usable_information, usable_information_layers, UsableInformation, UsableSettings};
 use gradguard_guard::{orthonormal_basis, projection_distance, SubspaceSettings};
-use gradguard_guard::{per_dimension_variance, Batch, GradientMatrix, GuardError, Inspection, JvpMethod, JvpSamples, Metric, Representation, Sensitivity, SensitivitySettings, Subspace};
+use gradguard_guard::{per_dimension_variance, Batch, PriorSource, GradientMatrix, GuardError, Inspection, JvpMethod, JvpSamples, Metric, Representation, Sensitivity, SensitivitySettings, Subspace};
 use gradguard_guard::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -132,23 +132,24 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
 /// M5's prior variance and where it came from: the setting, or the per-dimension variance over
 /// every inspected input (for token ids, which have no variance of their own, the embeddings
 /// of the probed batch).
-fn prior_variance(t: &Inspection, jv: Option<&JvpSamples>, given: Option<f64>) -> Result<(f64, String)> {
+fn prior_variance(t: &Inspection, jv: Option<&JvpSamples>, given: Option<f64>) -> Result<Prior> {
+    let prior = |v, source, described: String| Ok(Prior { v, source, described });
     if let Some(v) = given {
         if !(v.is_finite() && v > 0.0) {
             return Err(AuditError::Usage(format!("--prior-variance must be a finite number > 0, got {v}")));
         }
-        return Ok((v, "given (--prior-variance)".into()));
+        return prior(v, PriorSource::Setting, "given (--prior-variance)".into());
     }
     if let Some(jv) = jv.filter(|jv| jv.representation == Representation::Embedding) {
-        return Ok((jv.batch_variance, format!("per-dimension variance of the embeddings of the {} probed samples (token inputs)", jv.n)));
+        return prior(jv.batch_variance, PriorSource::Batch, format!("per-dimension variance of the embeddings of the {} probed samples (token inputs)", jv.n));
     }
     let x = t.batch().inputs();
     let n = x.size().first().copied().unwrap_or(0) as usize;
     if !x.is_floating_point() {
-        return Ok((f64::NAN, "not measured: token inputs have no variance of their own, and no release was probed (no --defence)".into()));
+        return prior(f64::NAN, PriorSource::Inputs, "not measured: token inputs have no variance of their own, and no release was probed (no --defence)".into());
     }
     let v = per_dimension_variance(x, n).metric("M5 (prior variance)")?;
-    Ok((v, format!("per-dimension variance of all {n} inputs")))
+    prior(v, PriorSource::Inputs, format!("per-dimension variance of all {n} inputs"))
 }
 
 /// M1 of every layer on the target's whole batch (`step` picks the probe stream).

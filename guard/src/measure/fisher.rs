@@ -15,6 +15,7 @@ use super::sensitivity::{mean_and_standard_error, JvpSamples};
 use super::tensors::{sum_sq, to_f64_vec};
 use super::transform::transform;
 use crate::error::{Result, TorchContext};
+use crate::report::{PriorSource, ReconstructionBound, NO_NOISE_NO_BOUND};
 use gradguard_defenses::Defence;
 use tch::Tensor;
 
@@ -101,6 +102,39 @@ fn split_at_noise(chain: &[Defence]) -> Option<(Vec<Defence>, f64)> {
 }
 
 impl JvpSamples {
+    /// The bound of a dFIL estimate and its standard error (None: unbounded) on these JVPs'
+    /// batch, under prior variance `prior.0`: the one place a [`ReconstructionBound`] is made.
+    pub fn reconstruction_bound(&self, dfil: Option<(f64, f64)>, noise_std: Option<f64>, prior: (f64, PriorSource)) -> ReconstructionBound {
+        let (v, source) = prior;
+        let base = ReconstructionBound {
+            reconstruction_bound_bits: None,
+            reconstruction_bound_se: None,
+            dfil: None,
+            dfil_se: None,
+            unbiased_mse_floor: None,
+            noise_std,
+            unbounded_reason: Some(NO_NOISE_NO_BOUND.into()),
+            prior_variance: v,
+            prior: source,
+            input_dims: self.input_dims,
+            step: self.step,
+            n: self.n,
+            probes: self.probes,
+        };
+        let Some((d, se)) = dfil else { return base };
+        let se = if se.is_finite() { se } else { 0.0 };
+        ReconstructionBound {
+            reconstruction_bound_bits: Some(reconstruction_bound_bits(v, d)),
+            reconstruction_bound_se: Some(reconstruction_bound_se(v, d, se)),
+            dfil: Some(d),
+            dfil_se: Some(se),
+            // +Inf (no information) is not JSON: leave it null there, the bound says 0 bits.
+            unbiased_mse_floor: Some(unbiased_mse_floor(d)).filter(|f| f.is_finite()),
+            unbounded_reason: None,
+            ..base
+        }
+    }
+
     /// M5 of layer `l`'s release after `chain` (seeded as the release is), from the kept JVPs.
     /// None when the chain withholds the layer or the loss does not reach it.
     pub fn release_fisher(&self, l: usize, chain: &[Defence], seed: u64) -> Result<Option<LayerFisher>> {

@@ -6,8 +6,7 @@ use serde::{Deserialize, Serialize};
 pub const NO_NOISE_NO_BOUND: &str = "deterministic release: no noise, no bound";
 
 /// What the bound does not promise, said wherever it is shown.
-pub const BOUND_CAVEAT: &str =
-    "bounds attackers whose prior knowledge of the data is a Gaussian of its mean and variance; an attacker with a stronger prior can recover more";
+pub const BOUND_CAVEAT: &str = "bounds attackers whose prior knowledge of the data is a Gaussian of its mean and per-dimension variance; an attacker with a stronger prior (the label and the class means, a model of the data) can recover more";
 
 /// Where the prior variance v came from.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -15,8 +14,10 @@ pub const BOUND_CAVEAT: &str =
 pub enum PriorSource {
     /// The per-dimension variance of the estimate's batch (the default).
     Batch,
-    /// The policy's `prior_variance` setting.
+    /// The policy's `prior_variance` setting (or the audit's `--prior-variance`).
     Setting,
+    /// The per-dimension variance over all the audited inputs (the audit's default).
+    Inputs,
 }
 
 /// M5 of one layer's release (or of the whole release): the van Trees bound in bits per input

@@ -3,7 +3,7 @@
 //! probe. A chain without noise needs no JVPs: it has no bound.
 use super::Measurements;
 use crate::error::Result;
-use crate::measure::{reconstruction_bound_bits, reconstruction_bound_se, release_dfil, unbiased_mse_floor, JvpSamples, LayerFisher};
+use crate::measure::{reconstruction_bound_bits, release_dfil, unbiased_mse_floor, JvpSamples, LayerFisher};
 use crate::report::{Metric, PriorSource, ReconstructionBound, NO_NOISE_NO_BOUND};
 use gradguard_defenses::Defence;
 
@@ -71,34 +71,7 @@ pub fn prior(m: &Measurements, jvps: &JvpSamples) -> (f64, PriorSource) {
 
 /// The bound of a dFIL estimate (None: unbounded) on `jvps`' batch.
 pub fn bound(dfil: Option<(f64, f64)>, noise_std: Option<f64>, m: &Measurements, jvps: &JvpSamples) -> ReconstructionBound {
-    let (v, prior) = prior(m, jvps);
-    let base = ReconstructionBound {
-        reconstruction_bound_bits: None,
-        reconstruction_bound_se: None,
-        dfil: None,
-        dfil_se: None,
-        unbiased_mse_floor: None,
-        noise_std,
-        unbounded_reason: Some(NO_NOISE_NO_BOUND.into()),
-        prior_variance: v,
-        prior,
-        input_dims: jvps.input_dims,
-        step: jvps.step,
-        n: jvps.n,
-        probes: jvps.probes,
-    };
-    let Some((d, se)) = dfil else { return base };
-    let se = if se.is_finite() { se } else { 0.0 };
-    ReconstructionBound {
-        reconstruction_bound_bits: Some(reconstruction_bound_bits(v, d)),
-        reconstruction_bound_se: Some(reconstruction_bound_se(v, d, se)),
-        dfil: Some(d),
-        dfil_se: Some(se),
-        // +Inf (no information) is not JSON: leave it null there, the bound says 0 bits.
-        unbiased_mse_floor: Some(unbiased_mse_floor(d)).filter(|f| f.is_finite()),
-        unbounded_reason: None,
-        ..base
-    }
+    jvps.reconstruction_bound(dfil, noise_std, prior(m, jvps))
 }
 
 /// M5 of every layer's decided chain (None: not released) and of the release.
