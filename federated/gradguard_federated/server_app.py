@@ -93,10 +93,20 @@ class ServerSettings:
             fraction_evaluate=num("fraction-evaluate", float, 0.0, 1.0),
             metrics_port=num("metrics-port", int, 0, 65535),
             out_dir=Path(out) if out else None,
-            required=RequiredPolicies.parse(str(cfg.get("required-policy", "")), str(cfg.get("model-path", ""))),
+            required=RequiredPolicies.parse(required_policies(cfg), str(cfg.get("model-path", ""))),
             model_path=str(cfg.get("model-path", "")),
             loss=str(cfg.get("loss", "cross-entropy")),
         )
+
+
+def required_policies(cfg) -> str:
+    """What `required-policy` asks for, failing closed: unset, the run's `default-policy` (a
+    node that enforces another policy is rejected); `any` accepts every policy (a manifest that
+    matches the arrays is still required)."""
+    value = str(cfg.get("required-policy", "")).strip()
+    if not value:
+        return str(cfg.get("default-policy", "default.toml"))
+    return "" if value.lower() == "any" else value
 
 
 class GuardedFedAvg(FedAvg):

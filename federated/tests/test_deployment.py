@@ -305,8 +305,11 @@ def test_three_rounds_withheld_layer_and_blocked_client(deployment: Deployment, 
     d.start_supernode("node-p1", {"partition-id": 1, "num-partitions": 3, "policy": "tight-first-layer.toml"})
     d.start_supernode("node-p2", {"partition-id": 2, "num-partitions": 3, "policy": "impossible.toml"})
     server_metrics = free_port()
+    # Three policies on three nodes: the server requires all three (by default only the run's
+    # default policy would be aggregated).
     d.run({"num-server-rounds": 3, "min-cohort": 2, "min-nodes": 3, "round-timeout": 120.0,
-           "local-steps": LOCAL_STEPS, "lr": LR, "metrics-port": server_metrics})
+           "local-steps": LOCAL_STEPS, "lr": LR, "metrics-port": server_metrics,
+           "required-policy": "default.toml tight-first-layer.toml impossible.toml"})
 
     # Prometheus while the run lasts: the server's table, and node p0's own gradguard exporter.
     d.wait_round("round-end", 1, timeout=240)

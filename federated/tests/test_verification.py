@@ -86,3 +86,16 @@ def test_required_policy_accepts_hashes_and_files(policy_paths):
     both = RequiredPolicies.parse(f"{'a' * 64}, default.toml")
     assert set(both.rules) == {"a" * 64, h}
     assert both.rules["a" * 64] is None and both.rules[h]
+
+
+def test_an_unset_required_policy_fails_closed_to_the_runs_default_policy(global_params, policy_paths):
+    from gradguard_federated.server_app import required_policies
+
+    # Unset: the run's default policy, so a node that enforces another one is not aggregated.
+    default = RequiredPolicies.parse(required_policies({"default-policy": "default.toml"}))
+    assert released(global_params, policy_paths["default"], 0).policy_hash in default.rules
+    assert released(global_params, PERMISSIVE, 1).policy_hash not in default.rules
+    assert required_policies({}) == "default.toml"
+    # `any` is the explicit opt-out; a list is taken as given.
+    assert RequiredPolicies.parse(required_policies({"required-policy": "any"})).rules == {}
+    assert required_policies({"required-policy": "a.toml b.toml"}) == "a.toml b.toml"
