@@ -244,6 +244,26 @@ fn an_aggregate_rung_raises_the_floor_and_the_larger_release_is_measured_again()
     assert!(records.iter().any(|r| r.outcome == Outcome::Escalated && r.action.starts_with("aggregate")));
 }
 
+/// With `calibration_margin_se = 2` the sigma is sized for S_l^2 + 2 SE over the probes: the
+/// re-measured bound sits below the threshold, and the bound at dFIL + 2 SE is the threshold.
+#[test]
+fn a_calibration_margin_sizes_the_noise_for_the_upper_estimate() {
+    let s = setup();
+    let rule = "[[rule]]\nname = \"bound\"\nmetric = \"reconstruction_bound_bits\"\nlayers = [\"conv1\"]\nact_above = 0.05\nrelax_below = 0.01\n\
+                ladder = [{ action = \"noise\", clip_norm = 0.02, target = \"threshold\" }]\n";
+    let policy = Policy::from_toml_str(&format!("version = 2\n[settings]\nestimate_every = 1\ncalibration_margin_se = 2.0\n{rule}"), "test").unwrap();
+    let mut guard = guard_for(&s.vs, policy);
+    let report = guarded_step(&s, &mut guard, 0, 64).0.unwrap().into_report();
+    let b = report.layer("conv1").unwrap().reconstruction_bound.measured().unwrap().clone();
+    let (bits, dfil, se) = (b.reconstruction_bound_bits.unwrap(), b.dfil.unwrap(), b.dfil_se.unwrap());
+    assert!(se > 0.0 && bits < 0.05 * 0.99, "below the threshold by the margin: {bits} (dfil {dfil} +- {se})");
+    let upper = 0.5 * (1.0 + b.prior_variance * (dfil + 2.0 * se)).log2();
+    assert!((upper - 0.05).abs() < 1e-5, "the upper estimate meets the threshold: {upper}");
+    // Version 1 policies cannot ask for it, and it cannot be negative.
+    assert!(Policy::from_toml_str("version = 1\n[settings]\ncalibration_margin_se = 2.0\n", "v1").is_err());
+    assert!(Policy::from_toml_str(&format!("version = 2\n[settings]\ncalibration_margin_se = -1.0\n{rule}"), "neg").is_err());
+}
+
 /// A bits rule with a calibrated noise rung on the CNN's conv1: one escalation, the sigma
 /// computed from the measured S_l after the clip, and the bound re-measured on the release at
 /// the threshold; the noise is in `.grad()` and the sigma in the record and the manifest.

@@ -71,6 +71,10 @@ pub struct Settings {
     /// would are withheld (`on_violation`). Version 2.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ledger_cap_bits: Option<f64>,
+    /// z: a calibrated noise rung sizes its sigma for S_l^2 + z SE(S_l^2) over the probes,
+    /// not the point estimate, so the bound holds with z standard errors of margin against the
+    /// probes' error (0: the point estimate; METRICS.md, M5, estimated as S_l is). Version 2.
+    pub calibration_margin_se: f64,
 }
 
 impl Default for Settings {
@@ -94,6 +98,7 @@ impl Default for Settings {
             prior_variance: None,
             dataset_size: None,
             ledger_cap_bits: None,
+            calibration_margin_se: 0.0,
         }
     }
 }
@@ -248,7 +253,7 @@ impl Policy {
         let needs_v2 = |what: &str| format!("{what} needs `version = 2` (this file declares version 1)");
         if file.version < 2 {
             let s = &file.settings;
-            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some())] {
+            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some()), ("calibration_margin_se", s.calibration_margin_se != 0.0)] {
                 if set {
                     return Err(invalid(format!("settings.{field}"), needs_v2(field)));
                 }
@@ -451,6 +456,9 @@ fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
         if !(v.is_finite() && v > 0.0) {
             return Err(("prior_variance", format!("must be a finite number > 0, got {v}")));
         }
+    }
+    if !(s.calibration_margin_se.is_finite() && s.calibration_margin_se >= 0.0) {
+        return Err(("calibration_margin_se", format!("must be a finite number >= 0 of standard errors, got {}", s.calibration_margin_se)));
     }
     if s.dataset_size == Some(0) {
         return Err(("dataset_size", "must be at least 1 sample".into()));

@@ -8,7 +8,7 @@ use super::{Measurements, Protection};
 use crate::decide::audit_log::{DecisionRecord, Outcome};
 use crate::decide::policy::LadderStep;
 use crate::error::Result;
-use crate::measure::calibrated_noise_std;
+use crate::measure::{calibrated_noise_std, mean_and_standard_error, JvpSamples, LayerFisher};
 use gradguard_defenses::Defence;
 
 /// The calibration aims this far below the threshold, so that the re-measurement (on the same
@@ -45,7 +45,9 @@ impl Protection {
                         };
                         let mut clipped = before.clone();
                         clipped.push(Defence::Clip { max_norm: *clip_norm });
-                        let s = jvps.release_sensitivity(l, &clipped, m.seeds[l])?.map_or(0.0, |r| r.sensitivity);
+                        let point = jvps.release_sensitivity(l, &clipped, m.seeds[l])?.map_or(0.0, |r| r.sensitivity);
+                        let z = self.policy.settings().calibration_margin_se;
+                        let s = if z > 0.0 { upper_sensitivity(jvps, l, &before, *clip_norm, m.seeds[l], z)?.unwrap_or(point) } else { point };
                         let (v, _) = prior(m, jvps);
                         let target = rule.act_above * (1.0 - MARGIN);
                         let Some(sigma) = calibrated_noise_std(v, s, jvps.input_dims, target) else {
@@ -63,7 +65,7 @@ impl Protection {
                         rec.threshold = Some(rule.act_above);
                         rec.level = self.levels[r][l];
                         rec.reason = Some(format!(
-                            "{CALIBRATION_REASON}: sigma = {:.6e} (multiplier {multiplier:.6e} of clip_norm {clip_norm}) for {} bits/dim, from S_l = {s:.6e} after the clip, v = {v:.6e}, D = {}",
+                            "{CALIBRATION_REASON}: sigma = {:.6e} (multiplier {multiplier:.6e} of clip_norm {clip_norm}) for {} bits/dim, from S_l = {s:.6e} after the clip (point estimate {point:.6e}, margin {z} SE), v = {v:.6e}, D = {}",
                             multiplier * clip_norm,
                             rule.act_above,
                             jvps.input_dims
@@ -76,4 +78,22 @@ impl Protection {
         }
         Ok(Ok(()))
     }
+}
+
+/// S_l after `before` and the clip, raised by `z` standard errors of S_l^2 over the probes:
+/// sqrt(mean + z SE) of the per-probe S_l^2, read from the Fisher information of the chain with
+/// unit-multiplier noise (dFIL_k = S_k^2 / (C^2 D)). None when the layer is not reached or
+/// noise comes earlier in the chain.
+fn upper_sensitivity(jvps: &JvpSamples, l: usize, before: &[Defence], clip_norm: f64, seed: u64, z: f64) -> Result<Option<f64>> {
+    // With noise earlier in the chain the Fisher information is that noise's (the first counts):
+    // no per-probe S_l^2 of this clip to read, the point estimate stands.
+    if super::bounds::adds_noise(before) {
+        return Ok(None);
+    }
+    let mut chain = before.to_vec();
+    chain.push(Defence::Noise { clip_norm, multiplier: 1.0 });
+    let Some(LayerFisher::Bounded { per_probe, .. }) = jvps.release_fisher(l, &chain, seed)? else { return Ok(None) };
+    let (mean, se) = mean_and_standard_error(&per_probe);
+    let se = if se.is_finite() { se } else { 0.0 };
+    Ok(Some(((mean + z * se) * clip_norm * clip_norm * jvps.input_dims as f64).sqrt()))
 }
