@@ -6,9 +6,13 @@
 use gradguard::data::Digits;
 use gradguard::guard::{verify_chain, AuditLog, LayerMap, Outcome, Policy, Release};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard};
+use gradguard::Guard;
 use std::collections::BTreeMap;
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device};
+
+#[path = "support/digits_step.rs"]
+mod digits_step;
+use digits_step::digits_step;
 
 const STEPS: u64 = 120;
 const BATCH: usize = 16;
@@ -16,16 +20,7 @@ const CHECKPOINT_EVERY: u64 = 25;
 
 fn step(vs: &nn::VarStore, net: &DigitsCnn, digits: &Digits, guard: &mut Guard, s: u64) -> Release {
     let from = (s as usize * BATCH) % (digits.len() - BATCH);
-    let (x, y, a) = digits.batch(&(from..from + BATCH).collect::<Vec<_>>(), Device::Cpu).unwrap();
-    for p in vs.trainable_variables() {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
-    net.f_loss(&x, &y).unwrap().backward();
-    let loss = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
-    guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss).unwrap()
+    digits_step(vs, net, digits, guard, &(from..from + BATCH).collect::<Vec<_>>()).0.unwrap()
 }
 
 fn policy_text(act: f64) -> String {

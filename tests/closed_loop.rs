@@ -6,6 +6,10 @@ use gradguard::models::DigitsCnn;
 use gradguard::{Batch, Guard, GuardError};
 use tch::{nn, Device, Kind, Tensor};
 
+#[path = "support/digits_step.rs"]
+mod digits_step;
+use digits_step::digits_step;
+
 struct Setup {
     vs: nn::VarStore,
     net: DigitsCnn,
@@ -36,17 +40,7 @@ fn temp_log(name: &str) -> std::path::PathBuf {
 
 /// zero_grad + backward on samples [from, from + n), then the guard's in-place decision.
 fn guarded_step(s: &Setup, guard: &mut Guard, from: usize, n: usize) -> (Result<Release, GuardError>, Tensor, Tensor) {
-    let idx: Vec<usize> = (from..from + n).collect();
-    let (x, y, a) = s.digits.batch(&idx, Device::Cpu).unwrap();
-    for p in s.vs.trainable_variables() {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
-    s.net.f_loss(&x, &y).unwrap().backward();
-    let loss = |x: &Tensor, y: &Tensor| s.net.f_loss(x, y);
-    (guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss), x, y)
+    digits_step(&s.vs, &s.net, &s.digits, guard, &(from..from + n).collect::<Vec<_>>())
 }
 
 /// conv1's raw M1 on samples [0, n) with the parameters as they are (no policy).

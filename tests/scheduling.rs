@@ -3,11 +3,15 @@
 use gradguard::data::Digits;
 use gradguard::guard::{BlockReason, Clock, LayerMap, Policy, Release, Worker};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, Guard, GuardError, Report};
+use gradguard::{Guard, GuardError, Report};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device};
+
+#[path = "support/digits_step.rs"]
+mod digits_step;
+use digits_step::digits_step;
 
 /// A clock that moves one second every time it is read: the guard's own calls then cost it
 /// time, deterministically.
@@ -47,17 +51,7 @@ fn cnn() -> (nn::VarStore, DigitsCnn, Digits) {
 }
 
 fn step(vs: &nn::VarStore, net: &DigitsCnn, digits: &Digits, guard: &mut Guard, k: usize) -> Result<Release, GuardError> {
-    let idx: Vec<usize> = (16 * k..16 * k + 16).collect();
-    let (x, y, a) = digits.batch(&idx, Device::Cpu).unwrap();
-    for p in vs.trainable_variables() {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
-    net.f_loss(&x, &y).unwrap().backward();
-    let loss = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
-    guard.after_backward(&Batch::new(&x, &y).with_attribute(&a), &loss)
+    digits_step(vs, net, digits, guard, &(16 * k..16 * k + 16).collect::<Vec<_>>()).0
 }
 
 const RULE: &str = "[[rule]]\nname = \"r\"\nmetric = \"sensitivity\"\nlayers = [\"conv1\"]\nact_above = 100.0\nrelax_below = 50.0\nladder = [{ action = \"withhold\" }]\n";
