@@ -225,10 +225,17 @@ fn read_rows(layers: &LayerMap, rows: Vec<Tensor>) -> Result<Vec<Vec<f64>>> {
     Ok(all.chunks(per_row).map(|c| layers.layer_square_sums(c)).collect())
 }
 
-/// The released gradient G(x) built with create_graph, so that it can be differentiated again.
+/// The released gradient G = dL/dW and the input gradient g = dL/dx, both from one backward
+/// pass with create_graph. Mixed second derivatives commute, so the JVP of G along v is
+/// (J v)_W = d<g, v>/dW: one backward pass through g's graph per probe (a Hessian-vector
+/// product's cost), where differentiating <J^T w, v> with respect to a dummy w (the same
+/// quantity) would go through a graph of the graph.
 struct GradientGraph {
     x: Tensor,
     grads: Vec<Tensor>,
+    /// g = dL/dx with its graph; None when no gradient moves with the inputs.
+    input_grad: Option<Tensor>,
+    params: Vec<Tensor>,
     owner: Vec<usize>,
     used: Vec<bool>,
     grad_norms: Vec<f64>,
@@ -240,42 +247,25 @@ impl GradientGraph {
         let (params, owner) = layers.flat_params();
         let x = leaf_inputs(&point.at)?;
         let loss = scalar_loss(&point.loss, &x, ins.batch().targets(), ins.step(), true)?;
-        let grads = Tensor::f_run_backward(&[&loss], &params, true, true).during("building the gradient graph")?;
+        let mut inputs: Vec<&Tensor> = params.iter().collect();
+        inputs.push(&x);
+        let mut grads = Tensor::f_run_backward(&[&loss], &inputs, true, true).during("building the gradient graph")?;
+        let input_grad = grads.pop().filter(|g| g.defined() && g.requires_grad());
         let used = used_layers(&grads, &owner, layers.len());
         let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
-        Ok(Self { x, grads, owner, used, grad_norms })
+        Ok(Self { x, grads, input_grad, params, owner, used, grad_norms })
     }
 
     fn squares(self, per_probe: Vec<Vec<f64>>) -> JacobianSquares {
         JacobianSquares { per_probe, grad_norms: self.grad_norms, used: self.used }
     }
 
-    /// h(w) = J^T w = d<G, w>/dx for dummies w (one per defined gradient, requiring grad).
-    /// h is linear in w, so d<h, v>/dw = J v. Returns h, the dummies and the index of the
-    /// parameter of each; None when G does not move with the inputs.
-    fn transpose_product(&self) -> Result<Option<(Tensor, Vec<Tensor>, Vec<usize>)>> {
-        let mut dummies = Vec::new();
-        let mut dummy_param = Vec::new();
-        let mut inner: Option<Tensor> = None;
-        for (p, g) in self.grads.iter().enumerate() {
-            if !g.defined() {
-                continue;
-            }
-            let w = g.f_zeros_like().and_then(|w| w.f_set_requires_grad(true)).during("allocating dummy vectors")?;
-            let term = g.f_mul(&w).and_then(|p| p.f_sum(Kind::Double)).during("forming <G, w>")?;
-            inner = Some(match inner {
-                None => term,
-                Some(acc) => acc.f_add(&term).during("forming <G, w>")?,
-            });
-            dummies.push(w);
-            dummy_param.push(p);
-        }
-        let Some(inner) = inner else { return Ok(None) };
-        let h = Tensor::f_run_backward(&[&inner], &[&self.x], true, true).during("forming J^T w")?.remove(0);
-        if !h.defined() || !h.requires_grad() {
-            return Ok(None);
-        }
-        Ok(Some((h, dummies, dummy_param)))
+    /// d<g, v>/dW for a direction v shaped like x: J v, one tensor per parameter (undefined
+    /// where the parameter's gradient does not move with the inputs).
+    fn jvp(&self, v: &Tensor) -> Result<Vec<Tensor>> {
+        let Some(g) = &self.input_grad else { return Ok((0..self.params.len()).map(|_| Tensor::new()).collect()) };
+        let t = g.f_mul(v).and_then(|p| p.f_sum(Kind::Double)).during("forming <dL/dx, v>")?;
+        Tensor::f_run_backward(&[&t], &self.params, true, false).during("computing a JVP")
     }
 }
 
@@ -294,36 +284,19 @@ fn probe_jvps(ins: &Inspection, point: &Point, method: JvpMethod, probes: usize,
     let targets = ins.batch().targets();
     match method {
         JvpMethod::DoubleBackward => {
-            let graph = GradientGraph::build(ins, point)?;
-            let grads = graph
+            let mut graph = GradientGraph::build(ins, point)?;
+            // G's own graph is needed only by exact mode: detached here, it is freed.
+            graph.grads = graph
                 .grads
                 .iter()
                 .map(|g| if g.defined() { g.f_detach() } else { Ok(Tensor::new()) })
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .during("detaching gradients")?;
-            let param_count = graph.grads.len();
-            match graph.transpose_product()? {
-                None => {
-                    // The released gradient does not move with the inputs: every JVP is 0.
-                    for _ in 0..probes {
-                        sink((0..param_count).map(|_| Tensor::new()).collect())?;
-                    }
-                }
-                Some((h, dummies, dummy_param)) => {
-                    let v = gaussian_probes(&graph.x, probes, &mut rng_for(seed, step, 1))?;
-                    for k in 0..probes as i64 {
-                        let vk = v.f_get(k).during("selecting a probe")?;
-                        let t = h.f_mul(&vk).and_then(|p| p.f_sum(Kind::Double)).during("forming <J^T w, v>")?;
-                        let jv = Tensor::f_run_backward(&[&t], &dummies, true, false).during("computing a JVP")?;
-                        let mut per_param: Vec<Tensor> = (0..param_count).map(|_| Tensor::new()).collect();
-                        for (t, &p) in jv.into_iter().zip(&dummy_param) {
-                            per_param[p] = t;
-                        }
-                        sink(per_param)?;
-                    }
-                }
+            let v = gaussian_probes(&graph.x, probes, &mut rng_for(seed, step, 1))?;
+            for k in 0..probes as i64 {
+                sink(graph.jvp(&v.f_get(k).during("selecting a probe")?)?)?;
             }
-            Ok(ProbeContext { used: graph.used, grad_norms: graph.grad_norms, grads })
+            Ok(ProbeContext { used: graph.used, grad_norms: graph.grad_norms, grads: graph.grads })
         }
         JvpMethod::CentralDifference => {
             let l_count = layers.len();
@@ -372,9 +345,10 @@ fn probe_squares(ins: &Inspection, point: &Point, method: JvpMethod, probes: usi
 /// One layer's released gradient and its K probe JVPs, each flattened over the layer's
 /// parameters: what the closed loop needs to measure M1 on a transformed release.
 pub struct LayerJvps {
-    /// The layer's released gradient G_l, flattened (f64).
+    /// The layer's released gradient G_l, flattened, in the model's dtype.
     pub grad: Tensor,
-    /// J_l v_k for each probe k, flattened (f64).
+    /// J_l v_k for each probe k, flattened, in the model's dtype (sums of squares over them
+    /// are taken in f64): K x P_l numbers kept on the model's device.
     pub jvps: Vec<Tensor>,
 }
 
@@ -429,7 +403,8 @@ impl JvpSamples {
     }
 }
 
-/// Runs the probe estimator and keeps every layer's JVPs (memory K x P) instead of only their
+/// Runs the probe estimator and keeps every layer's JVPs (memory K x P in the model's dtype, on
+/// its device) instead of only their
 /// norms, so that the sensitivity of any linearised transformation of the release can be
 /// measured afterwards without another backward pass. [`GuardError::DiscreteInputs`] for
 /// integer inputs without an embedding split.
@@ -443,7 +418,7 @@ fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSa
         let mut out: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
         for ((t, p), &l) in per_param.iter().zip(&params).zip(&owner) {
             let flat = if t.defined() { t.f_reshape([-1]) } else { p.f_zeros_like().and_then(|z| z.f_reshape([-1])) };
-            out[l].push(flat.and_then(|f| f.f_to_kind(Kind::Double)).during("flattening a JVP")?);
+            out[l].push(flat.during("flattening a JVP")?);
         }
         out.iter().map(|parts| Tensor::f_cat(parts, 0).during("joining a layer's JVP")).collect()
     };
@@ -497,17 +472,10 @@ fn exact_squares(ins: &Inspection, point: &Point) -> Result<JacobianSquares> {
     let x = &graph.x;
     let mut rows = Vec::new();
     if x.numel() <= layers.numel() {
-        if let Some((h, dummies, dummy_param)) = graph.transpose_product()? {
-            let flat = h.f_reshape([-1]).during("flattening J^T w")?;
-            for j in 0..flat.numel() as i64 {
-                let t = flat.f_get(j).during("selecting an input coordinate")?;
-                let jv = Tensor::f_run_backward(&[&t], &dummies, true, false).during("computing a basis JVP")?;
-                let mut aligned: Vec<Tensor> = graph.grads.iter().map(|_| Tensor::new()).collect();
-                for (t, &p) in jv.into_iter().zip(&dummy_param) {
-                    aligned[p] = t;
-                }
-                rows.push(layers.param_norms(&aligned)?);
-            }
+        for j in 0..x.numel() as i64 {
+            let e = x.f_zeros_like().and_then(|z| z.f_reshape([-1])).during("forming a basis vector")?;
+            let _ = e.f_narrow(0, j, 1).and_then(|mut one| one.f_fill_(1.0)).during("forming a basis vector")?;
+            rows.push(layers.param_norms(&graph.jvp(&e.f_reshape(x.size()).during("forming a basis vector")?)?)?);
         }
     } else {
         // One VJP per parameter scalar: its squared norm belongs to that parameter's layer.
