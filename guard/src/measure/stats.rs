@@ -67,3 +67,27 @@ fn count_non_finite(grads: &[Tensor]) -> Result<u64> {
 pub fn current_grads(layers: &LayerMap) -> Vec<Vec<Tensor>> {
     layers.layers().iter().map(|l| l.params.iter().map(|p| p.tensor.grad()).collect()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn, Device};
+
+    #[test]
+    fn max_abs_is_the_largest_magnitude_of_either_sign_and_nan_propagates() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let _a = (&root / "a").var("weight", &[3], nn::Init::Const(0.0));
+        let _b = (&root / "b").var("weight", &[2], nn::Init::Const(0.0));
+        let layers = LayerMap::from_var_store(&vs).unwrap();
+        let stats = |a: &[f32], b: &[f32]| {
+            let grads = vec![vec![Tensor::from_slice(a)], vec![Tensor::from_slice(b)]];
+            gradient_stats(&layers, &grads, 0).unwrap().into_iter().map(|m| m.measured().map(|s| s.max_abs)).collect::<Vec<_>>()
+        };
+        // All-negative, mixed, all-positive: max |x| is the min's magnitude in the first.
+        assert_eq!(stats(&[-3.0, -1.0, -2.0], &[0.5, -0.25]), [Some(3.0), Some(0.5)]);
+        assert_eq!(stats(&[1.0, 4.0, -2.0], &[0.0, 0.0]), [Some(4.0), Some(0.0)]);
+        let with_nan = stats(&[1.0, f32::NAN, -2.0], &[1.0, 2.0]);
+        assert!(with_nan[0].unwrap().is_nan() && with_nan[1] == Some(2.0));
+    }
+}
