@@ -22,7 +22,7 @@
 //!     cargo bench --bench real_models -- [--device cpu|cuda] [--steps 300] [--large-steps N]
 //!         [--models resnet-1m,resnet-11m,transformer] [--repeats 3]
 use clap::Parser;
-use gradguard::guard::{parse_device, EmbeddingSplit, Inspection, LayerMap, SensitivitySettings, SubspaceSettings};
+use gradguard::guard::{parse_device, EmbeddingSplit, Inspection, JvpMethod, LayerMap, Metric, Sensitivity, SensitivitySettings, SubspaceSettings};
 use gradguard::{Batch, GuardedOptimizer, LossFn, Settings};
 use std::time::Instant;
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, TchError, Tensor};
@@ -260,9 +260,22 @@ fn inspection<'a>(layers: &'a LayerMap, loss: &'a dyn LossFn, split: Option<&'a 
     }
 }
 
-/// Median seconds of one M1 (K = 8) and one M2 estimate on the first batch, after a warm-up
-/// of each; and how many layers each measured.
-fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<(f64, f64, usize, usize, usize)> {
+/// What one estimate costs on the first batch: medians over the timed repeats (after a
+/// warm-up of each), in seconds.
+struct Estimates {
+    /// M1 (K = 8) by the default double backward.
+    m1: f64,
+    /// M1 with the same probes by central differences.
+    m1_central: f64,
+    /// The largest |S_l(central) - S_l(double backward)| / S_l(double backward) over layers.
+    central_gap: f64,
+    m2: f64,
+    m1_layers: usize,
+    m2_layers: usize,
+    layers: usize,
+}
+
+fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<Estimates> {
     let layers = LayerMap::from_var_store(&s.vs)?;
     let loss = |x: &Tensor, y: &Tensor| s.net.loss(x, y);
     let (x, y, a) = &s.batches[0];
@@ -273,26 +286,38 @@ fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<(
     let split: Option<&dyn EmbeddingSplit> = split.as_ref().map(|s| s as &dyn EmbeddingSplit);
     let inspect = |batch, r| inspection(&layers, &loss, split, batch, r);
     let m1_settings = SensitivitySettings { probes: 8, ..Default::default() };
+    let central = SensitivitySettings { method: JvpMethod::CentralDifference, ..m1_settings.clone() };
     let m2_settings = SubspaceSettings::default();
-    let (mut m1, mut m2, mut m1_layers, mut m2_layers) = (vec![], vec![], 0, 0);
-    for r in 0..=repeats {
+    let timed = |f: &dyn Fn() -> anyhow::Result<Vec<Metric<Sensitivity>>>| -> anyhow::Result<(f64, Vec<Metric<Sensitivity>>)> {
         sync(device);
         let t = Instant::now();
-        let out = inspect(Batch::new(x, y), r as u64).sensitivity(&m1_settings)?;
+        let out = f()?;
         sync(device);
-        let t1 = t.elapsed().as_secs_f64();
+        Ok((t.elapsed().as_secs_f64(), out))
+    };
+    let (mut m1, mut m1_central, mut m2, mut gap, mut m1_layers, mut m2_layers) = (vec![], vec![], vec![], 0.0f64, 0, 0);
+    for r in 0..=repeats {
+        let (t1, out) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sensitivity(&m1_settings)?))?;
+        let (tc, by_central) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sensitivity(&central)?))?;
+        sync(device);
         let t = Instant::now();
         let out2 = inspect(Batch::new(x, y).with_attribute(a), r as u64).subspace(&m2_settings)?;
         sync(device);
         let t2 = t.elapsed().as_secs_f64();
         if r > 0 {
             m1.push(t1);
+            m1_central.push(tc);
             m2.push(t2);
+        }
+        for (d, c) in out.iter().zip(&by_central) {
+            if let (Some(d), Some(c)) = (d.measured(), c.measured()) {
+                gap = gap.max((c.sensitivity - d.sensitivity).abs() / d.sensitivity.max(f64::MIN_POSITIVE));
+            }
         }
         m1_layers = out.iter().filter(|m| m.measured().is_some()).count();
         m2_layers = out2.iter().filter(|m| m.measured().is_some()).count();
     }
-    Ok((median(m1), median(m2), m1_layers, m2_layers, layers.layers().len()))
+    Ok(Estimates { m1: median(m1), m1_central: median(m1_central), central_gap: gap, m2: median(m2), m1_layers, m2_layers, layers: layers.layers().len() })
 }
 
 fn met(ok: bool) -> &'static str {
@@ -323,13 +348,15 @@ fn main() -> anyhow::Result<()> {
         let step = plain_s / steps as f64;
         let s = Setup::new(model, device)?;
         let repeats = if large && device == Device::Cpu { 1 } else { args.repeats.max(1) };
-        let (m1, m2, m1_layers, m2_layers, n_layers) = time_estimates(&s, device, repeats)?;
+        let e = time_estimates(&s, device, repeats)?;
+        let (m1, m2, n_layers) = (e.m1, e.m2, e.layers);
         let per_1000 = estimates as f64 * 1000.0 / steps as f64;
         println!("{model}: {} parameters, {n_layers} layers, {steps} steps", s.params());
         println!("  wall time   guarded {guard_s:.2} s / unguarded {plain_s:.2} s = {:.3}  target <= 1.05: {}", guard_s / plain_s, met(guard_s / plain_s <= 1.05));
         println!("  estimates   {estimates} in {steps} steps = {per_1000:.1} per 1,000 steps; guard share {share:.3}; {not_applied} steps not applied");
-        println!("  M1 (K=8)    {:.1} ms = {:.2} training steps (step {:.1} ms; {m1_layers}/{n_layers} layers measured)  target <= 18: {}, goal <= 8: {}", m1 * 1e3, m1 / step, step * 1e3, met(m1 / step <= 18.0), met(m1 / step <= 8.0));
-        println!("  M2          {:.1} ms = {:.2} training steps ({m2_layers}/{n_layers} layers measured)", m2 * 1e3, m2 / step);
+        println!("  M1 (K=8)    {:.1} ms = {:.2} training steps (step {:.1} ms; {}/{n_layers} layers measured)  target <= 18: {}, goal <= 8: {}", m1 * 1e3, m1 / step, step * 1e3, e.m1_layers, met(m1 / step <= 18.0), met(m1 / step <= 8.0));
+        println!("  M1 central  {:.1} ms = {:.2} training steps, same probes; largest relative gap in S_l to the double backward {:.2e}", e.m1_central * 1e3, e.m1_central / step, e.central_gap);
+        println!("  M2          {:.1} ms = {:.2} training steps ({}/{n_layers} layers measured)", m2 * 1e3, m2 / step, e.m2_layers);
         println!("  peak RSS    guarded {} MiB / unguarded {} MiB = {:.3}  target <= 1.25: {}\n", guard_rss / 1024, plain_rss / 1024, guard_rss as f64 / plain_rss as f64, met(guard_rss as f64 / plain_rss as f64 <= 1.25));
         rows.push((model.to_string(), s.params(), steps, guard_s / plain_s, per_1000, m1 / step, m2 / step, guard_rss as f64 / plain_rss as f64));
     }
