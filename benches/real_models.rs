@@ -265,6 +265,8 @@ fn inspection<'a>(layers: &'a LayerMap, loss: &'a dyn LossFn, split: Option<&'a 
 struct Estimates {
     /// M1 (K = 8) by the default double backward.
     m1: f64,
+    /// M1 with K = 4 probes (twice the variance of S_l^2's estimate).
+    m1_four: f64,
     /// M1 with the same probes by central differences.
     m1_central: f64,
     /// The largest |S_l(central) - S_l(double backward)| / S_l(double backward) over layers.
@@ -287,6 +289,7 @@ fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<E
     let inspect = |batch, r| inspection(&layers, &loss, split, batch, r);
     let m1_settings = SensitivitySettings { probes: 8, ..Default::default() };
     let central = SensitivitySettings { method: JvpMethod::CentralDifference, ..m1_settings.clone() };
+    let four = SensitivitySettings { probes: 4, ..m1_settings.clone() };
     let m2_settings = SubspaceSettings::default();
     let timed = |f: &dyn Fn() -> anyhow::Result<Vec<Metric<Sensitivity>>>| -> anyhow::Result<(f64, Vec<Metric<Sensitivity>>)> {
         sync(device);
@@ -295,9 +298,10 @@ fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<E
         sync(device);
         Ok((t.elapsed().as_secs_f64(), out))
     };
-    let (mut m1, mut m1_central, mut m2, mut gap, mut m1_layers, mut m2_layers) = (vec![], vec![], vec![], 0.0f64, 0, 0);
+    let (mut m1, mut m1_four, mut m1_central, mut m2, mut gap, mut m1_layers, mut m2_layers) = (vec![], vec![], vec![], vec![], 0.0f64, 0, 0);
     for r in 0..=repeats {
         let (t1, out) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sensitivity(&m1_settings)?))?;
+        let (t4, _) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sensitivity(&four)?))?;
         let (tc, by_central) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sensitivity(&central)?))?;
         sync(device);
         let t = Instant::now();
@@ -306,6 +310,7 @@ fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<E
         let t2 = t.elapsed().as_secs_f64();
         if r > 0 {
             m1.push(t1);
+            m1_four.push(t4);
             m1_central.push(tc);
             m2.push(t2);
         }
@@ -317,7 +322,7 @@ fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<E
         m1_layers = out.iter().filter(|m| m.measured().is_some()).count();
         m2_layers = out2.iter().filter(|m| m.measured().is_some()).count();
     }
-    Ok(Estimates { m1: median(m1), m1_central: median(m1_central), central_gap: gap, m2: median(m2), m1_layers, m2_layers, layers: layers.layers().len() })
+    Ok(Estimates { m1: median(m1), m1_four: median(m1_four), m1_central: median(m1_central), central_gap: gap, m2: median(m2), m1_layers, m2_layers, layers: layers.layers().len() })
 }
 
 fn met(ok: bool) -> &'static str {
@@ -355,16 +360,17 @@ fn main() -> anyhow::Result<()> {
         println!("  wall time   guarded {guard_s:.2} s / unguarded {plain_s:.2} s = {:.3}  target <= 1.05: {}", guard_s / plain_s, met(guard_s / plain_s <= 1.05));
         println!("  estimates   {estimates} in {steps} steps = {per_1000:.1} per 1,000 steps; guard share {share:.3}; {not_applied} steps not applied");
         println!("  M1 (K=8)    {:.1} ms = {:.2} training steps (step {:.1} ms; {}/{n_layers} layers measured)  target <= 18: {}, goal <= 8: {}", m1 * 1e3, m1 / step, step * 1e3, e.m1_layers, met(m1 / step <= 18.0), met(m1 / step <= 8.0));
+        println!("  M1 (K=4)    {:.1} ms = {:.2} training steps", e.m1_four * 1e3, e.m1_four / step);
         println!("  M1 central  {:.1} ms = {:.2} training steps, same probes; largest relative gap in S_l to the double backward {:.2e}", e.m1_central * 1e3, e.m1_central / step, e.central_gap);
         println!("  M2          {:.1} ms = {:.2} training steps ({}/{n_layers} layers measured)", m2 * 1e3, m2 / step, e.m2_layers);
         println!("  peak RSS    guarded {} MiB / unguarded {} MiB = {:.3}  target <= 1.25: {}\n", guard_rss / 1024, plain_rss / 1024, guard_rss as f64 / plain_rss as f64, met(guard_rss as f64 / plain_rss as f64 <= 1.25));
-        rows.push((model.to_string(), s.params(), steps, guard_s / plain_s, per_1000, m1 / step, m2 / step, guard_rss as f64 / plain_rss as f64));
+        rows.push((model.to_string(), s.params(), steps, guard_s / plain_s, per_1000, (m1 / step, e.m1_four / step, e.m1_central / step), m2 / step, guard_rss as f64 / plain_rss as f64));
     }
-    println!("| model | parameters | steps | guarded / unguarded (<= 1.05) | estimates / 1,000 steps | M1 (K=8) in steps (<= 18, goal <= 8) | M2 in steps | peak RSS ratio (<= 1.25) |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (model, params, steps, ratio, per_1000, m1, m2, rss) in rows {
+    println!("| model | parameters | steps | guarded / unguarded (<= 1.05) | estimates / 1,000 steps | M1 (K=8) in steps (<= 18, goal <= 8) | M1 K=4 / central differences K=8, in steps | M2 in steps | peak RSS ratio (<= 1.25) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (model, params, steps, ratio, per_1000, (m1, m1_four, m1_central), m2, rss) in rows {
         println!(
-            "| {model} | {params} | {steps} | {ratio:.3} ({}) | {per_1000:.1} | {m1:.1} ({}{}) | {m2:.1} | {rss:.3} ({}) |",
+            "| {model} | {params} | {steps} | {ratio:.3} ({}) | {per_1000:.1} | {m1:.1} ({}{}) | {m1_four:.1} / {m1_central:.1} | {m2:.1} | {rss:.3} ({}) |",
             met(ratio <= 1.05),
             met(m1 <= 18.0),
             if m1 <= 8.0 { ", goal met" } else { "" },
