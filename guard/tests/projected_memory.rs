@@ -5,6 +5,8 @@
 //!
 //! One test in its own binary: the peak (VmHWM of /proc/self/status, reset through
 //! /proc/self/clear_refs) is the process's, and no other test may allocate beside it.
+mod common;
+use common::peak_increase;
 use gradguard_guard::{Batch, Inspection, LayerMap, ProjectedLayer};
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
@@ -13,22 +15,6 @@ use tch::{nn, Device, Kind, Tensor};
 const WIDTH: i64 = 3200;
 const N: i64 = 16;
 const R: usize = 8;
-
-/// A field of /proc/self/status in bytes (given in kB).
-fn status_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field} in /proc/self/status"));
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
-/// The peak resident memory `work` adds to what is resident before it, in bytes.
-fn peak_increase<T>(work: impl FnOnce() -> T) -> (T, u64) {
-    // "5" resets VmHWM to the current resident set (Linux >= 4.0).
-    std::fs::write("/proc/self/clear_refs", "5").expect("resetting the peak resident memory");
-    let before = status_bytes("VmRSS:");
-    let out = work();
-    (out, status_bytes("VmHWM:").saturating_sub(before))
-}
 
 #[test]
 fn a_ten_million_parameter_layer_is_projected_without_its_host_matrix() {
