@@ -8,13 +8,6 @@ const IN: i64 = 10_000;
 const OUT: i64 = 1_000;
 const N: i64 = 8;
 
-/// VmRSS or VmHWM of this process, bytes.
-fn status_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
 #[test]
 fn m2_of_a_10m_parameter_layer_grows_peak_rss_far_below_a_host_copy() {
     let vs = nn::VarStore::new(Device::Cpu);
@@ -31,14 +24,10 @@ fn m2_of_a_10m_parameter_layer_grows_peak_rss_far_below_a_host_copy() {
     let p = layers.layers()[l].numel() as u64;
     assert!(p >= 10_000_000);
 
-    // Reset the peak to the current RSS (Linux: "5" to clear_refs), so VmHWM below is the peak
-    // of M2's linear algebra alone, the per-sample gradients already held.
-    std::fs::write("/proc/self/clear_refs", "5").expect("resetting VmHWM through /proc/self/clear_refs");
-    let before = status_bytes("VmHWM:");
+    // The peak of M2's linear algebra alone, the per-sample gradients already held.
     let started = std::time::Instant::now();
-    let metric = samples.layer_metric(l, None).unwrap();
+    let (metric, growth) = common::peak_increase(|| samples.layer_metric(l, None).unwrap());
     let seconds = started.elapsed().as_secs_f64();
-    let growth = status_bytes("VmHWM:").saturating_sub(before);
     let host_copy = p * N as u64 * 8;
     eprintln!("M2 of {p} parameters x {N} columns: {seconds:.2} s, peak RSS growth {} MiB (an f64 host copy: {} MiB)", growth >> 20, host_copy >> 20);
     assert!(metric.measured().is_some());

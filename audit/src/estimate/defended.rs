@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use tch::Tensor;
 
 /// Why a metric of a withheld layer is absent.
-const WITHHELD: &str = "the defence withholds the layer: nothing is released";
+pub(crate) const WITHHELD: &str = "the defence withholds the layer: nothing is released";
 
 /// A defence chain applied to every layer, seeded from the audit's seed.
 #[derive(Clone, Copy)]
@@ -30,7 +30,7 @@ impl Chain<'_> {
         derive_seed(self.seed ^ 0xa0d1_75e5, 1_000_003 * l + r)
     }
 
-    fn withholds(&self) -> bool {
+    pub fn withholds(&self) -> bool {
         self.defences.iter().any(|d| matches!(d, Defence::Withhold))
     }
 
@@ -104,17 +104,4 @@ pub(crate) fn defend_rows<'g>(defences: &[Defence], g: &'g GradientMatrix, seed_
         }
     }
     Ok(Some(Cow::Owned(GradientMatrix::new(g.rows, g.cols, to_f64_vec(&Tensor::f_stack(&out, 0)?)?).metric("M3 (defended gradients)")?)))
-}
-
-/// The per-sample gradients of every layer released through the chain (None: withheld, or not
-/// reached by the loss).
-pub(crate) fn defended_grads(grads: &[Option<GradientMatrix>], chain: Chain) -> Result<Vec<Option<GradientMatrix>>> {
-    grads
-        .iter()
-        .enumerate()
-        .map(|(l, g)| match g {
-            None => Ok(None),
-            Some(g) => Ok(defend_rows(chain.defences, g, |i| chain.release_seed(l, i))?.map(Cow::into_owned)),
-        })
-        .collect()
 }

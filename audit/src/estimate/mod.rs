@@ -9,7 +9,7 @@ use bound::{release_bounds, Prior, ReleaseBound};
 use defended::Chain;
 use crate::report::{LayerDetails, LayerRow};
 use gradguard_defenses::Defence;
-use gradguard_guard::{attribute_information, project, usable_information, usable_information_layers, UsableInformation, UsableSettings};
+use gradguard_guard::{attribute_information, project, usable_information, UsableInformation, UsableSettings};
 use gradguard_guard::{orthonormal_basis, projection_distance, SubspaceSettings};
 use gradguard_guard::{per_dimension_variance, Batch, PriorSource, GradientMatrix, GuardError, Inspection, JvpMethod, JvpSamples, Metric, Representation, Sensitivity, SensitivitySettings, Subspace};
 use gradguard_guard::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
@@ -38,8 +38,6 @@ pub(crate) struct MetricSettings {
 /// The result of [`measure_layers`].
 pub(crate) struct Measured {
     pub rows: Vec<LayerRow>,
-    /// Per-sample gradients (M3's input), when an attribute was given.
-    pub grads: Option<Vec<Option<GradientMatrix>>>,
     /// Seconds per metric.
     pub seconds: BTreeMap<&'static str, f64>,
     /// M5 of the whole release.
@@ -79,10 +77,10 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
     let (m5, release) = release_bounds(jv.as_ref(), t.layers().len(), &settings.defence, |l| chain.layer_seed(l), prior)?;
 
     let absent_all = |reason: &str| -> Vec<String> { (0..t.layers().len()).map(|_| reason.to_string()).collect() };
-    let (m2, m3, grads): (Vec<Metric<Subspace>>, Vec<Metric<UsableInformation>>, _) = match attribute {
+    let (m2, m3): (Vec<Metric<Subspace>>, Vec<Metric<UsableInformation>>) = match attribute {
         None => {
             let r = absent_all("no attribute labels given (--attribute)");
-            (r.iter().map(Metric::absent).collect(), r.iter().map(Metric::absent).collect(), None)
+            (r.iter().map(Metric::absent).collect(), r.iter().map(Metric::absent).collect())
         }
         Some(attribute) => {
             let clock = Instant::now();
@@ -91,22 +89,17 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
             let m2 = if defended { defended::subspace(&with_attribute, &settings.subspace, chain)? } else { with_attribute.subspace(&settings.subspace).metric("M2 (subspace distance)")? };
             seconds.insert("m2", clock.elapsed().as_secs_f64());
             let clock = Instant::now();
-            let (m3, grads) = match t.per_sample_gradients() {
-                // A model that cannot run on one sample has no per-sample gradients: M3 absent.
-                Err(e @ GuardError::NoPerSampleGradients { .. }) => (absent_all(&e.to_string()).iter().map(Metric::absent).collect(), None),
-                grads => {
-                    let grads = grads.metric("M3 (per-sample gradients)")?;
-                    let m3 = if settings.defence.iter().any(|d| matches!(d, Defence::Withhold)) {
-                        absent_all("the defence withholds the layer: nothing is released").iter().map(Metric::absent).collect()
-                    } else {
-                        let released = defended::defended_grads(&grads, chain)?;
-                        usable_information_layers(&released, attribute, &settings.usable, t.seed()).metric("M3 (usable information)")?
-                    };
-                    (m3, Some(grads))
-                }
+            let m3 = if chain.withholds() {
+                absent_all(defended::WITHHELD).iter().map(Metric::absent).collect()
+            } else {
+                // Per-sample gradients, the chain and R_l stay on the model's device: the host
+                // sees n x r features per layer, never the n x P_l gradients.
+                let transform = |l: usize, g: &Tensor, i: usize| chain.apply(g, chain.release_seed(l, i));
+                let m3 = if defended { with_attribute.released_usable_information(&settings.usable, &transform) } else { with_attribute.usable_information(&settings.usable) };
+                m3.metric("M3 (usable information)")?
             };
             seconds.insert("m3", clock.elapsed().as_secs_f64());
-            (m2, m3, grads)
+            (m2, m3)
         }
     };
     let m4: Vec<Metric<Inversion>> = match &settings.inversion {
@@ -126,7 +119,7 @@ pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings
         .zip(m1.into_iter().zip(m2).zip(m3).zip(m4).zip(m5))
         .map(|(layer, ((((m1, m2), m3), m4), m5))| LayerRow::new(layer.name.clone(), layer.numel(), LayerDetails { m1, m2, m3, m4, m5 }))
         .collect();
-    Ok(Measured { rows, grads, seconds, release })
+    Ok(Measured { rows, seconds, release })
 }
 
 /// M5's prior variance and where it came from: the setting, or the per-dimension variance over
@@ -189,6 +182,16 @@ pub(crate) fn release_sensitivity(jv: &JvpSamples, l: usize, chain: &[Defence], 
         s_rms: m.sensitivity_rms,
         r: (m.release_norm > 0.0).then_some(m.relative_sensitivity),
     }))
+}
+
+/// The n x P_l host matrix of every layer's per-sample gradients, for the validation study's
+/// host-side sweeps on its small models (None: the loss does not reach the layer; every layer
+/// None when the model cannot run on one sample). The audit's M3 never builds it.
+pub(crate) fn per_sample_matrices(t: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
+    match t.per_sample_gradients() {
+        Err(GuardError::NoPerSampleGradients { .. }) => Ok(vec![None; t.layers().len()]),
+        grads => grads.metric("per-sample gradients"),
+    }
 }
 
 /// M3 on arbitrary features (one row per release).

@@ -17,7 +17,7 @@ mod sweeps;
 
 use crate::data::Digits;
 use crate::error::{create_dir, write_file, Result};
-use crate::estimate::{measure_layers, probe_settings, MetricSettings};
+use crate::estimate::{measure_layers, per_sample_matrices, probe_settings, MetricSettings};
 use crate::plot::bar_panels_svg;
 use crate::report::LayerRow;
 use crate::source::{LossKind, ModelSource, Trainer};
@@ -255,6 +255,5 @@ fn measure_checkpoint(target: &Inspection, attribute: &[i64], plan: &Plan) -> Re
         seed: target.seed(),
     };
     let measured = measure_layers(target, Some(attribute), &settings)?;
-    let grads = measured.grads.unwrap_or_else(|| vec![None; target.layers().len()]);
-    Ok((measured.rows, grads))
+    Ok((measured.rows, per_sample_matrices(target)?))
 }

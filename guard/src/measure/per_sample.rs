@@ -1,5 +1,5 @@
-//! Per-sample gradients as host matrices, for the estimators that run off the training thread
-//! (M3). The gradients come from `subspace::sample_gradient` (one micro-batch of one sample per
+//! Per-sample gradients as host matrices, for host-side studies of small models (the audit's
+//! validation study). M3 itself projects on the model's device (`projected.rs`). The gradients come from `subspace::sample_gradient` (one micro-batch of one sample per
 //! backward pass, the same code M2 uses); this module only stacks them by layer.
 use crate::error::{GuardError, Result};
 use super::inspection::Inspection;
@@ -64,6 +64,21 @@ impl GradientMatrix {
     }
 }
 
+/// Which layers the loss reaches (some parameter's gradient is defined): one plain backward on
+/// the first sample, the first per-sample pass (it tells a model that cannot run on one sample,
+/// [`GuardError::NoPerSampleGradients`]).
+pub(crate) fn used_layers(ins: &Inspection) -> Result<Vec<bool>> {
+    let layers = ins.layers();
+    let (_, owner) = layers.flat_params();
+    let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
+    let grads = first_per_sample_pass(layers, || one_sample_grads(layers, ins.loss(), inputs, targets, 0))?;
+    let mut used = vec![false; layers.len()];
+    for (g, &l) in grads.iter().zip(&owner) {
+        used[l] |= g.defined();
+    }
+    Ok(used)
+}
+
 /// Per-sample gradients of every layer: entry l is the n x P_l matrix of dl_i/dW_l, or None
 /// when the loss does not reach layer l (its gradient is undefined for every sample).
 /// `inputs` and `targets` hold n samples along dimension 0; each sample is its own backward
@@ -73,13 +88,7 @@ pub(crate) fn per_sample_gradients(ins: &Inspection) -> Result<Vec<Option<Gradie
     let n = ins.batch().validate()? as i64;
     let (layers, loss_fn) = (ins.layers(), ins.loss());
     let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
-    let (_, owner) = layers.flat_params();
-    // Which layers the loss reaches: one plain backward on the first sample.
-    let grads = first_per_sample_pass(layers, || one_sample_grads(layers, loss_fn, inputs, targets, 0))?;
-    let mut used = vec![false; layers.len()];
-    for (g, &l) in grads.iter().zip(&owner) {
-        used[l] |= g.defined();
-    }
+    let used = used_layers(ins)?;
     let mut data: Vec<Vec<f64>> = layers.layers().iter().map(|l| Vec::with_capacity(n as usize * l.numel())).collect();
     for i in 0..n as usize {
         let per_layer = sample_gradient(layers, loss_fn, inputs, targets, i)?;

@@ -15,17 +15,17 @@
 //!
 //! The core ([`usable_information`], [`attribute_information`]) is plain Rust on host f64
 //! data: no libtorch, no autograd, Send + Sync inputs, so it runs off the training thread.
-//! [`estimate_usable_information`] is the convenience that first takes per-sample gradients
-//! through a [`LossFn`].
+//! From a model ([`Inspection::usable_information`]) the per-sample gradients and R_l stay
+//! on the model's device (`projected.rs`): only the n x r features reach the host.
 use crate::error::{GuardError, Result};
 use super::inspection::Inspection;
-use super::logistic::{dot, FitSettings};
-use super::per_sample::{per_sample_gradients, GradientMatrix};
+use super::inversion::ReleaseTransform;
+use super::logistic::FitSettings;
+use super::per_sample::GradientMatrix;
+use super::projected::{projected_gradients, ProjectedLayer};
+use super::projection::project;
 use super::usable_splits::{choose_penalty, fit_and_score, mean_and_se, most_chosen, stratified_split, SplitScore};
 use crate::report::Metric;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 /// How M3 is computed.
@@ -156,32 +156,6 @@ pub struct UsableInformation {
     pub params: usize,
 }
 
-/// The fixed Gaussian projection of layer `layer`: r x p entries N(0, 1/r), row-major, drawn
-/// from a ChaCha8 stream of its own per (seed, layer), so every call projects a layer alike.
-pub fn projection(r: usize, p: usize, seed: u64, layer: usize) -> Vec<f64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(0x4d33_0000_0000 + layer as u64);
-    let scale = 1.0 / (r as f64).sqrt();
-    (0..r * p).map(|_| { let v: f64 = StandardNormal.sample(&mut rng); scale * v }).collect()
-}
-
-/// z_i = R_l g_l(i) for every row of `grads` (unstandardised): n rows of r features.
-pub fn project(grads: &GradientMatrix, r: usize, seed: u64, layer: usize) -> Result<Vec<Vec<f64>>> {
-    if let Some(bad) = grads.data.iter().position(|v| !v.is_finite()) {
-        return Err(GuardError::Config {
-            setting: "usable information gradients",
-            why: format!("non-finite value in row {}, column {}", bad / grads.cols.max(1), bad % grads.cols.max(1)),
-        });
-    }
-    let rmat = projection(r, grads.cols, seed, layer);
-    Ok((0..grads.rows)
-        .map(|i| {
-            let g = grads.row(i);
-            rmat.chunks(grads.cols.max(1)).take(r).map(|row| dot(row, g)).collect()
-        })
-        .collect())
-}
-
 /// M3 of one layer from its per-sample (or per-release) gradient matrix and one attribute
 /// label per row. `layer` picks the layer's projection stream. Absent (not an error) when
 /// there are fewer than `min_samples` rows or a single attribute value.
@@ -206,9 +180,15 @@ pub fn usable_information(
         return Ok(Metric::absent(format!("insufficient samples: {} < {}", grads.rows, settings.min_samples)));
     }
     let features = project(grads, settings.projection_dim, seed, layer)?;
-    let mut metric = attribute_information(&features, labels, settings, seed)?;
+    usable_information_of_features(&features, grads.cols, labels, settings, seed)
+}
+
+/// M3 of one layer from its projected features (n rows of r, [`project`] or
+/// [`Inspection::projected_gradients`]) and its parameter count P_l.
+pub fn usable_information_of_features(features: &[Vec<f64>], params: usize, labels: &[i64], settings: &UsableSettings, seed: u64) -> Result<Metric<UsableInformation>> {
+    let mut metric = attribute_information(features, labels, settings, seed)?;
     if let Metric::Measured(m) = &mut metric {
-        m.params = grads.cols;
+        m.params = params;
     }
     Ok(metric)
 }
@@ -230,9 +210,10 @@ pub fn usable_information_layers(
         .collect()
 }
 
-/// Convenience: per-sample gradients of `inputs` through `loss_fn` (one backward per sample),
-/// then M3 of every layer against `attribute` (one label per sample).
-fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings) -> Result<Vec<Metric<UsableInformation>>> {
+/// M3 of every layer from the model: each sample's gradient (one backward per sample, through
+/// `transform` when given: a defence chain) projected on the model's device
+/// ([`projected_gradients`]), then the attack against the batch's attribute labels.
+fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings, transform: Option<&ReleaseTransform>) -> Result<Vec<Metric<UsableInformation>>> {
     settings.validate()?;
     let n = ins.batch().validate()?;
     let layers = ins.layers();
@@ -243,10 +224,18 @@ fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings) -> R
         let reason = format!("insufficient samples: {n} < {}", settings.min_samples);
         return Ok((0..layers.len()).map(|_| Metric::absent(reason.clone())).collect());
     }
-    match per_sample_gradients(ins) {
-        Err(e @ GuardError::NoPerSampleGradients { .. }) => Ok((0..layers.len()).map(|_| Metric::absent(e.to_string())).collect()),
-        grads => usable_information_layers(&grads?, &attribute, settings, ins.seed()),
-    }
+    let projected = match projected_gradients(ins, settings.projection_dim, transform) {
+        Err(e @ GuardError::NoPerSampleGradients { .. }) => return Ok((0..layers.len()).map(|_| Metric::absent(e.to_string())).collect()),
+        projected => projected?,
+    };
+    projected
+        .iter()
+        .map(|p| match p {
+            ProjectedLayer::Unused => Ok(Metric::absent("layer not used by the loss (gradient undefined)")),
+            ProjectedLayer::Withheld { sample } => Ok(Metric::absent(format!("the release transform withholds the layer (sample {sample}): nothing is released"))),
+            ProjectedLayer::Features { rows, params } => usable_information_of_features(rows, *params, &attribute, settings, ins.seed()),
+        })
+        .collect()
 }
 
 /// The attack on arbitrary features (one row per sample), on each of `settings.splits` seeded
@@ -322,7 +311,14 @@ pub fn attribute_information(
 impl Inspection<'_> {
     /// M3 of every layer against the batch's attribute labels, from per-sample gradients.
     pub fn usable_information(&self, settings: &UsableSettings) -> Result<Vec<Metric<UsableInformation>>> {
-        self.observing(|| estimate_usable_information(self, settings))
+        self.observing(|| estimate_usable_information(self, settings, None))
+    }
+
+    /// M3 of every layer's per-sample releases: each sample's gradient of layer l passed
+    /// through `transform(l, gradient, sample)` (a defence chain; None withholds the layer)
+    /// on the model's device before the projection.
+    pub fn released_usable_information(&self, settings: &UsableSettings, transform: &ReleaseTransform) -> Result<Vec<Metric<UsableInformation>>> {
+        self.observing(|| estimate_usable_information(self, settings, Some(transform)))
     }
 }
 

@@ -66,3 +66,20 @@ pub fn planted_attribute(n: i64, shift: f64, seed: i64) -> (Tensor, Tensor, Vec<
     let y = x.narrow(1, 0, 1).squeeze_dim(1).gt(0.0).to_kind(Kind::Int64);
     (x, y, attribute)
 }
+
+/// A field of /proc/self/status (VmRSS, VmHWM, ...) in bytes (given in kB).
+pub fn status_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// The peak resident memory `work` adds to what is resident before it, in bytes: the peak is
+/// reset to the current resident set first (Linux: "5" to /proc/self/clear_refs). The peak is
+/// the process's: a test that measures it runs alone in its own test binary.
+pub fn peak_increase<T>(work: impl FnOnce() -> T) -> (T, u64) {
+    std::fs::write("/proc/self/clear_refs", "5").expect("resetting VmHWM through /proc/self/clear_refs");
+    let before = status_bytes("VmRSS:");
+    let out = work();
+    (out, status_bytes("VmHWM:").saturating_sub(before))
+}
