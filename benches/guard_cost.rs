@@ -42,9 +42,18 @@ struct Args {
 
 const POLICY: &str = include_str!("../examples/policy.toml");
 
-/// Trains the digits CNN for `steps` steps, guarded by the example policy (default budget)
-/// or not; returns (seconds, blocked or held steps).
-fn train(digits: &Digits, device: Device, steps: usize, guarded: bool) -> anyhow::Result<(f64, usize)> {
+/// How a timed run is guarded.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Unguarded,
+    /// The example policy at the default budget.
+    Policy,
+    /// The example policy's settings without its rules: the guard only observes.
+    Observe,
+}
+
+/// Trains the digits CNN for `steps` steps in `mode`; returns (seconds, blocked or held steps).
+fn train(digits: &Digits, device: Device, steps: usize, mode: Mode) -> anyhow::Result<(f64, usize)> {
     let (train, _) = digits.split(0.2, 0);
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
@@ -56,11 +65,15 @@ fn train(digits: &Digits, device: Device, steps: usize, guarded: bool) -> anyhow
     let (mut not_applied, mut estimates) = (0, 0);
     sync(device);
     let started = Instant::now();
-    if guarded {
+    if mode != Mode::Unguarded {
         // The example policy at the default budget (5%); estimates may then be rarer than its
         // age bound allows, which would block releases: the bound is lifted so that every
         // step trains and the two runs do the same work.
-        let policy = Policy::from_toml_str(POLICY, "examples/policy.toml")?;
+        let text = match mode {
+            Mode::Observe => POLICY.split("[[rule]]").next().unwrap_or(POLICY),
+            _ => POLICY,
+        };
+        let policy = Policy::from_toml_str(text, "examples/policy.toml")?;
         let settings = Settings { aggregation_floor: 1, budget_share: 0.05, max_estimate_age_steps: steps as u64, ..policy.settings().clone() };
         let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
         let mut guarded = GuardedOptimizer::builder(&vs, opt).policy(policy.with_settings(settings)?).loss(loss_fn).build()?;
@@ -77,7 +90,7 @@ fn train(digits: &Digits, device: Device, steps: usize, guarded: bool) -> anyhow
             }
         }
         let health = &last.expect("a released step").health;
-        eprintln!("   guarded run: {estimates} estimates ({:.1} per 1,000 steps), guard share {:.3}, {not_applied} steps not applied", estimates as f64 * 1000.0 / steps as f64, health.spent_share);
+        eprintln!("   guarded run: {estimates} estimates ({:.1} per 1,000 steps), guard share {:.3} (estimates {:.3}), {not_applied} steps not applied", estimates as f64 * 1000.0 / steps as f64, health.spent_share, health.estimate_share);
     } else {
         for step in 0..steps {
             let (x, y, _) = &batches[step % batches.len()];
@@ -156,23 +169,25 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(tch::get_num_threads());
     let digits = Digits::embedded()?;
     if let Some(mode) = &args.rss_child {
-        train(&digits, device, args.steps, mode == "guarded")?;
+        train(&digits, device, args.steps, if mode == "guarded" { Mode::Policy } else { Mode::Unguarded })?;
         println!("{}", peak_rss_kib());
         return Ok(());
     }
     println!("gradguard guard_cost on {device:?}, {} libtorch threads, {} steps x {} repeats\n", tch::get_num_threads(), args.steps, args.repeats);
 
     // 1. Overhead (alternating runs, medians).
-    train(&digits, device, 50, true)?;
-    let (mut plain, mut guarded, mut skipped) = (vec![], vec![], 0);
+    train(&digits, device, 50, Mode::Policy)?;
+    let (mut plain, mut guarded, mut observed, mut skipped) = (vec![], vec![], vec![], 0);
     for _ in 0..args.repeats {
-        plain.push(train(&digits, device, args.steps, false)?.0);
-        let (t, s) = train(&digits, device, args.steps, true)?;
+        plain.push(train(&digits, device, args.steps, Mode::Unguarded)?.0);
+        let (t, s) = train(&digits, device, args.steps, Mode::Policy)?;
         guarded.push(t);
         skipped += s;
+        observed.push(train(&digits, device, args.steps, Mode::Observe)?.0);
     }
-    let (plain, guarded) = (median(plain), median(guarded));
+    let (plain, guarded, observed) = (median(plain), median(guarded), median(observed));
     println!("1. overhead      guarded / unguarded wall time = {:.3}  ({:.3} s vs {:.3} s for {} steps; {} guarded steps not applied)  target <= 1.05", guarded / plain, guarded, plain, args.steps, skipped);
+    println!("1. observe-only  no rules / unguarded wall time = {:.3}  ({:.3} s vs {:.3} s)", observed / plain, observed, plain);
 
     // 2. Depth, at the demo's batch (64) and a larger one (512): with tiny layers the cost of
     //    a backward pass is per autograd node, not per FLOP, so the ratio depends on the batch.

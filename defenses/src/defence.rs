@@ -29,7 +29,7 @@ pub enum Defence {
         max_norm: f64,
     },
     /// Clip to `clip_norm`, then add i.i.d. Gaussian noise with std `multiplier * clip_norm`,
-    /// drawn from a ChaCha20 RNG seeded by `apply`'s seed (bit-identical for the same seed,
+    /// drawn from a ChaCha8 RNG seeded by `apply`'s seed (bit-identical for the same seed,
     /// independent of libtorch's global RNG).
     ///
     /// This is NOT differential privacy: the clip bounds the whole (batch-mean) layer

@@ -2,12 +2,14 @@
 //! clipping (the clip bounds the whole layer gradient, not each sample's contribution) and no
 //! privacy accounting across steps. It blurs one released gradient; it proves nothing.
 //!
-//! The noise is drawn on the host from a ChaCha20 RNG seeded with the caller's seed, so the
+//! The noise is drawn on the host from a ChaCha8 RNG seeded with the caller's seed, so the
 //! same seed gives bit-identical output on every device and is independent of libtorch's
-//! global RNG (which training code reseeds and consumes at will).
+//! global RNG (which training code reseeds and consumes at will). ChaCha8 rather than
+//! ChaCha20: 6.5 ns per sample against 15.6 ns measured here (1M samples, f64 then f32), the
+//! speed of libtorch's own CPU randn; a release noises every parameter of its layers.
 
 use rand::SeedableRng;
-use rand_chacha::ChaCha20Rng;
+use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use tch::{Kind, Tensor};
 
@@ -40,7 +42,7 @@ pub(crate) fn clip_and_noise(
 /// `n` samples of N(0, std^2), generated in f64 (the same stream for every dtype) and stored
 /// as f64 for f64 gradients, f32 otherwise (halves host memory for the common case).
 fn host_noise(n: i64, std: f64, kind: Kind, seed: u64) -> Result<Tensor> {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut sample = move || -> f64 {
         let z: f64 = StandardNormal.sample(&mut rng);
         std * z
