@@ -252,6 +252,33 @@ fn child(model: &str, mode: &str, steps: usize, args: &Args) -> anyhow::Result<(
     Ok((f[0].parse()?, f[1].parse()?, f[2].parse()?, f[3].parse()?, f[4].parse()?))
 }
 
+/// Peak RSS (KiB) after three plain training steps, and after one M1 estimate (K = 8) on top:
+/// what M1's graph and probes add, measured alone in a fresh child process.
+fn m1_memory(s: &Setup, device: Device) -> anyhow::Result<(u64, u64)> {
+    train(s, device, 3, false)?;
+    let before = peak_rss_kib();
+    let layers = LayerMap::from_var_store(&s.vs)?;
+    let loss = |x: &Tensor, y: &Tensor| s.net.loss(x, y);
+    let (x, y, _) = &s.batches[0];
+    let split = match &s.net {
+        Net::Text(t) => Some((|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y))),
+        Net::Image(_) => None,
+    };
+    let split: Option<&dyn EmbeddingSplit> = split.as_ref().map(|s| s as &dyn EmbeddingSplit);
+    inspection(&layers, &loss, split, Batch::new(x, y), 0).sensitivity(&SensitivitySettings { probes: 8, ..Default::default() })?;
+    sync(device);
+    Ok((before, peak_rss_kib()))
+}
+
+fn m1_memory_of_child(model: &str, args: &Args) -> anyhow::Result<(u64, u64)> {
+    let out = std::process::Command::new(std::env::current_exe()?).args(["--child", model, "--mode", "m1-memory", "--device", &args.device]).output()?;
+    anyhow::ensure!(out.status.success(), "child {model} m1-memory failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    let f: Vec<u64> = text.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+    anyhow::ensure!(f.len() == 2, "child {model} m1-memory printed {text:?}");
+    Ok((f[0], f[1]))
+}
+
 fn inspection<'a>(layers: &'a LayerMap, loss: &'a dyn LossFn, split: Option<&'a dyn EmbeddingSplit>, batch: Batch<'a>, r: u64) -> Inspection<'a> {
     let i = Inspection::new(layers, loss, batch).seeded(0, r);
     match split {
@@ -338,6 +365,11 @@ fn main() -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     if let Some(model) = &args.child {
         let s = Setup::new(model, device)?;
+        if args.mode == "m1-memory" {
+            let (before, after) = m1_memory(&s, device)?;
+            println!("{before} {after}");
+            return Ok(());
+        }
         let (secs, estimates, not_applied, share) = train(&s, device, args.steps, args.mode == "guarded")?;
         println!("{secs} {estimates} {not_applied} {share} {}", peak_rss_kib());
         return Ok(());
@@ -363,6 +395,9 @@ fn main() -> anyhow::Result<()> {
         println!("  M1 (K=4)    {:.1} ms = {:.2} training steps", e.m1_four * 1e3, e.m1_four / step);
         println!("  M1 central  {:.1} ms = {:.2} training steps, same probes; largest relative gap in S_l to the double backward {:.2e}", e.m1_central * 1e3, e.m1_central / step, e.central_gap);
         println!("  M2          {:.1} ms = {:.2} training steps ({}/{n_layers} layers measured)", m2 * 1e3, m2 / step, e.m2_layers);
+        let (trained, with_m1) = m1_memory_of_child(model, &args)?;
+        let columns = 2 * SubspaceSettings::default().samples_per_group as u64 * s.params() as u64 * 4;
+        println!("  memory      M1 (K=8) alone adds {} MiB to the peak after 3 plain steps ({} -> {} MiB); M2 keeps 2m = {} per-sample gradients of {} MiB each, {} MiB", (with_m1.saturating_sub(trained)) / 1024, trained / 1024, with_m1 / 1024, 2 * SubspaceSettings::default().samples_per_group, s.params() * 4 / (1 << 20), columns / (1 << 20));
         println!("  peak RSS    guarded {} MiB / unguarded {} MiB = {:.3}  target <= 1.25: {}\n", guard_rss / 1024, plain_rss / 1024, guard_rss as f64 / plain_rss as f64, met(guard_rss as f64 / plain_rss as f64 <= 1.25));
         rows.push((model.to_string(), s.params(), steps, guard_s / plain_s, per_1000, (m1 / step, e.m1_four / step, e.m1_central / step), m2 / step, guard_rss as f64 / plain_rss as f64));
     }
