@@ -146,7 +146,25 @@ enum Net {
     Text(Transformer),
 }
 
+/// M1 on the embeddings: the split the guarded runs declare with `.embedding(..)`.
+impl EmbeddingSplit for Transformer {
+    fn embed(&self, tokens: &Tensor) -> Result<Tensor, TchError> {
+        Transformer::embed(self, tokens)
+    }
+
+    fn loss_from_embedded(&self, embedded: &Tensor, targets: &Tensor) -> Result<Tensor, TchError> {
+        self.loss_from_embeddings(embedded, targets)
+    }
+}
+
 impl Net {
+    fn split(&self) -> Option<&dyn EmbeddingSplit> {
+        match self {
+            Net::Text(t) => Some(t),
+            Net::Image(_) => None,
+        }
+    }
+
     fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
         match self {
             Net::Image(net) => net.loss(x, y),
@@ -260,11 +278,7 @@ fn m1_memory(s: &Setup, device: Device) -> anyhow::Result<(u64, u64)> {
     let layers = LayerMap::from_var_store(&s.vs)?;
     let loss = |x: &Tensor, y: &Tensor| s.net.loss(x, y);
     let (x, y, _) = &s.batches[0];
-    let split = match &s.net {
-        Net::Text(t) => Some((|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y))),
-        Net::Image(_) => None,
-    };
-    let split: Option<&dyn EmbeddingSplit> = split.as_ref().map(|s| s as &dyn EmbeddingSplit);
+    let split = s.net.split();
     inspection(&layers, &loss, split, Batch::new(x, y), 0).sensitivity(&SensitivitySettings { probes: 8, ..Default::default() })?;
     sync(device);
     Ok((before, peak_rss_kib()))
@@ -308,11 +322,7 @@ fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<E
     let layers = LayerMap::from_var_store(&s.vs)?;
     let loss = |x: &Tensor, y: &Tensor| s.net.loss(x, y);
     let (x, y, a) = &s.batches[0];
-    let split = match &s.net {
-        Net::Text(t) => Some((|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y))),
-        Net::Image(_) => None,
-    };
-    let split: Option<&dyn EmbeddingSplit> = split.as_ref().map(|s| s as &dyn EmbeddingSplit);
+    let split = s.net.split();
     let inspect = |batch, r| inspection(&layers, &loss, split, batch, r);
     let m1_settings = SensitivitySettings { probes: 8, ..Default::default() };
     let central = SensitivitySettings { method: JvpMethod::CentralDifference, ..m1_settings.clone() };
