@@ -404,9 +404,8 @@ impl JvpSamples {
 }
 
 /// Runs the probe estimator and keeps every layer's JVPs (memory K x P in the model's dtype, on
-/// its device) instead of only their
-/// norms, so that the sensitivity of any linearised transformation of the release can be
-/// measured afterwards without another backward pass. [`GuardError::DiscreteInputs`] for
+/// its device) instead of only their norms, so that the sensitivity of any linearised
+/// transformation of the release can be measured afterwards without another backward pass. [`GuardError::DiscreteInputs`] for
 /// integer inputs without an embedding split.
 fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSamples> {
     settings.validate()?;
