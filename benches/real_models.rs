@@ -60,6 +60,12 @@ struct Args {
     child: Option<String>,
     #[arg(long, hide = true, default_value = "unguarded")]
     mode: String,
+    /// Probes K of the guarded runs' M1 (the timed estimates report K = 8 and 4 whatever this).
+    #[arg(long, default_value_t = 8)]
+    probes: usize,
+    /// The guarded runs' `subspace_every_steps` (0: M2 at every estimate, the default).
+    #[arg(long, default_value_t = 0)]
+    subspace_every: u64,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -217,7 +223,18 @@ impl Setup {
 }
 
 /// One training run, in a child process: (seconds, estimates, steps not applied, guard share).
-fn train(s: &Setup, device: Device, steps: usize, guarded: bool) -> anyhow::Result<(f64, usize, usize, f64)> {
+/// The guarded runs' settings: `Settings::default()` with the age bound lifted to the run (so
+/// that no estimate is forced over budget) and the probes and M2 cadence of the command line.
+fn guarded_settings(args: &Args, steps: usize) -> Settings {
+    Settings {
+        max_estimate_age_steps: (steps as u64).max(Settings::default().estimate_every),
+        probes: args.probes,
+        subspace_every_steps: args.subspace_every,
+        ..Settings::default()
+    }
+}
+
+fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> anyhow::Result<(f64, usize, usize, f64)> {
     // Two plain steps first, in both modes: thread pools and allocator warm.
     let mut warm = s.optimizer()?;
     for (x, y, _) in s.batches.iter().take(2) {
@@ -227,8 +244,7 @@ fn train(s: &Setup, device: Device, steps: usize, guarded: bool) -> anyhow::Resu
     let (mut estimates, mut not_applied, mut share) = (0, 0, 0.0);
     sync(device);
     let started = Instant::now();
-    if guarded {
-        let settings = Settings { max_estimate_age_steps: (steps as u64).max(Settings::default().estimate_every), ..Settings::default() };
+    if let Some(settings) = guard {
         let builder = GuardedOptimizer::builder(&s.vs, opt).settings(settings).loss(|x: &Tensor, y: &Tensor| s.net.loss(x, y));
         let builder = match &s.net {
             Net::Text(t) => builder.embedding(|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y)),
@@ -262,6 +278,7 @@ fn train(s: &Setup, device: Device, steps: usize, guarded: bool) -> anyhow::Resu
 fn child(model: &str, mode: &str, steps: usize, args: &Args) -> anyhow::Result<(f64, usize, usize, f64, u64)> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["--child", model, "--mode", mode, "--device", &args.device, "--steps", &steps.to_string()])
+        .args(["--probes", &args.probes.to_string(), "--subspace-every", &args.subspace_every.to_string()])
         .output()?;
     anyhow::ensure!(out.status.success(), "child {model} {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout)?;
@@ -273,7 +290,7 @@ fn child(model: &str, mode: &str, steps: usize, args: &Args) -> anyhow::Result<(
 /// Peak RSS (KiB) after three plain training steps, and after one M1 estimate (K = 8) on top:
 /// what M1's graph and probes add, measured alone in a fresh child process.
 fn m1_memory(s: &Setup, device: Device) -> anyhow::Result<(u64, u64)> {
-    train(s, device, 3, false)?;
+    train(s, device, 3, None)?;
     let before = peak_rss_kib();
     let layers = LayerMap::from_var_store(&s.vs)?;
     let loss = |x: &Tensor, y: &Tensor| s.net.loss(x, y);
@@ -380,12 +397,17 @@ fn main() -> anyhow::Result<()> {
             println!("{before} {after}");
             return Ok(());
         }
-        let (secs, estimates, not_applied, share) = train(&s, device, args.steps, args.mode == "guarded")?;
+        let (secs, estimates, not_applied, share) = train(&s, device, args.steps, (args.mode == "guarded").then(|| guarded_settings(&args, args.steps)))?;
         println!("{secs} {estimates} {not_applied} {share} {}", peak_rss_kib());
         return Ok(());
     }
     let large_steps = args.large_steps.unwrap_or(if device == Device::Cpu { 20 } else { args.steps });
-    println!("gradguard real_models on {device:?}, {} libtorch threads; no policy, Settings::default() (budget 5%, K = 8), age bound lifted to the run\n", tch::get_num_threads());
+    println!(
+        "gradguard real_models on {device:?}, {} libtorch threads; no policy, Settings::default() (budget 5%) with K = {} and subspace_every_steps = {} in the guarded runs, age bound lifted to the run\n",
+        tch::get_num_threads(),
+        args.probes,
+        args.subspace_every
+    );
     let mut rows = Vec::new();
     for model in args.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
         let large = model == "resnet-11m";

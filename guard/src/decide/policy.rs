@@ -75,6 +75,12 @@ pub struct Settings {
     /// not the point estimate, so the bound holds with z standard errors of margin against the
     /// probes' error (0: the point estimate; METRICS.md, M5, estimated as S_l is). Version 2.
     pub calibration_margin_se: f64,
+    /// Steps M2's last result may age before an estimate measures M2 again (0: every estimate
+    /// measures it). M2 costs 2m per-sample backward passes, so measuring it less often buys
+    /// more M1 estimates within the budget; the report's M2 then carries the step it was
+    /// measured at. Ignored while a rule reads M2 (`subspace_separation`): such a policy
+    /// measures M2 at every estimate. Version 2.
+    pub subspace_every_steps: u64,
 }
 
 impl Default for Settings {
@@ -99,6 +105,7 @@ impl Default for Settings {
             dataset_size: None,
             ledger_cap_bits: None,
             calibration_margin_se: 0.0,
+            subspace_every_steps: 0,
         }
     }
 }
@@ -253,7 +260,7 @@ impl Policy {
         let needs_v2 = |what: &str| format!("{what} needs `version = 2` (this file declares version 1)");
         if file.version < 2 {
             let s = &file.settings;
-            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some()), ("calibration_margin_se", s.calibration_margin_se != 0.0)] {
+            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some()), ("calibration_margin_se", s.calibration_margin_se != 0.0), ("subspace_every_steps", s.subspace_every_steps != 0)] {
                 if set {
                     return Err(invalid(format!("settings.{field}"), needs_v2(field)));
                 }

@@ -4,7 +4,7 @@ use crate::decide::protection::{Decision, Measurements};
 use crate::decide::release::BlockReason;
 use crate::error::{GuardError, Result};
 use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LossFn};
-use crate::report::{Metric, Report};
+use crate::report::{LeakageMetric, Metric, Report};
 
 impl Guard {
     /// Decides with fresh measurements when due (the interval has passed and the budget
@@ -99,8 +99,19 @@ impl Guard {
         } else {
             self.latest.sensitivity = look.sensitivity(&settings.sensitivity())?;
         }
+        if self.subspace_due(step) {
+            self.measure_subspace(&look, step, inline)?;
+        }
+        self.latest.estimate_step = Some(step);
+        self.latest.estimate_seconds = Some(started.elapsed().as_secs_f64());
+        Ok(kept)
+    }
+
+    /// M2: the per-sample gradients here (they need the graph), the linear algebra here too
+    /// when `inline` or without a worker, else on the worker.
+    fn measure_subspace(&self, look: &Inspection, step: u64, inline: bool) -> Result<()> {
         let l = self.layers.len();
-        let table = match look.subspace_samples(&settings.subspace)? {
+        let table = match look.subspace_samples(&self.policy().settings().subspace)? {
             Err(reason) => Some(LatentTable::unavailable(step, l, reason)),
             Ok(samples) => {
                 let requests = self.protection.latent_requests();
@@ -122,9 +133,16 @@ impl Guard {
         if let Some(table) = table {
             *self.latest.latent.lock() = Some(table);
         }
-        self.latest.estimate_step = Some(step);
-        self.latest.estimate_seconds = Some(started.elapsed().as_secs_f64());
-        Ok(kept)
+        Ok(())
+    }
+
+    /// Whether this estimate measures M2: always while a rule reads it, else when its last
+    /// result is at least `subspace_every_steps` old (or there is none).
+    fn subspace_due(&self, step: u64) -> bool {
+        let every = self.policy().settings().subspace_every_steps;
+        let read_by_a_rule = self.policy().rules().iter().any(|r| r.metric == LeakageMetric::SubspaceSeparation);
+        let last = self.latest.latent.lock().as_ref().map(|t| t.step);
+        read_by_a_rule || every == 0 || last.is_none_or(|last| step.saturating_sub(last) >= every)
     }
 
     /// Hands the report to the sinks, on the worker when there is one.
