@@ -38,7 +38,12 @@ impl BnCnn {
     }
 }
 
+/// Tests in this binary run on parallel threads and libtorch's generator is global: seeding
+/// and drawing under one lock gives every call the same model and batch.
+static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn setup(smooth: bool) -> (nn::VarStore, BnCnn, Tensor, Tensor) {
+    let _draws = DRAWS.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(5);
     let mut vs = nn::VarStore::new(Device::Cpu);
     let net = BnCnn::new(&vs, smooth);
