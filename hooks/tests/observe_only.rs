@@ -1,6 +1,8 @@
-//! The guard observes, it does not disturb (METRICS.md, M1 "Batch coupling"): a batch-norm
-//! model trained under a guard that estimates M1 and M2 at every step ends bit-identical,
-//! parameters and buffers (running statistics), to the same model trained unguarded.
+//! The guard observes, it does not disturb (METRICS.md, M1 "Batch coupling"): a model with
+//! batch norm, dropout or both, trained under a guard that estimates M1 and M2 at every step,
+//! ends bit-identical, parameters and buffers (running statistics), to the same model trained
+//! unguarded: the guard's own passes put the buffers back and leave libtorch's random stream
+//! (which dropout draws from) where they found it.
 use gradguard_guard::{Batch, Metric, Settings};
 use gradguard_hooks::{GuardedOptimizer, TorchScriptModel};
 use std::path::{Path, PathBuf};
@@ -31,10 +33,12 @@ struct SmallResNet {
     conv2: nn::Conv2D,
     bn2: nn::BatchNorm,
     fc: nn::Linear,
+    /// Dropout before `fc` (0: none).
+    dropout: f64,
 }
 
 impl SmallResNet {
-    fn new(p: &nn::Path) -> Self {
+    fn new(p: &nn::Path, dropout: f64) -> Self {
         let conv = |p: nn::Path, c_in| nn::conv2d(p, c_in, 8, 3, nn::ConvConfig { padding: 1, bias: false, ..Default::default() });
         let block = p / "block";
         Self {
@@ -45,6 +49,7 @@ impl SmallResNet {
             conv2: conv(&block / "conv2", 8),
             bn2: nn::batch_norm2d(&block / "bn2", 8, Default::default()),
             fc: nn::linear(p / "fc", 8, 3, Default::default()),
+            dropout,
         }
     }
 
@@ -53,6 +58,7 @@ impl SmallResNet {
         let r = self.bn1.forward_t(&h.apply(&self.conv1), true).f_relu()?;
         let r = self.bn2.forward_t(&r.apply(&self.conv2), true);
         let pooled = r.f_add(&h)?.f_relu()?.f_mean_dim([2i64, 3].as_slice(), false, Kind::Float)?;
+        let pooled = if self.dropout > 0.0 { pooled.f_dropout(self.dropout, true)? } else { pooled };
         pooled.apply(&self.fc).f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0)
     }
 }
@@ -98,11 +104,11 @@ fn differing(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Vec<String> {
         .collect()
 }
 
-fn train_resnet(guarded: bool) -> Vec<(String, Tensor)> {
+fn train_resnet(guarded: bool, dropout: f64) -> Vec<(String, Tensor)> {
     let data = batches(STEPS, &[3, 8, 8]);
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
-    let net = SmallResNet::new(&vs.root());
+    let net = SmallResNet::new(&vs.root(), dropout);
     let loss_fn = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let sgd = nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, 0.1).unwrap();
     if guarded {
@@ -128,11 +134,58 @@ fn train_resnet(guarded: bool) -> Vec<(String, Tensor)> {
 #[test]
 fn a_guarded_batch_norm_resnet_trains_bit_identically_to_an_unguarded_one() {
     let _seeded = seeded();
-    let unguarded = train_resnet(false);
-    let guarded = train_resnet(true);
+    let unguarded = train_resnet(false, 0.0);
+    let guarded = train_resnet(true, 0.0);
     assert!(unguarded.iter().any(|(n, _)| n.ends_with("running_mean")), "the model has buffers");
     let differ = differing(&unguarded, &guarded);
     assert!(differ.is_empty(), "parameters or buffers moved by the guard: {differ:?}");
+}
+
+#[test]
+fn a_guarded_batch_norm_resnet_with_dropout_trains_bit_identically_to_an_unguarded_one() {
+    let _seeded = seeded();
+    let unguarded = train_resnet(false, 0.3);
+    let guarded = train_resnet(true, 0.3);
+    let differ = differing(&unguarded, &guarded);
+    assert!(differ.is_empty(), "parameters or buffers moved by the guard: {differ:?}");
+    assert!(!differing(&unguarded, &train_resnet(false, 0.0)).is_empty(), "dropout changes training");
+}
+
+/// linear, relu, dropout, linear: dropout without batch norm.
+fn train_dropout_mlp(guarded: bool) -> Vec<(String, Tensor)> {
+    let data = batches(STEPS, &[6]);
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let (fc1, fc2) = (nn::linear(vs.root() / "fc1", 6, 16, Default::default()), nn::linear(vs.root() / "fc2", 16, 3, Default::default()));
+    let loss_fn = |x: &Tensor, y: &Tensor| {
+        x.apply(&fc1).f_relu()?.f_dropout(0.5, true)?.apply(&fc2).f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0)
+    };
+    let sgd = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    if guarded {
+        let mut opt = GuardedOptimizer::builder(&vs, sgd).settings(estimate_every_step()).loss(loss_fn).build().unwrap();
+        for (step, (x, y, a)) in data.iter().enumerate() {
+            let release = opt.backward_step(&loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a)).unwrap();
+            assert!(release.is_released(), "step {step}: {:?}", release.block_reason());
+            assert!(release.report().layers.iter().all(|l| l.sensitivity.measured().is_some() && l.subspace.measured().is_some()), "step {step}");
+        }
+    } else {
+        let mut opt = sgd;
+        for (x, y, _) in &data {
+            opt.zero_grad();
+            loss_fn(x, y).unwrap().backward();
+            opt.step();
+        }
+    }
+    state(&vs)
+}
+
+#[test]
+fn a_guarded_dropout_mlp_trains_bit_identically_to_an_unguarded_one() {
+    let _seeded = seeded();
+    let unguarded = train_dropout_mlp(false);
+    let guarded = train_dropout_mlp(true);
+    let differ = differing(&unguarded, &guarded);
+    assert!(differ.is_empty(), "parameters moved by the guard's draws: {differ:?}");
 }
 
 #[test]
@@ -193,6 +246,8 @@ fn script_loss(model: &TorchScriptModel, x: &Tensor, y: &Tensor) -> Result<Tenso
 fn train_script(path: &Path, data: &[(Tensor, Tensor, Tensor)], guarded: bool, check: impl Fn(usize, &gradguard_guard::Report)) -> Vec<(String, Tensor)> {
     let mut model = TorchScriptModel::load(path, Device::Cpu).unwrap();
     model.set_train().unwrap();
+    // Dropout draws from here on: each run starts from the same stream.
+    tch::manual_seed(0);
     let loss_fn = |x: &Tensor, y: &Tensor| script_loss(&model, x, y);
     let sgd = nn::Sgd { momentum: 0.9, ..Default::default() }.build(model.var_store(), 0.1).unwrap();
     if guarded {
@@ -236,6 +291,23 @@ fn a_guarded_torchscript_batch_norm_model_trains_bit_identically_to_an_unguarded
     assert!(unguarded.iter().any(|(n, _)| n == "block_bn1_running_mean"), "the VarStore holds the buffers");
     let differ = differing(&unguarded, &guarded);
     assert!(differ.is_empty(), "parameters or buffers moved by the guard: {differ:?}");
+    let _ = std::fs::remove_dir_all(folder);
+}
+
+#[test]
+fn guarded_torchscript_models_with_dropout_train_bit_identically_to_unguarded_ones() {
+    let _seeded = seeded();
+    let folder = scripted_models();
+    let data = batches(STEPS, &[3, 8, 8]);
+    for name in ["dropout_cnn.pt", "bn_dropout_resnet.pt"] {
+        let path = folder.join(name);
+        let unguarded = train_script(&path, &data, false, |_, _| {});
+        let guarded = train_script(&path, &data, true, |step, report| {
+            assert!(report.layers.iter().all(|l| l.sensitivity.measured().is_some()), "{name} step {step}: M1 of every layer");
+        });
+        let differ = differing(&unguarded, &guarded);
+        assert!(differ.is_empty(), "{name}: parameters or buffers moved by the guard: {differ:?}");
+    }
     let _ = std::fs::remove_dir_all(folder);
 }
 

@@ -5,10 +5,12 @@
 //! imports this one; this file imports none of them.
 //!
 //! Each estimator's entry point runs its passes through [`Inspection::observing`], which puts
-//! the model's buffers back as they were: the guard observes the model, it does not change it.
+//! the model's buffers back as they were, and libtorch's random stream where it was: the guard
+//! observes the model, it does not change it.
 use super::batch::Batch;
 use super::layers::LayerMap;
 use super::loss::{EmbeddingSplit, LossFn};
+use super::rng::RngSnapshot;
 use crate::error::Result;
 
 /// One batch of one model, as the estimators see it. Cheap to copy: everything is borrowed.
@@ -92,13 +94,17 @@ impl<'a> Inspection<'a> {
     }
 
     /// Runs an estimator's passes and then puts every buffer of the model back, bit for bit,
-    /// as it was before them, whether the passes succeed or fail: a batch norm in training
-    /// mode updates its running statistics on every forward pass, the guard's probes and
-    /// per-sample passes included. A model without buffers pays nothing.
+    /// as it was before them, and libtorch's random stream where it was, whether the passes
+    /// succeed or fail: a batch norm in training mode updates its running statistics on every
+    /// forward pass, and a dropout layer draws from the default generator, the guard's probes
+    /// and per-sample passes included. A model without buffers pays nothing for them; the
+    /// generator's state is a few kilobytes copied twice.
     pub(crate) fn observing<T>(&self, passes: impl FnOnce() -> Result<T>) -> Result<T> {
+        let random = RngSnapshot::take(self.batch.inputs().device())?;
         let snapshot = self.layers.snapshot_buffers()?;
         let out = passes();
         snapshot.restore()?;
+        random.restore()?;
         out
     }
 }

@@ -39,6 +39,7 @@ mod loss;
 mod per_sample;
 mod projected;
 mod projection;
+mod rng;
 mod sensitivity;
 mod stats;
 mod subspace;
