@@ -23,6 +23,7 @@ test: venv test-deps
 	$(ENV) cargo test --release --workspace --lib --bins --tests --examples
 	$(ENV) cargo test --release --workspace --doc
 	$(ENV) cargo bench --workspace --no-run
+	scripts/user-crate.sh
 	scripts/federated-setup.sh
 	$(ENV) PYTHONDONTWRITEBYTECODE=1 python -m pytest -q -p no:cacheprovider federated/tests
 

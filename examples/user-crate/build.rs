@@ -1,0 +1,3 @@
+fn main() {
+    gradguard_build::link_libtorch();
+}
