@@ -131,6 +131,32 @@ fn observe_only_training_is_bit_identical_to_the_unguarded_run() {
 }
 
 #[test]
+fn a_token_model_without_a_split_trains_with_m1_absent_and_says_why() {
+    let model = made("tokens_dropout.pt");
+    let (x, y) = (fixture("tokens_x.npy"), fixture("tokens_y.npy"));
+    let run_in = |name: &str, extra: &[&str]| {
+        let dir = scratch(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut args = vec!["--model", &model, "--inputs", &x, "--labels", &y, "--out", path(&dir), "--steps", "30", "--batch-size", "16", "--seed", "3"];
+        args.extend_from_slice(extra);
+        let run = train(&args);
+        assert_eq!(run.status.code(), Some(0), "args {args:?}:\n{}{}", text(&run.stdout), text(&run.stderr));
+        (dir, text(&run.stdout))
+    };
+    let (guarded, stdout) = run_in("tokens_guarded", &[]);
+    let said: Vec<&str> = stdout.lines().filter(|l| l.starts_with("M1: absent")).collect();
+    assert_eq!(said.len(), 1, "one line says why M1 is absent:\n{stdout}");
+    assert!(said[0].contains("Int64") && said[0].contains("no embedding split"), "{}", said[0]);
+    let last = &report(&guarded)["last_report"]["layers"];
+    let reasons: Vec<&str> = last.as_array().unwrap().iter().map(|l| l["sensitivity"]["reason"].as_str().unwrap_or("")).collect();
+    assert!(!reasons.is_empty() && reasons.iter().all(|r| r.contains("no embedding split")), "M1 absent in the report: {last}");
+    // Observe-only with dropout: the guard's passes leave the random stream where it was.
+    let (unguarded, _) = run_in("tokens_unguarded", &["--no-guard"]);
+    let (same, why) = same_state(&guarded, &unguarded);
+    assert!(same, "observe-only training of a dropout token model changed the trained module: {why}");
+}
+
+#[test]
 fn observe_only_training_of_a_batch_norm_model_is_bit_identical_to_the_unguarded_run() {
     observe_only_matches_unguarded(&made("cnn_bn_scripted.pt"), "bn");
 }

@@ -23,6 +23,10 @@ pub struct DataSpec {
     pub samples: Option<usize>,
     /// The loss, which decides what the labels must be.
     pub loss: LossKind,
+    /// Integer inputs for a model without an embedding split: taken as they are (training,
+    /// where the guard then measures no M1 and says why) instead of refused (the audit, whose
+    /// M1 needs continuous inputs or a split).
+    pub token_ids_without_split: bool,
 }
 
 /// The audited data as tensors on the model's device, inputs in the parameters' dtype (token
@@ -117,7 +121,7 @@ impl AuditData {
                 first_samples(xv, &inputs, n, kind, device)?
             }
             // Token ids: M1 is measured on the model's embeddings.
-            NpyData::Int(ids, _) if model.has_embedding() => {
+            NpyData::Int(ids, _) if model.has_embedding() || spec.token_ids_without_split => {
                 let per = ids.len() / total;
                 let mut shape = inputs.shape.clone();
                 shape[0] = n as i64;

@@ -107,6 +107,7 @@ impl Source {
                     attribute,
                     samples: None,
                     loss: model.loss,
+                    token_ids_without_split: false,
                 };
                 let attribute = Some(dir.file("attribute.npy")).filter(|p| p.is_file());
                 let data = AuditData::load(&spec("x.npy", "y.npy", attribute), &model.model, Device::Cpu)?;

@@ -135,7 +135,7 @@ impl AuditArgs {
     }
 
     fn data(&self) -> DataSpec {
-        DataSpec { inputs: self.inputs.clone(), labels: self.labels.clone(), attribute: self.attribute.clone(), samples: self.samples, loss: self.loss.into() }
+        DataSpec { inputs: self.inputs.clone(), labels: self.labels.clone(), attribute: self.attribute.clone(), samples: self.samples, loss: self.loss.into(), token_ids_without_split: false }
     }
 }
 

@@ -11,7 +11,7 @@
 //! ```
 use super::audit::LossArg;
 use gradguard::audit::{train, AuditData, DataSpec, GuardOptions, ModelSource, OptimizerKind, TrainOptions};
-use gradguard::guard::parse_device;
+use gradguard::guard::{parse_device, GuardError};
 use gradguard::hooks::{PolicyReloader, StopSignal};
 use gradguard::Policy;
 use std::net::SocketAddr;
@@ -127,9 +127,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     options.validate()?;
     let mut model = ModelSource::TorchScript(args.model.clone()).load(args.seed, device)?;
-    let spec = DataSpec { inputs: Some(args.inputs.clone()), labels: Some(args.labels.clone()), attribute: args.attribute.clone(), samples: None, loss: args.loss.into() };
+    let spec = DataSpec { inputs: Some(args.inputs.clone()), labels: Some(args.labels.clone()), attribute: args.attribute.clone(), samples: None, loss: args.loss.into(), token_ids_without_split: true };
     let data = AuditData::load(&spec, &model, device)?;
     options.check_model(&model)?;
+    let discrete = !data.x.f_is_floating_point()? && !model.has_embedding();
 
     println!(
         "gradguard train: {} on {}, {device:?}; {} lr {}, {} steps of {}, seed {}",
@@ -145,6 +146,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         Some(g) => {
             let policy = policy.unwrap_or_else(Policy::permissive);
             println!("{}", super::progress::guard_header(&model.layer_names()?, &policy, g.metrics_addr, &args.out.join("audit.jsonl")));
+            if discrete {
+                // The TorchScript model exports no embed / forward_embedded split.
+                println!("M1: absent: {}\n", GuardError::DiscreteInputs { kind: format!("{:?}", data.x.kind()) });
+            }
             if let Some(r) = &reload {
                 println!("policy reload: kill -HUP {} re-reads {}\n", std::process::id(), r.path().display());
             }

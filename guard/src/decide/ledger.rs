@@ -137,6 +137,7 @@ impl RunLedger {
         };
         let mut add = dfil(decision);
         if let Some(cap) = settings.ledger_cap_bits {
+            let at = CapAt { step, cap, policy_hash };
             let bits = |d: f64| v.map_or(f64::INFINITY, |v| if d.is_finite() { reconstruction_bound_bits(v, d) } else { f64::INFINITY });
             let over = |s: &Sums| -> Vec<usize> { (0..count).filter(|&l| bits(s.layers[l]) > cap).collect() };
             let mut projected = self.projected(&add, ids.as_deref(), weight);
@@ -150,7 +151,7 @@ impl RunLedger {
                 loop {
                     for &l in &withhold {
                         if decision.chains[l].is_some() {
-                            self.withhold(decision, l, bits(projected.layers[l]), bits(projected.release), cap, policy_hash, step);
+                            self.withhold(decision, l, bits(projected.layers[l]), bits(projected.release), &at);
                         }
                     }
                     add = dfil(decision);
@@ -170,36 +171,33 @@ impl RunLedger {
                     Some(l) => (decision.layers.get(l).map_or("*".to_string(), |m| m.name.clone()), bits(projected.layers[l])),
                     None => ("*".to_string(), bits(projected.release)),
                 };
-                self.block(decision, layer, value, cap, policy_hash, step);
+                self.block(decision, layer, value, &at);
                 return;
             }
         }
         self.staged = Some(Staged { contribution: add, ids, weight, prior_variance: v });
     }
 
-    fn withhold(&mut self, decision: &mut Decision, l: usize, layer_bits: f64, release_bits: f64, cap: f64, policy_hash: &str, step: u64) {
+    fn withhold(&mut self, decision: &mut Decision, l: usize, layer_bits: f64, release_bits: f64, at: &CapAt) {
         self.capped += 1;
+        let cap = at.cap;
         decision.chains[l] = None;
         let name = decision.layers[l].name.clone();
         decision.layers[l].released = false;
         decision.layers[l].actions = vec![Defence::Withhold];
         decision.bounds.withhold(l, "withheld: the run ledger's cap");
-        decision.records.push(record(
-            step,
+        decision.records.push(at.record(
             &name,
             Outcome::Withheld,
-            "withhold",
             Some(layer_bits.min(release_bits)),
-            cap,
             format!("the run ledger's cumulative bound would reach {layer_bits:.4e} bits/dim on this layer ({release_bits:.4e} for the release), above the cap {cap} (on_violation = withhold)"),
-            policy_hash,
         ));
     }
 
-    fn block(&mut self, decision: &mut Decision, layer: String, value: f64, cap: f64, policy_hash: &str, step: u64) {
+    fn block(&mut self, decision: &mut Decision, layer: String, value: f64, at: &CapAt) {
         self.capped += 1;
-        let reason = BlockReason::LedgerCap { layer: layer.clone(), bits: value, cap };
-        decision.records.push(record(step, &layer, Outcome::Blocked, "block", Some(value), cap, reason.to_string(), policy_hash));
+        let reason = BlockReason::LedgerCap { layer: layer.clone(), bits: value, cap: at.cap };
+        decision.records.push(at.record(&layer, Outcome::Blocked, Some(value), reason.to_string()));
         decision.outcome = ReleaseOutcome::Blocked { reason: reason.to_string() };
         decision.block = Some(reason);
         decision.chains = vec![None; decision.chains.len()];
@@ -260,22 +258,32 @@ impl RunLedger {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn record(step: u64, layer: &str, outcome: Outcome, action: &str, value: Option<f64>, cap: f64, reason: String, policy_hash: &str) -> DecisionRecord {
-    DecisionRecord {
-        time_unix_ms: unix_ms_now(),
-        step,
-        layer: layer.to_string(),
-        rule: Some("ledger_cap_bits".into()),
-        metric: Some(LeakageMetric::ReconstructionBoundBits.name().into()),
-        value: value.filter(|v| v.is_finite()),
-        threshold: Some(cap),
-        level: 0,
-        action: action.into(),
-        outcome,
-        reason: Some(reason),
-        policy_hash: policy_hash.to_string(),
-        previous_policy_hash: None,
-        checkpoint: None,
+/// The release a cap check is about: its step, the cap, and the policy in force.
+struct CapAt<'a> {
+    step: u64,
+    cap: f64,
+    policy_hash: &'a str,
+}
+
+impl CapAt<'_> {
+    /// The audit record of the cap withholding a layer or blocking the release.
+    fn record(&self, layer: &str, outcome: Outcome, value: Option<f64>, reason: String) -> DecisionRecord {
+        let action = if outcome == Outcome::Withheld { "withhold" } else { "block" };
+        DecisionRecord {
+            time_unix_ms: unix_ms_now(),
+            step: self.step,
+            layer: layer.to_string(),
+            rule: Some("ledger_cap_bits".into()),
+            metric: Some(LeakageMetric::ReconstructionBoundBits.name().into()),
+            value: value.filter(|v| v.is_finite()),
+            threshold: Some(self.cap),
+            level: 0,
+            action: action.into(),
+            outcome,
+            reason: Some(reason),
+            policy_hash: self.policy_hash.to_string(),
+            previous_policy_hash: None,
+            checkpoint: None,
+        }
     }
 }
