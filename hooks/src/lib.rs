@@ -14,7 +14,7 @@
 //! let net = nn::linear(vs.root() / "fc", 64, 10, Default::default());
 //! let loss = |x: &Tensor, y: &Tensor| net.forward(x).f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0);
 //! let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?)
-//!     .policy(Policy::load("examples/policy.toml".as_ref())?)
+//!     .policy(Policy::load("examples/policy.toml")?)
 //!     .loss(&loss)
 //!     .audit_log("out/audit.jsonl")
 //!     .build()?;
@@ -37,7 +37,7 @@
 //! use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let mut model = TorchScriptModel::load("net.pt".as_ref(), Device::Cpu)?;
+//! let mut model = TorchScriptModel::load("net.pt", Device::Cpu)?;
 //! model.set_train()?; // dropout and batch norm as in training
 //! let loss = |x: &Tensor, y: &Tensor| model.f_forward(x)?.f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0);
 //! let mut opt = GuardedOptimizer::builder_for_torchscript(&model, nn::Adam::default().build(model.var_store(), 1e-3)?)
@@ -47,7 +47,7 @@
 //! opt.backward_step(&loss(&x, &y)?, &Batch::new(&x, &y))?;
 //! drop(opt);
 //! model.set_eval()?;
-//! model.save("trained.pt".as_ref())?; // torch.jit.load("trained.pt") in PyTorch
+//! model.save("trained.pt")?; // torch.jit.load("trained.pt") in PyTorch
 //! # Ok(()) }
 //! ```
 //!
@@ -91,7 +91,7 @@ pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScript
 
 use gradguard_exporter::MetricsServer;
 use gradguard_guard::{AuditLog, LogOptions, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, ReportSink, Settings, SplitLoss};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use tch::{nn, TchError, Tensor};
 
@@ -114,7 +114,7 @@ pub struct GuardBuilder<'a> {
     audit_log: Option<PathBuf>,
     audit_options: LogOptions,
     checkpoint_every: u64,
-    metrics_addr: Option<SocketAddr>,
+    metrics_addr: Option<Result<SocketAddr, BuildError>>,
     sinks: Vec<ReportSink>,
 }
 
@@ -133,6 +133,14 @@ pub enum BuildError {
     /// An option is missing or contradicts another.
     #[error("guarded optimizer: {0}")]
     Options(&'static str),
+    /// The metrics address does not name a socket address.
+    #[error("metrics address {addr:?}: {why}")]
+    Address {
+        /// The address as given.
+        addr: String,
+        /// What was wrong with it.
+        why: String,
+    },
 }
 
 impl<'a> GuardBuilder<'a> {
@@ -191,9 +199,15 @@ impl<'a> GuardBuilder<'a> {
     }
 
     /// Serves the guard's metrics on `addr` (`/metrics`, `/healthz`, `/report`) while the
-    /// optimizer lives.
-    pub fn metrics(mut self, addr: SocketAddr) -> Self {
-        self.metrics_addr = Some(addr);
+    /// optimizer lives: `"127.0.0.1:9464"`, `("localhost", 9464)` or a `SocketAddr` (port 0
+    /// picks a free port; [`GuardedOptimizer::metrics_addr`] says which). An address that does
+    /// not resolve is an error of [`GuardBuilder::build`].
+    pub fn metrics(mut self, addr: impl ToSocketAddrs + std::fmt::Debug) -> Self {
+        let resolved = match addr.to_socket_addrs() {
+            Ok(mut addrs) => addrs.next().ok_or_else(|| "resolves to no address".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        self.metrics_addr = Some(resolved.map_err(|why| BuildError::Address { addr: format!("{addr:?}"), why }));
         self
     }
 
@@ -216,6 +230,8 @@ impl<'a> GuardBuilder<'a> {
             (None, Some(settings)) => Policy::permissive_with(settings).map_err(GuardError::from)?,
             (None, None) => Policy::permissive(),
         };
+        // Every option is checked before the audit log is opened: a bad one leaves no file.
+        let metrics_addr = self.metrics_addr.transpose()?;
         let mut guard = Guard::new(self.layers?, policy)?;
         if let Some(path) = self.audit_log {
             guard.set_audit_log_every(AuditLog::open_options(path, self.audit_options).map_err(GuardError::from)?, self.checkpoint_every)?;
@@ -223,7 +239,10 @@ impl<'a> GuardBuilder<'a> {
         for sink in self.sinks {
             guard.add_report_sink(sink);
         }
-        let metrics = self.metrics_addr.map(|addr| gradguard_exporter::attach(&mut guard, addr)).transpose()?;
+        let metrics = match metrics_addr {
+            Some(addr) => Some(gradguard_exporter::attach(&mut guard, addr)?),
+            None => None,
+        };
         Ok(GuardedOptimizer { optimizer: self.optimizer, guard, loss, metrics })
     }
 }

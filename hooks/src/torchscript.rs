@@ -120,7 +120,8 @@ impl TorchScriptModel {
     /// the same function; call [`Self::set_train`] to release in training mode. The VarStore
     /// holds the parameters (frozen ones untrainable) and the buffers (untrainable), under
     /// [`var_store_names`].
-    pub fn load(path: &Path, device: Device) -> Result<Self, TorchScriptError> {
+    pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self, TorchScriptError> {
+        let path = path.as_ref();
         if !path.is_file() {
             return Err(TorchScriptError::NotFound { path: path.to_path_buf() });
         }
@@ -231,7 +232,8 @@ impl TorchScriptModel {
     /// running statistics, and its train/eval flag) in `torch.jit.save`'s format, loadable by
     /// `torch.jit.load`. A module on a GPU is written with its tensors on the CPU, so that the
     /// file loads on any machine.
-    pub fn save(&self, path: &Path) -> Result<(), TorchScriptError> {
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), TorchScriptError> {
+        let path = path.as_ref();
         let failed = |e: TchError| TorchScriptError::Save { path: path.to_path_buf(), why: first_line(&e) };
         self.module.save(path).map_err(failed)?;
         if self.device != Device::Cpu {

@@ -7,7 +7,7 @@ use gradguard::data::Digits;
 use gradguard::guard::{parse_device, Policy};
 use gradguard::hooks::{GuardSummary, PolicyReloader, ReleaseCounts, RunSummary, StopSignal};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, GuardedOptimizer, Report};
+use gradguard::{Batch, GuardedOptimizer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -77,7 +77,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .metrics(args.metrics_addr)
         .build()?;
     let guard = opt.guard();
-    let thresholds = guard.protection().thresholds();
     println!("gradguard demo: digits CNN on {} train / {} test samples, {device:?}", train.len(), test.len());
     println!("{}", super::progress::guard_header(&guard.layers().names(), guard.policy(), opt.metrics_addr(), &audit_path));
     if let Some(addr) = opt.metrics_addr() {
@@ -110,7 +109,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         counts.count(&release);
         super::progress::show_release(&bar, step, &release);
         if release.report().estimated {
-            bar.suspend(|| println!("{}", live_table(release.report(), &thresholds)));
+            bar.suspend(|| println!("{}", opt.guard().table(release.report())));
         }
         last = Some(release.into_report());
         bar.set_message(counts.to_string());
@@ -132,38 +131,4 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("run report: {}", html.display());
     drop(opt);
     Ok(())
-}
-
-fn fmt(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.4}"))
-}
-
-/// Per layer: the metrics, the thresholds that apply and the protection in force.
-fn live_table(report: &Report, thresholds: &[(String, gradguard::guard::LeakageMetric, f64)]) -> String {
-    use std::fmt::Write;
-    let mut out = format!("step {} (estimate):\n", report.step);
-    let _ = writeln!(out, "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<52} {}", "layer", "S_l", "S_rms", "R_l", "separ", "|G_l|", "M5 bits", "thresholds", "protection");
-    let manifest = report.release.as_ref();
-    for (i, l) in report.layers.iter().enumerate() {
-        let s = l.sensitivity.measured();
-        let limits: Vec<String> = thresholds.iter().filter(|t| t.0 == l.name).map(|t| format!("{} > {}", t.1.name(), t.2)).collect();
-        let actions = manifest.and_then(|m| m.layers.get(i)).map(|m| if m.actions.is_empty() { "none".to_string() } else { m.actions.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" -> ") });
-        let _ = writeln!(
-            out,
-            "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<52} level {} {}",
-            l.name,
-            fmt(s.map(|s| s.sensitivity)),
-            fmt(s.map(|s| s.sensitivity_rms)),
-            fmt(s.and_then(|s| s.relative_sensitivity)),
-            fmt(l.subspace.measured().map(|m| m.subspace_separation)),
-            fmt(l.gradient.measured().map(|g| g.norm)),
-            // M5: +Inf for a layer released without noise (no bound).
-            l.reconstruction_bound.measured().map_or("-".to_string(), |b| b.reconstruction_bound_bits.map_or("+Inf".into(), |v| format!("{v:.4}"))),
-            if limits.is_empty() { "-".into() } else { limits.join(", ") },
-            l.protection_level,
-            actions.unwrap_or_default()
-        );
-    }
-    let _ = writeln!(out, "  {}", report.bound_line());
-    out
 }

@@ -220,7 +220,8 @@ impl Settings {
 
 impl Policy {
     /// Reads and validates a policy file.
-    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, PolicyError> {
+        let path = path.as_ref();
         let text = std::fs::read_to_string(path)
             .map_err(|e| PolicyError::Io { path: path.display().to_string(), why: e.to_string() })?;
         Self::from_toml_str(&text, &path.display().to_string())

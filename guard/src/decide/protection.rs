@@ -202,7 +202,7 @@ impl Protection {
     }
 
     /// The thresholds that apply: (layer, metric, act_above), for the exporter.
-    pub fn thresholds(&self) -> Vec<(String, LeakageMetric, f64)> {
+    pub fn thresholds(&self) -> Vec<crate::report::Threshold> {
         let mut out = Vec::new();
         for (rule, layers) in self.policy.rules().iter().zip(&self.coverage.rule_layers) {
             for &l in layers {

@@ -4,8 +4,10 @@ use serde::{Deserialize, Serialize};
 
 mod bound;
 mod manifest;
+mod policy_table;
 pub use bound::{Ledger, LedgerLayer, PriorSource, ReconstructionBound, BOUND_CAVEAT, NO_NOISE_NO_BOUND};
 pub use manifest::{LayerManifest, Manifest, ReleaseOutcome, RuleCheck};
+pub use policy_table::Threshold;
 
 /// The metric a rule acts on, by its METRICS.md name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -169,6 +169,12 @@ impl Guard {
         &self.protection
     }
 
+    /// The per-layer table of a report with this guard's thresholds and the protection in
+    /// force ([`Report::policy_table`]): what `gradguard demo` prints at each estimate.
+    pub fn table(&self, report: &Report) -> String {
+        report.policy_table(&self.protection.thresholds())
+    }
+
     /// Steps inspected so far; the next release reports this step.
     pub fn step(&self) -> u64 {
         self.step
