@@ -225,7 +225,7 @@ fn an_aggregate_rung_raises_the_floor_and_the_larger_release_is_measured_again()
     guard.set_audit_log(AuditLog::open(&log).unwrap()).unwrap();
     let first = guarded_step(&s, &mut guard, 0, 16).0.unwrap().into_report();
     let m = first.release.as_ref().unwrap();
-    assert!(matches!(m.outcome, ReleaseOutcome::Pending { .. }), "{:?}", m.outcome);
+    assert!(matches!(m.outcome, ReleaseOutcome::Held { .. }), "{:?}", m.outcome);
     assert!(!first.step_allowed());
     assert_eq!(m.aggregation_floor, 32, "the rung doubled the floor");
     let second = guarded_step(&s, &mut guard, 16, 16).0.unwrap().into_report();

@@ -132,6 +132,9 @@ impl Defence {
         }
     }
 
+    /// Every action's name ([`Defence::name`]), as metric labels list them.
+    pub const KINDS: [&'static str; 5] = ["clip", "noise", "quantize", "sparsify", "withhold"];
+
     /// The action name as written in a policy (`"withhold"`, `"clip"`, `"noise"`,
     /// `"sparsify"`, `"quantize"`).
     pub fn name(&self) -> &'static str {

@@ -60,6 +60,6 @@ mod server;
 pub use attach::attach;
 pub use error::{ExporterError, LabelKind};
 pub use metrics::{
-    Exporter, ReleaseOutcome, DEFAULT_ACTIONS, ESTIMATE_DURATION_BUCKETS, LEAKAGE_METRICS, MAX_LABEL_VALUE_LEN, NO_POLICY,
+    Exporter, DEFAULT_ACTIONS, ESTIMATE_DURATION_BUCKETS, LEAKAGE_METRICS, MAX_LABEL_VALUE_LEN, NO_POLICY,
 };
 pub use server::{router, MetricsServer, DEFAULT_ADDR, SHUTDOWN_GRACE};

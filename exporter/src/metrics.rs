@@ -6,7 +6,8 @@
 //! state is held only to copy a few values. Rendering happens on the scraping thread.
 use crate::bounds::BoundSeries;
 use crate::error::{ExporterError, LabelKind};
-use gradguard_guard::{Metric, Report};
+use gradguard_defenses::Defence;
+use gradguard_guard::{Metric, Policy, ReleaseKind, Report, ReportedMetric};
 use parking_lot::Mutex;
 use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::collections::HashMap;
@@ -15,19 +16,11 @@ use std::time::{Duration, Instant};
 
 /// The leakage metrics of a [`Report`] that the exporter knows how to read, in label form
 /// (`gradguard_layer_leakage{metric=...}`, `gradguard_layer_threshold{metric=...}`).
-pub const LEAKAGE_METRICS: [&str; 7] = [
-    "sensitivity",
-    "sensitivity_se",
-    "sensitivity_rms",
-    "relative_sensitivity",
-    "subspace_distance",
-    "subspace_separation",
-    "reconstruction_bound_bits",
-];
+pub const LEAKAGE_METRICS: [&str; 7] = ReportedMetric::NAMES;
 
 /// Defence action names for exporters that are not told otherwise: the transformations of
 /// `gradguard-defenses` plus withholding a layer's gradient.
-pub const DEFAULT_ACTIONS: [&str; 5] = ["clip", "noise", "quantize", "sparsify", "withhold"];
+pub const DEFAULT_ACTIONS: [&str; 5] = Defence::KINDS;
 
 /// Buckets of `gradguard_estimate_duration_seconds` (1 ms .. 60 s).
 pub const ESTIMATE_DURATION_BUCKETS: [f64; 15] =
@@ -38,31 +31,6 @@ pub const NO_POLICY: &str = "none";
 
 /// Longest accepted label value (layer names, actions, policy hash and version).
 pub const MAX_LABEL_VALUE_LEN: usize = 128;
-
-/// What happened to one release (`gradguard_releases_total{outcome}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReleaseOutcome {
-    /// Released as computed.
-    Released,
-    /// Released after at least one defence action transformed it.
-    Protected,
-    /// Not released at all (withheld, non-finite, policy block).
-    Blocked,
-}
-
-impl ReleaseOutcome {
-    /// Every outcome; each has its `gradguard_releases_total{outcome}` series from the start.
-    pub const ALL: [ReleaseOutcome; 3] = [ReleaseOutcome::Released, ReleaseOutcome::Protected, ReleaseOutcome::Blocked];
-
-    /// The `outcome` label value (`released`, `protected`, `blocked`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReleaseOutcome::Released => "released",
-            ReleaseOutcome::Protected => "protected",
-            ReleaseOutcome::Blocked => "blocked",
-        }
-    }
-}
 
 /// Per-layer children, resolved once at construction.
 struct LayerSeries {
@@ -111,12 +79,13 @@ pub struct Exporter {
     created: Instant,
     layers: Vec<String>,
     layer_index: HashMap<String, usize>,
-    metrics: Vec<&'static str>,
+    metrics: Vec<ReportedMetric>,
+    metric_names: Vec<&'static str>,
     metric_index: HashMap<&'static str, usize>,
     actions: Vec<String>,
     action_index: HashMap<String, usize>,
     series: Vec<LayerSeries>,
-    releases: [IntCounter; 3],
+    releases: [IntCounter; 4],
     rejected: [IntCounter; 3],
     aggregation_floor: Gauge,
     estimate_duration: Histogram,
@@ -133,7 +102,7 @@ impl std::fmt::Debug for Exporter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Exporter")
             .field("layers", &self.layers)
-            .field("metrics", &self.metrics)
+            .field("metrics", &self.metric_names)
             .field("actions", &self.actions)
             .finish_non_exhaustive()
     }
@@ -174,20 +143,21 @@ impl Exporter {
         for l in &layers {
             check_label_value("layer", l)?;
         }
-        let metrics: Vec<&'static str> = metrics
+        let metrics: Vec<ReportedMetric> = metrics
             .iter()
             .map(|m| {
-                LEAKAGE_METRICS.iter().copied().find(|k| *k == m.as_ref()).ok_or_else(|| {
+                ReportedMetric::from_name(m.as_ref()).ok_or_else(|| {
                     ExporterError::Config(format!("unknown leakage metric {:?}; known: {}", m.as_ref(), LEAKAGE_METRICS.join(", ")))
                 })
             })
             .collect::<Result<_, _>>()?;
+        let metric_names: Vec<&'static str> = metrics.iter().map(|m| m.name()).collect();
         let actions: Vec<String> = actions.iter().map(|a| a.as_ref().to_string()).collect();
         for a in &actions {
             check_label_value("action", a)?;
         }
         let layer_index = index("layer", &layers, |s| s.clone())?;
-        let metric_index = index("metric", &metrics, |s| s.to_string())?;
+        let metric_index = index("metric", &metric_names, |s| s.to_string())?;
         let action_index = index("action", &actions, |s| s.clone())?;
 
         let registry = Registry::new();
@@ -245,7 +215,7 @@ impl Exporter {
             &["layer"],
         )?;
         let actions_total = counter_vec("gradguard_defence_actions_total", "Defence actions applied to a layer's gradient, by action.", &["layer", "action"])?;
-        let releases = counter_vec("gradguard_releases_total", "Gradient releases by outcome: released (as computed), protected (after defence actions), blocked (not released).", &["outcome"])?;
+        let releases = counter_vec("gradguard_releases_total", "Gradient releases by outcome: released (as computed), protected (after defence actions), held (for the aggregation floor, nothing released yet), blocked (not released).", &["outcome"])?;
         let rejected = counter_vec(
             "gradguard_exporter_rejected_updates_total",
             "Updates the exporter refused because they named a layer, metric or action it was not constructed with.",
@@ -284,9 +254,9 @@ impl Exporter {
             .map(|layer| {
                 let l = layer.as_str();
                 let s = LayerSeries {
-                    leakage: metrics.iter().map(|m| leakage.with_label_values(&[l, m])).collect(),
-                    absent: metrics.iter().map(|m| absent.with_label_values(&[l, m])).collect(),
-                    threshold: metrics.iter().map(|m| threshold.with_label_values(&[l, m])).collect(),
+                    leakage: metric_names.iter().map(|m| leakage.with_label_values(&[l, m])).collect(),
+                    absent: metric_names.iter().map(|m| absent.with_label_values(&[l, m])).collect(),
+                    threshold: metric_names.iter().map(|m| threshold.with_label_values(&[l, m])).collect(),
                     actions: actions.iter().map(|a| actions_total.with_label_values(&[l, a.as_str()])).collect(),
                     grad_norm: grad_norm.with_label_values(&[l]),
                     grad_max_abs: grad_max_abs.with_label_values(&[l]),
@@ -312,7 +282,7 @@ impl Exporter {
             })
             .collect();
         let bounds = BoundSeries::register(&registry, &layers)?;
-        let releases = ReleaseOutcome::ALL.map(|o| releases.with_label_values(&[o.as_str()]));
+        let releases = ReleaseKind::ALL.map(|k| releases.with_label_values(&[k.name()]));
         let rejected = LabelKind::ALL.map(|k| rejected.with_label_values(&[k.as_str()]));
 
         Ok(Self {
@@ -330,6 +300,7 @@ impl Exporter {
             layers,
             layer_index,
             metrics,
+            metric_names,
             metric_index,
             actions,
             action_index,
@@ -359,7 +330,7 @@ impl Exporter {
 
     /// The leakage metrics exported (a subset of [`LEAKAGE_METRICS`]), in construction order.
     pub fn metrics(&self) -> &[&'static str] {
-        &self.metrics
+        &self.metric_names
     }
 
     /// The defence action label values counted, in construction order.
@@ -376,7 +347,7 @@ impl Exporter {
         self.rejected[label as usize].inc();
         let known = match label {
             LabelKind::Layer => self.layers.join(", "),
-            LabelKind::Metric => self.metrics.join(", "),
+            LabelKind::Metric => self.metric_names.join(", "),
             LabelKind::Action => self.actions.join(", "),
         };
         ExporterError::UnknownLabel { label, value: value.to_string(), known }
@@ -415,17 +386,8 @@ impl Exporter {
             s.params.set(i64::try_from(lr.params).unwrap_or(i64::MAX));
             let sens = lr.sensitivity.measured();
             let sub = lr.subspace.measured();
-            for (i, m) in self.metrics.iter().enumerate() {
-                let v = match *m {
-                    "sensitivity" => sens.map(|s| s.sensitivity),
-                    "sensitivity_se" => sens.map(|s| s.sensitivity_se),
-                    "sensitivity_rms" => sens.map(|s| s.sensitivity_rms),
-                    "relative_sensitivity" => sens.and_then(|s| s.relative_sensitivity),
-                    "subspace_distance" => sub.map(|s| s.subspace_distance),
-                    "subspace_separation" => sub.map(|s| s.subspace_separation),
-                    "reconstruction_bound_bits" => lr.reconstruction_bound.measured().map(|b| b.bits_or_inf()),
-                    _ => None,
-                };
+            for (i, &m) in self.metrics.iter().enumerate() {
+                let v = lr.value(m);
                 s.leakage[i].set(v.unwrap_or(f64::NAN));
                 s.absent[i].set(i64::from(v.is_none()));
             }
@@ -508,7 +470,7 @@ impl Exporter {
         // once a policy was set at all.
         let following = self.tracking.lock().policy.0 != NO_POLICY;
         if following {
-            let _ = self.set_policy_info(manifest.policy_hash.get(..12).unwrap_or(&manifest.policy_hash), &manifest.policy_version.to_string());
+            let _ = self.set_policy_info(Policy::short(&manifest.policy_hash), &manifest.policy_version.to_string());
         }
         for ml in &manifest.layers {
             for c in &ml.checks {
@@ -518,7 +480,6 @@ impl Exporter {
             }
         }
         self.aggregation_floor.set(manifest.aggregation_floor as f64);
-        let mut protected = false;
         for ml in &manifest.layers {
             let Some(&l) = self.layer_index.get(&ml.name) else { continue };
             let released = matches!(manifest.outcome, gradguard_guard::ReleaseOutcome::Released);
@@ -530,17 +491,10 @@ impl Exporter {
                 // The label is the action's kind (`clip`), never its parameters.
                 if let Some(&a) = self.action_index.get(action.name()) {
                     self.series[l].actions[a].inc();
-                    protected = true;
                 }
             }
         }
-        match manifest.outcome {
-            gradguard_guard::ReleaseOutcome::Released => {
-                self.record_release(if protected { ReleaseOutcome::Protected } else { ReleaseOutcome::Released })
-            }
-            gradguard_guard::ReleaseOutcome::Blocked { .. } => self.record_release(ReleaseOutcome::Blocked),
-            gradguard_guard::ReleaseOutcome::Pending { .. } => {}
-        }
+        self.record_release(manifest.kind());
     }
 
     /// The threshold that applies to `layer`'s `metric` (NaN clears it).
@@ -573,9 +527,9 @@ impl Exporter {
         Ok(())
     }
 
-    /// Counts one release with its outcome.
-    pub fn record_release(&self, outcome: ReleaseOutcome) {
-        self.releases[outcome as usize].inc();
+    /// Counts one release by what happened to it.
+    pub fn record_release(&self, kind: ReleaseKind) {
+        self.releases[kind as usize].inc();
     }
 
     /// The policy's minimum number of samples per release (0 = none).

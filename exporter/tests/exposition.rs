@@ -3,8 +3,8 @@
 mod common;
 use gradguard_defenses::Defence;
 use common::{real_reports, samples, value, LAYERS};
-use gradguard_exporter::{Exporter, ExporterError, LabelKind, ReleaseOutcome, DEFAULT_ACTIONS, LEAKAGE_METRICS};
-use gradguard_guard::{Metric, Report};
+use gradguard_exporter::{Exporter, ExporterError, LabelKind, DEFAULT_ACTIONS, LEAKAGE_METRICS};
+use gradguard_guard::{Metric, ReleaseKind, Report};
 use std::time::Duration;
 
 fn exporter() -> Exporter {
@@ -169,8 +169,8 @@ fn estimate_age_steps_and_counters() {
     ex.set_withheld("fc2", true).unwrap();
     ex.record_action("fc1", "clip").unwrap();
     ex.record_action("fc1", "clip").unwrap();
-    ex.record_release(ReleaseOutcome::Protected);
-    ex.record_release(ReleaseOutcome::Blocked);
+    ex.record_release(ReleaseKind::Protected);
+    ex.record_release(ReleaseKind::Blocked);
     ex.set_aggregation_floor(32);
     ex.observe_estimate_duration(Duration::from_millis(30));
     ex.record_dropped_estimates(3);
@@ -280,5 +280,27 @@ fn a_report_carries_its_decisions_into_the_counters() {
         ("gradguard_aggregation_floor_samples".to_string(), 128.0),
     ] {
         assert_eq!(value(&text, &series), v, "{series}");
+    }
+}
+
+#[test]
+fn held_releases_are_counted_under_the_guards_own_names() {
+    // 48 samples a step against a floor of 64: the first step is held, the second releases
+    // both batches together.
+    let settings = gradguard_guard::Settings { aggregation_floor: 64, estimate_every: 1, background_estimates: false, budget_share: 1.0, ..Default::default() };
+    let reports = common::reports_under(gradguard_guard::Policy::permissive_with(settings).unwrap());
+    let kinds: Vec<ReleaseKind> = reports.iter().map(|r| r.release.as_ref().unwrap().kind()).collect();
+    assert_eq!(kinds, [ReleaseKind::Held, ReleaseKind::Released]);
+    let ex = exporter();
+    let before = samples(&ex.render());
+    for kind in ReleaseKind::ALL {
+        assert_eq!(before[&format!("gradguard_releases_total{{outcome=\"{kind}\"}}")], 0.0, "{kind} exists from the start");
+    }
+    for r in &reports {
+        ex.observe_report(r).unwrap();
+    }
+    let after = samples(&ex.render());
+    for (kind, count) in [("released", 1.0), ("protected", 0.0), ("held", 1.0), ("blocked", 0.0)] {
+        assert_eq!(after[&format!("gradguard_releases_total{{outcome=\"{kind}\"}}")], count, "{kind}");
     }
 }

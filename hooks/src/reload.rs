@@ -1,7 +1,7 @@
 //! Reloading a running guard's policy file on request: SIGHUP (`kill -HUP <pid>`) or a call.
 //! The signal only sets a flag; the training loop looks at it between steps and reloads there,
 //! so a new policy takes effect at the next release and never in the middle of one.
-use gradguard_guard::{Guard, GuardError};
+use gradguard_guard::{Guard, GuardError, Policy};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,14 +30,10 @@ pub enum ReloadOutcome {
 impl std::fmt::Display for ReloadOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ReloadOutcome::Loaded { hash, previous } => write!(f, "policy loaded: {} (was {}), in force from the next release", short(hash), short(previous)),
+            ReloadOutcome::Loaded { hash, previous } => write!(f, "policy loaded: {} (was {}), in force from the next release", Policy::short(hash), Policy::short(previous)),
             ReloadOutcome::Rejected(e) => write!(f, "policy reload rejected: {e}"),
         }
     }
-}
-
-fn short(hash: &str) -> &str {
-    hash.get(..12).unwrap_or(hash)
 }
 
 /// A policy file to reload into a guard when asked.

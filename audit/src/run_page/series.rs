@@ -136,7 +136,7 @@ pub fn colour(outcome: Outcome) -> &'static str {
         Outcome::Relaxed => "#2ca02c",
         Outcome::Withheld => "#7f7f7f",
         Outcome::Blocked => "#000000",
-        Outcome::Pending => "#bcbd22",
+        Outcome::Held => "#bcbd22",
         Outcome::PolicyLoaded => "#17becf",
         Outcome::PolicyRejected => "#e377c2",
         Outcome::WorkerFailure => "#8c564b",

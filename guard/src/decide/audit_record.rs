@@ -21,8 +21,10 @@ pub enum Outcome {
     Relaxed,
     /// The layer was left out of the release.
     Withheld,
-    /// Nothing released yet (e.g. accumulating samples up to the aggregation floor).
-    Pending,
+    /// Nothing released yet: held to accumulate samples up to the aggregation floor.
+    /// (Written `pending` before; read under either name.)
+    #[serde(alias = "pending")]
+    Held,
     /// The whole release was refused.
     Blocked,
     /// The unchanged releases (released, protected at the same level) since the last
@@ -51,7 +53,7 @@ impl Outcome {
             Outcome::Escalated => "escalated",
             Outcome::Relaxed => "relaxed",
             Outcome::Withheld => "withheld",
-            Outcome::Pending => "pending",
+            Outcome::Held => "held",
             Outcome::Blocked => "blocked",
             Outcome::Checkpoint => "checkpoint",
             Outcome::Started => "started",

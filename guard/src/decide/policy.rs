@@ -407,7 +407,13 @@ impl Policy {
 
     /// The short form of the hash used in logs and labels.
     pub fn short_hash(&self) -> &str {
-        self.hash.get(..12).unwrap_or(&self.hash)
+        Self::short(&self.hash)
+    }
+
+    /// The short form of a policy hash (its first 12 hex digits), as logs, labels and
+    /// messages show it.
+    pub fn short(hash: &str) -> &str {
+        hash.get(..12).unwrap_or(hash)
     }
 }
 

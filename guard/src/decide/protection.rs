@@ -437,7 +437,7 @@ impl Protection {
         let outcome = if let Some(reason) = &block {
             ReleaseOutcome::Blocked { reason: reason.to_string() }
         } else if let Some(reason) = pending {
-            ReleaseOutcome::Pending { reason }
+            ReleaseOutcome::Held { reason }
         } else {
             ReleaseOutcome::Released
         };
@@ -474,7 +474,7 @@ impl Protection {
     pub fn pending(&self, reason: String) -> Decision {
         Decision {
             chains: vec![None; self.layer_names.len()],
-            outcome: ReleaseOutcome::Pending { reason },
+            outcome: ReleaseOutcome::Held { reason },
             layers: vec![],
             records: vec![],
             block: None,

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 pub enum ReleaseOutcome {
     /// The release may leave.
     Released,
-    /// Nothing released yet: accumulating samples up to the aggregation floor.
-    Pending {
+    /// Nothing released yet: held back to accumulate samples up to the aggregation floor.
+    /// (Written `pending` before; read under either name.)
+    #[serde(alias = "pending")]
+    Held {
         /// Why the release waits (samples held against the floor).
         reason: String,
     },
@@ -84,7 +86,7 @@ pub struct Manifest {
     pub aggregation_floor: usize,
     /// Step of the estimate the decisions rest on.
     pub estimate_step: Option<u64>,
-    /// Released, pending or blocked.
+    /// Released, held or blocked ([`Manifest::kind`] tells released from protected).
     pub outcome: ReleaseOutcome,
     /// One entry per layer, in the layer map's order.
     pub layers: Vec<LayerManifest>,

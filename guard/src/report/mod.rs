@@ -5,9 +5,11 @@ use serde::{Deserialize, Serialize};
 mod bound;
 mod manifest;
 mod policy_table;
+mod vocabulary;
 pub use bound::{Ledger, LedgerLayer, PriorSource, ReconstructionBound, BOUND_CAVEAT, NO_NOISE_NO_BOUND};
 pub use manifest::{LayerManifest, Manifest, ReleaseOutcome, RuleCheck};
 pub use policy_table::Threshold;
+pub use vocabulary::{ReleaseKind, ReportedMetric};
 
 /// The metric a rule acts on, by its METRICS.md name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

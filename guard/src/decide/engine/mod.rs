@@ -222,7 +222,7 @@ impl Guard {
         let holding = self.held.is_some() || n < floor;
         if !holding {
             let (decision, estimated) = self.decide(batch, loss_fn, step, &seeds)?;
-            if matches!(decision.outcome, ReleaseOutcome::Pending { .. }) {
+            if matches!(decision.outcome, ReleaseOutcome::Held { .. }) {
                 // An aggregate rung raised the floor: this batch is the first of the larger
                 // release.
                 self.hold(batch, n, &grads)?;
@@ -311,7 +311,7 @@ impl Guard {
                 };
                 Ok(Release::Released { update, manifest, report })
             }
-            ReleaseOutcome::Pending { .. } => {
+            ReleaseOutcome::Held { .. } => {
                 if in_place {
                     self.clear_grads()?;
                 }
