@@ -41,7 +41,7 @@ import gradguard_fl
 
 from .task import ARRAYS_KEY, CONFIG_KEY, GUARD_KEY, METRICS_KEY, to_numpy, to_record
 from .server_records import Recorder, ServerMetrics
-from .verify import ClientRow, RequiredPolicies, check_reply, layer_of
+from .verify import ClientRow, RequiredPolicies, check_reply
 
 LOG = logging.getLogger("flwr")
 
@@ -234,7 +234,7 @@ class GuardedFedAvg(FedAvg):
             new_params = {}
             for name, value in self.global_params.items():
                 given = [(row, update[name]) for row, update in compliant if name in update]
-                layer = layer_of(name)
+                layer = gradguard_fl.layer_of(name)
                 if len(given) < self.settings.min_layer_cohort:
                     new_params[name] = value
                     contributors.setdefault(layer, [])
