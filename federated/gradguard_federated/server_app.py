@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import gradguard_fl
 
+from .aggregate import VerifiedUpdate, apply_step, weighted_mean
 from .task import ARRAYS_KEY, CONFIG_KEY, GUARD_KEY, METRICS_KEY, to_numpy, to_record
 from .server_records import Recorder, ServerMetrics
 from .verify import ClientRow, RequiredPolicies, check_reply
@@ -230,19 +231,10 @@ class GuardedFedAvg(FedAvg):
             )
             LOG.warning("gradguard: round %d: %s", server_round, reason)
         else:
-            step = self.settings.lr * self.settings.local_steps
-            new_params = {}
-            for name, value in self.global_params.items():
-                given = [(row, update[name]) for row, update in compliant if name in update]
-                layer = gradguard_fl.layer_of(name)
-                if len(given) < self.settings.min_layer_cohort:
-                    new_params[name] = value
-                    contributors.setdefault(layer, [])
-                    continue
-                weights = np.array([row.num_examples for row, _ in given], dtype=np.float64)
-                mean = sum(w * u.astype(np.float64) for w, (_, u) in zip(weights, given)) / weights.sum()
-                new_params[name] = (value.astype(np.float64) - step * mean).astype(value.dtype)
-                contributors[layer] = sorted({row.partition for row, _ in given})
+            updates = [VerifiedUpdate(row.partition, row.num_examples, update) for row, update in compliant]
+            means = weighted_mean(self.global_params, updates, self.settings.min_layer_cohort)
+            new_params = apply_step(self.global_params, means, self.settings.lr * self.settings.local_steps)
+            contributors = {layer: mean.contributors for layer, mean in means.items()}
         self.rows[server_round] = {
             "rows": rows,
             "aggregated": new_params is not None,

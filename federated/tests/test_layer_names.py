@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from gradguard_federated.aggregate import VerifiedUpdate, weighted_mean
 from gradguard_federated.task import ARRAYS_KEY, GUARD_KEY, METRICS_KEY, to_record
 from gradguard_federated.verify import RequiredPolicies, check_reply
 from test_server_aggregation import task_identity  # noqa: F401 - the fixture
@@ -118,3 +119,10 @@ def test_verification_groups_duplicate_names_as_the_guard_does():
     assert (row.status, row.reject) == ("rejected", "withheld-layer-present")
     assert "does not release scale" in row.reason
 
+
+def test_the_average_groups_duplicate_names_as_the_guard_does():
+    means = weighted_mean(PARAMS, [VerifiedUpdate("p0", 1, arrays(2.0, ("scale",))), VerifiedUpdate("p1", 3, arrays(6.0, LAYERS))])
+    assert list(means) == ["scale", "fc"]
+    assert means["scale"].contributors == ["p0", "p1"] and means["fc"].contributors == ["p1"]
+    assert set(means["scale"].means) == {"scale", "scale__1"}
+    np.testing.assert_array_equal(means["scale"].means["scale__1"], np.full(3, 5.0))
