@@ -20,17 +20,17 @@ clients reported, exports them to Prometheus (prometheus_client, `metrics-port`)
 `out-dir`, writes: events.jsonl (round start/end), rounds.jsonl (everything per round),
 rounds.txt (the table), leakage.txt, received.jsonl plus received/*.npz (exactly what arrived from each
 client), global-round<N>.npz (the global model after each round) and metrics.prom.
+
+This module wires the steps into Flower's FedAvg; the steps live by job: server_settings (the
+run config, checked), verify (a reply's check), aggregate (the weighted mean, pure),
+server_rounds (the round's state and its lines) and server_records (files and Prometheus).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -39,74 +39,18 @@ from flwr.serverapp.strategy import FedAvg
 
 import gradguard_fl
 
-from .task import ARRAYS_KEY, CONFIG_KEY, GUARD_KEY, METRICS_KEY, to_numpy, to_record
+from .aggregate import VerifiedUpdate, apply_step, weighted_mean
 from .server_records import Recorder, ServerMetrics
-from .verify import ClientRow, RequiredPolicies, check_reply, layer_of
+from .server_rounds import RoundRecord, RoundState, leakage_lines, table_lines
+from .server_settings import ServerSettings, required_policies
+from .task import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, to_numpy, to_record
+from .verify import ClientRow, check_reply
 
 LOG = logging.getLogger("flwr")
 
 app = ServerApp()
 
-
-@dataclass(frozen=True)
-class ServerSettings:
-    num_rounds: int
-    local_steps: int
-    lr: float
-    batch_size: int
-    seed: int
-    min_cohort: int
-    min_layer_cohort: int
-    min_nodes: int
-    connect_timeout: float
-    round_timeout: float
-    fraction_evaluate: float
-    metrics_port: int
-    out_dir: Path | None
-    # What a reply's manifest must show (verify.py); the model every node trains.
-    required: RequiredPolicies = RequiredPolicies()
-    model_path: str = ""
-    loss: str = "cross-entropy"
-
-    @staticmethod
-    def from_run_config(cfg: dict[str, Any]) -> "ServerSettings":
-        def num(key: str, kind: type, low: float, high: float) -> Any:
-            value = cfg[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-                raise ValueError(f"run config {key} must be {kind.__name__}, got {value!r}")
-            if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
-                raise ValueError(f"run config {key} must be in [{low}, {high}], got {value}")
-            return kind(value)
-
-        out = str(cfg.get("out-dir", ""))
-        return ServerSettings(
-            num_rounds=num("num-server-rounds", int, 1, 10_000),
-            local_steps=num("local-steps", int, 1, 100_000),
-            lr=num("lr", float, 1e-9, 100.0),
-            batch_size=num("batch-size", int, 1, 4096),
-            seed=num("seed", int, 0, 2**62),
-            min_cohort=num("min-cohort", int, 1, 100_000),
-            min_layer_cohort=num("min-layer-cohort", int, 1, 100_000),
-            min_nodes=num("min-nodes", int, 1, 100_000),
-            connect_timeout=num("connect-timeout", float, 0.0, 86_400.0),
-            round_timeout=num("round-timeout", float, 1.0, 86_400.0),
-            fraction_evaluate=num("fraction-evaluate", float, 0.0, 1.0),
-            metrics_port=num("metrics-port", int, 0, 65535),
-            out_dir=Path(out) if out else None,
-            required=RequiredPolicies.parse(required_policies(cfg), str(cfg.get("model-path", ""))),
-            model_path=str(cfg.get("model-path", "")),
-            loss=str(cfg.get("loss", "cross-entropy")),
-        )
-
-
-def required_policies(cfg) -> str:
-    """What `required-policy` asks for, failing closed: unset, the run's `default-policy` (a
-    node that enforces another policy is rejected); `any` accepts every policy (a manifest that
-    matches the arrays is still required)."""
-    value = str(cfg.get("required-policy", "")).strip()
-    if not value:
-        return str(cfg.get("default-policy", "default.toml"))
-    return "" if value.lower() == "any" else value
+__all__ = ["GuardedFedAvg", "Recorder", "ServerMetrics", "ServerSettings", "app", "required_policies"]
 
 
 class GuardedFedAvg(FedAvg):
@@ -127,8 +71,8 @@ class GuardedFedAvg(FedAvg):
         self.global_params: dict[str, np.ndarray] = {}
         self.sent: dict[int, list[int]] = {}
         self.partitions: dict[int, str] = {}
-        self.rows: dict[int, dict[str, Any]] = {}
-        self.history: list[dict[str, Any]] = []
+        self.rows: dict[int, RoundState] = {}
+        self.history: list[RoundRecord] = []
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -167,24 +111,6 @@ class GuardedFedAvg(FedAvg):
 
     # -- aggregation ------------------------------------------------------------------------
 
-    def _capture(self, server_round: int, msg: Message) -> None:
-        """Records exactly what arrived from a client (record names, array names and bytes)."""
-        node = msg.metadata.src_node_id
-        entry: dict[str, Any] = {"round": server_round, "node_id": node, "has_error": msg.has_error()}
-        if msg.has_error():
-            entry["error"] = msg.error.reason
-        else:
-            content = msg.content
-            entry["array_records"] = {k: sorted(v.keys()) for k, v in content.array_records.items()}
-            entry["array_bytes"] = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
-            entry["metric_records"] = {k: dict(v) for k, v in content.metric_records.items()}
-            entry["config_records"] = {k: sorted(v.keys()) for k, v in content.config_records.items()}
-            guard = content.config_records.get(GUARD_KEY)
-            entry["status"] = guard.get("status") if guard is not None else None
-            for key, rec in content.array_records.items():
-                self.recorder.arrays(f"received/round{server_round}-node{node}-{key}.npz", to_numpy(rec))
-        self.recorder.append("received.jsonl", entry)
-
     def _check(self, msg: Message) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
         """A reply's row, and its update when it passed verification (verify.check_reply)."""
         node = msg.metadata.src_node_id
@@ -196,29 +122,34 @@ class GuardedFedAvg(FedAvg):
             LOG.warning("gradguard: rejected the reply of %s (node %d): %s: %s", row.partition, node, row.reject, row.reason)
         return row, update
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+    def _collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientRow], list[VerifiedUpdate]]:
+        """Every reply recorded and checked: a row per reply and per node that sent none, and
+        the verified updates."""
         rows: list[ClientRow] = []
-        compliant: list[tuple[ClientRow, dict[str, np.ndarray]]] = []
+        compliant: list[VerifiedUpdate] = []
         answered = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             answered.add(node)
             try:
-                self._capture(server_round, msg)
+                self.recorder.received(server_round, msg)
                 row, update = self._check(msg)
             except Exception as error:  # noqa: BLE001 - a malformed reply is rejected, never fatal
                 row, update = ClientRow(node, self.partitions.get(node, f"node {node}"), "rejected",
                                         reason=f"malformed reply: {type(error).__name__}: {error}"), None
             rows.append(row)
             if update is not None:
-                compliant.append((row, update))
+                compliant.append(VerifiedUpdate(row.partition, row.num_examples, update))
         for node in self.sent.get(server_round, []):
             if node not in answered:
                 rows.append(
                     ClientRow(node, self.partitions.get(node, f"node {node}"), "no reply",
                               reason=f"no reply within {self.settings.round_timeout:g} s (node gone or slow)")
                 )
+        return rows, compliant
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rows, compliant = self._collect(server_round, list(replies))
         blocked = [r for r in rows if r.status == "blocked"]
         contributors: dict[str, list[str]] = {}
         new_params: dict[str, np.ndarray] | None = None
@@ -230,26 +161,12 @@ class GuardedFedAvg(FedAvg):
             )
             LOG.warning("gradguard: round %d: %s", server_round, reason)
         else:
-            step = self.settings.lr * self.settings.local_steps
-            new_params = {}
-            for name, value in self.global_params.items():
-                given = [(row, update[name]) for row, update in compliant if name in update]
-                layer = layer_of(name)
-                if len(given) < self.settings.min_layer_cohort:
-                    new_params[name] = value
-                    contributors.setdefault(layer, [])
-                    continue
-                weights = np.array([row.num_examples for row, _ in given], dtype=np.float64)
-                mean = sum(w * u.astype(np.float64) for w, (_, u) in zip(weights, given)) / weights.sum()
-                new_params[name] = (value.astype(np.float64) - step * mean).astype(value.dtype)
-                contributors[layer] = sorted({row.partition for row, _ in given})
-        self.rows[server_round] = {
-            "rows": rows,
-            "aggregated": new_params is not None,
-            "reason": reason,
-            "contributors": contributors,
-            "compliant": len(compliant),
-        }
+            means = weighted_mean(self.global_params, compliant, self.settings.min_layer_cohort)
+            new_params = apply_step(self.global_params, means, self.settings.lr * self.settings.local_steps)
+            contributors = {layer: mean.contributors for layer, mean in means.items()}
+        self.rows[server_round] = RoundState(
+            rows=rows, aggregated=new_params is not None, reason=reason, contributors=contributors, compliant=len(compliant)
+        )
         for layer, parts in contributors.items():
             LOG.info("gradguard: round %d: %s aggregated from %s", server_round, layer, ", ".join(parts) or "no client (kept)")
         for row in blocked:
@@ -259,7 +176,7 @@ class GuardedFedAvg(FedAvg):
                 "compliant-updates": len(compliant),
                 "blocked-updates": len(blocked),
                 "aggregated": int(new_params is not None),
-                "num-examples": sum(r.num_examples for r, _ in compliant),
+                "num-examples": sum(u.num_examples for u in compliant),
             }
         )
         if new_params is None:
@@ -280,8 +197,7 @@ class GuardedFedAvg(FedAvg):
             total += int(m["num-examples"])
             weighted += float(m["accuracy"]) * int(m["num-examples"])
         if server_round in self.rows:
-            self.rows[server_round]["client_accuracy"] = accuracies
-            self.rows[server_round]["federated_accuracy"] = weighted / total if total else None
+            self.rows[server_round] = self.rows[server_round].evaluated(accuracies, weighted / total if total else None)
         return MetricRecord({"accuracy": weighted / total}) if total else None
 
     # -- the round's record -----------------------------------------------------------------
@@ -297,110 +213,33 @@ class GuardedFedAvg(FedAvg):
             scores = gradguard_fl.evaluate(params)
         if server_round == 0:
             accuracy = scores["accuracy"]
-            self.history.append({"round": 0, "accuracy": accuracy})
-            self.recorder.append("rounds.jsonl", {"round": 0, "accuracy": accuracy, "loss": scores["loss"]})
-            self._table_line(0, accuracy, None)
+            record = RoundRecord(0, accuracy, scores["loss"])
+            self.history.append(record)
+            self.recorder.append("rounds.jsonl", record.json())
+            self._lines("rounds.txt", table_lines(0, accuracy, None, self.settings.min_cohort))
             if accuracy is not None:
                 self.metrics.accuracy.set(accuracy)
             return MetricRecord({"accuracy": accuracy, "loss": scores["loss"]} if accuracy is not None else {})
         self.recorder.arrays(f"global-round{server_round}.npz", params)
-        state = self.rows.get(server_round, {"rows": [], "aggregated": False, "reason": "no replies", "contributors": {}, "compliant": 0})
-        accuracy = scores["accuracy"] if scores["accuracy"] is not None else state.get("federated_accuracy")
+        state = self.rows.get(server_round, RoundState.no_replies())
+        accuracy = scores["accuracy"] if scores["accuracy"] is not None else state.federated_accuracy
         if accuracy is not None:
             self.metrics.accuracy.set(accuracy)
-        rows: list[ClientRow] = state["rows"]
-        record = {
-            "round": server_round,
-            "accuracy": accuracy,
-            "loss": scores["loss"],
-            "federated_accuracy": state.get("federated_accuracy"),
-            "aggregated": state["aggregated"],
-            "reason": state["reason"],
-            "compliant": state["compliant"],
-            "min_cohort": self.settings.min_cohort,
-            "contributors": state["contributors"],
-            "client_accuracy": state.get("client_accuracy", {}),
-            "sent": self.sent.get(server_round, []),
-            "clients": [
-                {
-                    "node_id": r.node_id,
-                    "partition": r.partition,
-                    "status": r.status,
-                    "reason": r.reason,
-                    "released": r.released,
-                    "withheld": r.withheld,
-                    "actions": r.actions,
-                    "leakage": r.leakage,
-                    "num_examples": r.num_examples,
-                    "reject": r.reject,
-                    "policy_hash": r.policy_hash,
-                    "step": r.step,
-                }
-                for r in rows
-            ],
-        }
+        record = RoundRecord(server_round, accuracy, scores["loss"], state, self.sent.get(server_round, []), self.settings.min_cohort)
         self.history.append(record)
-        self.recorder.append("rounds.jsonl", record)
-        self._export(server_round, state, rows)
-        self._table_line(server_round, accuracy, state)
-        self._leakage_lines(server_round, rows)
-        self.recorder.event("round-end", round=server_round, aggregated=state["aggregated"], reason=state["reason"])
+        self.recorder.append("rounds.jsonl", record.json())
+        self.metrics.export_round(server_round, state)
+        self.recorder.write("metrics.prom", self.metrics.render())
+        self._lines("rounds.txt", table_lines(server_round, accuracy, state, self.settings.min_cohort))
+        self._lines("leakage.txt", leakage_lines(server_round, state.rows))
+        self.recorder.event("round-end", round=server_round, aggregated=state.aggregated, reason=state.reason)
         return MetricRecord({"accuracy": accuracy} if accuracy is not None else {})
 
-    def _export(self, server_round: int, state: dict[str, Any], rows: list[ClientRow]) -> None:
-        m = self.metrics
-        m.round.set(server_round)
-        m.rounds.labels("aggregated" if state["aggregated"] else "skipped").inc()
-        counts: dict[str, int] = defaultdict(int)
-        for r in rows:
-            counts[r.status] += 1
-            m.releases.labels(r.partition, r.status).inc()
-            m.nodes.observe(r)
-            # Only what was applied to a release counts (a blocked release applied nothing).
-            for layer, acts in (r.actions or {}).items() if r.status == "released" else ():
-                for a in acts:
-                    m.actions.labels(r.partition, layer, a.split("(")[0]).inc()
-            for layer, values in (r.leakage or {}).items():
-                for metric, v in values.items():
-                    m.leakage.labels(r.partition, layer, metric).set(v)
-        for status in ("released", "blocked", "error", "rejected", "no reply"):
-            m.updates.labels(status.replace(" ", "_")).set(counts.get(status, 0))
-        for layer, parts in state["contributors"].items():
-            m.contributors.labels(layer).set(len(parts))
-        self.recorder.write("metrics.prom", m.render())
-
-    def _leakage_lines(self, server_round: int, rows: list[ClientRow]) -> None:
-        """What each client reported of its layers' leakage (METRICS.md M1 and M2)."""
-        short = {"sensitivity": "S", "sensitivity_rms": "S_rms", "relative_sensitivity": "R", "subspace_separation": "sep"}
-        for r in sorted(rows, key=lambda r: r.partition):
-            if not r.leakage:
-                continue
-            layers = "; ".join(
-                f"{layer} " + " ".join(f"{short.get(k, k)}={v:.3g}" for k, v in values.items())
-                for layer, values in r.leakage.items()
-                if values
-            )
-            line = f"round {server_round} leakage {r.partition} ({r.status}): {layers}"
+    def _lines(self, name: str, lines: list[str]) -> None:
+        """Logs the lines and appends them to the run's file `name`."""
+        for line in lines:
             LOG.info("gradguard: %s", line)
-            self.recorder.text("leakage.txt", line)
-
-    def _table_line(self, server_round: int, accuracy: float | None, state: dict[str, Any] | None) -> None:
-        shown = "-" if accuracy is None else f"{accuracy:.3f}"
-        if server_round == 0:
-            header = f"{'round':>5}  {'accuracy':>8}  {'update':<22}  clients (actions per layer; blocks)"
-            LOG.info("gradguard: %s", header)
-            self.recorder.text("rounds.txt", header)
-            line = f"{0:>5}  {shown:>8}  {'(initial model)':<22}"
-        else:
-            rows = sorted(state["rows"], key=lambda r: r.partition)
-            update = f"aggregated {state['compliant']}/{len(rows)}" if state["aggregated"] else f"SKIPPED {state['compliant']}<{self.settings.min_cohort}"
-            clients = " | ".join(f"{r.partition}: {r.summary()}" for r in rows)
-            blocks = [r.partition for r in rows if r.status == "blocked"]
-            line = f"{server_round:>5}  {shown:>8}  {update:<22}  {clients}; blocks: {', '.join(blocks) if blocks else 'none'}"
-            if state["reason"]:
-                line += f"; {state['reason']}"
-        LOG.info("gradguard: %s", line)
-        self.recorder.text("rounds.txt", line)
+            self.recorder.text(name, line)
 
 
 @app.main()

@@ -1,18 +1,23 @@
-"""The server's record of a run: the files under `out-dir` (Recorder) and its Prometheus
-metrics (ServerMetrics: round-level series, rejections by reason, and each node's series)."""
+"""The server's record of a run: the files under `out-dir` (Recorder, with exactly what
+arrived from each client) and its Prometheus metrics (ServerMetrics: round-level series,
+rejections by reason, and each node's series)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest, start_http_server
 
 from .node_metrics import NodeSeries
+from .server_rounds import RoundState
+from .task import GUARD_KEY, to_numpy
 from .verify import REJECT_REASONS
 
 LOG = logging.getLogger("flwr")
@@ -49,6 +54,24 @@ class Recorder:
             tmp.write_bytes(data)
             tmp.rename(self.out / name)
 
+    def received(self, server_round: int, msg: Message) -> None:
+        """Records exactly what arrived from a client (record names, array names and bytes)."""
+        node = msg.metadata.src_node_id
+        entry: dict[str, Any] = {"round": server_round, "node_id": node, "has_error": msg.has_error()}
+        if msg.has_error():
+            entry["error"] = msg.error.reason
+        else:
+            content = msg.content
+            entry["array_records"] = {k: sorted(v.keys()) for k, v in content.array_records.items()}
+            entry["array_bytes"] = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+            entry["metric_records"] = {k: dict(v) for k, v in content.metric_records.items()}
+            entry["config_records"] = {k: sorted(v.keys()) for k, v in content.config_records.items()}
+            guard = content.config_records.get(GUARD_KEY)
+            entry["status"] = guard.get("status") if guard is not None else None
+            for key, rec in content.array_records.items():
+                self.arrays(f"received/round{server_round}-node{node}-{key}.npz", to_numpy(rec))
+        self.append("received.jsonl", entry)
+
 
 class ServerMetrics:
     """The server's Prometheus metrics (its own registry), served while the run lasts."""
@@ -76,6 +99,28 @@ class ServerMetrics:
         if port:
             self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
             LOG.info("gradguard: server metrics on http://127.0.0.1:%d/metrics", port)
+
+    def export_round(self, server_round: int, state: RoundState) -> None:
+        """The closed round's series: its outcome, each reply's status, the defence actions
+        applied to released updates, the leakage reported, the contributors per layer."""
+        self.round.set(server_round)
+        self.rounds.labels("aggregated" if state.aggregated else "skipped").inc()
+        counts: dict[str, int] = defaultdict(int)
+        for r in state.rows:
+            counts[r.status] += 1
+            self.releases.labels(r.partition, r.status).inc()
+            self.nodes.observe(r)
+            # Only what was applied to a release counts (a blocked release applied nothing).
+            for layer, acts in (r.actions or {}).items() if r.status == "released" else ():
+                for a in acts:
+                    self.actions.labels(r.partition, layer, a.split("(")[0]).inc()
+            for layer, values in (r.leakage or {}).items():
+                for metric, v in values.items():
+                    self.leakage.labels(r.partition, layer, metric).set(v)
+        for status in ("released", "blocked", "error", "rejected", "no reply"):
+            self.updates.labels(status.replace(" ", "_")).set(counts.get(status, 0))
+        for layer, parts in state.contributors.items():
+            self.contributors.labels(layer).set(len(parts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

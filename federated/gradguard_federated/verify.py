@@ -47,10 +47,6 @@ REJECT_REASONS = (
 )
 
 
-def layer_of(param: str) -> str:
-    return param.rsplit(".", 1)[0]
-
-
 @dataclass(frozen=True)
 class RequiredPolicies:
     """The policies a client must enforce: hash -> the policy's rule names (None when only the
@@ -158,17 +154,20 @@ def check_reply(msg: Message, partition: str, global_params: dict[str, np.ndarra
     row.leakage = summarise_leakage(str(guard.get("report", "")))
     record = content.array_records.get(ARRAYS_KEY)
     update = to_numpy(record) if record is not None else {}
+    # The model's layers as the guard groups its parameters (gradguard_fl: one rule, in Rust).
+    layers: dict[str, list[str]] = gradguard_fl.group_layers(list(global_params))
+    layer_of = {param: layer for layer, params in layers.items() for param in params}
     for name, value in update.items():
         if name not in global_params:
             return row.rejected("unknown-parameter", f"unknown parameter {name}"), None
-        if layer_of(name) not in row.released:
-            return row.rejected("withheld-layer-present", f"{name} arrived but the manifest does not release {layer_of(name)}"), None
+        if layer_of[name] not in row.released:
+            return row.rejected("withheld-layer-present", f"{name} arrived but the manifest does not release {layer_of[name]}"), None
         if value.shape != global_params[name].shape:
             return row.rejected("shape", f"{name} has shape {value.shape}, the model {global_params[name].shape}"), None
         if not np.all(np.isfinite(value)):
             return row.rejected("non-finite", f"{name} is not finite"), None
     for layer in row.released:
-        expected = {n for n in global_params if layer_of(n) == layer}
+        expected = {param for name, params in layers.items() if name == layer for param in params}
         if not expected or not expected <= set(update):
             return row.rejected("missing-parameter", f"the manifest releases {layer} but its parameters are missing"), None
     row.status = "released"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import gradguard_fl
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -50,7 +51,7 @@ def reply(node, partition, arrays=None, released=LAYERS, status="released", n=10
 
 
 def update(global_params, value, layers=LAYERS):
-    return {k: np.full_like(v, value) for k, v in global_params.items() if k.split(".")[0] in layers}
+    return {k: np.full_like(v, value) for k, v in global_params.items() if gradguard_fl.layer_of(k) in layers}
 
 
 def test_layers_are_averaged_over_the_clients_that_released_them(global_params):

@@ -1,5 +1,5 @@
 //! Layer discovery: grouping by module path, creation order, buffers excluded.
-use gradguard_guard::{layer_name, LayerMap};
+use gradguard_guard::{group_by_layer, layer_name, LayerMap};
 use tch::{nn, Device};
 
 #[test]
@@ -27,4 +27,20 @@ fn layer_name_rules() {
     assert_eq!(layer_name("conv1.weight__1"), "conv1");
     assert_eq!(layer_name("scale__2"), "scale");
     assert_eq!(layer_name("w"), "w");
+}
+
+#[test]
+fn names_group_into_layers_in_first_appearance_order() {
+    let names = ["fc.weight", "scale__1", "block.0.conv.weight", "fc.weight__1", "scale", "fc__1.weight", "block.0.conv.bias"];
+    let groups = group_by_layer(names.iter().map(|n| (n.to_string(), ())));
+    let groups: Vec<(&str, Vec<&str>)> = groups.iter().map(|(l, ps)| (l.as_str(), ps.iter().map(|(p, _)| p.as_str()).collect())).collect();
+    assert_eq!(
+        groups,
+        vec![
+            ("fc", vec!["fc.weight", "fc.weight__1"]),
+            ("scale", vec!["scale__1", "scale"]),
+            ("block.0.conv", vec!["block.0.conv.weight", "block.0.conv.bias"]),
+            ("fc__1", vec!["fc__1.weight"]),
+        ]
+    );
 }

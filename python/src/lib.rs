@@ -163,6 +163,26 @@ fn layer_names<'py>(py: Python<'py>, model_path: Option<String>) -> PyResult<Bou
     PyList::new(py, names)
 }
 
+/// The layer a parameter belongs to, as the guard names it (its name without the last
+/// component, and a top-level name without its `__N` duplicate suffix): `conv1.weight` ->
+/// `conv1`, `scale__2` -> `scale`.
+#[pyfunction]
+fn layer_of(param: &str) -> String {
+    gradguard_guard::layer_name(param)
+}
+
+/// `{layer: [parameter names]}`: the names grouped into layers as the guard groups a model's
+/// parameters (`layer_of`), the layers in the order of their first parameter, each with its
+/// parameters in the given order.
+#[pyfunction]
+fn group_layers<'py>(py: Python<'py>, params: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    for (layer, names) in gradguard_guard::group_by_layer(params.into_iter().map(|p| (p, ()))) {
+        out.set_item(layer, PyList::new(py, names.into_iter().map(|(name, ())| name))?)?;
+    }
+    Ok(out)
+}
+
 /// Validates a policy (TOML text) against the model: `{"hash", "version", "rules", "floor"}`,
 /// or a PolicyError naming what is wrong.
 #[pyfunction]
@@ -203,6 +223,8 @@ fn gradguard_fl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(initial_parameters, m)?)?;
     m.add_function(wrap_pyfunction!(parameter_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(layer_names, m)?)?;
+    m.add_function(wrap_pyfunction!(layer_of, m)?)?;
+    m.add_function(wrap_pyfunction!(group_layers, m)?)?;
     m.add_function(wrap_pyfunction!(check_policy, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_sidecar::serve_metrics, m)?)?;
     Ok(())

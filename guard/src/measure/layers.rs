@@ -62,6 +62,21 @@ pub fn layer_name(param_name: &str) -> String {
     }
 }
 
+/// Named items (parameters, or just their names) grouped into layers by [`layer_name`]: the
+/// layers in the order of their first parameter, each with its parameters in the given order.
+/// [`LayerMap`] groups a model's parameters so; the federated server groups parameter names so.
+pub fn group_by_layer<T>(named: impl IntoIterator<Item = (String, T)>) -> Vec<(String, Vec<(String, T)>)> {
+    let mut layers: Vec<(String, Vec<(String, T)>)> = Vec::new();
+    for (name, item) in named {
+        let lname = layer_name(&name);
+        match layers.iter_mut().find(|(l, _)| *l == lname) {
+            Some((_, params)) => params.push((name, item)),
+            None => layers.push((lname, vec![(name, item)])),
+        }
+    }
+    layers
+}
+
 fn strip_duplicate_suffix(name: &str) -> &str {
     match name.rsplit_once("__") {
         Some((base, n)) if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
@@ -101,17 +116,16 @@ impl LayerMap {
         if params.is_empty() {
             return Err(GuardError::NoParameters);
         }
-        let mut layers: Vec<Layer> = Vec::new();
-        for (name, tensor) in params {
-            let shape = tensor.size();
-            let numel = tensor.numel();
-            let lname = layer_name(&name);
-            let param = Param { name, shape, numel, tensor };
-            match layers.iter_mut().find(|l| l.name == lname) {
-                Some(layer) => layer.params.push(param),
-                None => layers.push(Layer { name: lname, params: vec![param] }),
-            }
-        }
+        let layers = group_by_layer(params)
+            .into_iter()
+            .map(|(name, params)| Layer {
+                name,
+                params: params
+                    .into_iter()
+                    .map(|(name, tensor)| Param { name, shape: tensor.size(), numel: tensor.numel(), tensor })
+                    .collect(),
+            })
+            .collect();
         Ok(Self { layers, buffers: Vec::new() })
     }
 

@@ -54,7 +54,7 @@ pub use fisher::{calibrated_noise_std, reconstruction_bound_bits, reconstruction
 pub use inspection::Inspection;
 pub use inversion::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 pub(crate) use latent_table::LatentTable;
-pub use layers::{layer_name, Layer, LayerInfo, LayerMap, Param};
+pub use layers::{group_by_layer, layer_name, Layer, LayerInfo, LayerMap, Param};
 pub use loss::{EmbeddingSplit, LossFn, SplitLoss};
 pub use per_sample::GradientMatrix;
 pub use projected::ProjectedLayer;
