@@ -47,11 +47,10 @@ fn main() -> anyhow::Result<()> {
     let clock = std::time::Instant::now();
     for _ in 0..steps {
         let (x, y, a) = data.batch(BATCH)?;
-        let loss = loss_fn(&x, &y)?;
-        let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&a))?;
+        let release = opt.train_step(&Batch::new(&x, &y).with_attribute(&a))?;
         let report = release.report();
         if report.estimated {
-            println!("loss {:.3}, estimate {:.2} s", loss.f_double_value(&[])?, report.estimate_seconds.unwrap_or(0.0));
+            println!("loss {:.3}, estimate {:.2} s", report.loss.unwrap_or(f64::NAN), report.estimate_seconds.unwrap_or(0.0));
             println!("{}", report.table());
         }
     }

@@ -92,7 +92,7 @@ fn main() -> anyhow::Result<()> {
     for step in 0..steps as i64 {
         let start = (step * batch) % samples;
         let (t, yb, ab) = (tokens.f_narrow(0, start, batch)?, y.f_narrow(0, start, batch)?, attribute.f_narrow(0, start, batch)?);
-        let release = opt.backward_step(&net.loss(&t, &yb)?, &Batch::new(&t, &yb).with_attribute(&ab))?;
+        let release = opt.train_step(&Batch::new(&t, &yb).with_attribute(&ab))?;
         if release.report().estimated {
             println!("{}", release.report().table());
         }
@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
     // The same model without the split: M1 is absent with its reason, the step still applies.
     let mut plain = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 3e-3)?).settings(settings).loss(|t: &Tensor, y: &Tensor| net.loss(t, y)).build()?;
     let (t, yb) = (tokens.f_narrow(0, 0, batch)?, y.f_narrow(0, 0, batch)?);
-    let release = plain.backward_step(&net.loss(&t, &yb)?, &Batch::new(&t, &yb))?;
+    let release = plain.train_step(&Batch::new(&t, &yb))?;
     println!("without the split: released = {}", release.is_released());
     if let Some(reason) = release.report().layers[0].sensitivity.absent_reason() {
         println!("  M1 absent: {reason}");

@@ -16,7 +16,7 @@
 //!     .loss(|x: &Tensor, y: &Tensor| net.f_loss(x, y))
 //!     .build()?;
 //! let (x, y, heavy_stroke) = digits.batch(&(0..32).collect::<Vec<_>>(), Device::Cpu)?;
-//! let release = opt.backward_step(&net.f_loss(&x, &y)?, &Batch::new(&x, &y).with_attribute(&heavy_stroke))?;
+//! let release = opt.train_step(&Batch::new(&x, &y).with_attribute(&heavy_stroke))?; // the loss runs once
 //! assert!(matches!(release, Release::Released { .. })); // no policy: measured and released
 //! println!("{}", release.report().table());
 //! # Ok::<(), Box<dyn std::error::Error>>(())

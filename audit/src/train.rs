@@ -331,19 +331,18 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
         let idx = Tensor::f_from_slice(&seeded_batch(&indices, options.batch_size, options.seed, step))?.f_to_device(device)?;
         let x = data.x.f_index_select(0, &idx)?;
         let y = data.y.f_index_select(0, &idx)?;
-        let loss = loss_fn.loss(&x, &y)?;
-        let loss_value = loss.f_double_value(&[])?;
         let reload = match (&mut stepper, options.guard.as_ref().and_then(|g| g.reload.as_ref())) {
             (Stepper::Guarded(opt), Some(reloader)) => reloader.poll(opt.guard_mut()),
             _ => None,
         };
-        let release = match &mut stepper {
+        let (release, loss_value) = match &mut stepper {
             Stepper::Plain(opt) => {
-                // What GuardedOptimizer::backward_step does, without the guard.
+                // What GuardedOptimizer::train_step does, without the guard.
                 opt.zero_grad();
+                let loss = loss_fn.loss(&x, &y)?;
                 loss.f_backward()?;
                 opt.step();
-                None
+                (None, loss.f_double_value(&[])?)
             }
             Stepper::Guarded(opt) => {
                 let a = attribute.as_ref().map(|a| a.f_index_select(0, &idx)).transpose()?;
@@ -353,9 +352,11 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
                     None => Batch::new(&x, &y),
                 }
                 .with_sample_ids(&idx);
-                let release = opt.backward_step(&loss, &batch)?;
+                // The loss runs once: on an estimate step its graph serves the estimate too.
+                let release = opt.train_step(&batch)?;
                 counts.count(&release);
-                Some(release)
+                let loss = release.report().loss.unwrap_or(f64::NAN);
+                (Some(release), loss)
             }
         };
         progress(&StepProgress { step, loss: loss_value, counts, release: release.as_ref(), reload: reload.as_ref() });

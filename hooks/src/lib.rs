@@ -2,7 +2,10 @@
 //!
 //! [`GuardedOptimizer::builder`] takes the model's `VarStore` and its optimizer; the policy,
 //! the loss function (stored once), the audit log and the Prometheus exporter are options.
-//! The loop then calls [`GuardedOptimizer::backward_step`] where it called the optimizer's:
+//! The loop then calls [`GuardedOptimizer::train_step`] on each batch (the stored loss runs
+//! once per step, its graph serving the estimate on a step that estimates), or
+//! [`GuardedOptimizer::backward_step`] where it called the optimizer's, after its own forward
+//! (the slower path):
 //!
 //! ```no_run
 //! use gradguard_guard::{Batch, Policy};
@@ -20,7 +23,7 @@
 //!     .build()?;
 //! for _ in 0..100 {
 //!     let (x, y) = (Tensor::randn([32, 64], (Kind::Float, Device::Cpu)), Tensor::zeros([32], (Kind::Int64, Device::Cpu)));
-//!     let release = opt.backward_step(&loss(&x, &y)?, &Batch::new(&x, &y))?; // released, held or blocked
+//!     let release = opt.train_step(&Batch::new(&x, &y))?; // released, held or blocked
 //!     println!("{}", release.report().table());
 //! }
 //! # Ok(()) }
@@ -44,7 +47,7 @@
 //!     .loss(&loss)
 //!     .build()?;
 //! let (x, y) = (Tensor::randn([32, 1, 8, 8], (Kind::Float, Device::Cpu)), Tensor::zeros([32], (Kind::Int64, Device::Cpu)));
-//! opt.backward_step(&loss(&x, &y)?, &Batch::new(&x, &y))?;
+//! opt.train_step(&Batch::new(&x, &y))?;
 //! drop(opt);
 //! model.set_eval()?;
 //! model.save("trained.pt")?; // torch.jit.load("trained.pt") in PyTorch
@@ -271,14 +274,34 @@ impl<'a> GuardedOptimizer<'a> {
         GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, audit_options: LogOptions::default(), checkpoint_every: gradguard_guard::DEFAULT_CHECKPOINT_EVERY, metrics_addr: None, sinks: Vec::new() }
     }
 
-    /// zero_grad, backward, guard, step. The step is applied only when the release is
+    /// The guarded training step, the fast path: zero_grad, then the stored loss forward and
+    /// backward once on the batch, the guard, and the optimizer's step when the release is
+    /// [`Release::Released`]. On a step that estimates, the one forward and backward serves
+    /// the estimate too ([`Guard::train_step`]), so the loss is computed once per step.
+    /// Held and blocked releases leave `.grad()` zeroed and the parameters as they were; on an
+    /// error the step is not applied and the gradients are cleared.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<Release, GuardError> {
+        self.optimizer.zero_grad();
+        let release = self.guard.train_step(batch, self.loss.as_ref());
+        self.stepped(release)
+    }
+
+    /// For loops that must run backward themselves (the slower path: on a step that estimates,
+    /// the guard runs the loss forward and backward again for M1; [`GuardedOptimizer::train_step`]
+    /// runs it once). zero_grad, backward, guard, step. The step is applied only when the release is
     /// [`Release::Released`]: while micro-batches are held for the aggregation floor, and on a
     /// block, `.grad()` is zeroed and the parameters stay. On an error (bad input, a libtorch
     /// error) the step is not applied and the gradients are cleared: nothing unchecked is used.
     pub fn backward_step(&mut self, loss: &Tensor, batch: &Batch) -> Result<Release, GuardError> {
         self.optimizer.zero_grad();
         loss.f_backward().map_err(|source| GuardError::Torch { context: "running backward on the training loss", source })?;
-        match self.guard.after_backward(batch, self.loss.as_ref()) {
+        let release = self.guard.after_backward(batch, self.loss.as_ref());
+        self.stepped(release)
+    }
+
+    /// Steps the optimizer on a released gradient; clears the gradients after an error.
+    fn stepped(&mut self, release: Result<Release, GuardError>) -> Result<Release, GuardError> {
+        match release {
             Ok(release) => {
                 if release.is_released() {
                     self.optimizer.step();

@@ -19,6 +19,25 @@ fn seeded() -> std::sync::MutexGuard<'static, ()> {
     SEEDED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// How a run trains: without the guard, guarded with the user's own backward
+/// (`backward_step`), or guarded by the step driver (`train_step`, one forward and backward
+/// shared with the estimate).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Run {
+    Unguarded,
+    BackwardStep,
+    TrainStep,
+}
+
+/// One guarded step of `run` (`BackwardStep` or `TrainStep`); `loss` runs the user's forward,
+/// which only `BackwardStep` does.
+fn guarded_step(opt: &mut GuardedOptimizer, run: Run, loss: impl FnOnce() -> Tensor, batch: &Batch) -> gradguard_guard::Release {
+    match run {
+        Run::TrainStep => opt.train_step(batch).unwrap(),
+        _ => opt.backward_step(&loss(), batch).unwrap(),
+    }
+}
+
 /// Estimates M1 and M2 before every release, inline.
 fn estimate_every_step() -> Settings {
     Settings { estimate_every: 1, budget_share: 1.0, background_estimates: false, probes: 4, ..Default::default() }
@@ -104,17 +123,17 @@ fn differing(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Vec<String> {
         .collect()
 }
 
-fn train_resnet(guarded: bool, dropout: f64) -> Vec<(String, Tensor)> {
+fn train_resnet(run: Run, dropout: f64) -> Vec<(String, Tensor)> {
     let data = batches(STEPS, &[3, 8, 8]);
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = SmallResNet::new(&vs.root(), dropout);
     let loss_fn = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let sgd = nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, 0.1).unwrap();
-    if guarded {
+    if run != Run::Unguarded {
         let mut opt = GuardedOptimizer::builder(&vs, sgd).settings(estimate_every_step()).loss(loss_fn).build().unwrap();
         for (step, (x, y, a)) in data.iter().enumerate() {
-            let release = opt.backward_step(&loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a)).unwrap();
+            let release = guarded_step(&mut opt, run, || loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a));
             assert!(release.is_released(), "step {step}: {:?}", release.block_reason());
             let report = release.report();
             assert!(report.layers.iter().all(|l| l.sensitivity.measured().is_some()), "step {step}: M1 of every layer");
@@ -134,8 +153,8 @@ fn train_resnet(guarded: bool, dropout: f64) -> Vec<(String, Tensor)> {
 #[test]
 fn a_guarded_batch_norm_resnet_trains_bit_identically_to_an_unguarded_one() {
     let _seeded = seeded();
-    let unguarded = train_resnet(false, 0.0);
-    let guarded = train_resnet(true, 0.0);
+    let unguarded = train_resnet(Run::Unguarded, 0.0);
+    let guarded = train_resnet(Run::BackwardStep, 0.0);
     assert!(unguarded.iter().any(|(n, _)| n.ends_with("running_mean")), "the model has buffers");
     let differ = differing(&unguarded, &guarded);
     assert!(differ.is_empty(), "parameters or buffers moved by the guard: {differ:?}");
@@ -144,15 +163,15 @@ fn a_guarded_batch_norm_resnet_trains_bit_identically_to_an_unguarded_one() {
 #[test]
 fn a_guarded_batch_norm_resnet_with_dropout_trains_bit_identically_to_an_unguarded_one() {
     let _seeded = seeded();
-    let unguarded = train_resnet(false, 0.3);
-    let guarded = train_resnet(true, 0.3);
+    let unguarded = train_resnet(Run::Unguarded, 0.3);
+    let guarded = train_resnet(Run::BackwardStep, 0.3);
     let differ = differing(&unguarded, &guarded);
     assert!(differ.is_empty(), "parameters or buffers moved by the guard: {differ:?}");
-    assert!(!differing(&unguarded, &train_resnet(false, 0.0)).is_empty(), "dropout changes training");
+    assert!(!differing(&unguarded, &train_resnet(Run::Unguarded, 0.0)).is_empty(), "dropout changes training");
 }
 
 /// linear, relu, dropout, linear: dropout without batch norm.
-fn train_dropout_mlp(guarded: bool) -> Vec<(String, Tensor)> {
+fn train_dropout_mlp(run: Run) -> Vec<(String, Tensor)> {
     let data = batches(STEPS, &[6]);
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
@@ -161,10 +180,10 @@ fn train_dropout_mlp(guarded: bool) -> Vec<(String, Tensor)> {
         x.apply(&fc1).f_relu()?.f_dropout(0.5, true)?.apply(&fc2).f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0)
     };
     let sgd = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    if guarded {
+    if run != Run::Unguarded {
         let mut opt = GuardedOptimizer::builder(&vs, sgd).settings(estimate_every_step()).loss(loss_fn).build().unwrap();
         for (step, (x, y, a)) in data.iter().enumerate() {
-            let release = opt.backward_step(&loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a)).unwrap();
+            let release = guarded_step(&mut opt, run, || loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a));
             assert!(release.is_released(), "step {step}: {:?}", release.block_reason());
             assert!(release.report().layers.iter().all(|l| l.sensitivity.measured().is_some() && l.subspace.measured().is_some()), "step {step}");
         }
@@ -182,8 +201,8 @@ fn train_dropout_mlp(guarded: bool) -> Vec<(String, Tensor)> {
 #[test]
 fn a_guarded_dropout_mlp_trains_bit_identically_to_an_unguarded_one() {
     let _seeded = seeded();
-    let unguarded = train_dropout_mlp(false);
-    let guarded = train_dropout_mlp(true);
+    let unguarded = train_dropout_mlp(Run::Unguarded);
+    let guarded = train_dropout_mlp(Run::BackwardStep);
     let differ = differing(&unguarded, &guarded);
     assert!(differ.is_empty(), "parameters moved by the guard's draws: {differ:?}");
 }
@@ -243,18 +262,18 @@ fn script_loss(model: &TorchScriptModel, x: &Tensor, y: &Tensor) -> Result<Tenso
 
 /// Trains the scripted model at `path` in training mode, guarded or not; the VarStore's
 /// variables (parameters and buffers) and the module's buffers after the last step.
-fn train_script(path: &Path, data: &[(Tensor, Tensor, Tensor)], guarded: bool, check: impl Fn(usize, &gradguard_guard::Report)) -> Vec<(String, Tensor)> {
+fn train_script(path: &Path, data: &[(Tensor, Tensor, Tensor)], run: Run, check: impl Fn(usize, &gradguard_guard::Report)) -> Vec<(String, Tensor)> {
     let mut model = TorchScriptModel::load(path, Device::Cpu).unwrap();
     model.set_train().unwrap();
     // Dropout draws from here on: each run starts from the same stream.
     tch::manual_seed(0);
     let loss_fn = |x: &Tensor, y: &Tensor| script_loss(&model, x, y);
     let sgd = nn::Sgd { momentum: 0.9, ..Default::default() }.build(model.var_store(), 0.1).unwrap();
-    if guarded {
+    if run != Run::Unguarded {
         let layers = model.layer_map().map_err(|e| gradguard_guard::GuardError::Layers(e.to_string()));
         let mut opt = GuardedOptimizer::builder_for_layers(layers, sgd).settings(estimate_every_step()).loss(loss_fn).build().unwrap();
         for (step, (x, y, a)) in data.iter().enumerate() {
-            let release = opt.backward_step(&loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a)).unwrap();
+            let release = guarded_step(&mut opt, run, || loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a));
             assert!(release.is_released(), "step {step}: {:?}", release.block_reason());
             check(step, release.report());
         }
@@ -283,8 +302,8 @@ fn a_guarded_torchscript_batch_norm_model_trains_bit_identically_to_an_unguarded
     assert_eq!(model.layer_map().unwrap().buffers().len(), 9);
     drop(model);
     let data = batches(STEPS, &[3, 8, 8]);
-    let unguarded = train_script(&path, &data, false, |_, _| {});
-    let guarded = train_script(&path, &data, true, |step, report| {
+    let unguarded = train_script(&path, &data, Run::Unguarded, |_, _| {});
+    let guarded = train_script(&path, &data, Run::BackwardStep, |step, report| {
         assert!(report.layers.iter().all(|l| l.sensitivity.measured().is_some()), "step {step}: M1 of every layer");
         assert!(report.layers.iter().all(|l| l.subspace.measured().is_some()), "step {step}: M2 of every layer");
     });
@@ -301,8 +320,8 @@ fn guarded_torchscript_models_with_dropout_train_bit_identically_to_unguarded_on
     let data = batches(STEPS, &[3, 8, 8]);
     for name in ["dropout_cnn.pt", "bn_dropout_resnet.pt"] {
         let path = folder.join(name);
-        let unguarded = train_script(&path, &data, false, |_, _| {});
-        let guarded = train_script(&path, &data, true, |step, report| {
+        let unguarded = train_script(&path, &data, Run::Unguarded, |_, _| {});
+        let guarded = train_script(&path, &data, Run::BackwardStep, |step, report| {
             assert!(report.layers.iter().all(|l| l.sensitivity.measured().is_some()), "{name} step {step}: M1 of every layer");
         });
         let differ = differing(&unguarded, &guarded);
@@ -316,12 +335,38 @@ fn a_scripted_batch_norm_1d_that_raises_on_one_sample_leaves_m2_absent_with_its_
     let _seeded = seeded();
     let folder = scripted_models();
     let data = batches(3, &[6]);
-    train_script(&folder.join("bn_mlp.pt"), &data, true, |step, report| {
+    train_script(&folder.join("bn_mlp.pt"), &data, Run::BackwardStep, |step, report| {
         for layer in &report.layers {
             assert!(layer.sensitivity.measured().is_some(), "step {step}, {}: M1 is measured on the batch", layer.name);
             let reason = layer.subspace.absent_reason().unwrap_or_else(|| panic!("step {step}, {}: M2 measured", layer.name));
             assert!(reason.contains("one sample") && reason.contains("Expected more than 1 value per channel when training"), "{reason}");
         }
     });
+    let _ = std::fs::remove_dir_all(folder);
+}
+
+/// The step driver computes the loss once per step (its forward and backward serve the
+/// estimate): it ends where the unguarded run ends, with batch norm, dropout and both, in tch
+/// and TorchScript models.
+#[test]
+fn the_step_driver_trains_bit_identically_to_unguarded_runs() {
+    let _seeded = seeded();
+    for dropout in [0.0, 0.3] {
+        let differ = differing(&train_resnet(Run::Unguarded, dropout), &train_resnet(Run::TrainStep, dropout));
+        assert!(differ.is_empty(), "resnet, dropout {dropout}: parameters or buffers moved by the guard: {differ:?}");
+    }
+    let differ = differing(&train_dropout_mlp(Run::Unguarded), &train_dropout_mlp(Run::TrainStep));
+    assert!(differ.is_empty(), "dropout mlp: parameters moved by the guard: {differ:?}");
+    let folder = scripted_models();
+    let data = batches(STEPS, &[3, 8, 8]);
+    for name in ["bn_resnet.pt", "dropout_cnn.pt", "bn_dropout_resnet.pt"] {
+        let path = folder.join(name);
+        let unguarded = train_script(&path, &data, Run::Unguarded, |_, _| {});
+        let guarded = train_script(&path, &data, Run::TrainStep, |step, report| {
+            assert!(report.estimated && report.layers.iter().all(|l| l.sensitivity.measured().is_some()), "{name} step {step}: M1 of every layer");
+        });
+        let differ = differing(&unguarded, &guarded);
+        assert!(differ.is_empty(), "{name}: parameters or buffers moved by the guard: {differ:?}");
+    }
     let _ = std::fs::remove_dir_all(folder);
 }

@@ -102,10 +102,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             bar.suspend(|| println!("step {step}: {outcome}"));
         }
         let (x, y, heavy_stroke) = digits.batch(&idx, device)?;
-        let loss = net.f_loss(&x, &y)?;
         // Sample ids let the run ledger count each image's releases exactly.
         let ids = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        let release = opt.backward_step(&loss, &Batch::new(&x, &y).with_attribute(&heavy_stroke).with_sample_ids(&ids))?;
+        // The stored loss runs once: on an estimate step its graph serves the estimate too.
+        let release = opt.train_step(&Batch::new(&x, &y).with_attribute(&heavy_stroke).with_sample_ids(&ids))?;
         counts.count(&release);
         super::progress::show_release(&bar, step, &release);
         if release.report().estimated {

@@ -81,9 +81,10 @@ pub fn train(policy: &str, steps: usize, device: Device) -> Result<(Counts, f64)
     let mut last = f64::NAN;
     for _ in 0..steps {
         let (tokens, y) = batch(32, device);
-        let loss = net.loss(&tokens, &y)?;
-        last = loss.f_double_value(&[])?;
-        match opt.backward_step(&loss, &Batch::new(&tokens, &y))? {
+        // The stored loss forward and backward once, the guard, and the optimizer's step.
+        let release = opt.train_step(&Batch::new(&tokens, &y))?;
+        last = release.report().loss.unwrap_or(f64::NAN);
+        match release {
             Release::Released { .. } => counts.released += 1,
             // Waiting for more samples: no step was taken; go on with the next batch.
             Release::Held { .. } => counts.held += 1,

@@ -8,6 +8,7 @@
 //! the model's buffers back as they were, and libtorch's random stream where it was: the guard
 //! observes the model, it does not change it.
 use super::batch::Batch;
+use super::graph::StepGraph;
 use super::layers::LayerMap;
 use super::loss::{EmbeddingSplit, LossFn};
 use super::rng::RngSnapshot;
@@ -36,13 +37,14 @@ pub struct Inspection<'a> {
     batch: Batch<'a>,
     seed: u64,
     step: u64,
+    graph: Option<&'a StepGraph>,
 }
 
 impl<'a> Inspection<'a> {
     /// Looks at `batch` through `loss` (seed 0, step 0), with the loss's embedding split if it
     /// has one ([`LossFn::embedding`]).
     pub fn new(layers: &'a LayerMap, loss: &'a dyn LossFn, batch: Batch<'a>) -> Self {
-        Self { layers, loss, embedding: loss.embedding(), batch, seed: 0, step: 0 }
+        Self { layers, loss, embedding: loss.embedding(), batch, seed: 0, step: 0, graph: None }
     }
 
     /// The same look with M1 measured on the embeddings of `split` (METRICS.md, M1, discrete
@@ -60,7 +62,18 @@ impl<'a> Inspection<'a> {
 
     /// The same model and loss on another batch.
     pub fn on(self, batch: Batch<'a>) -> Self {
-        Self { batch, ..self }
+        Self { batch, graph: None, ..self }
+    }
+
+    /// The same look, with M1 measured on the training step's own graph of this batch (built
+    /// by the step driver) instead of a forward and backward of its own.
+    pub fn with_graph(self, graph: &'a StepGraph) -> Self {
+        Self { graph: Some(graph), ..self }
+    }
+
+    /// The step's graph, when the look was given one.
+    pub(super) fn step_graph(&self) -> Option<&'a StepGraph> {
+        self.graph
     }
 
     /// The model's layers.

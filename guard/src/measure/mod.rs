@@ -28,8 +28,10 @@
 //!   maps each pair to +-1 per channel: a different model, not the one being released.
 mod batch;
 mod device;
+mod ext;
 mod fisher;
 mod gram;
+mod graph;
 mod inspection;
 mod inversion;
 mod latent_table;
@@ -51,6 +53,7 @@ mod usable_splits;
 pub use batch::Batch;
 pub use device::parse_device;
 pub use fisher::{calibrated_noise_std, reconstruction_bound_bits, reconstruction_bound_se, release_dfil, unbiased_mse_floor, LayerFisher};
+pub use graph::StepGraph;
 pub use inspection::Inspection;
 pub use inversion::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
 pub(crate) use latent_table::LatentTable;

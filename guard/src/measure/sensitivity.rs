@@ -7,14 +7,15 @@
 //! x is the inputs, or for discrete inputs the embeddings of a declared split (METRICS.md, M1,
 //! discrete inputs): there the loss is evaluated at `embed(tokens) + delta` and every
 //! derivative is taken with respect to delta at 0 ([`Point`]).
+use super::graph::{used_layers, GradientGraph, Point};
 use super::inspection::Inspection;
 use super::layers::LayerMap;
-use super::loss::{parameter_grads, scalar_loss, EmbeddingSplit, LossFn};
+use super::loss::parameter_grads;
 use super::tensors::{gaussian_probes, rng_for, sum_sq, to_f64_vec};
 use crate::error::{GuardError, Result, TorchContext};
 use crate::report::{JvpMethod, Metric, Representation, Sensitivity};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, TchError, Tensor};
+use tch::{Kind, Tensor};
 
 /// How M1 is estimated.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,67 +48,11 @@ impl SensitivitySettings {
     }
 }
 
-/// What M1 differentiates: the loss as a function of one tensor `at` (the detached inputs, or
-/// zero offsets shaped like the embeddings), and the values that tensor stands for (the inputs,
-/// or the embeddings), whose scale sets the central-difference step.
-struct Point<'a> {
-    at: Tensor,
-    values: Tensor,
-    loss: PointLoss<'a>,
-    representation: Representation,
-}
-
-/// The loss of a [`Point`]: the user's loss on the inputs, or the split's loss at
-/// `embed(tokens) + offset` (the lookup re-run each time, so the embedding table stays in the
-/// graph).
-enum PointLoss<'a> {
-    Input(&'a dyn LossFn),
-    Embedding { split: &'a dyn EmbeddingSplit, tokens: &'a Tensor },
-}
-
-impl LossFn for PointLoss<'_> {
-    fn loss(&self, at: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, TchError> {
-        match self {
-            Self::Input(loss) => loss.loss(at, targets),
-            Self::Embedding { split, tokens } => split.loss_from_embedded(&split.embed(tokens)?.f_add(at)?, targets),
-        }
-    }
-}
-
-fn is_continuous(t: &Tensor) -> Result<bool> {
-    Ok(t.f_is_floating_point().during("reading a dtype")? || t.f_is_complex().during("reading a dtype")?)
-}
-
-impl<'a> Point<'a> {
-    /// The inspection's point: the split's embeddings when one is declared, else the inputs;
-    /// [`GuardError::DiscreteInputs`] for integer inputs without a split.
-    fn of(ins: &Inspection<'a>, n: usize) -> Result<Self> {
-        let inputs = ins.batch().inputs();
-        let Some(split) = ins.embedding() else {
-            if !is_continuous(inputs)? {
-                return Err(GuardError::DiscreteInputs { kind: format!("{:?}", inputs.kind()) });
-            }
-            let at = inputs.f_detach().during("preparing inputs")?;
-            return Ok(Self { values: at.shallow_clone(), at, loss: PointLoss::Input(ins.loss()), representation: Representation::Input });
-        };
-        let values = tch::no_grad(|| split.embed(inputs)).during("embedding the inputs (the split's embed)")?;
-        if !values.defined() || values.dim() == 0 || values.size()[0] != n as i64 {
-            let shape = if values.defined() { values.size() } else { vec![] };
-            return Err(GuardError::Embedding(format!("shape {shape:?} for {n} samples")));
-        }
-        if !is_continuous(&values)? {
-            return Err(GuardError::Embedding(format!("dtype {:?}", values.kind())));
-        }
-        let at = values.f_zeros_like().during("allocating embedding offsets")?;
-        Ok(Self { at, values, loss: PointLoss::Embedding { split, tokens: inputs }, representation: Representation::Embedding })
-    }
-}
-
 /// Squared Frobenius norms of the Jacobian blocks: `sq[k][l]` for probe (or basis block) k.
-struct JacobianSquares {
-    per_probe: Vec<Vec<f64>>,
-    grad_norms: Vec<f64>,
-    used: Vec<bool>,
+pub(super) struct JacobianSquares {
+    pub(super) per_probe: Vec<Vec<f64>>,
+    pub(super) grad_norms: Vec<f64>,
+    pub(super) used: Vec<bool>,
 }
 
 /// Estimates M1 for every layer on one batch; the inspection's seed and step pick the probes.
@@ -200,21 +145,6 @@ pub fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
     (mean, (var / k).sqrt())
 }
 
-fn used_layers(grads: &[Tensor], owner: &[usize], layer_count: usize) -> Vec<bool> {
-    let mut used = vec![false; layer_count];
-    for (g, &l) in grads.iter().zip(owner) {
-        used[l] |= g.defined();
-    }
-    used
-}
-
-fn leaf_inputs(inputs: &Tensor) -> Result<Tensor> {
-    inputs
-        .f_detach()
-        .and_then(|x| x.f_set_requires_grad(true))
-        .during("preparing inputs for differentiation")
-}
-
 /// Reads per-probe rows of per-parameter norms back at once, as per-layer sums of squares.
 fn read_rows(layers: &LayerMap, rows: Vec<Tensor>) -> Result<Vec<Vec<f64>>> {
     if rows.is_empty() {
@@ -223,50 +153,6 @@ fn read_rows(layers: &LayerMap, rows: Vec<Tensor>) -> Result<Vec<Vec<f64>>> {
     let per_row = rows[0].numel();
     let all = to_f64_vec(&Tensor::f_stack(&rows, 0).during("stacking probe results")?)?;
     Ok(all.chunks(per_row).map(|c| layers.layer_square_sums(c)).collect())
-}
-
-/// The released gradient G = dL/dW and the input gradient g = dL/dx, both from one backward
-/// pass with create_graph. Mixed second derivatives commute, so the JVP of G along v is
-/// (J v)_W = d<g, v>/dW: one backward pass through g's graph per probe (a Hessian-vector
-/// product's cost), where differentiating <J^T w, v> with respect to a dummy w (the same
-/// quantity) would go through a graph of the graph.
-struct GradientGraph {
-    x: Tensor,
-    grads: Vec<Tensor>,
-    /// g = dL/dx with its graph; None when no gradient moves with the inputs.
-    input_grad: Option<Tensor>,
-    params: Vec<Tensor>,
-    owner: Vec<usize>,
-    used: Vec<bool>,
-    grad_norms: Vec<f64>,
-}
-
-impl GradientGraph {
-    fn build(ins: &Inspection, point: &Point) -> Result<Self> {
-        let layers = ins.layers();
-        let (params, owner) = layers.flat_params();
-        let x = leaf_inputs(&point.at)?;
-        let loss = scalar_loss(&point.loss, &x, ins.batch().targets(), ins.step(), true)?;
-        let mut inputs: Vec<&Tensor> = params.iter().collect();
-        inputs.push(&x);
-        let mut grads = Tensor::f_run_backward(&[&loss], &inputs, true, true).during("building the gradient graph")?;
-        let input_grad = grads.pop().filter(|g| g.defined() && g.requires_grad());
-        let used = used_layers(&grads, &owner, layers.len());
-        let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
-        Ok(Self { x, grads, input_grad, params, owner, used, grad_norms })
-    }
-
-    fn squares(self, per_probe: Vec<Vec<f64>>) -> JacobianSquares {
-        JacobianSquares { per_probe, grad_norms: self.grad_norms, used: self.used }
-    }
-
-    /// d<g, v>/dW for a direction v shaped like x: J v, one tensor per parameter (undefined
-    /// where the parameter's gradient does not move with the inputs).
-    fn jvp(&self, v: &Tensor) -> Result<Vec<Tensor>> {
-        let Some(g) = &self.input_grad else { return Ok((0..self.params.len()).map(|_| Tensor::new()).collect()) };
-        let t = g.f_mul(v).and_then(|p| p.f_sum(Kind::Double)).during("forming <dL/dx, v>")?;
-        Tensor::f_run_backward(&[&t], &self.params, true, false).during("computing a JVP")
-    }
 }
 
 /// What a probe pass leaves besides the JVPs: which layers the loss reaches, ||G_l||, and the
@@ -284,7 +170,7 @@ fn probe_jvps(ins: &Inspection, point: &Point, method: JvpMethod, probes: usize,
     let targets = ins.batch().targets();
     match method {
         JvpMethod::DoubleBackward => {
-            let mut graph = GradientGraph::build(ins, point)?;
+            let mut graph = ins.graph_of(point)?;
             // G's own graph is needed only by exact mode: detached here, it is freed.
             graph.grads = graph
                 .grads
@@ -467,7 +353,7 @@ pub fn per_dimension_variance(values: &Tensor, n: usize) -> Result<f64> {
 fn exact_squares(ins: &Inspection, point: &Point) -> Result<JacobianSquares> {
     let layers = ins.layers();
     let l_count = layers.len();
-    let graph = GradientGraph::build(ins, point)?;
+    let graph = ins.graph_of(point)?;
     let x = &graph.x;
     let mut rows = Vec::new();
     if x.numel() <= layers.numel() {
@@ -512,7 +398,16 @@ fn exact_squares(ins: &Inspection, point: &Point) -> Result<JacobianSquares> {
     Ok(graph.squares(vec![total]))
 }
 
-impl Inspection<'_> {
+impl<'a> Inspection<'a> {
+    /// The graph of the loss at `point`: the step's own ([`Inspection::with_graph`]) the first
+    /// time it is asked for, else built here.
+    fn graph_of(&self, point: &Point<'a>) -> Result<GradientGraph> {
+        match self.step_graph().and_then(|g| g.take()) {
+            Some(graph) => Ok(graph),
+            None => GradientGraph::build(self, point),
+        }
+    }
+
     /// M1 of every layer.
     pub fn sensitivity(&self, settings: &SensitivitySettings) -> Result<Vec<Metric<Sensitivity>>> {
         self.observing(|| estimate_sensitivity(self, settings))

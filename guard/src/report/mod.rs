@@ -269,6 +269,10 @@ pub struct Report {
     /// What every M5 figure of the report does not cover ([`BOUND_CAVEAT`]).
     #[serde(default)]
     pub bound_limit: Option<String>,
+    /// The batch-mean training loss the step computed (the step driver's; None where the loop
+    /// ran backward itself).
+    #[serde(default)]
+    pub loss: Option<f64>,
 }
 
 impl Report {

@@ -32,12 +32,7 @@ impl Guard {
         }
         let settings = self.policy().settings().clone();
         let forced = settings.estimate_before_release;
-        let age = self.latest.estimate_step.map(|last| step.saturating_sub(last));
-        let in_budget = age.is_none_or(|age| age >= settings.estimate_every && self.scheduler.within_budget());
-        // Freshness comes before the budget: an estimate that would be too old for the policy
-        // at this release is renewed now, and the overrun is counted.
-        let keep_fresh = has_rules && age.is_some_and(|age| age >= settings.max_estimate_age_steps);
-        let due = forced || in_budget || keep_fresh;
+        let (due, in_budget) = self.estimate_due(step);
         match self.latest.estimate_step {
             Some(last) if !due => return Ok((self.protection.reuse(step, last), false)),
             _ => {}
@@ -74,6 +69,20 @@ impl Guard {
         Ok((self.protection.decide(step, &m)?, true))
     }
 
+    /// Whether a release decided at `step` estimates first (the interval has passed and the
+    /// budget allows, the last estimate is about to exceed the policy's age bound, or the policy
+    /// forces one), and whether the budget alone would allow it.
+    pub(super) fn estimate_due(&self, step: u64) -> (bool, bool) {
+        let settings = self.policy().settings();
+        let age = self.latest.estimate_step.map(|last| step.saturating_sub(last));
+        let in_budget = age.is_none_or(|age| age >= settings.estimate_every && self.scheduler.within_budget());
+        // Freshness comes before the budget: an estimate that would be too old for the policy
+        // at this release is renewed now, and the overrun is counted.
+        let has_rules = !self.policy().rules().is_empty();
+        let keep_fresh = has_rules && age.is_some_and(|age| age >= settings.max_estimate_age_steps);
+        (settings.estimate_before_release || in_budget || keep_fresh, in_budget)
+    }
+
     /// Runs the estimators: M1 on this thread (it needs the graph), the per-sample gradients of
     /// M2 here too, and M2's linear algebra on the worker unless `inline`. Returns the kept JVPs
     /// when `keep_jvps` (the closed loop re-measures M1 on transformed releases from them).
@@ -83,7 +92,11 @@ impl Guard {
         let started = std::time::Instant::now();
         let settings = self.policy().settings().clone();
         // The loss's embedding split, if it has one, comes with it into the inspection.
-        let look = Inspection::new(&self.layers, loss_fn, *batch).seeded(settings.seed, step);
+        let mut look = Inspection::new(&self.layers, loss_fn, *batch).seeded(settings.seed, step);
+        if let Some(graph) = &self.step_graph {
+            // The training step's own forward and backward of this batch (Guard::train_step).
+            look = look.with_graph(graph);
+        }
         let mut kept = None;
         if keep_jvps {
             match look.jvp_samples(&settings.sensitivity()) {

@@ -11,7 +11,8 @@ use super::schedule::{Clock, Scheduler, SystemClock};
 use super::state::{GuardState, StateError};
 use super::worker::Worker;
 use crate::error::{GuardError, Result};
-use crate::measure::{current_grads, gradient_stats, Batch, LatentTable, LayerMap, LossFn};
+use crate::measure::{current_grads, gradient_stats, Batch, LatentTable, LayerMap, LossFn, StepGraph};
+use crate::report::JvpMethod;
 use crate::report::{GradientStats, Metric, Report, ReleaseOutcome, Sensitivity};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -50,6 +51,10 @@ pub struct Guard {
     sinks: Vec<ReportSink>,
     /// M5 summed over the run's releases.
     ledger: RunLedger,
+    /// The training step's own graph during [`Guard::train_step`] on an estimate step.
+    step_graph: Option<StepGraph>,
+    /// The training loss [`Guard::train_step`] computed, for the step's report.
+    step_loss: Option<f64>,
 }
 
 /// The latest estimates the decisions and reports rest on.
@@ -106,6 +111,8 @@ impl Guard {
             workers,
             sinks: Vec::new(),
             ledger: RunLedger::new(l),
+            step_graph: None,
+            step_loss: None,
         })
     }
 
@@ -196,6 +203,67 @@ impl Guard {
         self.scheduler.enter();
         let result = self.after_backward_timed(batch, loss_fn);
         self.scheduler.leave();
+        self.concluded(result)
+    }
+
+    /// The step driver: runs `loss_fn` forward and backward on the batch once, leaving its
+    /// gradient in `.grad()` (empty or zeroed by the caller before), then decides the release
+    /// as [`Guard::after_backward`] does. On a step that estimates, that one forward and
+    /// backward is built with create_graph and serves the estimate too (M1 differentiates its
+    /// graph), so the loss runs once per step instead of twice; the forward draws from
+    /// libtorch's random stream and updates buffers exactly as an unguarded step's does.
+    pub fn train_step(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
+        let result = if self.shares_graph(batch)? {
+            // The graph's extra cost (create_graph, dL/dx) is the guard's: the build is timed.
+            self.scheduler.enter();
+            let result = self.graph_step(batch, loss_fn);
+            self.step_graph = None;
+            self.scheduler.leave();
+            self.concluded(result)
+        } else {
+            match crate::measure::Inspection::new(&self.layers, loss_fn, *batch).backward() {
+                Ok(loss) => {
+                    self.step_loss = Some(loss);
+                    self.after_backward(batch, loss_fn)
+                }
+                Err(e) => {
+                    self.clear_grads()?;
+                    Err(e)
+                }
+            }
+        };
+        self.step_loss = None;
+        result
+    }
+
+    /// Whether the step's release is decided on this batch alone (no micro-batches held for
+    /// the aggregation floor) with an estimate whose M1 double-backward graph the training
+    /// step can build.
+    fn shares_graph(&self, batch: &Batch) -> Result<bool> {
+        let n = batch.validate()?;
+        let alone = self.held.is_none() && n >= self.protection.floor();
+        let double_backward = self.policy().settings().sensitivity().method == JvpMethod::DoubleBackward;
+        Ok(alone && double_backward && self.estimate_due(self.step).0)
+    }
+
+    fn graph_step(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
+        let settings = self.policy().settings();
+        let look = crate::measure::Inspection::new(&self.layers, loss_fn, *batch).seeded(settings.seed, self.step);
+        match StepGraph::build(&look)? {
+            Some(graph) => {
+                graph.write_grads(&self.layers)?;
+                self.step_loss = Some(graph.loss());
+                self.step_graph = Some(graph);
+            }
+            // Integer inputs without a split: M1 is absent, a plain backward serves the step.
+            None => self.step_loss = Some(look.backward()?),
+        }
+        self.after_backward_timed(batch, loss_fn)
+    }
+
+    /// The end of an in-place step: on an error nothing unchecked is left in `.grad()`; every
+    /// decided release goes to the sinks.
+    fn concluded(&mut self, result: Result<Release>) -> Result<Release> {
         if result.is_err() {
             self.clear_grads()?;
         }

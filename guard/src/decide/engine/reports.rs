@@ -92,6 +92,7 @@ impl Guard {
             release_reconstruction_bound_bits: bounds.release.measured().and_then(|b| b.reconstruction_bound_bits),
             ledger: Some(self.ledger.report(&self.layers.names(), settings)),
             bound_limit: Some(crate::report::BOUND_CAVEAT.to_string()),
+            loss: self.step_loss,
         }
     }
 }
