@@ -427,8 +427,9 @@ impl Protection {
         }
         self.bounds = bounds::measure_bounds(&chains, m)?;
         let bounds = self.bounds.clone();
-        if block.is_some() {
-            // A block releases nothing, whatever the other layers' checks said.
+        if block.is_some() || pending.is_some() {
+            // A block releases nothing, whatever the other layers' checks said; nor does a
+            // pending release (an aggregate rung holds the batch for a larger release).
             for layer in &mut layers {
                 layer.released = false;
             }
