@@ -483,6 +483,23 @@ impl Protection {
         }
     }
 
+    /// A pending decision refused, for the explicit release (which holds nothing): blocked,
+    /// with its records and the block's. Any other decision is returned as it is.
+    pub fn refuse_pending(&self, step: u64, mut decision: Decision) -> Decision {
+        let ReleaseOutcome::Pending { reason } = &decision.outcome else { return decision };
+        let reason = BlockReason::Aggregate { reason: reason.clone() };
+        let mut rec = self.record(step, "*", Outcome::Blocked, "block".into());
+        rec.reason = Some(reason.to_string());
+        decision.records.push(rec);
+        decision.outcome = ReleaseOutcome::Blocked { reason: reason.to_string() };
+        decision.block = Some(reason);
+        decision.chains = vec![None; decision.chains.len()];
+        for layer in &mut decision.layers {
+            layer.released = false;
+        }
+        decision
+    }
+
     /// A release-wide block (stale or failed estimate, non-finite gradient).
     pub fn block(&self, step: u64, reason: BlockReason) -> Decision {
         let mut rec = self.record(step, "*", Outcome::Blocked, "block".into());
