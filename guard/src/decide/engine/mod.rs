@@ -234,6 +234,12 @@ impl Guard {
             Some(held) => (held.joined()?, held.mean_per_layer(&self.layers)?),
             None => return Err(GuardError::Config { setting: "aggregation_floor", why: "the held micro-batches were lost".into() }),
         };
+        let Some(mean) = mean else {
+            // A block drops the held micro-batches: held on, they would fail every release.
+            let what = format!("the mean of the {samples} held samples is not finite (their sum overflowed the gradients' dtype)");
+            let decision = self.protection.block(step, BlockReason::GuardFailure { what });
+            return self.conclude(step, samples, false, stats, decision, Form::InPlace(None));
+        };
         let (decision, estimated) = self.decide(&joined.batch(), loss_fn, step, &seeds)?;
         let protected = self.protect(&mean, &decision, &seeds)?;
         let written = Written { protected, released: mean, held: true };
