@@ -218,6 +218,20 @@ fn the_ledger_adds_releases_and_a_release_without_noise_has_no_bound() {
 }
 
 #[test]
+fn a_threshold_no_finite_noise_meets_blocks_the_release() {
+    // 2^{2b} - 1 is 0 in f64 at b = 1e-20: no finite sigma brings the bound there, and the guard
+    // fails closed (the calibration used to resolve to an infinite multiplier, an invalid
+    // defence, and the release failed with an error).
+    let dir = scratch();
+    let policy = noise_policy("prior_variance = 1.0", "\"*\"").replace("act_above = 0.05\nrelax_below = 0.01", "act_above = 1e-20\nrelax_below = 0.0");
+    let releases = run(&policy, 1, &dir.join("tiny.jsonl"));
+    match releases[0].block_reason() {
+        Some(BlockReason::GuardFailure { what }) => assert!(what.contains("cannot calibrate"), "{what}"),
+        other => panic!("blocked for the calibration: {other:?}"),
+    }
+}
+
+#[test]
 fn a_cap_on_the_ledger_blocks_the_release_that_would_cross_it() {
     let dir = scratch();
     let free = run(&noise_policy("prior_variance = 1.0", "\"*\""), 3, &dir.join("free.jsonl"));

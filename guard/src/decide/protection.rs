@@ -427,8 +427,9 @@ impl Protection {
         }
         self.bounds = bounds::measure_bounds(&chains, m)?;
         let bounds = self.bounds.clone();
-        if block.is_some() {
-            // A block releases nothing, whatever the other layers' checks said.
+        if block.is_some() || pending.is_some() {
+            // A block releases nothing, whatever the other layers' checks said; nor does a
+            // pending release (an aggregate rung holds the batch for a larger release).
             for layer in &mut layers {
                 layer.released = false;
             }
@@ -480,6 +481,23 @@ impl Protection {
             block: None,
             bounds: Bounds::absent(self.layer_names.len(), "nothing released (pending)"),
         }
+    }
+
+    /// A pending decision refused, for the explicit release (which holds nothing): blocked,
+    /// with its records and the block's. Any other decision is returned as it is.
+    pub fn refuse_pending(&self, step: u64, mut decision: Decision) -> Decision {
+        let ReleaseOutcome::Pending { reason } = &decision.outcome else { return decision };
+        let reason = BlockReason::Aggregate { reason: reason.clone() };
+        let mut rec = self.record(step, "*", Outcome::Blocked, "block".into());
+        rec.reason = Some(reason.to_string());
+        decision.records.push(rec);
+        decision.outcome = ReleaseOutcome::Blocked { reason: reason.to_string() };
+        decision.block = Some(reason);
+        decision.chains = vec![None; decision.chains.len()];
+        for layer in &mut decision.layers {
+            layer.released = false;
+        }
+        decision
     }
 
     /// A release-wide block (stale or failed estimate, non-finite gradient).

@@ -43,6 +43,13 @@ pub enum BlockReason {
         /// The cap.
         cap: f64,
     },
+    /// An aggregate rung escalated at an explicit release ([`crate::Guard::release`]): the
+    /// policy asks for a release over more samples than the update covers, and the explicit
+    /// form does not hold updates to join them.
+    Aggregate {
+        /// The escalation, in words (layer, metric and value, the floor now in force).
+        reason: String,
+    },
     /// The guard's own machinery failed (an estimate, the estimator's worker) while a policy
     /// needed it.
     GuardFailure {
@@ -69,6 +76,7 @@ impl fmt::Display for BlockReason {
                 "the run ledger's cumulative reconstruction bound would reach {bits:.4e} bits/dim ({}), above the cap ledger_cap_bits = {cap}",
                 if layer == "*" { "whole release".to_string() } else { format!("layer {layer}") }
             ),
+            BlockReason::Aggregate { reason } => write!(f, "{reason}: the explicit release does not hold updates for a larger release"),
             BlockReason::GuardFailure { what } => f.write_str(what),
         }
     }

@@ -81,13 +81,18 @@ pub fn unbiased_mse_floor(dfil: f64) -> f64 {
 
 /// The noise std that brings a layer of sensitivity `sensitivity` (after the clip) to `target`
 /// bits per dimension: sigma^2 = v S^2 / (D (2^{2b} - 1)). None for a target that is not a
-/// positive finite number of bits or inputs without dimensions.
+/// positive finite number of bits, inputs without dimensions, or a sigma that is not finite
+/// (a target so small that 2^{2b} - 1 rounds to 0, say).
 pub fn calibrated_noise_std(prior_variance: f64, sensitivity: f64, dims: usize, target_bits: f64) -> Option<f64> {
     if !(target_bits > 0.0 && target_bits.is_finite()) || dims == 0 || !(prior_variance >= 0.0) {
         return None;
     }
+    let variance = prior_variance * sensitivity * sensitivity;
+    if variance == 0.0 {
+        return Some(0.0);
+    }
     let denom = dims as f64 * (2f64.powf(2.0 * target_bits) - 1.0);
-    Some((prior_variance * sensitivity * sensitivity / denom).sqrt())
+    Some((variance / denom).sqrt()).filter(|sigma| sigma.is_finite())
 }
 
 /// Where the chain first adds noise, the std it adds, and the deterministic chain before it
@@ -173,6 +178,9 @@ mod tests {
         assert!((reconstruction_bound_bits(v, dfil) - b).abs() < 1e-12);
         assert_eq!(calibrated_noise_std(v, s, d, 0.0), None);
         assert_eq!(calibrated_noise_std(v, s, 0, b), None);
+        // 2^{2b} - 1 is 0 in f64 below b ~ 1e-16: no finite sigma.
+        assert_eq!(calibrated_noise_std(v, s, d, 1e-20), None);
+        assert_eq!(calibrated_noise_std(v, 0.0, d, 1e-20), Some(0.0));
     }
 
     #[test]

@@ -62,12 +62,19 @@ pub struct LayerManifest {
     /// The noise std sigma_l the release carries (a calibrated rung's choice shows here).
     #[serde(default)]
     pub noise_std: Option<f64>,
+    /// The seed the layer's chain was applied with: `apply_all(actions, gradient, seed)` (the
+    /// layer's parameters flattened and joined in the layer map's order) reproduces the released
+    /// tensors bit for bit. Set for every released layer of a released manifest, null otherwise.
+    /// It is a function of the policy's `seed` (which the report carries too) and the step:
+    /// whoever reads the manifest or the report can regenerate the layer's noise.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 impl LayerManifest {
-    /// A layer's entry without an M5 figure.
+    /// A layer's entry without an M5 figure or a seed.
     pub fn new(name: String, released: bool, actions: Vec<Defence>, checks: Vec<RuleCheck>) -> Self {
-        Self { name, released, actions, checks, reconstruction_bound_bits: None, noise_std: None }
+        Self { name, released, actions, checks, reconstruction_bound_bits: None, noise_std: None, seed: None }
     }
 }
 

@@ -27,10 +27,15 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(p: &nn::Path, widths: &[i64]) -> Self {
+        Self::with_biases(p, widths, |_| true)
+    }
+
+    /// The same MLP with a bias on layer i only where `bias(i)`.
+    pub fn with_biases(p: &nn::Path, widths: &[i64], bias: impl Fn(usize) -> bool) -> Self {
         let layers = widths
             .windows(2)
             .enumerate()
-            .map(|(i, w)| nn::linear(p / format!("fc{i}"), w[0], w[1], Default::default()))
+            .map(|(i, w)| nn::linear(p / format!("fc{i}"), w[0], w[1], nn::LinearConfig { bias: bias(i), ..Default::default() }))
             .collect();
         Self { layers }
     }
@@ -48,6 +53,16 @@ impl Mlp {
 
     pub fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
         cross_entropy(&self.forward(x)?, y)
+    }
+}
+
+/// Zeroes every trainable variable's gradient (where there is one), as `zero_grad` does.
+pub fn zero_grads(vs: &nn::VarStore) {
+    for p in vs.trainable_variables() {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use crate::error::{GuardError, Result, TorchContext};
 use crate::decide::protection::Decision;
 use crate::measure::{Batch, LayerMap};
 use crate::report::ReleaseOutcome;
-use gradguard_defenses::{apply_all, derive_seed, GradientAccumulator};
+use gradguard_defenses::{apply_all, derive_seed, DefenceError, GradientAccumulator};
 use tch::Tensor;
 
 /// Micro-batches held back until the release covers the aggregation floor.
@@ -60,10 +60,15 @@ impl Held {
     }
 
     /// The sample-weighted mean of the held gradients, per layer and parameter (undefined
-    /// where no micro-batch reached a parameter).
-    pub(super) fn mean_per_layer(&self, layers: &LayerMap) -> Result<Vec<Vec<Tensor>>> {
-        let mut it = self.grads.mean()?.into_iter();
-        Ok(layers.layers().iter().map(|layer| layer.params.iter().map(|_| it.next().flatten().unwrap_or_else(Tensor::new)).collect()).collect())
+    /// where no micro-batch reached a parameter); None when it is not finite (finite gradients
+    /// near the dtype's largest value overflow the held sum).
+    pub(super) fn mean_per_layer(&self, layers: &LayerMap) -> Result<Option<Vec<Vec<Tensor>>>> {
+        let mut it = match self.grads.mean() {
+            Ok(means) => means.into_iter(),
+            Err(DefenceError::NonFiniteOutput { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(layers.layers().iter().map(|layer| layer.params.iter().map(|_| it.next().flatten().unwrap_or_else(Tensor::new)).collect()).collect()))
     }
 }
 

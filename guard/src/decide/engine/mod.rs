@@ -308,6 +308,12 @@ impl Guard {
             Some(held) => (held.joined()?, held.mean_per_layer(&self.layers)?),
             None => return Err(GuardError::Config { setting: "aggregation_floor", why: "the held micro-batches were lost".into() }),
         };
+        let Some(mean) = mean else {
+            // A block drops the held micro-batches: held on, they would fail every release.
+            let what = format!("the mean of the {samples} held samples is not finite (their sum overflowed the gradients' dtype)");
+            let decision = self.protection.block(step, BlockReason::GuardFailure { what });
+            return self.conclude(step, samples, false, stats, decision, Form::InPlace(None));
+        };
         let (decision, estimated) = self.decide(&joined.batch(), loss_fn, step, &seeds)?;
         let protected = self.protect(&mean, &decision, &seeds)?;
         let written = Written { protected, released: mean, held: true };
@@ -317,7 +323,9 @@ impl Guard {
     /// The explicit release API (federated use): given the update about to be shared (named
     /// per-parameter tensors, as `VarStore::variables()` names them) and the batch it was
     /// computed on, decide what may leave. The update is not edited. The aggregation floor is
-    /// not accumulated here: an update that covers fewer samples than the floor is blocked.
+    /// not accumulated here: an update that covers fewer samples than the floor is blocked, and
+    /// so is one at which an aggregate rung escalates ([`BlockReason::Aggregate`]): this form
+    /// never returns [`Release::Held`].
     pub fn release(&mut self, update: &[(String, Tensor)], batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
         self.scheduler.enter();
         let result = self.release_timed(update, batch, loss_fn);
@@ -341,7 +349,9 @@ impl Guard {
         } else if n < floor {
             (self.protection.block(step, BlockReason::BelowFloor { samples: n, floor }), false)
         } else {
-            self.decide(batch, loss_fn, step, &seeds)?
+            // An aggregate rung's pending release is refused: this form holds nothing.
+            let (decision, estimated) = self.decide(batch, loss_fn, step, &seeds)?;
+            (self.protection.refuse_pending(step, decision), estimated)
         };
         let protected = self.protect(&per_layer, &decision, &seeds)?;
         let update = self.released_tensors(protected, &per_layer);

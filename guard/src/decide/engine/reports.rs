@@ -33,7 +33,8 @@ impl Guard {
             release_reconstruction_bound_bits: None,
             bound_note: None,
         };
-        let manifest = with_bounds(manifest, decision);
+        // The seeds `protect` applied the chains with: this step's, derived again.
+        let manifest = with_seeds(with_bounds(manifest, decision), &self.release_seeds(step));
         // The ledger takes the release's Fisher information only if it leaves.
         if matches!(decision.outcome, crate::report::ReleaseOutcome::Released) {
             self.ledger.commit();
@@ -95,6 +96,18 @@ impl Guard {
             loss: self.step_loss,
         }
     }
+}
+
+/// The manifest with the seed of each layer it releases (nothing when nothing is released).
+fn with_seeds(mut manifest: Manifest, seeds: &[u64]) -> Manifest {
+    if matches!(manifest.outcome, crate::report::ReleaseOutcome::Released) {
+        for (layer, &seed) in manifest.layers.iter_mut().zip(seeds) {
+            if layer.released {
+                layer.seed = Some(seed);
+            }
+        }
+    }
+    manifest
 }
 
 /// The manifest with M5 of what it releases: each released layer's bound and noise std, and

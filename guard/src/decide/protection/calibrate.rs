@@ -54,6 +54,9 @@ impl Protection {
                             return Ok(Err(format!("cannot calibrate the noise of rule '{}' to {target} bits/dim (D = {})", rule.name, jvps.input_dims)));
                         };
                         let multiplier = (sigma / clip_norm).max(MIN_MULTIPLIER);
+                        if !multiplier.is_finite() {
+                            return Ok(Err(format!("cannot calibrate the noise of rule '{}': sigma {sigma:e} is {multiplier} times clip_norm {clip_norm}", rule.name)));
+                        }
                         let noise = Defence::Noise { clip_norm: *clip_norm, multiplier };
                         before.push(noise.clone());
                         if self.calibrated[r][l].as_ref() == Some(&noise) {
