@@ -480,7 +480,7 @@ fn check_manifest(guard: &Guard, release: &Release, step: u64, poisoned: bool) -
         }
         Release::Held { .. } => {
             prop_assert!(!poisoned, "a non-finite gradient was held");
-            prop_assert!(matches!(m.outcome, ReleaseOutcome::Pending { .. }), "{:?}", &m.outcome);
+            prop_assert!(matches!(m.outcome, ReleaseOutcome::Held { .. }), "{:?}", &m.outcome);
         }
         Release::Blocked { reason, .. } => {
             prop_assert!(matches!(m.outcome, ReleaseOutcome::Blocked { .. }), "{:?}", &m.outcome);

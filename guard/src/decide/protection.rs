@@ -486,7 +486,7 @@ impl Protection {
     /// A pending decision refused, for the explicit release (which holds nothing): blocked,
     /// with its records and the block's. Any other decision is returned as it is.
     pub fn refuse_pending(&self, step: u64, mut decision: Decision) -> Decision {
-        let ReleaseOutcome::Pending { reason } = &decision.outcome else { return decision };
+        let ReleaseOutcome::Held { reason } = &decision.outcome else { return decision };
         let reason = BlockReason::Aggregate { reason: reason.clone() };
         let mut rec = self.record(step, "*", Outcome::Blocked, "block".into());
         rec.reason = Some(reason.to_string());
