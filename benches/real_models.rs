@@ -19,8 +19,12 @@
 //! (K = 8, `Inspection::sensitivity`) and one M2 estimate (`Inspection::subspace` with the
 //! attribute labels) in mean training steps of the unguarded run.
 //!
+//! First, per model, a guarded step that estimates M1, with `backward_step` (the user's forward,
+//! then the guard's own forward and backward for M1) and with `train_step` (one forward and
+//! backward for both), beside a plain step.
+//!
 //!     cargo bench --bench real_models -- [--device cpu|cuda] [--steps 300] [--large-steps N]
-//!         [--models resnet-1m,resnet-11m,transformer] [--repeats 3]
+//!         [--models resnet-1m,resnet-11m,transformer] [--repeats 3] [--estimate-step-only]
 use clap::Parser;
 use gradguard::guard::{parse_device, EmbeddingSplit, Inspection, JvpMethod, LayerMap, Metric, Sensitivity, SensitivitySettings, SubspaceSettings};
 use gradguard::{Batch, GuardedOptimizer, LossFn, Settings};
@@ -66,6 +70,9 @@ struct Args {
     /// The guarded runs' `subspace_every_steps` (0: M2 at every estimate, the default).
     #[arg(long, default_value_t = 0)]
     subspace_every: u64,
+    /// Only the estimate step (backward_step against train_step), not the timed runs.
+    #[arg(long)]
+    estimate_step_only: bool,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -240,21 +247,14 @@ fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> an
     for (x, y, _) in s.batches.iter().take(2) {
         warm.backward_step(&s.net.loss(x, y)?);
     }
-    let opt = s.optimizer()?;
     let (mut estimates, mut not_applied, mut share) = (0, 0, 0.0);
     sync(device);
     let started = Instant::now();
     if let Some(settings) = guard {
-        let builder = GuardedOptimizer::builder(&s.vs, opt).settings(settings).loss(|x: &Tensor, y: &Tensor| s.net.loss(x, y));
-        let builder = match &s.net {
-            Net::Text(t) => builder.embedding(|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y)),
-            Net::Image(_) => builder,
-        };
-        let mut guarded = builder.build()?;
+        let mut guarded = guarded_optimizer(s, settings)?;
         for step in 0..steps {
             let (x, y, a) = &s.batches[step % s.batches.len()];
-            let loss = s.net.loss(x, y)?;
-            match guarded.backward_step(&loss, &Batch::new(x, y).with_attribute(a)) {
+            match guarded.train_step(&Batch::new(x, y).with_attribute(a)) {
                 Ok(r) if r.is_released() => {
                     estimates += r.report().estimated as usize;
                     share = r.report().health.spent_share;
@@ -263,7 +263,7 @@ fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> an
             }
         }
     } else {
-        let mut opt = opt;
+        let mut opt = s.optimizer()?;
         for step in 0..steps {
             let (x, y, _) = &s.batches[step % s.batches.len()];
             opt.backward_step(&s.net.loss(x, y)?);
@@ -271,6 +271,59 @@ fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> an
     }
     sync(device);
     Ok((started.elapsed().as_secs_f64(), estimates, not_applied, share))
+}
+
+/// The model's optimizer wrapped by a guard with `settings` (the text model's embedding split
+/// declared).
+fn guarded_optimizer(s: &Setup, settings: Settings) -> anyhow::Result<GuardedOptimizer<'_>> {
+    let builder = GuardedOptimizer::builder(&s.vs, s.optimizer()?).settings(settings).loss(|x: &Tensor, y: &Tensor| s.net.loss(x, y));
+    let builder = match &s.net {
+        Net::Text(t) => builder.embedding(|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y)),
+        Net::Image(_) => builder,
+    };
+    Ok(builder.build()?)
+}
+
+/// One guarded step that estimates M1 (K = 8; M2 measured once before the timing), in seconds:
+/// (median over `repeats` with the user's forward then `backward_step`, whose estimate runs the
+/// loss forward and backward again; median with `train_step`, whose one forward and backward
+/// serves the estimate too; median of a plain step), side by side.
+fn estimate_steps(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<(f64, f64, f64)> {
+    let settings = Settings { estimate_every: 1, budget_share: 1.0, background_estimates: false, probes: 8, subspace_every_steps: 1 << 40, max_estimate_age_steps: 1 << 40, ..Settings::default() };
+    let (mut by_backward, mut by_train, mut plain) = (vec![], vec![], vec![]);
+    let mut guarded = [guarded_optimizer(s, settings.clone())?, guarded_optimizer(s, settings)?];
+    let mut opt = s.optimizer()?;
+    for r in 0..=repeats + 1 {
+        let (x, y, a) = &s.batches[r % s.batches.len()];
+        let batch = Batch::new(x, y).with_attribute(a);
+        let timed = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+            sync(device);
+            let t = Instant::now();
+            f()?;
+            sync(device);
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let [first, second] = &mut guarded;
+        let tb = timed(&mut || {
+            first.backward_step(&s.net.loss(x, y)?, &batch)?;
+            Ok(())
+        })?;
+        let tt = timed(&mut || {
+            second.train_step(&batch)?;
+            Ok(())
+        })?;
+        let tp = timed(&mut || {
+            opt.backward_step(&s.net.loss(x, y)?);
+            Ok(())
+        })?;
+        // The first step measures M2 and warms up; the second warms the timing.
+        if r > 1 {
+            by_backward.push(tb);
+            by_train.push(tt);
+            plain.push(tp);
+        }
+    }
+    Ok((median(by_backward), median(by_train), median(plain)))
 }
 
 /// A training run in a child process of this binary: (seconds, estimates, not applied, guard
@@ -411,12 +464,25 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for model in args.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
         let large = model == "resnet-11m";
+        let repeats = if large && device == Device::Cpu { 1 } else { args.repeats.max(1) };
+        let s = Setup::new(model, device)?;
+        let (by_backward, by_train, plain) = estimate_steps(&s, device, repeats)?;
+        println!(
+            "{model}: a step that estimates (M1, K = 8), in plain training steps ({:.1} ms): backward_step {:.2} (estimate {:.2}), train_step {:.2} (estimate {:.2}); the shared forward and backward saves {:.2} steps",
+            plain * 1e3,
+            by_backward / plain,
+            by_backward / plain - 1.0,
+            by_train / plain,
+            by_train / plain - 1.0,
+            (by_backward - by_train) / plain
+        );
+        if args.estimate_step_only {
+            continue;
+        }
         let steps = if large { large_steps } else { args.steps };
         let (plain_s, _, _, _, plain_rss) = child(model, "unguarded", steps, &args)?;
         let (guard_s, estimates, not_applied, share, guard_rss) = child(model, "guarded", steps, &args)?;
         let step = plain_s / steps as f64;
-        let s = Setup::new(model, device)?;
-        let repeats = if large && device == Device::Cpu { 1 } else { args.repeats.max(1) };
         let e = time_estimates(&s, device, repeats)?;
         let (m1, m2, n_layers) = (e.m1, e.m2, e.layers);
         let per_1000 = estimates as f64 * 1000.0 / steps as f64;

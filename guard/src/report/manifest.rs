@@ -43,8 +43,9 @@ pub struct RuleCheck {
     pub relax_below: f64,
 }
 
-/// What was done to one layer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// What was done to one layer. Two entries are equal when they say the same thing: the seed,
+/// which never leaves the releasing process, is not compared.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerManifest {
     /// The layer's name in the layer map.
     pub name: String,
@@ -64,11 +65,26 @@ pub struct LayerManifest {
     pub noise_std: Option<f64>,
     /// The seed the layer's chain was applied with: `apply_all(actions, gradient, seed)` (the
     /// layer's parameters flattened and joined in the layer map's order) reproduces the released
-    /// tensors bit for bit. Set for every released layer of a released manifest, null otherwise.
-    /// It is a function of the policy's `seed` (which the report carries too) and the step:
-    /// whoever reads the manifest or the report can regenerate the layer's noise.
-    #[serde(default)]
+    /// tensors bit for bit. Set for every released layer of a released manifest, None otherwise.
+    /// It is derived from the policy's `seed`, the step and the guard's secret noise key
+    /// (`Guard::new` draws it from the operating system), and it is never serialised: whoever
+    /// knew it could regenerate the layer's noise and subtract it, so it stays in the process
+    /// that released (a federated server receives the manifest without it).
+    #[serde(skip)]
     pub seed: Option<u64>,
+}
+
+impl PartialEq for LayerManifest {
+    fn eq(&self, other: &Self) -> bool {
+        // Every field but the seed (destructured, so that a new field is not forgotten here).
+        let Self { name, released, actions, checks, reconstruction_bound_bits, noise_std, seed: _ } = self;
+        *name == other.name
+            && *released == other.released
+            && *actions == other.actions
+            && *checks == other.checks
+            && *reconstruction_bound_bits == other.reconstruction_bound_bits
+            && *noise_std == other.noise_std
+    }
 }
 
 impl LayerManifest {

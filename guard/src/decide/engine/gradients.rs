@@ -83,7 +83,10 @@ impl Guard {
     /// The seed of each layer's defences at this release: derived once, used by the
     /// measurement on the release and by the release itself.
     pub(super) fn release_seeds(&self, step: u64) -> Vec<u64> {
-        let seed = self.policy().settings().seed;
+        // The secret key keeps the noise unpredictable to whoever knows the policy (a
+        // federated server does): the policy's seed and the step alone would let it subtract
+        // the noise.
+        let seed = self.policy().settings().seed ^ self.noise_key;
         (0..self.layers.len()).map(|l| derive_seed(seed ^ step.rotate_left(20), l)).collect()
     }
 

@@ -55,6 +55,8 @@ pub struct Guard {
     step_graph: Option<StepGraph>,
     /// The training loss [`Guard::train_step`] computed, for the step's report.
     step_loss: Option<f64>,
+    /// Enters every release's noise seed; secret (see [`Guard::set_noise_key`]).
+    noise_key: u64,
 }
 
 /// The latest estimates the decisions and reports rest on.
@@ -113,7 +115,17 @@ impl Guard {
             ledger: RunLedger::new(l),
             step_graph: None,
             step_loss: None,
+            noise_key: rand::random(),
         })
+    }
+
+    /// Replaces the secret key that enters every release's noise seed, which `Guard::new` draws
+    /// from the operating system's entropy. With a key of its choosing a test or an audit can
+    /// reproduce a guard's noise bit for bit; whoever knows the key (and the policy and the
+    /// step, which a federated server does) can regenerate the noise and subtract it, so a
+    /// guard that releases to anyone keeps its drawn key.
+    pub fn set_noise_key(&mut self, key: u64) {
+        self.noise_key = key;
     }
 
     /// Replaces the clock the budget is measured with (tests drive a synthetic one).
