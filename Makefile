@@ -19,8 +19,11 @@ demo: venv
 	$(ENV) cargo run --release --bin gradguard -- demo $(ARGS)
 
 # Every test of the workspace; benches are built (so they keep compiling) but not run here.
+# One test at a time in each test binary: libtorch's default random generator is global to the
+# process, the tests seed it, and the guard puts it back after its own passes (observe-only with
+# dropout), which would undo another test thread's draws made meanwhile.
 test: venv test-deps
-	$(ENV) cargo test --release --workspace --lib --bins --tests --examples
+	$(ENV) cargo test --release --workspace --lib --bins --tests --examples -- --test-threads=1
 	$(ENV) cargo test --release --workspace --doc
 	$(ENV) cargo bench --workspace --no-run
 	scripts/user-crate.sh
