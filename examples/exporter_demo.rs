@@ -82,8 +82,9 @@ fn main() -> anyhow::Result<()> {
         policy = policy.with_settings(Settings { estimate_every: every, max_estimate_age_steps, ..settings.clone() })?;
     }
     let loss_fn = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
-    let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?).policy(policy).loss(loss_fn).metrics(args.addr).build()?;
-    let addr = opt.metrics_addr().expect("metrics requested");
+    let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?).policy(policy).loss(loss_fn).build()?;
+    let metrics = gradguard::exporter::attach(opt.guard_mut(), args.addr)?;
+    let addr = metrics.local_addr();
     println!("gradguard exporter listening on {addr}");
     println!("  metrics: http://{addr}/metrics  report: http://{addr}/report  layers: {:?}", opt.guard().layers().names());
     std::io::stdout().flush()?;

@@ -143,6 +143,9 @@ pub enum AuditError {
     /// The report could not be serialised.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// The metrics exporter could not start (a busy port, an address that is not one).
+    #[error("metrics exporter: {0}")]
+    Exporter(#[from] gradguard_exporter::ExporterError),
 }
 
 impl From<TorchScriptError> for AuditError {

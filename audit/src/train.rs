@@ -24,6 +24,7 @@
 use crate::error::{create_dir, AuditError, Result};
 use crate::inputs::AuditData;
 use crate::source::{seeded_batch, AuditModel, LossKind};
+use gradguard_exporter::MetricsServer;
 use gradguard_guard::{Batch, GuardError, LossFn, Policy, Release, Report};
 use gradguard_hooks::{GuardSummary, GuardedOptimizer, PolicyReloader, ReleaseCounts, ReloadOutcome, RunSummary, StopSignal};
 use serde::Serialize;
@@ -287,7 +288,11 @@ struct Steps {
 /// The optimizer, wrapped by the guard or not.
 enum Stepper<'a> {
     Plain(nn::Optimizer),
-    Guarded(Box<GuardedOptimizer<'a>>),
+    Guarded {
+        opt: Box<GuardedOptimizer<'a>>,
+        /// Serves the guard's metrics while the run lasts (held for its lifetime).
+        _metrics: Option<MetricsServer>,
+    },
 }
 
 fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit_log: &Path, mut progress: impl FnMut(&StepProgress<'_>)) -> Result<Steps> {
@@ -299,21 +304,21 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
             if let Some(policy) = &guard.policy {
                 builder = builder.policy(policy.clone());
             }
-            if let Some(addr) = guard.metrics_addr {
-                builder = builder.metrics(addr);
-            }
             if let Some(bytes) = guard.audit_max_file_bytes {
                 builder = builder.audit_rotation(bytes);
             }
             if let Some(steps) = guard.checkpoint_every {
                 builder = builder.audit_checkpoint_every(steps);
             }
-            Stepper::Guarded(Box::new(builder.build()?))
+            let mut opt = builder.build()?;
+            // Prometheus: a report sink of the guard's, served while the run lasts.
+            let metrics = guard.metrics_addr.map(|addr| gradguard_exporter::attach(opt.guard_mut(), addr)).transpose()?;
+            Stepper::Guarded { opt: Box::new(opt), _metrics: metrics }
         }
         _ => Stepper::Plain(optimizer),
     };
     let policy = match &stepper {
-        Stepper::Guarded(opt) => Some(PolicyInfo { origin: opt.guard().policy().origin().to_string(), hash: opt.guard().policy().hash().to_string() }),
+        Stepper::Guarded { opt, .. } => Some(PolicyInfo { origin: opt.guard().policy().origin().to_string(), hash: opt.guard().policy().hash().to_string() }),
         Stepper::Plain(_) => None,
     };
     let device = data.x.device();
@@ -332,7 +337,7 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
         let x = data.x.f_index_select(0, &idx)?;
         let y = data.y.f_index_select(0, &idx)?;
         let reload = match (&mut stepper, options.guard.as_ref().and_then(|g| g.reload.as_ref())) {
-            (Stepper::Guarded(opt), Some(reloader)) => reloader.poll(opt.guard_mut()),
+            (Stepper::Guarded { opt, .. }, Some(reloader)) => reloader.poll(opt.guard_mut()),
             _ => None,
         };
         let (release, loss_value) = match &mut stepper {
@@ -344,7 +349,7 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
                 opt.step();
                 (None, loss.f_double_value(&[])?)
             }
-            Stepper::Guarded(opt) => {
+            Stepper::Guarded { opt, .. } => {
                 let a = attribute.as_ref().map(|a| a.f_index_select(0, &idx)).transpose()?;
                 // The sample ids let the run ledger (M5) count each sample's releases exactly.
                 let batch = match &a {
@@ -364,7 +369,7 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
             last = Some(release.into_report());
         }
     }
-    if let Stepper::Guarded(opt) = &mut stepper {
+    if let Stepper::Guarded { opt, .. } = &mut stepper {
         // The last checkpoint and the `closed` record, before the summary reads the log.
         opt.guard_mut().close_audit_log()?;
     }

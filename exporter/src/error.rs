@@ -42,6 +42,14 @@ pub enum ExporterError {
         /// The address asked for.
         addr: SocketAddr,
     },
+    /// The address given does not name a socket address (`host:port`).
+    #[error("metrics address {addr:?}: {why}")]
+    Address {
+        /// The address as given.
+        addr: String,
+        /// What was wrong with it.
+        why: String,
+    },
     /// Binding failed for another reason (permission, address not local, ...).
     #[error("cannot bind the metrics server to {addr}: {source}")]
     Bind {

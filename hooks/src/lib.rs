@@ -1,7 +1,9 @@
 //! The tch training-loop integration of gradguard: one way to wrap a loop.
 //!
 //! [`GuardedOptimizer::builder`] takes the model's `VarStore` and its optimizer; the policy,
-//! the loss function (stored once), the audit log and the Prometheus exporter are options.
+//! the loss function (stored once) and the audit log are options; Prometheus is a report sink the
+//! caller adds (`gradguard_exporter::attach(opt.guard_mut(), addr)`), so that this crate needs no
+//! server.
 //! The loop then calls [`GuardedOptimizer::train_step`] on each batch (the stored loss runs
 //! once per step, its graph serving the estimate on a step that estimates), or
 //! [`GuardedOptimizer::backward_step`] where it called the optimizer's, after its own forward
@@ -92,9 +94,7 @@ pub use stop::StopSignal;
 pub use summary::{GuardSummary, ReleaseCounts, RunSummary};
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
 
-use gradguard_exporter::MetricsServer;
 use gradguard_guard::{AuditLog, LogOptions, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, ReportSink, Settings, SplitLoss};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use tch::{nn, TchError, Tensor};
 
@@ -103,7 +103,6 @@ pub struct GuardedOptimizer<'a> {
     optimizer: nn::Optimizer,
     guard: Guard,
     loss: Box<dyn LossFn + 'a>,
-    metrics: Option<MetricsServer>,
 }
 
 /// Options of a [`GuardedOptimizer`]; [`GuardBuilder::build`] checks them all.
@@ -117,7 +116,6 @@ pub struct GuardBuilder<'a> {
     audit_log: Option<PathBuf>,
     audit_options: LogOptions,
     checkpoint_every: u64,
-    metrics_addr: Option<Result<SocketAddr, BuildError>>,
     sinks: Vec<ReportSink>,
 }
 
@@ -130,20 +128,9 @@ pub enum BuildError {
     /// The TorchScript model's parameters do not form a layer map.
     #[error(transparent)]
     TorchScript(#[from] TorchScriptError),
-    /// The exporter could not start (a busy port, say).
-    #[error("metrics exporter: {0}")]
-    Exporter(#[from] gradguard_exporter::ExporterError),
     /// An option is missing or contradicts another.
     #[error("guarded optimizer: {0}")]
     Options(&'static str),
-    /// The metrics address does not name a socket address.
-    #[error("metrics address {addr:?}: {why}")]
-    Address {
-        /// The address as given.
-        addr: String,
-        /// What was wrong with it.
-        why: String,
-    },
 }
 
 impl<'a> GuardBuilder<'a> {
@@ -201,19 +188,6 @@ impl<'a> GuardBuilder<'a> {
         self
     }
 
-    /// Serves the guard's metrics on `addr` (`/metrics`, `/healthz`, `/report`) while the
-    /// optimizer lives: `"127.0.0.1:9464"`, `("localhost", 9464)` or a `SocketAddr` (port 0
-    /// picks a free port; [`GuardedOptimizer::metrics_addr`] says which). An address that does
-    /// not resolve is an error of [`GuardBuilder::build`].
-    pub fn metrics(mut self, addr: impl ToSocketAddrs + std::fmt::Debug) -> Self {
-        let resolved = match addr.to_socket_addrs() {
-            Ok(mut addrs) => addrs.next().ok_or_else(|| "resolves to no address".to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        self.metrics_addr = Some(resolved.map_err(|why| BuildError::Address { addr: format!("{addr:?}"), why }));
-        self
-    }
-
     /// Hands every report to `sink` as well (on the guard's fan-out worker).
     pub fn report_sink(mut self, sink: ReportSink) -> Self {
         self.sinks.push(sink);
@@ -233,8 +207,6 @@ impl<'a> GuardBuilder<'a> {
             (None, Some(settings)) => Policy::permissive_with(settings).map_err(GuardError::from)?,
             (None, None) => Policy::permissive(),
         };
-        // Every option is checked before the audit log is opened: a bad one leaves no file.
-        let metrics_addr = self.metrics_addr.transpose()?;
         let mut guard = Guard::new(self.layers?, policy)?;
         if let Some(path) = self.audit_log {
             guard.set_audit_log_every(AuditLog::open_options(path, self.audit_options).map_err(GuardError::from)?, self.checkpoint_every)?;
@@ -242,11 +214,7 @@ impl<'a> GuardBuilder<'a> {
         for sink in self.sinks {
             guard.add_report_sink(sink);
         }
-        let metrics = match metrics_addr {
-            Some(addr) => Some(gradguard_exporter::attach(&mut guard, addr)?),
-            None => None,
-        };
-        Ok(GuardedOptimizer { optimizer: self.optimizer, guard, loss, metrics })
+        Ok(GuardedOptimizer { optimizer: self.optimizer, guard, loss })
     }
 }
 
@@ -271,7 +239,7 @@ impl<'a> GuardedOptimizer<'a> {
     }
 
     fn wrapping(layers: Result<LayerMap, BuildError>, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
-        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, audit_options: LogOptions::default(), checkpoint_every: gradguard_guard::DEFAULT_CHECKPOINT_EVERY, metrics_addr: None, sinks: Vec::new() }
+        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, audit_options: LogOptions::default(), checkpoint_every: gradguard_guard::DEFAULT_CHECKPOINT_EVERY, sinks: Vec::new() }
     }
 
     /// The guarded training step, the fast path: zero_grad, then the stored loss forward and
@@ -330,12 +298,7 @@ impl<'a> GuardedOptimizer<'a> {
         &mut self.optimizer
     }
 
-    /// Where the metrics are served, when they are.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().map(|m| m.local_addr())
-    }
-
-    /// The optimizer and the guard, unwrapped (the metrics server stops).
+    /// The optimizer and the guard, unwrapped.
     pub fn into_parts(self) -> (nn::Optimizer, Guard) {
         (self.optimizer, self.guard)
     }

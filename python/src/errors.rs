@@ -54,17 +54,17 @@ impl From<tch::TchError> for FlError {
     }
 }
 
-impl From<gradguard::data::DataError> for FlError {
-    fn from(e: gradguard::data::DataError) -> Self {
+impl From<gradguard_audit::data::DataError> for FlError {
+    fn from(e: gradguard_audit::data::DataError) -> Self {
         FlError::Data(e.to_string())
     }
 }
 
-impl From<gradguard::audit::AuditError> for FlError {
+impl From<gradguard_audit::AuditError> for FlError {
     /// The audit crate's loader errors name the file and what is wrong with it; data files
     /// are `DataError`s, the model file (and a model that does not fit the data) `ModelError`s.
-    fn from(e: gradguard::audit::AuditError) -> Self {
-        use gradguard::audit::AuditError as A;
+    fn from(e: gradguard_audit::AuditError) -> Self {
+        use gradguard_audit::AuditError as A;
         match e {
             A::ModelFit { .. } | A::UnknownModel { .. } => FlError::Model(e.to_string()),
             A::NotFound { .. } | A::NotNpy { .. } | A::Dtype { .. } | A::Shape { .. } | A::NonFinite { .. } | A::LabelRange { .. } | A::Usage(_) => FlError::Data(e.to_string()),

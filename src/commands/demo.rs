@@ -74,14 +74,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .audit_log(&audit_path)
         .audit_rotation(args.audit_max_bytes)
         .audit_checkpoint_every(args.checkpoint_every)
-        .metrics(args.metrics_addr)
         .build()?;
+    // Prometheus: a report sink of the guard's, served until `metrics` is dropped.
+    let metrics = gradguard::exporter::attach(opt.guard_mut(), args.metrics_addr)?;
+    let addr = metrics.local_addr();
     let guard = opt.guard();
     println!("gradguard demo: digits CNN on {} train / {} test samples, {device:?}", train.len(), test.len());
-    println!("{}", super::progress::guard_header(&guard.layers().names(), guard.policy(), opt.metrics_addr(), &audit_path));
-    if let Some(addr) = opt.metrics_addr() {
-        println!("live page: http://{addr}/");
-    }
+    println!("{}", super::progress::guard_header(&guard.layers().names(), guard.policy(), Some(addr), &audit_path));
+    println!("live page: http://{addr}/");
     if let Some(r) = &reload {
         println!("policy reload: kill -HUP {} re-reads {}\n", std::process::id(), r.path().display());
     }
@@ -129,6 +129,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     print!("\n{summary}");
     let html = super::report::write_for_run(&args.out)?;
     println!("run report: {}", html.display());
+    drop(metrics);
     drop(opt);
     Ok(())
 }
