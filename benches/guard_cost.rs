@@ -11,8 +11,8 @@
 //!     cargo bench --bench guard_cost -- [--device cpu|cuda] [--steps 2000] [--repeats 3]
 use clap::Parser;
 use gradguard::data::Digits;
-use gradguard::guard::{mean_and_standard_error, Inspection, Settings};
-use gradguard::guard::{parse_device, LayerMap, Policy, SensitivitySettings};
+use gradguard::guard::{Inspection, Settings, measure::mean_and_standard_error};
+use gradguard::guard::{LayerMap, Policy, measure::{parse_device, SensitivitySettings}};
 use gradguard::models::{DigitsCnn, Mlp};
 use gradguard::{Batch, GuardedOptimizer};
 use std::time::Instant;

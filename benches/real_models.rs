@@ -26,7 +26,7 @@
 //!     cargo bench --bench real_models -- [--device cpu|cuda] [--steps 300] [--large-steps N]
 //!         [--models resnet-1m,resnet-11m,transformer] [--repeats 3] [--estimate-step-only]
 use clap::Parser;
-use gradguard::guard::{parse_device, EmbeddingSplit, Inspection, JvpMethod, LayerMap, Metric, Sensitivity, SensitivitySettings, SubspaceSettings};
+use gradguard::guard::{EmbeddingSplit, Inspection, LayerMap, Metric, measure::{parse_device, SensitivitySettings, SubspaceSettings}, report::{JvpMethod, Sensitivity}};
 use gradguard::{Batch, GuardedOptimizer, LossFn, Settings};
 use std::time::Instant;
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, TchError, Tensor};

@@ -14,7 +14,7 @@
 //! estimates, training steps and the policy info.
 use gradguard::data::Digits;
 use gradguard::exporter::DEFAULT_ADDR;
-use gradguard::guard::{parse_device, Policy, Settings};
+use gradguard::guard::{Policy, Settings, measure::parse_device};
 use gradguard::models::DigitsCnn;
 use gradguard::{Batch, GuardedOptimizer};
 use std::io::Write;

@@ -5,7 +5,7 @@
 //!
 //!     cargo run --release --example protect_and_relax
 use gradguard::data::Digits;
-use gradguard::guard::{AuditLog, Outcome, Policy};
+use gradguard::guard::{AuditLog, Policy, decide::Outcome};
 use gradguard::models::DigitsCnn;
 use gradguard::{Batch, GuardedOptimizer};
 use tch::{nn, nn::OptimizerConfig, Device, Tensor};

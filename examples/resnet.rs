@@ -14,7 +14,7 @@
 //! the batch-mean gradient, batch coupling included; M2's per-sample gradients run each sample
 //! alone, so batch norm normalises it by its own statistics.
 use gradguard::{Batch, GuardedOptimizer, Settings};
-use gradguard::guard::SubspaceSettings;
+use gradguard::guard::measure::SubspaceSettings;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 #[path = "shared/resnet_model.rs"]

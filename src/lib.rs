@@ -32,7 +32,7 @@
 //!   validation study);
 //!
 //! plus the shipped digits data ([`data`]) and example models ([`models`]).
-#![warn(missing_docs)]
+#![deny(missing_docs, unreachable_pub)]
 
 pub use gradguard_audit as audit;
 pub use gradguard_audit::{data, models};

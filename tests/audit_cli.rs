@@ -1,7 +1,7 @@
 //! `gradguard audit` end to end, through the built binary, on the fixtures of tests/fixtures/
 //! (made by tests/fixtures/make_fixtures.py).
-use gradguard::guard::JvpMethod;
-use gradguard::guard::{Batch, Inspection, SensitivitySettings};
+use gradguard::guard::report::JvpMethod;
+use gradguard::guard::{Batch, Inspection, measure::SensitivitySettings};
 use gradguard::guard::LayerMap;
 use gradguard::models::DigitsCnn;
 use serde_json::Value;

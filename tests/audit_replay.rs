@@ -4,7 +4,7 @@
 //! CNN with a threshold at the median of its own first-layer sensitivity, so that the loop
 //! escalates and relaxes often.
 use gradguard::data::Digits;
-use gradguard::guard::{verify_chain, AuditLog, LayerMap, Outcome, Policy, Release};
+use gradguard::guard::{AuditLog, LayerMap, Policy, Release, decide::{verify_chain, Outcome}};
 use gradguard::models::DigitsCnn;
 use gradguard::Guard;
 use std::collections::BTreeMap;

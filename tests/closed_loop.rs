@@ -1,7 +1,7 @@
 //! The closed loop on the digits CNN: measured leakage -> threshold -> defence -> measured
 //! again on the release -> release or block.
 use gradguard::data::Digits;
-use gradguard::guard::{AuditLog, BlockReason, LayerMap, LeakageMetric, Outcome, Policy, Release, ReleaseOutcome};
+use gradguard::guard::{AuditLog, BlockReason, LayerMap, Policy, Release, decide::Outcome, report::{LeakageMetric, ReleaseOutcome}};
 use gradguard::models::DigitsCnn;
 use gradguard::{Batch, Guard, GuardError};
 use tch::{nn, Device, Kind, Tensor};
@@ -44,7 +44,7 @@ fn guarded_step(s: &Setup, guard: &mut Guard, from: usize, n: usize) -> (Result<
 }
 
 /// conv1's raw M1 on samples [0, n) with the parameters as they are (no policy).
-fn raw_conv1(s: &Setup, n: usize) -> gradguard::guard::Sensitivity {
+fn raw_conv1(s: &Setup, n: usize) -> gradguard::guard::report::Sensitivity {
     let mut probe = guard_for(&s.vs, Policy::permissive());
     let report = guarded_step(s, &mut probe, 0, n).0.unwrap().into_report();
     report.layer("conv1").unwrap().sensitivity.measured().unwrap().clone()

@@ -5,7 +5,7 @@
 #[path = "support/demo.rs"]
 mod demo;
 
-use gradguard::guard::{verify_chain, AuditLog, DecisionRecord, Outcome};
+use gradguard::guard::{AuditLog, decide::{verify_chain, DecisionRecord, Outcome}};
 use std::path::Path;
 use std::process::Command;
 

@@ -33,7 +33,7 @@ fn the_example_policy_checks_against_the_cnn() {
         bits_rule.contains("no attacker with a Gaussian prior recovers more than 0.05 bits per input dimension of the average sample from conv1's release"),
         "{bits_rule}"
     );
-    assert!(bits_rule.contains(gradguard::guard::BOUND_CAVEAT), "{bits_rule}");
+    assert!(bits_rule.contains(gradguard::guard::report::BOUND_CAVEAT), "{bits_rule}");
     assert!(bits_rule.contains("1. noise(clip_norm=0.05,target=threshold)"), "{bits_rule}");
     let second_rule = &stdout[second..third];
     assert!(second_rule.contains("  layers:     conv1\n"), "{second_rule}");

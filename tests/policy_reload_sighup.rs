@@ -7,7 +7,7 @@
 mod demo;
 
 use demo::{get, metric, Demo};
-use gradguard::guard::{AuditLog, Outcome, Policy};
+use gradguard::guard::{AuditLog, Policy, decide::Outcome};
 use std::time::{Duration, Instant};
 
 const EXAMPLE: &str = include_str!("../examples/policy.toml");

@@ -1,7 +1,7 @@
 //! Continuous estimation at a bounded cost: the budget on a synthetic clock, backpressure on
 //! the worker queue, and fail-closed behaviour on a stale estimate or a failed worker.
 use gradguard::data::Digits;
-use gradguard::guard::{BlockReason, Clock, LayerMap, Policy, Release, Worker};
+use gradguard::guard::{BlockReason, LayerMap, Policy, Release, decide::{Clock, Worker}};
 use gradguard::models::DigitsCnn;
 use gradguard::{Guard, GuardError, Report};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -90,7 +90,7 @@ impl AuditData {
         let n = spec.samples.unwrap_or(digits.len()).min(digits.len());
         let idx: Vec<usize> = (0..n).collect();
         let (x, y, a) = digits.batch(&idx, device)?;
-        let attribute = gradguard_guard::to_f64_vec(&a)?.into_iter().map(|v| v as i64).collect();
+        let attribute = gradguard_guard::measure::to_f64_vec(&a)?.into_iter().map(|v| v as i64).collect();
         Ok(Self { x: x.f_to_kind(model.kind())?, y, attribute: Some(attribute), n, source: format!("shipped digits (first {n}, stroke-weight attribute)"), loss: spec.loss })
     }
 

@@ -23,7 +23,7 @@
 //! [`run_validation`] runs the validation study of docs/VALIDATION.md. Every defended
 //! release the study measures is made by `gradguard_defenses::Defence::apply`, and its M1 is
 //! measured through the guard's own transform path, as the closed loop measures it.
-#![warn(missing_docs)]
+#![deny(missing_docs, unreachable_pub)]
 
 pub mod data;
 pub mod models;

@@ -19,7 +19,7 @@ pub(crate) enum NpyData {
 
 impl NpyArray {
     /// The file's dtype as numpy names it.
-    pub fn dtype_name(&self) -> String {
+    pub(crate) fn dtype_name(&self) -> String {
         match &self.data {
             NpyData::Float(_, Kind::Float) => "float32".into(),
             NpyData::Float(_, _) => "float64".into(),
@@ -28,7 +28,7 @@ impl NpyArray {
     }
 
     /// Samples along dimension 0.
-    pub fn samples(&self) -> usize {
+    pub(crate) fn samples(&self) -> usize {
         self.shape[0] as usize
     }
 }

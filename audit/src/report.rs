@@ -3,11 +3,11 @@
 use crate::error::{write_file, Result};
 use crate::estimate::bound::ReleaseBound;
 use crate::source::LossKind;
-use gradguard_guard::{Inversion, InversionPlan, InversionSettings};
-use gradguard_guard::{Metric, ReconstructionBound, Representation, Sensitivity, Subspace};
-use gradguard_guard::SensitivitySettings;
-use gradguard_guard::SubspaceSettings;
-use gradguard_guard::{UsableInformation, UsableSettings};
+use gradguard_guard::measure::{Inversion, InversionPlan, InversionSettings};
+use gradguard_guard::{Metric, report::{ReconstructionBound, Representation, Sensitivity, Subspace}};
+use gradguard_guard::measure::SensitivitySettings;
+use gradguard_guard::measure::SubspaceSettings;
+use gradguard_guard::measure::{UsableInformation, UsableSettings};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -275,7 +275,7 @@ fn table(rows: &[LayerRow]) -> String {
             fmt(r.attack_accuracy),
             fmt(r.usable_original_bits_per_dim),
             fmt(r.psnr),
-            if r.reconstruction_bound_bits.is_none() && r.absent.get("reconstruction_bound_bits").map(String::as_str) == Some(gradguard_guard::NO_NOISE_NO_BOUND) { "+inf".to_string() } else { fmt(r.reconstruction_bound_bits) },
+            if r.reconstruction_bound_bits.is_none() && r.absent.get("reconstruction_bound_bits").map(String::as_str) == Some(gradguard_guard::report::NO_NOISE_NO_BOUND) { "+inf".to_string() } else { fmt(r.reconstruction_bound_bits) },
             fmt(r.reconstruction_bound_se),
         );
     }

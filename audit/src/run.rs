@@ -8,11 +8,11 @@ use gradguard_defenses::Defence;
 use crate::inputs::AuditData;
 use crate::report::{AuditReport, AuditSettings};
 use crate::source::{AuditModel, Trainer};
-use gradguard_guard::{Batch, Inspection, InversionPlan, InversionSettings};
-use gradguard_guard::JvpMethod;
-use gradguard_guard::SensitivitySettings;
-use gradguard_guard::SubspaceSettings;
-use gradguard_guard::UsableSettings;
+use gradguard_guard::{Batch, Inspection, measure::{InversionPlan, InversionSettings}};
+use gradguard_guard::report::JvpMethod;
+use gradguard_guard::measure::SensitivitySettings;
+use gradguard_guard::measure::SubspaceSettings;
+use gradguard_guard::measure::UsableSettings;
 use std::time::Instant;
 
 /// How to audit (the flags of `gradguard audit`).

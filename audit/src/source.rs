@@ -257,13 +257,13 @@ pub(crate) struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// Batches of `batch` samples of `indices` into `x`, `y`.
-    pub fn new(model: &'a AuditModel, x: &'a Tensor, y: &'a Tensor, indices: Vec<usize>, batch: usize, seed: u64) -> Result<Self> {
+    pub(crate) fn new(model: &'a AuditModel, x: &'a Tensor, y: &'a Tensor, indices: Vec<usize>, batch: usize, seed: u64) -> Result<Self> {
         let opt = nn::Adam::default().build(model.var_store(), 1e-3)?;
         Ok(Self { model, x, y, indices, batch, seed, opt, done: 0 })
     }
 
     /// Trains until `step` steps are done in all (nothing if already there).
-    pub fn train_to(&mut self, step: usize) -> Result<()> {
+    pub(crate) fn train_to(&mut self, step: usize) -> Result<()> {
         for s in self.done..step {
             let idx = seeded_batch(&self.indices, self.batch, self.seed, s);
             let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.x.device())?;

@@ -35,7 +35,7 @@
 //! # Ok::<(), gradguard_defenses::DefenceError>(())
 //! ```
 
-#![warn(missing_docs)]
+#![deny(missing_docs, unreachable_pub)]
 
 mod accumulate;
 mod checks;

@@ -4,7 +4,7 @@
 //! `bound`, not `bits`: Prometheus' naming lint reserves `bits` for data sizes). A release
 //! without noise has no bound: its gauge holds +Inf; a bound not measured holds NaN.
 use crate::error::ExporterError;
-use gradguard_guard::{Metric, Report, BOUND_CAVEAT};
+use gradguard_guard::{Metric, Report, report::BOUND_CAVEAT};
 use prometheus::{Gauge, GaugeVec, Opts, Registry};
 
 /// The M5 gauges of one exporter, resolved once per layer.
@@ -60,7 +60,7 @@ impl BoundSeries {
 
     /// The bounds of one report (layers matched by position in `index`).
     pub(crate) fn observe(&self, report: &Report, index: impl Fn(&str) -> Option<usize>) {
-        let bits = |m: &Metric<gradguard_guard::ReconstructionBound>| match m {
+        let bits = |m: &Metric<gradguard_guard::report::ReconstructionBound>| match m {
             Metric::Measured(b) => b.bits_or_inf(),
             Metric::Absent { .. } => f64::NAN,
         };

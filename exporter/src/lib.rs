@@ -48,7 +48,7 @@
 //! Metric and alert reference: `exporter/README.md`. Dashboards: `exporter/grafana/`;
 //! Prometheus scrape config and alert rules: `exporter/prometheus/`.
 
-#![warn(missing_docs)]
+#![deny(missing_docs, unreachable_pub)]
 
 mod attach;
 mod bounds;

@@ -7,7 +7,7 @@
 use crate::bounds::BoundSeries;
 use crate::error::{ExporterError, LabelKind};
 use gradguard_defenses::Defence;
-use gradguard_guard::{Metric, Policy, ReleaseKind, Report, ReportedMetric};
+use gradguard_guard::{Metric, Policy, ReleaseKind, Report, report::ReportedMetric};
 use parking_lot::Mutex;
 use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::collections::HashMap;
@@ -482,7 +482,7 @@ impl Exporter {
         self.aggregation_floor.set(manifest.aggregation_floor as f64);
         for ml in &manifest.layers {
             let Some(&l) = self.layer_index.get(&ml.name) else { continue };
-            let released = matches!(manifest.outcome, gradguard_guard::ReleaseOutcome::Released);
+            let released = matches!(manifest.outcome, gradguard_guard::report::ReleaseOutcome::Released);
             self.series[l].withheld.set(i64::from(released && !ml.released));
             if !released {
                 continue;

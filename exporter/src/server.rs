@@ -137,7 +137,7 @@ async fn report(State(exporter): State<Arc<Exporter>>) -> impl IntoResponse {
 
 /// The live page: HTML and a little inline JavaScript that polls `/report` and draws each
 /// layer's metrics, thresholds and protection level as they move. No external asset.
-pub const LIVE_PAGE: &str = include_str!("live_page.html");
+pub(crate) const LIVE_PAGE: &str = include_str!("live_page.html");
 
 async fn live_page() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], LIVE_PAGE)

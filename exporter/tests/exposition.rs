@@ -244,7 +244,7 @@ fn constructor_and_policy_values_are_checked() {
 
 #[test]
 fn a_report_carries_its_decisions_into_the_counters() {
-    use gradguard_guard::{LayerManifest, ReleaseOutcome as Outcome};
+    use gradguard_guard::report::{LayerManifest, ReleaseOutcome as Outcome};
     let ex = exporter();
     let mut r = synthetic(3, None);
     r.layers[0].protection_level = 2;

@@ -3,7 +3,7 @@
 //! from the estimator, the single-sample values from exact mode: the 1/n must come out of the
 //! measurement.
 mod common;
-use gradguard_guard::{Batch, Inspection, LayerMap, SensitivitySettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, measure::SensitivitySettings};
 use tch::{nn, Device, Kind, Tensor};
 
 #[test]

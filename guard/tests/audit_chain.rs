@@ -1,7 +1,7 @@
 //! The audit log's hash chain: `verify_chain` names the first record that was edited,
 //! removed, reordered or cut, across rotated files; reopening continues the chain; rotation
 //! bounds each file.
-use gradguard_guard::{chain_files, line_hash, segment_path, verify_chain, verify_files, AuditLog, BreakKind, DecisionRecord, LogOptions, Outcome};
+use gradguard_guard::{AuditLog, decide::{chain_files, line_hash, segment_path, verify_chain, verify_files, BreakKind, DecisionRecord, LogOptions, Outcome}};
 use std::path::{Path, PathBuf};
 
 fn scratch(name: &str) -> PathBuf {

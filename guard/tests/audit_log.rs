@@ -1,6 +1,6 @@
 //! The audit log: acknowledged records survive SIGKILL, every complete line parses, reopening
 //! appends, torn tails are skipped and reported.
-use gradguard_guard::{verify_chain, AuditError, AuditLog, BreakKind, DecisionRecord, Outcome};
+use gradguard_guard::{AuditLog, decide::{verify_chain, BreakKind, DecisionRecord, Outcome}, error::AuditError};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -18,7 +18,7 @@ fn scratch(name: &str) -> PathBuf {
 
 fn record(step: u64, layer: &str) -> DecisionRecord {
     DecisionRecord {
-        time_unix_ms: gradguard_guard::unix_ms_now(),
+        time_unix_ms: gradguard_guard::decide::unix_ms_now(),
         step,
         layer: layer.into(),
         rule: Some("first-layer".into()),

@@ -1,7 +1,7 @@
 //! Every bad input gives a typed error or an absent metric with its reason: never a panic or
 //! a silent 0.
 mod common;
-use gradguard_guard::{parse_device, Batch, BlockReason, GuardError, LayerMap, Policy, PolicyError, Release, Settings};
+use gradguard_guard::{Batch, BlockReason, GuardError, LayerMap, Policy, PolicyError, Release, Settings, measure::parse_device};
 use tch::{nn, Device, Kind, Tensor};
 
 struct Setup {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::cross_entropy;
-use gradguard_guard::{Batch, Inspection, LayerMap, Metric, SensitivitySettings, SubspaceSettings, UsableSettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, Metric, measure::{SensitivitySettings, SubspaceSettings, UsableSettings}};
 use tch::{nn, nn::ModuleT, Device, Kind, TchError, Tensor};
 
 /// fc -> batch norm (training mode) -> relu -> fc.

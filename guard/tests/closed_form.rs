@@ -3,7 +3,7 @@
 //!   dg_W/dx . e_d = (A W e_d) x_i^T + (p - e) e_d^T,   dg_b/dx = A W,
 //! and J_{l,i} = (1/n) dg_{l,i}/dx_i since the batch gradient is the mean.
 mod common;
-use gradguard_guard::{Batch, Inspection, LayerMap, Metric, SensitivitySettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, Metric, measure::SensitivitySettings};
 use tch::{nn, Device, Kind, Tensor};
 
 struct Case {
@@ -75,7 +75,7 @@ fn loss(case: &Case) -> impl Fn(&Tensor, &Tensor) -> Result<Tensor, tch::TchErro
     move |x: &Tensor, y: &Tensor| common::cross_entropy(&x.f_linear(&case.w, Some(&case.b))?, y)
 }
 
-fn measured(m: &Metric<gradguard_guard::Sensitivity>) -> &gradguard_guard::Sensitivity {
+fn measured(m: &Metric<gradguard_guard::report::Sensitivity>) -> &gradguard_guard::report::Sensitivity {
     m.measured().expect("sensitivity measured")
 }
 
@@ -115,7 +115,7 @@ fn exact_mode_agrees_through_either_basis() {
 fn estimator_with_64_probes_is_within_three_standard_errors() {
     let case = case();
     let (sw, sb) = closed_form(&case);
-    for method in [gradguard_guard::JvpMethod::DoubleBackward, gradguard_guard::JvpMethod::CentralDifference] {
+    for method in [gradguard_guard::report::JvpMethod::DoubleBackward, gradguard_guard::report::JvpMethod::CentralDifference] {
         let settings = SensitivitySettings { probes: 64, method, exact: false };
         let got = Inspection::new(&case.layers, &loss(&case), Batch::new(&case.x, &case.y)).seeded(11, 0).sensitivity(&settings).unwrap();
         for (m, expected) in got.iter().zip([sw, sb]) {

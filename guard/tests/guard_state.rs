@@ -3,7 +3,7 @@
 //! refused without changing anything.
 mod common;
 
-use gradguard_guard::{Batch, Guard, GuardState, LayerMap, Policy, Release, StateError};
+use gradguard_guard::{Batch, Guard, GuardState, LayerMap, Policy, Release, decide::StateError};
 use tch::{nn, Device, Kind, Tensor};
 
 // fc0's threshold is always crossed: the ladder climbs to clip, then withholds.

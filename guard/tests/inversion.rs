@@ -2,7 +2,7 @@
 //! input from the gradient of a single-sample linear layer, and has nothing to attack in a
 //! withheld layer.
 mod common;
-use gradguard_guard::{Batch, Inspection, InversionPlan, InversionSettings};
+use gradguard_guard::{Batch, Inspection, measure::{InversionPlan, InversionSettings}};
 use gradguard_guard::LayerMap;
 use tch::{nn, Device, Kind, Tensor};
 

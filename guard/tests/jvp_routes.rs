@@ -8,7 +8,7 @@
 mod common;
 
 use common::cross_entropy;
-use gradguard_guard::{Batch, Inspection, JvpMethod, LayerMap, Metric, SensitivitySettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, Metric, measure::SensitivitySettings, report::JvpMethod};
 use tch::{nn, Device, Kind, TchError, Tensor};
 
 /// conv(1 -> 3, 3x3) -> batch norm (training mode) -> activation -> flatten -> linear(3*4*4 -> 2).
@@ -53,15 +53,15 @@ fn setup(smooth: bool) -> (nn::VarStore, BnCnn, Tensor, Tensor) {
     (vs, net, x, y)
 }
 
-fn values(metrics: &[Metric<gradguard_guard::Sensitivity>]) -> Vec<f64> {
+fn values(metrics: &[Metric<gradguard_guard::report::Sensitivity>]) -> Vec<f64> {
     metrics.iter().map(|m| m.measured().expect("measured").sensitivity).collect()
 }
 
-fn standard_errors(metrics: &[Metric<gradguard_guard::Sensitivity>]) -> Vec<f64> {
+fn standard_errors(metrics: &[Metric<gradguard_guard::report::Sensitivity>]) -> Vec<f64> {
     metrics.iter().map(|m| m.measured().expect("measured").sensitivity_se).collect()
 }
 
-fn measure(smooth: bool, settings: &SensitivitySettings) -> Vec<Metric<gradguard_guard::Sensitivity>> {
+fn measure(smooth: bool, settings: &SensitivitySettings) -> Vec<Metric<gradguard_guard::report::Sensitivity>> {
     let (vs, net, x, y) = setup(smooth);
     let layers = LayerMap::from_var_store(&vs).unwrap();
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y);

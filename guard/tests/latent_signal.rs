@@ -2,7 +2,7 @@
 //! task does not use. The last layers' separation must exceed its value on the same data with
 //! the attribute labels shuffled.
 mod common;
-use gradguard_guard::{Batch, Inspection, LayerMap, SubspaceSettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, measure::SubspaceSettings};
 use rand::{seq::SliceRandom, SeedableRng};
 use tch::{nn, Device, Tensor};
 

@@ -1,5 +1,5 @@
 //! Layer discovery: grouping by module path, creation order, buffers excluded.
-use gradguard_guard::{group_by_layer, layer_name, LayerMap};
+use gradguard_guard::{LayerMap, measure::{group_by_layer, layer_name}};
 use tch::{nn, Device};
 
 #[test]

@@ -1,7 +1,7 @@
 //! Policy files: every bad input is rejected with a message that names the problem; coverage
 //! of layer globs; the hash; the shipped example.
 use gradguard_defenses::Defence;
-use gradguard_guard::{LadderStep, LeakageMetric, OnViolation, Policy, PolicyError};
+use gradguard_guard::{Policy, PolicyError, decide::{LadderStep, OnViolation}, report::LeakageMetric};
 use gradguard_guard::LayerMap;
 use std::path::PathBuf;
 use tch::{nn, Device};

@@ -1,5 +1,5 @@
 //! Principal angles and the projection distance on subspaces built with known angles.
-use gradguard_guard::{orthonormal_basis, principal_angles, projection_distance};
+use gradguard_guard::measure::{orthonormal_basis, principal_angles, projection_distance};
 use tch::{Device, Kind, Tensor};
 
 /// Columns e_0.. e_{k-1} and cos(t_j) e_j + sin(t_j) e_{k+j}: principal angles exactly t_j.

@@ -7,7 +7,7 @@ mod common;
 
 use common::cross_entropy;
 use gradguard_defenses::{apply_all, derive_seed, Defence};
-use gradguard_guard::{project, to_f64_vec, Batch, GradientMatrix, GuardError, Inspection, LayerMap, ProjectedLayer, ReleaseTransform};
+use gradguard_guard::{Batch, GuardError, Inspection, LayerMap, measure::{project, to_f64_vec, GradientMatrix, ProjectedLayer, ReleaseTransform}};
 use tch::{nn, nn::ModuleT, Device, Kind, TchError, Tensor};
 
 const N: i64 = 12;

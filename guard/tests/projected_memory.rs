@@ -7,7 +7,7 @@
 //! /proc/self/clear_refs) is the process's, and no other test may allocate beside it.
 mod common;
 use common::peak_increase;
-use gradguard_guard::{Batch, Inspection, LayerMap, ProjectedLayer};
+use gradguard_guard::{Batch, Inspection, LayerMap, measure::ProjectedLayer};
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
 

@@ -8,10 +8,7 @@
 //! its own linearisation of the clip.
 mod common;
 use gradguard_defenses::Defence;
-use gradguard_guard::{
-    reconstruction_bound_bits, release_dfil, AuditLog, Batch, BlockReason, Guard, JvpMethod, JvpSamples, LayerFisher, LayerJvps, LayerMap, Outcome, Policy, Release, Representation,
-    NO_NOISE_NO_BOUND,
-};
+use gradguard_guard::{AuditLog, Batch, BlockReason, Guard, LayerMap, Policy, Release, decide::Outcome, measure::{reconstruction_bound_bits, release_dfil, JvpSamples, LayerFisher, LayerJvps}, report::{JvpMethod, Representation, NO_NOISE_NO_BOUND}};
 use tch::{nn, Device, Kind, Tensor};
 
 struct Case {

@@ -20,7 +20,7 @@
 //! `estimate_every` steps, held micro-batches).
 mod common;
 use gradguard_defenses::{apply_all, Defence, GradientAccumulator};
-use gradguard_guard::{Batch, BlockReason, Guard, LayerManifest, LayerMap, Policy, Release, ReleaseOutcome};
+use gradguard_guard::{Batch, BlockReason, Guard, LayerMap, Policy, Release, report::{LayerManifest, ReleaseOutcome}};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;

@@ -1,7 +1,7 @@
 //! M2 on a layer of 10M parameters: the linear algebra makes no P x N host matrix. (Its own
 //! test binary, one test, so no other test's allocations move the process's peak RSS.)
 mod common;
-use gradguard_guard::{Batch, Inspection, LayerMap, SubspaceSettings};
+use gradguard_guard::{Batch, Inspection, LayerMap, measure::SubspaceSettings};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 const IN: i64 = 10_000;

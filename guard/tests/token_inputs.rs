@@ -11,7 +11,7 @@
 //!   dG_W = (1/n) (u m_i^T + (1/L) r_i e_e^T),  dG_b = (1/n) u,  dG_emb[v] = (1/(nL)) c_{i,v} W^T u,
 //! and ||J_{l,i}||_F^2 sums the squares over e and the L positions.
 mod common;
-use gradguard_guard::{Batch, Guard, Inspection, JvpMethod, LayerMap, Metric, Policy, Release, Representation, Sensitivity, SensitivitySettings, Settings, SplitLoss};
+use gradguard_guard::{Batch, Guard, Inspection, LayerMap, Metric, Policy, Release, Settings, SplitLoss, measure::SensitivitySettings, report::{JvpMethod, Representation, Sensitivity}};
 use tch::{nn, Device, Kind, TchError, Tensor};
 
 const VOCAB: i64 = 7;
@@ -219,7 +219,7 @@ fn token_ids_without_a_split_leave_m1_absent_and_m2_measured() {
             assert_clean_reason(m.absent_reason().expect("M1 absent"));
         }
     }
-    let m2 = look.subspace(&gradguard_guard::SubspaceSettings { samples_per_group: 8, ..Default::default() }).unwrap();
+    let m2 = look.subspace(&gradguard_guard::measure::SubspaceSettings { samples_per_group: 8, ..Default::default() }).unwrap();
     assert!(m2.iter().all(|m| m.measured().is_some()), "{m2:?}");
     assert!(look.per_sample_gradients().unwrap().iter().all(Option::is_some));
 }
@@ -321,7 +321,7 @@ fn the_reconstruction_bound_of_a_token_model_is_on_its_embedding_block() {
     let mut guard = Guard::new(model.layers(), Policy::from_toml_str(toml, "test").unwrap()).unwrap();
     let (t, _) = tokens(16, 100);
     let embedded = model.embed(&t).unwrap();
-    let variance = gradguard_guard::per_dimension_variance(&embedded, 16).unwrap();
+    let variance = gradguard_guard::measure::per_dimension_variance(&embedded, 16).unwrap();
     let (releases, _) = train(&model, &mut guard, &loss, 1);
     let report = releases[0].report();
     assert!(releases[0].is_released(), "{:?}", releases[0].block_reason());

@@ -7,8 +7,8 @@
 //! 2. Through a model (the LossFn convenience): an MLP whose inputs carry the attribute in
 //!    coordinates the task ignores. Shuffled labels must give about 0 bits in every layer.
 mod common;
-use gradguard_guard::{Batch, GradientMatrix, Inspection};
-use gradguard_guard::{usable_information_layers, UsableSettings};
+use gradguard_guard::{Batch, Inspection, measure::GradientMatrix};
+use gradguard_guard::measure::{usable_information_layers, UsableSettings};
 use gradguard_guard::LayerMap;
 use rand::{seq::SliceRandom, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -117,7 +117,7 @@ fn through_a_model_shuffled_attribute_gives_about_zero_bits() {
     assert_eq!(grads.iter().map(|g| g.as_ref().unwrap().cols).collect::<Vec<_>>(), vec![20 * 32 + 32, 32 * 16 + 16, 16 * 2 + 2]);
     let real = Inspection::new(&layers, &loss, Batch::new(&x, &y).with_attribute(&Tensor::from_slice(&attribute))).seeded(0, 0).usable_information(&settings).unwrap();
     let control = Inspection::new(&layers, &loss, Batch::new(&x, &y).with_attribute(&Tensor::from_slice(&shuffled(&attribute, 5)))).seeded(0, 0).usable_information(&settings).unwrap();
-    let bits = |v: &[gradguard_guard::Metric<gradguard_guard::UsableInformation>]| -> Vec<f64> {
+    let bits = |v: &[gradguard_guard::Metric<gradguard_guard::measure::UsableInformation>]| -> Vec<f64> {
         v.iter().map(|m| m.measured().unwrap().usable_information_bits).collect()
     };
     println!("model: attribute {:?}, shuffled {:?}", bits(&real), bits(&control));
@@ -150,7 +150,7 @@ fn the_standard_error_over_splits_shrinks_as_samples_grow_and_the_penalty_is_rep
     let (mut se, mut penalty, mut last_bits) = (Vec::new(), Vec::new(), 0.0);
     for n in [300usize, 1200, 4800, 19200] {
         let (features, labels) = planted_features(n, 2.0, 21);
-        let m = gradguard_guard::attribute_information(&features, &labels, &settings, 3).unwrap();
+        let m = gradguard_guard::measure::attribute_information(&features, &labels, &settings, 3).unwrap();
         let m = m.measured().unwrap().clone();
         println!("n = {n}: {:.4} +- {:.4} bits, accuracy {:.3} +- {:.3}, penalties {:?} (reported {})", m.usable_information_bits, m.usable_information_se, m.attack_accuracy, m.attack_accuracy_se, m.l2_chosen, m.l2);
         assert_eq!(m.splits, 5);
@@ -177,7 +177,7 @@ fn the_standard_error_over_splits_shrinks_as_samples_grow_and_the_penalty_is_rep
 
     // A fixed penalty (no grid) is the penalty reported; one split has no spread.
     let (features, labels) = planted_features(300, 1.0, 21);
-    let m = gradguard_guard::attribute_information(&features, &labels, &UsableSettings::single_split(0.5), 3).unwrap();
+    let m = gradguard_guard::measure::attribute_information(&features, &labels, &UsableSettings::single_split(0.5), 3).unwrap();
     let m = m.measured().unwrap();
     assert_eq!((m.l2, m.splits, m.usable_information_se), (0.5, 1, 0.0));
     assert!(UsableSettings { splits: 0, ..UsableSettings::default() }.validate().is_err());

@@ -9,8 +9,8 @@
 //! [`GuardedOptimizer::backward_step`] where it called the optimizer's, after its own forward
 //! (the slower path):
 //!
-//! ```no_run
-//! use gradguard_guard::{Batch, Policy};
+//! ```
+//! use gradguard_guard::{Batch, Policy, Release};
 //! use gradguard_hooks::GuardedOptimizer;
 //! use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 //!
@@ -18,16 +18,37 @@
 //! let vs = nn::VarStore::new(Device::Cpu);
 //! let net = nn::linear(vs.root() / "fc", 64, 10, Default::default());
 //! let loss = |x: &Tensor, y: &Tensor| net.forward(x).f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0);
+//! let policy = Policy::from_toml_str(r#"
+//!     version = 2
+//!     [settings]
+//!     estimate_every = 5
+//!     aggregation_floor = 64
+//!     [[rule]]
+//!     name = "bound"
+//!     metric = "reconstruction_bound_bits"
+//!     layers = ["fc"]
+//!     act_above = 0.1
+//!     relax_below = 0.05
+//!     ladder = [{ action = "noise", clip_norm = 1.0, target = "threshold" }]
+//! "#, "inline")?;
+//! let log = std::env::temp_dir().join(format!("gradguard-doc-{}.jsonl", std::process::id()));
 //! let mut opt = GuardedOptimizer::builder(&vs, nn::Adam::default().build(&vs, 1e-3)?)
-//!     .policy(Policy::load("examples/policy.toml")?)
+//!     .policy(policy)
 //!     .loss(&loss)
-//!     .audit_log("out/audit.jsonl")
+//!     .audit_log(&log)
 //!     .build()?;
-//! for _ in 0..100 {
+//! let mut stepped = 0;
+//! for step in 0..20 {
 //!     let (x, y) = (Tensor::randn([32, 64], (Kind::Float, Device::Cpu)), Tensor::zeros([32], (Kind::Int64, Device::Cpu)));
-//!     let release = opt.train_step(&Batch::new(&x, &y))?; // released, held or blocked
-//!     println!("{}", release.report().table());
+//!     match opt.train_step(&Batch::new(&x, &y))? {
+//!         Release::Released { report, .. } if report.estimated => println!("{}", opt.guard().table(&report)),
+//!         Release::Released { .. } => stepped += 1,
+//!         Release::Held { .. } => {}                        // 32 of the floor's 64 samples: no step yet
+//!         Release::Blocked { reason, .. } => println!("step {step}: blocked: {reason}"),
+//!     }
 //! }
+//! assert!(stepped > 0);
+//! # std::fs::remove_file(&log).ok();
 //! # Ok(()) }
 //! ```
 //!
@@ -81,7 +102,7 @@
 //! let release = opt.backward_step(&loss(&tokens, &y)?, &Batch::new(&tokens, &y))?; // M1 on the embeddings
 //! # Ok(()) }
 //! ```
-#![warn(missing_docs)]
+#![deny(missing_docs, unreachable_pub)]
 
 mod reload;
 mod script_module;
@@ -94,7 +115,7 @@ pub use stop::StopSignal;
 pub use summary::{GuardSummary, ReleaseCounts, RunSummary};
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
 
-use gradguard_guard::{AuditLog, LogOptions, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, ReportSink, Settings, SplitLoss};
+use gradguard_guard::{AuditLog, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, Settings, SplitLoss, decide::{LogOptions, ReportSink}};
 use std::path::PathBuf;
 use tch::{nn, TchError, Tensor};
 
@@ -239,7 +260,7 @@ impl<'a> GuardedOptimizer<'a> {
     }
 
     fn wrapping(layers: Result<LayerMap, BuildError>, optimizer: nn::Optimizer) -> GuardBuilder<'a> {
-        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, audit_options: LogOptions::default(), checkpoint_every: gradguard_guard::DEFAULT_CHECKPOINT_EVERY, sinks: Vec::new() }
+        GuardBuilder { layers, optimizer, policy: None, settings: None, loss: None, embedding: None, audit_log: None, audit_options: LogOptions::default(), checkpoint_every: gradguard_guard::decide::DEFAULT_CHECKPOINT_EVERY, sinks: Vec::new() }
     }
 
     /// The guarded training step, the fast path: zero_grad, then the stored loss forward and

@@ -1,6 +1,6 @@
 //! What a guarded run did, counted while it runs and summarised at its end: the summary
 //! `gradguard demo` and `gradguard train` print.
-use gradguard_guard::{verify_chain, AuditLog, DecisionRecord, GuardError, GuardHealth, Ledger, Outcome, Release, Report, Verification, CALIBRATION_REASON};
+use gradguard_guard::{AuditLog, GuardError, Release, Report, decide::{verify_chain, DecisionRecord, Outcome, Verification, CALIBRATION_REASON}, report::{GuardHealth, Ledger}};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};

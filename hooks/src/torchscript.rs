@@ -93,9 +93,9 @@ const FORWARD_EMBEDDED: &str = "forward_embedded";
 
 /// The informative line of a libtorch error: for a TorchScript interpreter error the
 /// `RuntimeError: ...` line at the end of its traceback, otherwise the first line (a C++
-/// backtrace follows on later lines). See [`gradguard_guard::torch_message`].
+/// backtrace follows on later lines). See [`gradguard_guard::error::torch_message`].
 pub fn first_line(e: &TchError) -> String {
-    gradguard_guard::torch_message(&e.to_string())
+    gradguard_guard::error::torch_message(&e.to_string())
 }
 
 /// The VarStore name `TrainableCModule::load` gives each parameter, in order: dots become

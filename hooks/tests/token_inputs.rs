@@ -1,7 +1,7 @@
 //! A guarded text classifier on token ids: with the embedding split declared on the builder M1
 //! is measured on the embeddings; without one, training goes on with M1 absent (its reason in
 //! the guard's words, no libtorch text) and a rule on M1 blocks.
-use gradguard_guard::{Batch, Policy, Release, Representation, Settings};
+use gradguard_guard::{Batch, Policy, Release, Settings, report::Representation};
 use gradguard_hooks::GuardedOptimizer;
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, TchError, Tensor};
 

@@ -168,7 +168,7 @@ fn layer_names<'py>(py: Python<'py>, model_path: Option<String>) -> PyResult<Bou
 /// `conv1`, `scale__2` -> `scale`.
 #[pyfunction]
 fn layer_of(param: &str) -> String {
-    gradguard_guard::layer_name(param)
+    gradguard_guard::measure::layer_name(param)
 }
 
 /// `{layer: [parameter names]}`: the names grouped into layers as the guard groups a model's
@@ -177,7 +177,7 @@ fn layer_of(param: &str) -> String {
 #[pyfunction]
 fn group_layers<'py>(py: Python<'py>, params: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
     let out = PyDict::new(py);
-    for (layer, names) in gradguard_guard::group_by_layer(params.into_iter().map(|p| (p, ()))) {
+    for (layer, names) in gradguard_guard::measure::group_by_layer(params.into_iter().map(|p| (p, ()))) {
         out.set_item(layer, PyList::new(py, names.into_iter().map(|(name, ())| name))?)?;
     }
     Ok(out)

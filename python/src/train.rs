@@ -113,7 +113,7 @@ fn restore(guard: &mut Guard, saved: Option<&str>) -> FlResult<String> {
     let state: GuardState = serde_json::from_str(text).map_err(|e| FlError::Config(format!("the saved guard state is not readable: {e}")))?;
     match guard.restore_state(&state) {
         Ok(()) => Ok(format!("restored (step {})", state.step)),
-        Err(gradguard_guard::StateError::OtherPolicy { saved, current }) => {
+        Err(gradguard_guard::decide::StateError::OtherPolicy { saved, current }) => {
             Ok(format!("fresh: the saved state belongs to policy {saved}, the node now enforces {current}"))
         }
         Err(e) => Err(FlError::Config(e.to_string())),

@@ -10,7 +10,7 @@
 //! ```
 use gradguard::audit::{run_audit, AuditData, AuditModel, AuditOptions, DataSpec, InversionOptions, LossKind};
 use gradguard::defenses::Defence;
-use gradguard::guard::parse_device;
+use gradguard::guard::measure::parse_device;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

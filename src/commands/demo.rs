@@ -4,7 +4,7 @@
 //! decisions and where the report and the audit log are.
 use anyhow::Context;
 use gradguard::data::Digits;
-use gradguard::guard::{parse_device, Policy};
+use gradguard::guard::{Policy, measure::parse_device};
 use gradguard::hooks::{GuardSummary, PolicyReloader, ReleaseCounts, RunSummary, StopSignal};
 use gradguard::models::DigitsCnn;
 use gradguard::{Batch, GuardedOptimizer};
@@ -37,10 +37,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Rotate the audit log when a file reaches this many bytes.
-    #[arg(long, default_value_t = gradguard::guard::DEFAULT_MAX_FILE_BYTES)]
+    #[arg(long, default_value_t = gradguard::guard::decide::DEFAULT_MAX_FILE_BYTES)]
     audit_max_bytes: u64,
     /// Steps between the audit log's checkpoints (the counts of unchanged releases).
-    #[arg(long, default_value_t = gradguard::guard::DEFAULT_CHECKPOINT_EVERY)]
+    #[arg(long, default_value_t = gradguard::guard::decide::DEFAULT_CHECKPOINT_EVERY)]
     checkpoint_every: u64,
     /// Folder for the final report (report.json), the audit log (audit.jsonl) and the run
     /// report (report.html).

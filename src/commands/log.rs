@@ -1,7 +1,7 @@
 //! `gradguard log verify FILE... [--head HASH]`: checks an audit log's hash chain across its
 //! rotated files and names the first record that was edited, removed, reordered or cut.
 //! Exits 0 only when the whole chain verifies.
-use gradguard::guard::{verify_files, Verification};
+use gradguard::guard::decide::{verify_files, Verification};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

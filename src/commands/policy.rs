@@ -35,8 +35,8 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<()> {
 }
 
 /// What a rule promises, in words, for the rules whose metric has a unit that does (M5).
-fn explain(rule: &gradguard::guard::Rule, layers: &[String]) -> Vec<String> {
-    use gradguard::guard::{LadderStep, LeakageMetric, BOUND_CAVEAT};
+fn explain(rule: &gradguard::guard::decide::Rule, layers: &[String]) -> Vec<String> {
+    use gradguard::guard::{decide::LadderStep, report::{LeakageMetric, BOUND_CAVEAT}};
     if rule.metric != LeakageMetric::ReconstructionBoundBits {
         return vec![];
     }
@@ -121,8 +121,8 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         println!(
             "ledger cap: over the whole run, no attacker with a Gaussian prior recovers more than {cap} bits per input dimension of any sample from all releases together (Fisher information summed over releases; a release that would cross it is {})",
             match policy.settings().on_violation {
-                gradguard::guard::OnViolation::Block => "blocked",
-                gradguard::guard::OnViolation::Withhold => "sent without the layers that would cross it",
+                gradguard::guard::decide::OnViolation::Block => "blocked",
+                gradguard::guard::decide::OnViolation::Withhold => "sent without the layers that would cross it",
             }
         );
     }

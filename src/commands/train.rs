@@ -11,7 +11,7 @@
 //! ```
 use super::audit::LossArg;
 use gradguard::audit::{train, AuditData, DataSpec, GuardOptions, ModelSource, OptimizerKind, TrainOptions};
-use gradguard::guard::{parse_device, GuardError};
+use gradguard::guard::{GuardError, measure::parse_device};
 use gradguard::hooks::{PolicyReloader, StopSignal};
 use gradguard::Policy;
 use std::net::SocketAddr;
@@ -59,10 +59,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Rotate the audit log when a file reaches this many bytes.
-    #[arg(long, default_value_t = gradguard::guard::DEFAULT_MAX_FILE_BYTES, conflicts_with = "no_guard")]
+    #[arg(long, default_value_t = gradguard::guard::decide::DEFAULT_MAX_FILE_BYTES, conflicts_with = "no_guard")]
     audit_max_bytes: u64,
     /// Steps between the audit log's checkpoints (the counts of unchanged releases).
-    #[arg(long, default_value_t = gradguard::guard::DEFAULT_CHECKPOINT_EVERY, conflicts_with = "no_guard")]
+    #[arg(long, default_value_t = gradguard::guard::decide::DEFAULT_CHECKPOINT_EVERY, conflicts_with = "no_guard")]
     checkpoint_every: u64,
     /// Train without the guard (the baseline run): no policy, no audit log.
     #[arg(long)]

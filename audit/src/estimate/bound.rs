@@ -3,7 +3,7 @@
 //! probe JVPs. A release without noise has no bound: null with the METRICS.md reason.
 use crate::error::{EstimateContext, Result};
 use gradguard_defenses::Defence;
-use gradguard_guard::{release_dfil, JvpSamples, LayerFisher, Metric, PriorSource, ReconstructionBound, BOUND_CAVEAT, NO_NOISE_NO_BOUND};
+use gradguard_guard::{Metric, measure::{release_dfil, JvpSamples, LayerFisher}, report::{PriorSource, ReconstructionBound, BOUND_CAVEAT, NO_NOISE_NO_BOUND}};
 use serde::Serialize;
 
 /// M5's prior variance v, its kind, and where it came from in words.
@@ -103,7 +103,7 @@ pub(crate) fn single_sample_dfil(t: &gradguard_guard::Inspection, releases: usiz
             layers
                 .into_iter()
                 .zip(unbounded)
-                .map(|(v, u)| (!u && !v.is_empty()).then(|| gradguard_guard::mean_and_standard_error(&v)))
+                .map(|(v, u)| (!u && !v.is_empty()).then(|| gradguard_guard::measure::mean_and_standard_error(&v)))
                 .collect()
         })
         .collect())
@@ -114,5 +114,5 @@ pub(crate) fn single_sample_dfil(t: &gradguard_guard::Inspection, releases: usiz
 pub(crate) fn batch_prior_variance(t: &gradguard_guard::Inspection) -> Result<f64> {
     let x = t.batch().inputs();
     let n = x.size().first().copied().unwrap_or(0) as usize;
-    gradguard_guard::per_dimension_variance(x, n).metric("M5 (prior variance)")
+    gradguard_guard::measure::per_dimension_variance(x, n).metric("M5 (prior variance)")
 }

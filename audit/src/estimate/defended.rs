@@ -4,8 +4,8 @@
 //! linearisation (`JvpSamples::release_sensitivity`).
 use crate::error::{EstimateContext, Result};
 use gradguard_defenses::{apply_all, derive_seed, Defence};
-use gradguard_guard::{GradientMatrix, Inspection, JvpSamples, LayerMap, Metric, Sensitivity, Subspace, SubspaceSettings};
-use gradguard_guard::to_f64_vec;
+use gradguard_guard::{Inspection, LayerMap, Metric, measure::{GradientMatrix, JvpSamples, SubspaceSettings}, report::{Sensitivity, Subspace}};
+use gradguard_guard::measure::to_f64_vec;
 use std::borrow::Cow;
 use tch::Tensor;
 
@@ -21,26 +21,26 @@ pub(crate) struct Chain<'a> {
 
 impl Chain<'_> {
     /// The seed of layer `l`'s release (M1, M5 and the batch release share it).
-    pub fn layer_seed(&self, l: usize) -> u64 {
+    pub(crate) fn layer_seed(&self, l: usize) -> u64 {
         derive_seed(self.seed ^ 0xa0d1_7de0, l)
     }
 
     /// The seed of release `r` of layer `l` among many (per-sample releases, attacked releases).
-    pub fn release_seed(&self, l: usize, r: usize) -> u64 {
+    pub(crate) fn release_seed(&self, l: usize, r: usize) -> u64 {
         derive_seed(self.seed ^ 0xa0d1_75e5, 1_000_003 * l + r)
     }
 
-    pub fn withholds(&self) -> bool {
+    pub(crate) fn withholds(&self) -> bool {
         self.defences.iter().any(|d| matches!(d, Defence::Withhold))
     }
 
     /// `g` through the chain; None when withheld.
-    pub fn apply(&self, g: &Tensor, seed: u64) -> gradguard_guard::Result<Option<Tensor>> {
+    pub(crate) fn apply(&self, g: &Tensor, seed: u64) -> gradguard_guard::Result<Option<Tensor>> {
         Ok(apply_all(self.defences, g, seed)?)
     }
 
     /// The chain written as the policy writes actions, steps joined by " > ".
-    pub fn describe(defences: &[Defence]) -> String {
+    pub(crate) fn describe(defences: &[Defence]) -> String {
         defences.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" > ")
     }
 }

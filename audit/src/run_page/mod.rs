@@ -8,7 +8,7 @@ mod series;
 mod svg;
 
 use crate::error::{AuditError, Result};
-use gradguard_guard::{verify_chain, AuditLog, Outcome};
+use gradguard_guard::{AuditLog, decide::{verify_chain, Outcome}};
 use serde_json::Value;
 use series::{colour, history, LayerHistory, RunHistory};
 use std::fmt::Write;
@@ -43,7 +43,7 @@ fn last_report(report: &Value) -> &Value {
 }
 
 /// The page for a report (JSON) and the records of its audit log.
-pub fn render(report: &Value, records: &[gradguard_guard::DecisionRecord], chain: &str, log_name: &str) -> String {
+pub fn render(report: &Value, records: &[gradguard_guard::decide::DecisionRecord], chain: &str, log_name: &str) -> String {
     let last = last_report(report);
     let layer_values: Vec<&Value> = last.get("layers").and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
     let names: Vec<String> = layer_values.iter().filter_map(|l| l.get("name").and_then(Value::as_str).map(String::from)).collect();
@@ -184,7 +184,7 @@ th{background:#f6f6f6}.charts{display:flex;flex-wrap:wrap;gap:8px}\
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gradguard_guard::{Checkpoint, DecisionRecord, LayerTally};
+    use gradguard_guard::decide::{Checkpoint, DecisionRecord, LayerTally};
 
     fn tally(layer: &str, step: u64, value: f64, level: usize) -> LayerTally {
         LayerTally {

@@ -1,10 +1,10 @@
 //! A run's history per layer, read back from its audit log: the metrics at each checkpoint's
 //! latest estimate, the thresholds and protection level in force, and the decisions.
-use gradguard_guard::{DecisionRecord, Outcome};
+use gradguard_guard::decide::{DecisionRecord, Outcome};
 use std::collections::BTreeMap;
 
 /// One decision drawn on the charts.
-pub struct Decision {
+pub(crate) struct Decision {
     pub step: u64,
     pub outcome: Outcome,
     pub metric: Option<String>,
@@ -14,7 +14,7 @@ pub struct Decision {
 
 /// What the page draws for one layer.
 #[derive(Default)]
-pub struct LayerHistory {
+pub(crate) struct LayerHistory {
     pub name: String,
     /// metric -> (estimate step, value)
     pub metrics: BTreeMap<String, Vec<(u64, f64)>>,
@@ -30,7 +30,7 @@ pub struct LayerHistory {
 }
 
 /// The run's history: per layer, plus the release-wide decisions and events.
-pub struct RunHistory {
+pub(crate) struct RunHistory {
     pub layers: Vec<LayerHistory>,
     pub global: Vec<Decision>,
     pub last_step: u64,
@@ -55,7 +55,7 @@ fn describe(r: &DecisionRecord) -> String {
 }
 
 /// Reads the last run of `records` (from its `started` record on).
-pub fn history(records: &[DecisionRecord], layer_names: &[String]) -> RunHistory {
+pub(crate) fn history(records: &[DecisionRecord], layer_names: &[String]) -> RunHistory {
     let runs = records.iter().filter(|r| r.outcome == Outcome::Started).count();
     // The last run that did anything (a rerun with no steps leaves only started/closed).
     let starts: Vec<usize> = records.iter().enumerate().filter(|(_, r)| r.outcome == Outcome::Started).map(|(i, _)| i).collect();
@@ -130,7 +130,7 @@ pub fn history(records: &[DecisionRecord], layer_names: &[String]) -> RunHistory
 }
 
 /// The colour a decision is marked with.
-pub fn colour(outcome: Outcome) -> &'static str {
+pub(crate) fn colour(outcome: Outcome) -> &'static str {
     match outcome {
         Outcome::Escalated => "#d62728",
         Outcome::Relaxed => "#2ca02c",

@@ -4,10 +4,10 @@
 use std::fmt::Write;
 
 /// Colours of the series, in order.
-pub const PALETTE: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"];
+pub(crate) const PALETTE: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"];
 
 /// One line of a chart.
-pub struct Line<'a> {
+pub(crate) struct Line<'a> {
     /// Legend text; also the `data-series` attribute.
     pub name: &'a str,
     /// (step, value), in step order.
@@ -18,7 +18,7 @@ pub struct Line<'a> {
 }
 
 /// A marker on the x axis: a decision.
-pub struct Mark {
+pub(crate) struct Mark {
     pub step: u64,
     /// Where on the y axis (None: on the x axis).
     pub value: Option<f64>,
@@ -35,7 +35,7 @@ const TOP: f64 = 22.0;
 const BOTTOM: f64 = 26.0;
 
 /// Escapes text for HTML/SVG content and attributes.
-pub fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
@@ -50,7 +50,7 @@ fn fmt_num(v: f64) -> String {
 }
 
 /// One chart: `title`, x from 0 to `last_step`, the lines and the marks.
-pub fn chart(title: &str, last_step: u64, lines: &[Line], marks: &[Mark]) -> String {
+pub(crate) fn chart(title: &str, last_step: u64, lines: &[Line], marks: &[Mark]) -> String {
     let values: Vec<f64> = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)).chain(marks.iter().filter_map(|m| m.value)).filter(|v| v.is_finite()).collect();
     let (mut lo, mut hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
     if !lo.is_finite() {

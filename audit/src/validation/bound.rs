@@ -15,8 +15,8 @@ use crate::estimate::bound::{batch_prior_variance, single_sample_dfil};
 use crate::estimate::inversion_attack;
 use crate::plot::{line_panels_svg, Panel};
 use gradguard_defenses::{derive_seed, Defence};
-use gradguard_guard::{reconstruction_bound_bits, reconstruction_bound_se};
-use gradguard_guard::{InversionPlan, InversionSettings};
+use gradguard_guard::measure::{reconstruction_bound_bits, reconstruction_bound_se};
+use gradguard_guard::measure::{InversionPlan, InversionSettings};
 use tch::Tensor;
 
 /// One layer at one noise multiplier.
@@ -39,7 +39,7 @@ pub(super) struct BoundCell {
 
 impl BoundCell {
     /// The attack beats the bound (point estimates).
-    pub fn exceeds(&self) -> bool {
+    pub(crate) fn exceeds(&self) -> bool {
         matches!((self.bound, self.attack_bits), (Some((b, _)), Some(a)) if a > b)
     }
 }
@@ -111,8 +111,8 @@ pub(super) fn bound_study(study: &Study, model: &'static str) -> Result<BoundStu
 
 /// 0.5 log2(E||x - x_bar||^2 / E||x - x_bar_y||^2) over the inspected batch (class labels).
 fn label_prior_bits(t: &gradguard_guard::Inspection) -> Result<f64> {
-    let x = gradguard_guard::to_f64_vec(t.batch().inputs())?;
-    let y: Vec<i64> = gradguard_guard::to_f64_vec(t.batch().targets())?.into_iter().map(|v| v as i64).collect();
+    let x = gradguard_guard::measure::to_f64_vec(t.batch().inputs())?;
+    let y: Vec<i64> = gradguard_guard::measure::to_f64_vec(t.batch().targets())?.into_iter().map(|v| v as i64).collect();
     let n = y.len();
     let d = x.len() / n.max(1);
     let mean = |rows: &[usize]| -> Vec<f64> {

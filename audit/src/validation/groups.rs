@@ -2,7 +2,7 @@
 //! of the latent comparisons.
 use crate::error::Result;
 use crate::estimate::{projected, subspace_of_columns, usable_on_features};
-use gradguard_guard::GradientMatrix;
+use gradguard_guard::measure::GradientMatrix;
 use rand::{seq::IndexedRandom, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

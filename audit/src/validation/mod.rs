@@ -21,11 +21,11 @@ use crate::estimate::{measure_layers, per_sample_matrices, probe_settings, Metri
 use crate::plot::bar_panels_svg;
 use crate::report::LayerRow;
 use crate::source::{LossKind, ModelSource, Trainer};
-use gradguard_guard::{Batch, Inspection, InversionPlan, InversionSettings};
-use gradguard_guard::GradientMatrix;
-use gradguard_guard::SubspaceSettings;
-use gradguard_guard::to_f64_vec;
-use gradguard_guard::UsableSettings;
+use gradguard_guard::{Batch, Inspection, measure::{InversionPlan, InversionSettings}};
+use gradguard_guard::measure::GradientMatrix;
+use gradguard_guard::measure::SubspaceSettings;
+use gradguard_guard::measure::to_f64_vec;
+use gradguard_guard::measure::UsableSettings;
 use std::path::PathBuf;
 use std::time::Instant;
 use sweeps::{DefenceSweeps, Sweep};

@@ -6,8 +6,8 @@ use crate::error::Result;
 use crate::estimate::{inversion_attack, probe_settings, projected, release_probes, release_sensitivity, sensitivity, subspace_of_columns, usable_on_features, usable_on_matrix};
 use crate::plot::{line_panels_svg, Panel};
 use gradguard_defenses::{derive_seed, Defence};
-use gradguard_guard::{Batch, InversionPlan, InversionSettings};
-use gradguard_guard::GradientMatrix;
+use gradguard_guard::{Batch, measure::{InversionPlan, InversionSettings}};
+use gradguard_guard::measure::GradientMatrix;
 use gradguard_guard::Metric;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -145,7 +145,7 @@ pub(super) fn aggregation_sweep(study: &Study) -> Result<Sweep> {
     Ok(Sweep { step: study.step, rows, figure })
 }
 
-fn sweep_row(x: f64, layer: String, (s, s_rms, r): (Option<f64>, Option<f64>, Option<f64>), latent: Latent, m4: &Metric<gradguard_guard::Inversion>) -> SweepRow {
+fn sweep_row(x: f64, layer: String, (s, s_rms, r): (Option<f64>, Option<f64>, Option<f64>), latent: Latent, m4: &Metric<gradguard_guard::measure::Inversion>) -> SweepRow {
     SweepRow {
         x,
         layer,

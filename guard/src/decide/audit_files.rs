@@ -17,7 +17,7 @@ pub fn segment_path(base: &Path, index: u32) -> PathBuf {
 
 /// The chain's base file and rotation index of `path`: `audit.3.jsonl` is (`audit.jsonl`, 3),
 /// any other name is its own base (index 0).
-pub fn split_segment(path: &Path) -> (PathBuf, u32) {
+pub(crate) fn split_segment(path: &Path) -> (PathBuf, u32) {
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return (path.to_path_buf(), 0) };
     let parts: Vec<&str> = name.split('.').collect();
     // stem.N.ext or stem.N

@@ -66,7 +66,7 @@ pub(crate) struct Line<'a> {
 }
 
 impl Line<'_> {
-    pub fn blank(&self) -> bool {
+    pub(crate) fn blank(&self) -> bool {
         self.bytes.iter().all(|b| b.is_ascii_whitespace())
     }
 }

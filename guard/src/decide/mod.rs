@@ -26,6 +26,8 @@ pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
 pub use ledger::{LedgerState, RunLedger, SavedSums};
 pub use protection::{Bounds, Protection, CALIBRATION_REASON};
 pub use release::{BlockReason, Release};
-pub use schedule::{Clock, SystemClock};
+/// The budget's clock, which tests replace (`Guard::set_clock`, the `testing` feature).
+#[cfg(any(test, feature = "testing"))]
+pub use schedule::Clock;
 pub use state::{GuardState, StateError};
 pub use worker::Worker;

@@ -7,13 +7,15 @@
 use std::time::{Duration, Instant};
 
 /// A monotonic clock; tests drive a synthetic one.
+// Public with the `testing` feature (decide::Clock), private without it.
+#[allow(unreachable_pub)]
 pub trait Clock: Send {
     /// Time elapsed since a fixed origin; never decreases.
     fn now(&self) -> Duration;
 }
 
 /// Wall time since the guard was made.
-pub struct SystemClock(Instant);
+pub(crate) struct SystemClock(Instant);
 
 impl Default for SystemClock {
     fn default() -> Self {
@@ -28,7 +30,7 @@ impl Clock for SystemClock {
 }
 
 /// Accounts the guard's time against the training time.
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     share: f64,
     clock: Box<dyn Clock>,
     /// When the guard last returned control to the training loop.
@@ -47,16 +49,16 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(share: f64, clock: Box<dyn Clock>) -> Self {
+    pub(crate) fn new(share: f64, clock: Box<dyn Clock>) -> Self {
         Self { share, clock, left_at: None, entered_at: None, training: 0.0, guard: 0.0, estimating: 0.0, estimate_cost: None, over_budget: 0 }
     }
 
-    pub fn set_share(&mut self, share: f64) {
+    pub(crate) fn set_share(&mut self, share: f64) {
         self.share = share;
     }
 
     /// The training loop handed control to the guard.
-    pub fn enter(&mut self) {
+    pub(crate) fn enter(&mut self) {
         let now = self.clock.now();
         if let Some(left) = self.left_at {
             self.training += (now - left).as_secs_f64();
@@ -65,7 +67,7 @@ impl Scheduler {
     }
 
     /// The guard handed control back.
-    pub fn leave(&mut self) {
+    pub(crate) fn leave(&mut self) {
         let now = self.clock.now();
         if let Some(entered) = self.entered_at.take() {
             self.guard += (now - entered).as_secs_f64();
@@ -74,33 +76,33 @@ impl Scheduler {
     }
 
     /// Seconds on the clock now (for timing an estimate).
-    pub fn now(&self) -> f64 {
+    pub(crate) fn now(&self) -> f64 {
         self.clock.now().as_secs_f64()
     }
 
     /// An estimate took `seconds`; `over_budget` when it ran only to keep an estimate fresh.
-    pub fn record_estimate(&mut self, seconds: f64, over_budget: bool) {
+    pub(crate) fn record_estimate(&mut self, seconds: f64, over_budget: bool) {
         self.estimate_cost = Some(seconds);
         self.estimating += seconds;
         self.over_budget += over_budget as u64;
     }
 
     /// Whether one more estimate keeps the guard's share of wall time within the budget.
-    pub fn within_budget(&self) -> bool {
+    pub(crate) fn within_budget(&self) -> bool {
         let Some(cost) = self.estimate_cost else { return true };
         let guard = self.guard_so_far() + cost;
         guard <= self.share * (guard + self.training)
     }
 
     /// The estimates' share of wall time so far.
-    pub fn estimate_share(&self) -> f64 {
+    pub(crate) fn estimate_share(&self) -> f64 {
         let guard = self.guard_so_far();
         ratio(self.estimating, guard + self.training)
     }
 
     /// The guard's whole share of wall time so far (estimates and per-step work): what the
     /// budget bounds.
-    pub fn spent_share(&self) -> f64 {
+    pub(crate) fn spent_share(&self) -> f64 {
         let guard = self.guard_so_far();
         ratio(guard, guard + self.training)
     }
@@ -111,7 +113,7 @@ impl Scheduler {
     }
 
     /// Estimates that ran over budget because the last one was about to go stale.
-    pub fn over_budget_estimates(&self) -> u64 {
+    pub(crate) fn over_budget_estimates(&self) -> u64 {
         self.over_budget
     }
 }

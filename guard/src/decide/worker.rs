@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 /// A unit of work: it owns deep copies of what it reads (never a parameter the optimizer
 /// updates in place) and reports an error as text.
-pub type Job = Box<dyn FnOnce() -> Result<(), String> + Send>;
+pub(crate) type Job = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 #[derive(Default)]
 struct Health {

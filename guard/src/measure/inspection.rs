@@ -22,7 +22,7 @@ use crate::error::Result;
 /// ```no_run
 /// # fn demo(layers: &gradguard_guard::LayerMap, loss: &dyn gradguard_guard::LossFn,
 /// #         x: &tch::Tensor, y: &tch::Tensor, a: &tch::Tensor) -> gradguard_guard::Result<()> {
-/// use gradguard_guard::{Batch, Inspection, SensitivitySettings, SubspaceSettings};
+/// use gradguard_guard::{Batch, Inspection, measure::{SensitivitySettings, SubspaceSettings}};
 /// let batch = Batch::new(x, y).with_attribute(a);
 /// let look = Inspection::new(layers, loss, batch).seeded(7, 100);
 /// let m1 = look.sensitivity(&SensitivitySettings::default())?; // one entry per layer

@@ -9,7 +9,7 @@ use gradguard_defenses::{apply_all, Defence};
 use std::collections::HashMap;
 
 /// The key of a chain: its defences as the manifest prints them.
-pub fn chain_key(chain: &[Defence]) -> String {
+pub(crate) fn chain_key(chain: &[Defence]) -> String {
     chain.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" -> ")
 }
 

@@ -37,7 +37,7 @@ pub(super) struct Logistic {
 }
 
 impl Logistic {
-    pub fn log_probs(&self, z: &[f64]) -> Vec<f64> {
+    pub(crate) fn log_probs(&self, z: &[f64]) -> Vec<f64> {
         let logits: Vec<f64> = (0..self.c).map(|k| self.b[k] + dot(&self.w[k * self.d..(k + 1) * self.d], z)).collect();
         log_softmax(&logits)
     }

@@ -78,7 +78,7 @@ impl<S: EmbeddingSplit + ?Sized> EmbeddingSplit for Box<S> {
 /// (what the training step, M2 and M3 use), and the split M1 is measured through.
 ///
 /// ```
-/// use gradguard_guard::{Batch, Inspection, LayerMap, Representation, SensitivitySettings, SplitLoss};
+/// use gradguard_guard::{Batch, Inspection, LayerMap, SplitLoss, measure::SensitivitySettings, report::Representation};
 /// use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
 ///
 /// let vs = nn::VarStore::new(Device::Cpu);

@@ -8,7 +8,7 @@ use crate::measure::tensors::to_f64_vec;
 use tch::{Kind, Tensor};
 
 /// ||G_l||_2, max |G_l| and the count of non-finite entries per layer.
-pub fn gradient_stats(layers: &LayerMap, grads: &[Vec<Tensor>], step: u64) -> Result<Vec<Metric<GradientStats>>> {
+pub(crate) fn gradient_stats(layers: &LayerMap, grads: &[Vec<Tensor>], step: u64) -> Result<Vec<Metric<GradientStats>>> {
     let aligned: Vec<Tensor> = grads.iter().flatten().map(|g| if g.defined() { g.shallow_clone() } else { Tensor::new() }).collect();
     let defined: Vec<bool> = grads.iter().map(|l| l.iter().any(|g| g.defined())).collect();
     if !defined.iter().any(|d| *d) {
@@ -64,7 +64,7 @@ fn count_non_finite(grads: &[Tensor]) -> Result<u64> {
 }
 
 /// The current `.grad()` of every parameter, grouped by layer (undefined tensors kept).
-pub fn current_grads(layers: &LayerMap) -> Vec<Vec<Tensor>> {
+pub(crate) fn current_grads(layers: &LayerMap) -> Vec<Vec<Tensor>> {
     layers.layers().iter().map(|l| l.params.iter().map(|p| p.tensor.grad()).collect()).collect()
 }
 

@@ -32,7 +32,7 @@ impl Default for SubspaceSettings {
 }
 
 /// Fewest gradients per attribute value: two halves of two.
-pub const MIN_PER_GROUP: usize = 4;
+pub(crate) const MIN_PER_GROUP: usize = 4;
 
 impl SubspaceSettings {
     /// Rejects fewer than [`MIN_PER_GROUP`] gradients per group or a rank of 0.
@@ -264,7 +264,7 @@ fn subspace_samples(ins: &Inspection, settings: &SubspaceSettings) -> Result<std
 }
 
 /// A transformation of one per-sample gradient column (the seed is distinct per column).
-pub type ColumnTransform<'a> = dyn Fn(&Tensor, u64) -> Result<Tensor> + 'a;
+pub(crate) type ColumnTransform<'a> = dyn Fn(&Tensor, u64) -> Result<Tensor> + 'a;
 
 impl SubspaceSamples {
     /// The step these gradients were taken at.

@@ -21,7 +21,7 @@ pub fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
 
 /// A reproducible RNG for one estimate: the seed is the user's, the stream the step's, so
 /// each step draws fresh probes and the same (seed, step) draws the same ones.
-pub fn rng_for(seed: u64, step: u64, purpose: u64) -> ChaCha8Rng {
+pub(crate) fn rng_for(seed: u64, step: u64, purpose: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(step.wrapping_mul(16).wrapping_add(purpose));
     rng
@@ -29,7 +29,7 @@ pub fn rng_for(seed: u64, step: u64, purpose: u64) -> ChaCha8Rng {
 
 /// `count` standard normal tensors shaped like `like`, drawn on the host from a seeded RNG
 /// (independent of libtorch's global generator) and moved to `like`'s device in one copy.
-pub fn gaussian_probes(like: &Tensor, count: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+pub(crate) fn gaussian_probes(like: &Tensor, count: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let per = like.numel();
     let values: Vec<f64> = (0..per * count).map(|_| StandardNormal.sample(rng)).collect();
     let mut shape = vec![count as i64];
@@ -42,7 +42,7 @@ pub fn gaussian_probes(like: &Tensor, count: usize, rng: &mut ChaCha8Rng) -> Res
 }
 
 /// Sum of squares of a tensor as a 0-d tensor on its device (no host read).
-pub fn sum_sq(t: &Tensor) -> Result<Tensor> {
+pub(crate) fn sum_sq(t: &Tensor) -> Result<Tensor> {
     t.f_square()
         .and_then(|s| s.f_sum(Kind::Double))
         .during("summing squares")

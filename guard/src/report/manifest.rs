@@ -127,11 +127,11 @@ mod actions_as_text {
     use gradguard_defenses::Defence;
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(actions: &[Defence], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(actions: &[Defence], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(actions.iter().map(|a| a.to_string()))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Defence>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Defence>, D::Error> {
         Vec::<String>::deserialize(d)?.iter().map(|t| t.parse().map_err(D::Error::custom)).collect()
     }
 }

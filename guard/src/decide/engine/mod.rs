@@ -7,7 +7,9 @@ use super::ledger::RunLedger;
 use super::policy::Policy;
 use super::protection::{Decision, Protection};
 use super::release::{BlockReason, Release};
-use super::schedule::{Clock, Scheduler, SystemClock};
+#[cfg(any(test, feature = "testing"))]
+use super::schedule::Clock;
+use super::schedule::{Scheduler, SystemClock};
 use super::state::{GuardState, StateError};
 use super::worker::Worker;
 use crate::error::{GuardError, Result};
@@ -128,7 +130,9 @@ impl Guard {
         self.noise_key = key;
     }
 
-    /// Replaces the clock the budget is measured with (tests drive a synthetic one).
+    /// Replaces the clock the budget is measured with (tests drive a synthetic one; the
+    /// `testing` feature).
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_clock(&mut self, clock: Box<dyn Clock>) {
         self.scheduler = Scheduler::new(self.policy().settings().budget_share, clock);
     }

@@ -57,12 +57,12 @@ impl Bounds {
 }
 
 /// Whether a chain adds noise (and so can have a bound).
-pub fn adds_noise(chain: &[Defence]) -> bool {
+pub(crate) fn adds_noise(chain: &[Defence]) -> bool {
     chain.iter().any(|d| matches!(d, Defence::Noise { clip_norm, multiplier } if clip_norm * multiplier > 0.0))
 }
 
 /// The prior variance v a decision uses, and where it came from.
-pub fn prior(m: &Measurements, jvps: &JvpSamples) -> (f64, PriorSource) {
+pub(crate) fn prior(m: &Measurements, jvps: &JvpSamples) -> (f64, PriorSource) {
     match m.prior_variance {
         Some(v) => (v, PriorSource::Setting),
         None => (jvps.batch_variance, PriorSource::Batch),
@@ -70,12 +70,12 @@ pub fn prior(m: &Measurements, jvps: &JvpSamples) -> (f64, PriorSource) {
 }
 
 /// The bound of a dFIL estimate (None: unbounded) on `jvps`' batch.
-pub fn bound(dfil: Option<(f64, f64)>, noise_std: Option<f64>, m: &Measurements, jvps: &JvpSamples) -> ReconstructionBound {
+pub(crate) fn bound(dfil: Option<(f64, f64)>, noise_std: Option<f64>, m: &Measurements, jvps: &JvpSamples) -> ReconstructionBound {
     jvps.reconstruction_bound(dfil, noise_std, prior(m, jvps))
 }
 
 /// M5 of every layer's decided chain (None: not released) and of the release.
-pub fn measure_bounds(chains: &[Option<Vec<Defence>>], m: &Measurements) -> Result<Bounds> {
+pub(crate) fn measure_bounds(chains: &[Option<Vec<Defence>>], m: &Measurements) -> Result<Bounds> {
     let mut layers = Vec::new();
     let mut fishers: Vec<LayerFisher> = Vec::new();
     let mut absent: Option<String> = None;
