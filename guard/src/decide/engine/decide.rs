@@ -5,7 +5,7 @@ use super::Guard;
 use crate::decide::audit_record::{DecisionRecord, Outcome};
 use crate::decide::ledger::RunLedger;
 use crate::decide::policy::Policy;
-use crate::decide::protection::{Decision, Measurements, Protection};
+use crate::decide::protection::{Decision, Measurements, Protection, ReleaseProbe};
 use crate::decide::release::BlockReason;
 use crate::error::{GuardError, PolicyError, Result};
 use crate::measure::Batch;
@@ -30,7 +30,7 @@ impl Decide {
             Estimate::Fresh { jvps, latent } => {
                 let settings = self.protection.policy().settings();
                 let m = Measurements {
-                    jvps: jvps.as_ref().map_err(Clone::clone),
+                    jvps: jvps.as_ref().map(|j| j as &dyn ReleaseProbe).map_err(Clone::clone),
                     latent: latent.as_ref(),
                     step,
                     max_age_steps: settings.max_estimate_age_steps,

@@ -1,12 +1,13 @@
 //! The estimate stage: when the guard estimates (schedule and budget), the estimators of
 //! `measure` run on the step's batch, and the measured values handed to the decide stage.
 use crate::decide::policy::Policy;
-use crate::decide::protection::Protection;
+use crate::decide::protection::{Protection, ReleaseProbe};
 use crate::decide::schedule::Scheduler;
 use crate::decide::worker::Worker;
 use crate::error::{GuardError, Result};
-use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LayerMap, LossFn, StepGraph};
-use crate::report::{LeakageMetric, Metric, Sensitivity};
+use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LayerFisher, LayerMap, LossFn, ReleaseSensitivity, StepGraph};
+use crate::report::{LeakageMetric, Metric, PriorSource, ReconstructionBound, Sensitivity};
+use gradguard_defenses::Defence;
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -194,4 +195,28 @@ pub(super) struct Look<'a, 'b> {
     pub(super) batch: &'a Batch<'b>,
     pub(super) loss_fn: &'a dyn LossFn,
     pub(super) step: u64,
+}
+
+/// The decide stage re-measures the releases it chooses on the kept JVPs through this
+/// capability, so that deciding never reaches the estimators themselves.
+impl ReleaseProbe for JvpSamples {
+    fn release_sensitivity(&self, l: usize, chain: &[Defence], seed: u64) -> Result<Option<ReleaseSensitivity>> {
+        JvpSamples::release_sensitivity(self, l, chain, seed)
+    }
+
+    fn release_fisher(&self, l: usize, chain: &[Defence], seed: u64) -> Result<Option<LayerFisher>> {
+        JvpSamples::release_fisher(self, l, chain, seed)
+    }
+
+    fn reconstruction_bound(&self, dfil: Option<(f64, f64)>, noise_std: Option<f64>, prior: (f64, PriorSource)) -> ReconstructionBound {
+        JvpSamples::reconstruction_bound(self, dfil, noise_std, prior)
+    }
+
+    fn batch_variance(&self) -> f64 {
+        self.batch_variance
+    }
+
+    fn input_dims(&self) -> usize {
+        self.input_dims
+    }
 }
