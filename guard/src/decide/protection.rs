@@ -8,7 +8,8 @@ use super::policy::{Coverage, LadderStep, OnViolation, Policy};
 use super::release::BlockReason;
 use super::state::StateError;
 use crate::error::{PolicyError, Result};
-use crate::measure::{JvpSamples, LatentTable};
+use crate::measure::{LatentTable, LayerFisher, ReleaseSensitivity};
+use crate::report::{PriorSource, ReconstructionBound};
 use crate::report::{LayerManifest, LeakageMetric, ReleaseOutcome, RuleCheck};
 use gradguard_defenses::Defence;
 use std::collections::BTreeMap;
@@ -19,11 +20,29 @@ mod calibrate;
 pub use calibrate::CALIBRATION_REASON;
 pub use bounds::Bounds;
 
+/// What deciding may ask of the estimate's kept M1 JVPs: M1 and M5 of a defended release,
+/// re-measured on the probes the estimate already drew (no pass over the model). The closed
+/// loop needs them for chains it only chooses while deciding (escalation, calibrated noise), so
+/// they cannot be measured before; the estimate stage implements this for its kept samples
+/// and the decision sees only this capability, never the estimators.
+pub trait ReleaseProbe {
+    /// M1 of layer `l`'s release through `chain` (None: the layer is not used by the loss).
+    fn release_sensitivity(&self, l: usize, chain: &[Defence], seed: u64) -> Result<Option<ReleaseSensitivity>>;
+    /// The Fisher information of layer `l`'s release through `chain`, per probe.
+    fn release_fisher(&self, l: usize, chain: &[Defence], seed: u64) -> Result<Option<LayerFisher>>;
+    /// M5 of a dFIL estimate (None: unbounded) under the prior `prior`.
+    fn reconstruction_bound(&self, dfil: Option<(f64, f64)>, noise_std: Option<f64>, prior: (f64, PriorSource)) -> ReconstructionBound;
+    /// The estimate batch's per-dimension input variance (M5's prior without a setting).
+    fn batch_variance(&self) -> f64;
+    /// The input dimensions D the bounds are per.
+    fn input_dims(&self) -> usize;
+}
+
 /// The measurements a decision can use. Each is optional: a rule whose metric is missing fails
 /// closed.
 pub struct Measurements<'a> {
     /// The kept M1 JVPs, or why there are none.
-    pub jvps: std::result::Result<&'a JvpSamples, String>,
+    pub jvps: std::result::Result<&'a dyn ReleaseProbe, String>,
     /// The latest M2 table (computed on the worker), with the current step and the age bound.
     pub latent: Option<&'a LatentTable>,
     pub step: u64,

@@ -1,8 +1,8 @@
-//! The guard: holds the layer map, the policy and its protection state; inspects each step's
-//! released gradient, schedules the M1/M2 estimates, and decides every release (closed loop,
-//! fail closed). The flows live here; `estimates.rs` runs the estimators, `gradients.rs`
-//! applies a decision to the tensors, `reports.rs` assembles what a step reports.
-use super::audit_trail::AuditTrail;
+//! The guard: one model's layer map, step count and the stages a release goes through, each
+//! with its own state: holding micro-batches for the aggregation floor (`hold.rs`),
+//! estimating (`estimate.rs`, over the estimators of `measure`), deciding (`decide.rs`),
+//! applying the decision to the gradients (`apply.rs`) and recording it (`record.rs`). The
+//! flows below read a step top to bottom as those stages' calls (closed loop, fail closed).
 use super::ledger::RunLedger;
 use super::policy::Policy;
 use super::protection::{Decision, Protection};
@@ -13,21 +13,24 @@ use super::schedule::{Scheduler, SystemClock};
 use super::state::{GuardState, StateError};
 use super::worker::Worker;
 use crate::error::{GuardError, Result};
-use crate::measure::{current_grads, gradient_stats, Batch, LatentTable, LayerMap, LossFn, StepGraph};
+use crate::measure::{current_grads, gradient_stats, Batch, Inspection, LayerMap, LossFn, StepGraph};
 use crate::report::JvpMethod;
-use crate::report::{GradientStats, Metric, Report, ReleaseOutcome, Sensitivity};
+use crate::report::{GradientStats, Metric, Report, ReleaseOutcome};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use tch::Tensor;
 
-mod audit;
-mod estimates;
-mod gradients;
-mod reload;
-mod reports;
+mod apply;
+mod decide;
+mod estimate;
+mod hold;
+mod record;
 
-use gradients::{Held, LayerRelease};
-
+use apply::{Apply, Written};
+use decide::Decide;
+use estimate::{Estimate, Estimates, Look};
+use hold::Hold;
+use record::Record;
 
 /// Called with every report, on the fan-out worker thread (an exporter, a log).
 pub type ReportSink = Arc<dyn Fn(&Report) + Send + Sync>;
@@ -39,48 +42,14 @@ pub type ReportSink = Arc<dyn Fn(&Report) + Send + Sync>;
 /// with `gradguard_hooks::GuardedOptimizer`; a federated client calls [`Guard::release`].
 pub struct Guard {
     layers: LayerMap,
-    protection: Protection,
     step: u64,
+    /// The shape of one sample, fixed by the first batch.
     sample_shape: Option<Vec<i64>>,
-    /// What the estimators last found, and when.
-    latest: Latest,
-    held: Option<Held>,
-    audit: Option<AuditTrail>,
-    /// Reloads rejected so far (exported as gradguard_policy_reload_failures_total).
-    reload_failures: u64,
-    scheduler: Scheduler,
-    workers: Workers,
-    sinks: Vec<ReportSink>,
-    /// M5 summed over the run's releases.
-    ledger: RunLedger,
-    /// The training step's own graph during [`Guard::train_step`] on an estimate step.
-    step_graph: Option<StepGraph>,
-    /// The training loss [`Guard::train_step`] computed, for the step's report.
-    step_loss: Option<f64>,
-    /// Enters every release's noise seed; secret (see [`Guard::set_noise_key`]).
-    noise_key: u64,
-}
-
-/// The latest estimates the decisions and reports rest on.
-struct Latest {
-    sensitivity: Vec<Metric<Sensitivity>>,
-    /// M2 results, written by the estimator's worker.
-    latent: Arc<Mutex<Option<LatentTable>>>,
-    estimate_step: Option<u64>,
-    estimate_seconds: Option<f64>,
-}
-
-/// The background threads: M2's linear algebra, and the report sinks on a queue of their own
-/// so that a slow sink never costs an estimate. None when estimates run inline.
-struct Workers {
-    estimator: Option<Worker>,
-    fan_out: Option<Worker>,
-}
-
-impl Workers {
-    fn all(&self) -> impl Iterator<Item = &Worker> {
-        self.estimator.iter().chain(&self.fan_out)
-    }
+    hold: Hold,
+    estimates: Estimates,
+    decide: Decide,
+    apply: Apply,
+    record: Record,
 }
 
 impl Guard {
@@ -91,33 +60,26 @@ impl Guard {
         let spawn = |capacity| {
             Worker::spawn(capacity).map_err(|e| GuardError::Config { setting: "background_estimates", why: format!("cannot start a worker thread: {e}") })
         };
-        let workers = if settings.background_estimates {
-            Workers { estimator: Some(spawn(2)?), fan_out: Some(spawn(8)?) }
-        } else {
-            Workers { estimator: None, fan_out: None }
-        };
+        let (estimator, fan_out) = if settings.background_estimates { (Some(spawn(2)?), Some(spawn(8)?)) } else { (None, None) };
         let l = layers.len();
         Ok(Self {
-            scheduler: Scheduler::new(settings.budget_share, Box::new(SystemClock::default())),
-            layers,
-            protection,
-            step: 0,
-            sample_shape: None,
-            latest: Latest {
+            estimates: Estimates {
                 sensitivity: (0..l).map(|_| Metric::absent("not estimated yet")).collect(),
                 latent: Arc::new(Mutex::new(None)),
                 estimate_step: None,
                 estimate_seconds: None,
+                scheduler: Scheduler::new(settings.budget_share, Box::new(SystemClock::default())),
+                worker: estimator,
+                step_graph: None,
+                step_loss: None,
             },
-            held: None,
-            audit: None,
-            reload_failures: 0,
-            workers,
-            sinks: Vec::new(),
-            ledger: RunLedger::new(l),
-            step_graph: None,
-            step_loss: None,
-            noise_key: rand::random(),
+            layers,
+            step: 0,
+            sample_shape: None,
+            hold: Hold::default(),
+            decide: Decide { protection, ledger: RunLedger::new(l) },
+            apply: Apply { noise_key: rand::random() },
+            record: Record { audit: None, sinks: Vec::new(), fan_out, reload_failures: 0 },
         })
     }
 
@@ -127,36 +89,46 @@ impl Guard {
     /// step, which a federated server does) can regenerate the noise and subtract it, so a
     /// guard that releases to anyone keeps its drawn key.
     pub fn set_noise_key(&mut self, key: u64) {
-        self.noise_key = key;
+        self.apply.noise_key = key;
     }
 
     /// Replaces the clock the budget is measured with (tests drive a synthetic one; the
     /// `testing` feature).
     #[cfg(any(test, feature = "testing"))]
     pub fn set_clock(&mut self, clock: Box<dyn Clock>) {
-        self.scheduler = Scheduler::new(self.policy().settings().budget_share, clock);
+        self.estimates.scheduler = Scheduler::new(self.policy().settings().budget_share, clock);
     }
 
     /// Every report is also handed to `sink`, on the fan-out worker (inline without one). A
     /// sink that falls behind loses reports (counted), it never slows training.
     pub fn add_report_sink(&mut self, sink: ReportSink) {
-        self.sinks.push(sink);
+        self.record.sinks.push(sink);
     }
 
     /// The estimator's worker, when estimates run in the background.
     pub fn worker(&self) -> Option<&Worker> {
-        self.workers.estimator.as_ref()
+        self.estimates.worker.as_ref()
     }
 
     /// The report sinks' worker, when they run in the background.
     pub fn fan_out_worker(&self) -> Option<&Worker> {
-        self.workers.fan_out.as_ref()
+        self.record.fan_out.as_ref()
+    }
+
+    /// Both background threads: M2's linear algebra and the report sinks.
+    fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.estimates.worker.iter().chain(&self.record.fan_out)
+    }
+
+    /// The last error of either background thread, if one failed.
+    fn worker_error(&self) -> Option<String> {
+        self.workers().find_map(|w| w.last_error())
     }
 
     /// What this guard would need to go on in another process: the protection levels in
     /// force, the step count and the M5 run ledger ([`GuardState`], serde).
     pub fn state(&self) -> GuardState {
-        GuardState { policy_hash: self.policy().hash().to_string(), step: self.step, levels: self.protection.saved_levels(), ledger: Some(self.ledger.saved()) }
+        GuardState { policy_hash: self.policy().hash().to_string(), step: self.step, levels: self.decide.protection.saved_levels(), ledger: Some(self.decide.ledger.saved()) }
     }
 
     /// Goes on from a saved state: the levels (hysteresis) and the step count. The state must
@@ -168,12 +140,12 @@ impl Guard {
             return Err(StateError::OtherPolicy { saved: state.policy_hash.clone(), current: current.to_string() });
         }
         let ledger = state.ledger.as_ref().map(|l| RunLedger::from_saved(self.layers.len(), l)).transpose().map_err(StateError::Mismatch)?;
-        self.protection.restore_levels(&state.levels)?;
+        self.decide.protection.restore_levels(&state.levels)?;
         if let Some(ledger) = ledger {
-            self.ledger = ledger;
+            self.decide.ledger = ledger;
         }
         self.step = state.step;
-        self.latest.estimate_step = None;
+        self.estimates.estimate_step = None;
         Ok(())
     }
 
@@ -184,18 +156,18 @@ impl Guard {
 
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
-        self.protection.policy()
+        self.decide.protection.policy()
     }
 
     /// The protection levels the policy drives.
     pub fn protection(&self) -> &Protection {
-        &self.protection
+        &self.decide.protection
     }
 
     /// The per-layer table of a report with this guard's thresholds and the protection in
     /// force ([`Report::policy_table`]): what `gradguard demo` prints at each estimate.
     pub fn table(&self, report: &Report) -> String {
-        report.policy_table(&self.protection.thresholds())
+        report.policy_table(&self.decide.protection.thresholds())
     }
 
     /// Steps inspected so far; the next release reports this step.
@@ -216,9 +188,9 @@ impl Guard {
     /// An `Err` is a failure (bad input, a libtorch error, an audit log that cannot be
     /// written); `.grad()` is then zeroed too.
     pub fn after_backward(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
-        self.scheduler.enter();
+        self.estimates.scheduler.enter();
         let result = self.after_backward_timed(batch, loss_fn);
-        self.scheduler.leave();
+        self.estimates.scheduler.leave();
         self.concluded(result)
     }
 
@@ -231,24 +203,24 @@ impl Guard {
     pub fn train_step(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
         let result = if self.shares_graph(batch)? {
             // The graph's extra cost (create_graph, dL/dx) is the guard's: the build is timed.
-            self.scheduler.enter();
+            self.estimates.scheduler.enter();
             let result = self.graph_step(batch, loss_fn);
-            self.step_graph = None;
-            self.scheduler.leave();
+            self.estimates.step_graph = None;
+            self.estimates.scheduler.leave();
             self.concluded(result)
         } else {
-            match crate::measure::Inspection::new(&self.layers, loss_fn, *batch).backward() {
+            match Inspection::new(&self.layers, loss_fn, *batch).backward() {
                 Ok(loss) => {
-                    self.step_loss = Some(loss);
+                    self.estimates.step_loss = Some(loss);
                     self.after_backward(batch, loss_fn)
                 }
                 Err(e) => {
-                    self.clear_grads()?;
+                    apply::clear_grads(&self.layers)?;
                     Err(e)
                 }
             }
         };
-        self.step_loss = None;
+        self.estimates.step_loss = None;
         result
     }
 
@@ -257,22 +229,23 @@ impl Guard {
     /// step can build.
     fn shares_graph(&self, batch: &Batch) -> Result<bool> {
         let n = batch.validate()?;
-        let alone = self.held.is_none() && n >= self.protection.floor();
+        let alone = !self.hold.is_holding() && n >= self.decide.protection.floor();
         let double_backward = self.policy().settings().sensitivity().method == JvpMethod::DoubleBackward;
-        Ok(alone && double_backward && self.estimate_due(self.step).0)
+        Ok(alone && double_backward && self.estimates.due(self.policy(), self.step).0)
     }
 
+    /// The training step's forward and backward built once for the step and its estimate,
+    /// handed to the estimate stage, then the step decided as after a backward.
     fn graph_step(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
-        let settings = self.policy().settings();
-        let look = crate::measure::Inspection::new(&self.layers, loss_fn, *batch).seeded(settings.seed, self.step);
+        let look = Inspection::new(&self.layers, loss_fn, *batch).seeded(self.policy().settings().seed, self.step);
         match StepGraph::build(&look)? {
             Some(graph) => {
                 graph.write_grads(&self.layers)?;
-                self.step_loss = Some(graph.loss());
-                self.step_graph = Some(graph);
+                self.estimates.step_loss = Some(graph.loss());
+                self.estimates.step_graph = Some(graph);
             }
             // Integer inputs without a split: M1 is absent, a plain backward serves the step.
-            None => self.step_loss = Some(look.backward()?),
+            None => self.estimates.step_loss = Some(look.backward()?),
         }
         self.after_backward_timed(batch, loss_fn)
     }
@@ -281,15 +254,17 @@ impl Guard {
     /// decided release goes to the sinks.
     fn concluded(&mut self, result: Result<Release>) -> Result<Release> {
         if result.is_err() {
-            self.clear_grads()?;
+            apply::clear_grads(&self.layers)?;
         }
         if let Ok(release) = &result {
             // Blocked steps are reported too: the sinks see every decided release.
-            self.fan_out(release.report());
+            self.record.fan_out(release.report());
         }
         result
     }
 
+    /// One in-place step, stage by stage: check the batch, read the gradients and their
+    /// statistics, hold for the aggregation floor, estimate when due, decide, apply, record.
     fn after_backward_timed(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
         let n = self.check_batch(batch)?;
         let step = self.step;
@@ -297,43 +272,44 @@ impl Guard {
         let grads = current_grads(&self.layers);
         let stats = gradient_stats(&self.layers, &grads, step)?;
         if let Some(reason) = non_finite(&self.layers, &stats) {
-            let decision = self.protection.block(step, reason);
+            let decision = self.decide.protection.block(step, reason);
             return self.conclude(step, n, false, stats, decision, Form::InPlace(None));
         }
-        let seeds = self.release_seeds(step);
-        let floor = self.protection.floor();
-        // Hold micro-batches only while they are needed to reach the floor.
-        let holding = self.held.is_some() || n < floor;
-        if !holding {
-            let (decision, estimated) = self.decide(batch, loss_fn, step, &seeds)?;
+        let seeds = self.seeds(step);
+        let floor = self.decide.protection.floor();
+        if !self.hold.needed(n, floor) {
+            let estimate = self.run_estimate(batch, loss_fn, step)?;
+            let decision = self.decide.decide(step, batch, &estimate, &seeds)?;
             if matches!(decision.outcome, ReleaseOutcome::Held { .. }) {
                 // An aggregate rung raised the floor: this batch is the first of the larger
                 // release.
-                self.hold(batch, n, &grads)?;
+                self.hold.add(&self.layers, batch, n, &grads)?;
             }
-            let protected = self.protect(&grads, &decision, &seeds)?;
+            let protected = self.apply.protect(&self.layers, &grads, &decision, &seeds)?;
             let written = Written { protected, released: grads, held: false };
-            return self.conclude(step, n, estimated, stats, decision, Form::InPlace(Some(written)));
+            return self.conclude(step, n, estimate.estimated(), stats, decision, Form::InPlace(Some(written)));
         }
-        let samples = self.hold(batch, n, &grads)?.grads.samples();
+        let samples = self.hold.add(&self.layers, batch, n, &grads)?.grads.samples();
         if samples < floor {
-            let decision = self.protection.pending(format!("holding {samples} of {floor} samples (aggregation floor)"));
+            let decision = self.decide.protection.pending(format!("holding {samples} of {floor} samples (aggregation floor)"));
             return self.conclude(step, samples, false, stats, decision, Form::InPlace(None));
         }
-        let (joined, mean) = match &self.held {
+        let (joined, mean) = match self.hold.held() {
             Some(held) => (held.joined()?, held.mean_per_layer(&self.layers)?),
             None => return Err(GuardError::Config { setting: "aggregation_floor", why: "the held micro-batches were lost".into() }),
         };
         let Some(mean) = mean else {
             // A block drops the held micro-batches: held on, they would fail every release.
             let what = format!("the mean of the {samples} held samples is not finite (their sum overflowed the gradients' dtype)");
-            let decision = self.protection.block(step, BlockReason::GuardFailure { what });
+            let decision = self.decide.protection.block(step, BlockReason::GuardFailure { what });
             return self.conclude(step, samples, false, stats, decision, Form::InPlace(None));
         };
-        let (decision, estimated) = self.decide(&joined.batch(), loss_fn, step, &seeds)?;
-        let protected = self.protect(&mean, &decision, &seeds)?;
+        let joined = joined.batch();
+        let estimate = self.run_estimate(&joined, loss_fn, step)?;
+        let decision = self.decide.decide(step, &joined, &estimate, &seeds)?;
+        let protected = self.apply.protect(&self.layers, &mean, &decision, &seeds)?;
         let written = Written { protected, released: mean, held: true };
-        self.conclude(step, samples, estimated, stats, decision, Form::InPlace(Some(written)))
+        self.conclude(step, samples, estimate.estimated(), stats, decision, Form::InPlace(Some(written)))
     }
 
     /// The explicit release API (federated use): given the update about to be shared (named
@@ -343,34 +319,38 @@ impl Guard {
     /// so is one at which an aggregate rung escalates ([`BlockReason::Aggregate`]): this form
     /// never returns [`Release::Held`].
     pub fn release(&mut self, update: &[(String, Tensor)], batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
-        self.scheduler.enter();
+        self.estimates.scheduler.enter();
         let result = self.release_timed(update, batch, loss_fn);
-        self.scheduler.leave();
+        self.estimates.scheduler.leave();
         if let Ok(release) = &result {
-            self.fan_out(release.report());
+            self.record.fan_out(release.report());
         }
         result
     }
 
+    /// One explicit release, stage by stage: check the batch and the update, its statistics,
+    /// estimate when due, decide (nothing is held: a pending release is refused), apply to a
+    /// copy, record.
     fn release_timed(&mut self, update: &[(String, Tensor)], batch: &Batch, loss_fn: &dyn LossFn) -> Result<Release> {
         let n = self.check_batch(batch)?;
-        let per_layer = self.update_per_layer(update)?;
+        let per_layer = apply::update_per_layer(&self.layers, update)?;
         let step = self.step;
         self.step += 1;
         let stats = gradient_stats(&self.layers, &per_layer, step)?;
-        let floor = self.protection.floor();
-        let seeds = self.release_seeds(step);
+        let floor = self.decide.protection.floor();
+        let seeds = self.seeds(step);
         let (decision, estimated) = if let Some(reason) = non_finite(&self.layers, &stats) {
-            (self.protection.block(step, reason), false)
+            (self.decide.protection.block(step, reason), false)
         } else if n < floor {
-            (self.protection.block(step, BlockReason::BelowFloor { samples: n, floor }), false)
+            (self.decide.protection.block(step, BlockReason::BelowFloor { samples: n, floor }), false)
         } else {
+            let estimate = self.run_estimate(batch, loss_fn, step)?;
+            let decision = self.decide.decide(step, batch, &estimate, &seeds)?;
             // An aggregate rung's pending release is refused: this form holds nothing.
-            let (decision, estimated) = self.decide(batch, loss_fn, step, &seeds)?;
-            (self.protection.refuse_pending(step, decision), estimated)
+            (self.decide.protection.refuse_pending(step, decision), estimate.estimated())
         };
-        let protected = self.protect(&per_layer, &decision, &seeds)?;
-        let update = self.released_tensors(protected, &per_layer);
+        let protected = self.apply.protect(&self.layers, &per_layer, &decision, &seeds)?;
+        let update = apply::released_tensors(&self.layers, protected, &per_layer);
         self.conclude(step, n, estimated, stats, decision, Form::Explicit(update))
     }
 
@@ -379,13 +359,37 @@ impl Guard {
     pub fn estimate(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Report> {
         let n = self.check_batch(batch)?;
         let step = self.step;
-        self.measure(batch, loss_fn, step, false, true)?;
+        self.estimates.measure(&self.layers, &self.decide.protection, Look { batch, loss_fn, step }, false, true)?;
         let stats = (0..self.layers.len()).map(|_| Metric::absent("audit: no released gradient")).collect();
         Ok(self.assemble(step, n, true, stats, None))
     }
 
-    /// Writes the decision's records, applies it (in place: `.grad()` gets the protected
-    /// layers, or zeros when nothing may be applied) and returns the typed release.
+    /// The batch checked, and its sample shape against the first batch's.
+    fn check_batch(&mut self, batch: &Batch) -> Result<usize> {
+        let n = batch.validate()?;
+        let shape = batch.sample_shape();
+        match &self.sample_shape {
+            Some(expected) if *expected != shape => return Err(GuardError::InputShape { expected: expected.clone(), got: shape }),
+            Some(_) => {}
+            None => self.sample_shape = Some(shape),
+        }
+        Ok(n)
+    }
+
+    /// The estimate stage on `batch`, told whether a background thread failed.
+    fn run_estimate(&mut self, batch: &Batch, loss_fn: &dyn LossFn, step: u64) -> Result<Estimate> {
+        let worker_error = self.worker_error();
+        self.estimates.run(&self.layers, &self.decide.protection, Look { batch, loss_fn, step }, worker_error)
+    }
+
+    /// The seed of each layer's defences at `step` (the apply stage's, keyed by its secret).
+    fn seeds(&self, step: u64) -> Vec<u64> {
+        self.apply.seeds(self.policy().settings(), self.layers.len(), step)
+    }
+
+    /// Records the decision (audit log, report, manifest), then applies it in place (`.grad()`
+    /// gets the protected layers, or zeros when nothing may be applied) and returns the typed
+    /// release.
     fn conclude(&mut self, step: u64, samples: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, decision: Decision, form: Form) -> Result<Release> {
         let (report, manifest) = self.finish(step, samples, estimated, stats, &decision)?;
         let in_place = matches!(form, Form::InPlace(_));
@@ -393,12 +397,12 @@ impl Guard {
             ReleaseOutcome::Released => {
                 let update = match form {
                     Form::InPlace(Some(written)) => {
-                        self.write_grads(&written)?;
-                        self.held = None;
+                        apply::write_grads(&self.layers, &written, self.policy().settings().withheld_layers_train_locally)?;
+                        self.hold.drop_held();
                         Vec::new()
                     }
                     Form::InPlace(None) => {
-                        self.clear_grads()?;
+                        apply::clear_grads(&self.layers)?;
                         Vec::new()
                     }
                     Form::Explicit(update) => update,
@@ -407,14 +411,14 @@ impl Guard {
             }
             ReleaseOutcome::Held { .. } => {
                 if in_place {
-                    self.clear_grads()?;
+                    apply::clear_grads(&self.layers)?;
                 }
                 Ok(Release::Held { manifest, report })
             }
             ReleaseOutcome::Blocked { reason } => {
-                self.held = None;
+                self.hold.drop_held();
                 if in_place {
-                    self.clear_grads()?;
+                    apply::clear_grads(&self.layers)?;
                 }
                 let reason = decision.block.unwrap_or(BlockReason::GuardFailure { what: reason });
                 Ok(Release::Blocked { reason, manifest, report })
@@ -431,14 +435,6 @@ enum Form {
     Explicit(Vec<(String, Tensor)>),
 }
 
-/// What an in-place release writes into `.grad()`: each layer's release, over the gradients it
-/// was computed from (the held mean when `held`).
-struct Written {
-    protected: Vec<LayerRelease>,
-    released: Vec<Vec<Tensor>>,
-    held: bool,
-}
-
 /// The block for a release with non-finite entries, if it has any.
 fn non_finite(layers: &LayerMap, stats: &[Metric<GradientStats>]) -> Option<BlockReason> {
     let bad: Vec<String> = layers
@@ -450,4 +446,3 @@ fn non_finite(layers: &LayerMap, stats: &[Metric<GradientStats>]) -> Option<Bloc
         .collect();
     (!bad.is_empty()).then_some(BlockReason::NonFinite { layers: bad })
 }
-

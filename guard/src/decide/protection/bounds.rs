@@ -1,9 +1,9 @@
 //! M5 of a decided release (METRICS.md): each layer's bound from the kept JVPs through the
 //! layer's chain, and the whole release's from dFIL summed over the released layers, probe by
 //! probe. A chain without noise needs no JVPs: it has no bound.
-use super::Measurements;
+use super::{Measurements, ReleaseProbe};
 use crate::error::Result;
-use crate::measure::{reconstruction_bound_bits, release_dfil, unbiased_mse_floor, JvpSamples, LayerFisher};
+use crate::measure::{reconstruction_bound_bits, release_dfil, unbiased_mse_floor, LayerFisher};
 use crate::report::{Metric, PriorSource, ReconstructionBound, NO_NOISE_NO_BOUND};
 use gradguard_defenses::Defence;
 
@@ -62,15 +62,15 @@ pub(crate) fn adds_noise(chain: &[Defence]) -> bool {
 }
 
 /// The prior variance v a decision uses, and where it came from.
-pub(crate) fn prior(m: &Measurements, jvps: &JvpSamples) -> (f64, PriorSource) {
+pub(crate) fn prior(m: &Measurements, jvps: &dyn ReleaseProbe) -> (f64, PriorSource) {
     match m.prior_variance {
         Some(v) => (v, PriorSource::Setting),
-        None => (jvps.batch_variance, PriorSource::Batch),
+        None => (jvps.batch_variance(), PriorSource::Batch),
     }
 }
 
 /// The bound of a dFIL estimate (None: unbounded) on `jvps`' batch.
-pub(crate) fn bound(dfil: Option<(f64, f64)>, noise_std: Option<f64>, m: &Measurements, jvps: &JvpSamples) -> ReconstructionBound {
+pub(crate) fn bound(dfil: Option<(f64, f64)>, noise_std: Option<f64>, m: &Measurements, jvps: &dyn ReleaseProbe) -> ReconstructionBound {
     jvps.reconstruction_bound(dfil, noise_std, prior(m, jvps))
 }
 
@@ -114,7 +114,7 @@ pub(crate) fn measure_bounds(chains: &[Option<Vec<Defence>>], m: &Measurements) 
     }
     let release = match (&m.jvps, absent) {
         (_, Some(reason)) => Metric::absent(format!("a layer's bound is absent: {reason}")),
-        (Ok(jvps), None) => Metric::Measured(bound(if unbounded { None } else { release_dfil(&fishers) }, None, m, jvps)),
+        (Ok(jvps), None) => Metric::Measured(bound(if unbounded { None } else { release_dfil(&fishers) }, None, m, *jvps)),
         (Err(_), None) => Metric::absent(NO_NOISE_NO_BOUND),
     };
     Ok(Bounds { layers, release })

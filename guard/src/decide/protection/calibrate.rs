@@ -4,11 +4,11 @@
 //! sigma^2 = v S_l^2 / (D (2^{2b} - 1)) with S_l measured after the chain before it and the
 //! clip. Between estimates the resolved noise stays in force, as every level does.
 use super::bounds::prior;
-use super::{Measurements, Protection};
+use super::{Measurements, Protection, ReleaseProbe};
 use crate::decide::audit_log::{DecisionRecord, Outcome};
 use crate::decide::policy::LadderStep;
 use crate::error::Result;
-use crate::measure::{calibrated_noise_std, mean_and_standard_error, JvpSamples, LayerFisher};
+use crate::measure::{calibrated_noise_std, mean_and_standard_error, LayerFisher};
 use gradguard_defenses::Defence;
 
 /// The calibration aims this far below the threshold, so that the re-measurement (on the same
@@ -50,8 +50,8 @@ impl Protection {
                         let s = if z > 0.0 { upper_sensitivity(jvps, l, &before, *clip_norm, m.seeds[l], z)?.unwrap_or(point) } else { point };
                         let (v, _) = prior(m, jvps);
                         let target = rule.act_above * (1.0 - MARGIN);
-                        let Some(sigma) = calibrated_noise_std(v, s, jvps.input_dims, target) else {
-                            return Ok(Err(format!("cannot calibrate the noise of rule '{}' to {target} bits/dim (D = {})", rule.name, jvps.input_dims)));
+                        let Some(sigma) = calibrated_noise_std(v, s, jvps.input_dims(), target) else {
+                            return Ok(Err(format!("cannot calibrate the noise of rule '{}' to {target} bits/dim (D = {})", rule.name, jvps.input_dims())));
                         };
                         let multiplier = (sigma / clip_norm).max(MIN_MULTIPLIER);
                         if !multiplier.is_finite() {
@@ -71,7 +71,7 @@ impl Protection {
                             "{CALIBRATION_REASON}: sigma = {:.6e} (multiplier {multiplier:.6e} of clip_norm {clip_norm}) for {} bits/dim, from S_l = {s:.6e} after the clip (point estimate {point:.6e}, margin {z} SE), v = {v:.6e}, D = {}",
                             multiplier * clip_norm,
                             rule.act_above,
-                            jvps.input_dims
+                            jvps.input_dims()
                         ));
                         records.push(rec);
                         self.calibrated[r][l] = Some(noise);
@@ -87,7 +87,7 @@ impl Protection {
 /// sqrt(mean + z SE) of the per-probe S_l^2, read from the Fisher information of the chain with
 /// unit-multiplier noise (dFIL_k = S_k^2 / (C^2 D)). None when the layer is not reached or
 /// noise comes earlier in the chain.
-fn upper_sensitivity(jvps: &JvpSamples, l: usize, before: &[Defence], clip_norm: f64, seed: u64, z: f64) -> Result<Option<f64>> {
+fn upper_sensitivity(jvps: &dyn ReleaseProbe, l: usize, before: &[Defence], clip_norm: f64, seed: u64, z: f64) -> Result<Option<f64>> {
     // With noise earlier in the chain the Fisher information is that noise's (the first counts):
     // no per-probe S_l^2 of this clip to read, the point estimate stands.
     if super::bounds::adds_noise(before) {
@@ -98,5 +98,5 @@ fn upper_sensitivity(jvps: &JvpSamples, l: usize, before: &[Defence], clip_norm:
     let Some(LayerFisher::Bounded { per_probe, .. }) = jvps.release_fisher(l, &chain, seed)? else { return Ok(None) };
     let (mean, se) = mean_and_standard_error(&per_probe);
     let se = if se.is_finite() { se } else { 0.0 };
-    Ok(Some(((mean + z * se) * clip_norm * clip_norm * jvps.input_dims as f64).sqrt()))
+    Ok(Some(((mean + z * se) * clip_norm * clip_norm * jvps.input_dims() as f64).sqrt()))
 }
