@@ -128,10 +128,15 @@ fn train_resnet(run: Run, dropout: f64) -> Vec<(String, Tensor)> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = SmallResNet::new(&vs.root(), dropout);
-    let loss_fn = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let sgd = nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, 0.1).unwrap();
+    train(&vs, sgd, &|x: &Tensor, y: &Tensor| net.loss(x, y), run, &data)
+}
+
+/// Trains on `data` guarded (M1 and M2 estimated before every release) or not; the VarStore's
+/// variables after the last step.
+fn train(vs: &nn::VarStore, sgd: nn::Optimizer, loss_fn: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor, TchError>, run: Run, data: &[(Tensor, Tensor, Tensor)]) -> Vec<(String, Tensor)> {
     if run != Run::Unguarded {
-        let mut opt = GuardedOptimizer::builder(&vs, sgd).settings(estimate_every_step()).loss(loss_fn).build().unwrap();
+        let mut opt = GuardedOptimizer::builder(vs, sgd).settings(estimate_every_step()).loss(loss_fn).build().unwrap();
         for (step, (x, y, a)) in data.iter().enumerate() {
             let release = guarded_step(&mut opt, run, || loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a));
             assert!(release.is_released(), "step {step}: {:?}", release.block_reason());
@@ -141,13 +146,13 @@ fn train_resnet(run: Run, dropout: f64) -> Vec<(String, Tensor)> {
         }
     } else {
         let mut opt = sgd;
-        for (x, y, _) in &data {
+        for (x, y, _) in data {
             opt.zero_grad();
             loss_fn(x, y).unwrap().backward();
             opt.step();
         }
     }
-    state(&vs)
+    state(vs)
 }
 
 #[test]
@@ -180,22 +185,7 @@ fn train_dropout_mlp(run: Run) -> Vec<(String, Tensor)> {
         x.apply(&fc1).f_relu()?.f_dropout(0.5, true)?.apply(&fc2).f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0)
     };
     let sgd = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    if run != Run::Unguarded {
-        let mut opt = GuardedOptimizer::builder(&vs, sgd).settings(estimate_every_step()).loss(loss_fn).build().unwrap();
-        for (step, (x, y, a)) in data.iter().enumerate() {
-            let release = guarded_step(&mut opt, run, || loss_fn(x, y).unwrap(), &Batch::new(x, y).with_attribute(a));
-            assert!(release.is_released(), "step {step}: {:?}", release.block_reason());
-            assert!(release.report().layers.iter().all(|l| l.sensitivity.measured().is_some() && l.subspace.measured().is_some()), "step {step}");
-        }
-    } else {
-        let mut opt = sgd;
-        for (x, y, _) in &data {
-            opt.zero_grad();
-            loss_fn(x, y).unwrap().backward();
-            opt.step();
-        }
-    }
-    state(&vs)
+    train(&vs, sgd, &loss_fn, run, &data)
 }
 
 #[test]
