@@ -80,8 +80,8 @@ fn train(digits: &Digits, device: Device, steps: usize, mode: Mode) -> anyhow::R
         let mut last = None;
         for step in 0..steps {
             let (x, y, a) = &batches[step % batches.len()];
-            let loss = net.f_loss(x, y)?;
-            match guarded.backward_step(&loss, &Batch::new(x, y).with_attribute(a)) {
+            // The step driver: the loss runs once per step, shared with the estimate.
+            match guarded.train_step(&Batch::new(x, y).with_attribute(a)) {
                 Ok(r) if r.is_released() => {
                     estimates += r.report().estimated as usize;
                     last = Some(r.into_report());
