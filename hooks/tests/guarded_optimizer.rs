@@ -74,3 +74,40 @@ fn a_torchscript_model_trains_through_the_builder_and_saves_for_torch_jit_load()
     let missing = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("no_such_dir/x.pt");
     assert!(matches!(model.save(&missing), Err(gradguard_hooks::TorchScriptError::Save { .. })));
 }
+
+/// The step driver fails closed as the user's own backward does: a non-finite loss, on a step
+/// that estimates (the graph is built with create_graph) and on one that does not, is blocked
+/// by name and nothing is applied; a finite step then trains and reports its loss.
+#[test]
+fn the_step_driver_blocks_a_non_finite_step_with_or_without_an_estimate() {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let lin = nn::linear(vs.root() / "fc", 4, 3, Default::default());
+    let loss_fn = |x: &Tensor, y: &Tensor| {
+        x.f_linear(&lin.ws, lin.bs.as_ref())?.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
+    };
+    // Estimates every other step at most (budget unbounded).
+    let settings = Settings { estimate_every: 2, budget_share: 1.0, background_estimates: false, ..Default::default() };
+    let mut opt = GuardedOptimizer::builder(&vs, nn::Sgd::default().build(&vs, 0.5).unwrap()).settings(settings).loss(loss_fn).build().unwrap();
+    let x = Tensor::randn([8, 4], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]);
+    let poisoned = x.copy();
+    let _ = poisoned.get(0).get(0).fill_(f64::NAN);
+    let release = opt.train_step(&Batch::new(&x, &y)).unwrap();
+    assert!(release.is_released() && release.report().estimated, "step 0 estimates: {:?}", release.block_reason());
+    // Step 1 does not estimate (a plain backward), step 2 would (the graph with create_graph).
+    for step in 1..3u64 {
+        let before = params(&vs);
+        let release = opt.train_step(&Batch::new(&poisoned, &y)).unwrap();
+        assert!(matches!(&release, Release::Blocked { reason: BlockReason::NonFinite { .. }, .. }), "step {step}: {:?}", release.block_reason());
+        assert_eq!(release.report().step, step);
+        assert!(release.report().loss.is_some_and(f64::is_nan), "the report carries the step's loss");
+        assert!(before.iter().zip(params(&vs)).all(|(a, b)| a.equal(&b)), "step {step}: nothing applied");
+    }
+    let before = params(&vs);
+    let release = opt.train_step(&Batch::new(&x, &y)).unwrap();
+    assert!(release.is_released() && release.report().estimated, "step 3 estimates: {:?}", release.block_reason());
+    let loss = release.report().loss.unwrap();
+    assert!(loss.is_finite() && (loss - loss_fn(&x, &y).unwrap().double_value(&[])).abs() < 1.0, "a finite loss: {loss}");
+    assert!(before.iter().zip(params(&vs)).any(|(a, b)| !a.equal(&b)), "a finite step is applied");
+}
