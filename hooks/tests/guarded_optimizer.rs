@@ -3,18 +3,27 @@ use gradguard_guard::{Batch, BlockReason, Release, Settings};
 use gradguard_hooks::GuardedOptimizer;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
+/// A seeded linear layer from 4 features to 3 classes.
+fn linear_classifier() -> (nn::VarStore, nn::Linear) {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let lin = nn::linear(vs.root() / "fc", 4, 3, Default::default());
+    (vs, lin)
+}
+
+/// Its batch-mean negative log-likelihood.
+fn nll(lin: &nn::Linear, x: &Tensor, y: &Tensor) -> Result<Tensor, tch::TchError> {
+    x.f_linear(&lin.ws, lin.bs.as_ref())?.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
+}
+
 fn params(vs: &nn::VarStore) -> Vec<Tensor> {
     vs.trainable_variables().iter().map(|t| t.detach().copy()).collect()
 }
 
 #[test]
 fn steps_after_the_guard_and_refuses_non_finite_gradients() {
-    tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let lin = nn::linear(vs.root() / "fc", 4, 3, Default::default());
-    let loss_fn = |x: &Tensor, y: &Tensor| {
-        x.f_linear(&lin.ws, lin.bs.as_ref())?.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
-    };
+    let (vs, lin) = linear_classifier();
+    let loss_fn = |x: &Tensor, y: &Tensor| nll(&lin, x, y);
     let settings = Settings { estimate_every: 1, ..Default::default() };
     let mut opt = GuardedOptimizer::builder(&vs, nn::Sgd::default().build(&vs, 0.5).unwrap()).settings(settings).loss(loss_fn).build().unwrap();
     let x = Tensor::randn([8, 4], (Kind::Float, Device::Cpu));
@@ -80,12 +89,8 @@ fn a_torchscript_model_trains_through_the_builder_and_saves_for_torch_jit_load()
 /// by name and nothing is applied; a finite step then trains and reports its loss.
 #[test]
 fn the_step_driver_blocks_a_non_finite_step_with_or_without_an_estimate() {
-    tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let lin = nn::linear(vs.root() / "fc", 4, 3, Default::default());
-    let loss_fn = |x: &Tensor, y: &Tensor| {
-        x.f_linear(&lin.ws, lin.bs.as_ref())?.f_log_softmax(-1, None)?.f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)
-    };
+    let (vs, lin) = linear_classifier();
+    let loss_fn = |x: &Tensor, y: &Tensor| nll(&lin, x, y);
     // Estimates every other step at most (budget unbounded).
     let settings = Settings { estimate_every: 2, budget_share: 1.0, background_estimates: false, ..Default::default() };
     let mut opt = GuardedOptimizer::builder(&vs, nn::Sgd::default().build(&vs, 0.5).unwrap()).settings(settings).loss(loss_fn).build().unwrap();
