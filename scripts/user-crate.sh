@@ -20,4 +20,5 @@ unset LD_LIBRARY_PATH
 bin="$CARGO_TARGET_DIR/release/gru-guarded"
 echo "user crate: $bin (RUNPATH $(readelf -d "$bin" | sed -n 's/.*runpath: \[\(.*\)\]/\1/ip'))"
 "$bin"
-cargo test --release --quiet
+# One test at a time: libtorch's generator is global to the process (see the Makefile).
+cargo test --release --quiet -- --test-threads=1

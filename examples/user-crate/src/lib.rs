@@ -46,11 +46,11 @@ impl GruClassifier {
     }
 }
 
-/// A seeded batch: token ids whose class is carried by the first token.
+/// A seeded batch: token ids whose class is carried by the last token.
 pub fn batch(n: i64, device: Device) -> (Tensor, Tensor) {
     let y = Tensor::randint(CLASSES, [n], (Kind::Int64, device));
     let tokens = Tensor::randint(VOCAB, [n, LENGTH], (Kind::Int64, device));
-    let _ = tokens.narrow(1, 0, 1).copy_(&y.unsqueeze(1));
+    let _ = tokens.narrow(1, LENGTH - 1, 1).copy_(&y.unsqueeze(1));
     (tokens, y)
 }
 
@@ -67,7 +67,8 @@ pub struct Counts {
     pub last_block: Option<String>,
 }
 
-/// Trains `steps` guarded steps under `policy` on `device`; the step counts and the final loss.
+/// Trains `steps` guarded steps under `policy` on `device`; the step counts and the mean loss
+/// of the last 10 steps (one batch's loss is noisy).
 pub fn train(policy: &str, steps: usize, device: Device) -> Result<(Counts, f64), Box<dyn std::error::Error>> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
@@ -78,12 +79,12 @@ pub fn train(policy: &str, steps: usize, device: Device) -> Result<(Counts, f64)
         .embedding(|t: &Tensor| net.embed(t), |e: &Tensor, y: &Tensor| net.loss_from_embedded(e, y))
         .build()?;
     let mut counts = Counts::default();
-    let mut last = f64::NAN;
+    let mut losses = Vec::with_capacity(steps);
     for _ in 0..steps {
         let (tokens, y) = batch(32, device);
         // The stored loss forward and backward once, the guard, and the optimizer's step.
         let release = opt.train_step(&Batch::new(&tokens, &y))?;
-        last = release.report().loss.unwrap_or(f64::NAN);
+        losses.push(release.report().loss.unwrap_or(f64::NAN));
         match release {
             Release::Released { .. } => counts.released += 1,
             // Waiting for more samples: no step was taken; go on with the next batch.
@@ -95,5 +96,6 @@ pub fn train(policy: &str, steps: usize, device: Device) -> Result<(Counts, f64)
             }
         }
     }
-    Ok((counts, last))
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    Ok((counts, tail.iter().sum::<f64>() / tail.len().max(1) as f64))
 }

@@ -21,6 +21,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::cuda_if_available();
     println!("device: {device:?} (CUDA available: {})", tch::Cuda::is_available());
     let (counts, loss) = gru_guarded::train(POLICY, 40, device)?;
-    println!("{counts:?}; last loss {loss:.4}");
+    println!("{counts:?}; mean loss of the last 10 steps {loss:.4}");
     Ok(())
 }
