@@ -22,25 +22,29 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! This facade re-exports the workspace crates:
+//! This facade re-exports the workspace crates, each with one job:
 //! - [`guard`]: what measures (`Inspection` and the estimators), the reports, and what decides
 //!   (the policy and the [`Guard`] engine with its typed [`Release`]);
-//! - [`hooks`]: the training-loop integration ([`GuardedOptimizer`]);
+//! - [`wrap`]: gradguard for tch, the guarded optimizer ([`GuardedOptimizer`]) and TorchScript
+//!   models;
 //! - [`defenses`]: per-layer gradient transformations;
-//! - [`exporter`]: Prometheus export;
-//! - [`audit`]: the offline audit (model sources, .npy data, M1-M4 reports, plots, the
-//!   validation study);
-//!
-//! plus the shipped digits data ([`data`]) and example models ([`models`]).
+//! - [`exporter`]: Prometheus export, a report sink the caller attaches;
+//! - [`models`]: the shipped digits data ([`data`]) and example models, models resolved from a
+//!   name or a TorchScript file, checked .npy inputs;
+//! - [`audit`]: the offline audit (M1-M5 reports, plots);
+//! - [`validation`]: the validation study;
+//! - [`run`]: the run loop around the guarded step, `gradguard train`, the run page.
 #![deny(missing_docs, unreachable_pub)]
 
 pub use gradguard_audit as audit;
-pub use gradguard_audit::{data, models};
-
 pub use gradguard_defenses as defenses;
 pub use gradguard_exporter as exporter;
 pub use gradguard_guard as guard;
-pub use gradguard_hooks as hooks;
+pub use gradguard_models as models;
+pub use gradguard_models::data;
+pub use gradguard_run as run;
+pub use gradguard_tch as wrap;
+pub use gradguard_validation as validation;
 
 pub use gradguard_guard::{Batch, BlockReason, Guard, GuardError, LossFn, Policy, Release, Report, Settings};
-pub use gradguard_hooks::GuardedOptimizer;
+pub use gradguard_tch::GuardedOptimizer;

@@ -70,7 +70,7 @@ fn every_state_change_of_a_run_is_in_its_log_and_the_checkpoints_count_the_rest(
             levels.clear();
         }
         let release = step(&vs, &net, &digits, &mut guard, s);
-        let manifest = release.manifest().clone();
+        let manifest = release.manifest().unwrap().clone();
         for layer in &manifest.layers {
             let mut moved = false;
             for c in &layer.checks {

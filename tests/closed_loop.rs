@@ -113,10 +113,10 @@ fn a_threshold_no_defence_can_meet_blocks_and_releases_nothing() {
     let mut guard = guard_for(&s.vs, policy(rules, "estimate_every = 1"));
     let (result, _, _) = guarded_step(&s, &mut guard, 0, 64);
     let manifest = match result {
-        Ok(Release::Blocked { reason: BlockReason::Violation { layer, metric, value, threshold }, manifest, .. }) => {
+        Ok(Release::Blocked { reason: BlockReason::Violation { layer, metric, value, threshold }, report }) => {
             assert_eq!((layer.as_str(), metric, threshold), ("conv1", LeakageMetric::Sensitivity, 0.0));
             assert!(value.unwrap() > 0.0);
-            manifest
+            report.release.expect("a blocked release has its manifest")
         }
         other => panic!("expected a block, got {other:?}"),
     };

@@ -2,9 +2,9 @@
 //! tests/fixtures/make_token_fixtures.py) declares its embedding split with the exported
 //! methods `embed` and `forward_embedded`: M1 is measured on its embeddings and equals the same
 //! model's M1 built in tch with the same weights.
-use gradguard::audit::{AuditModel, LossKind};
+use gradguard::models::{AuditModel, LossKind};
 use gradguard::guard::{Batch, Inspection, LayerMap, Metric, SplitLoss, measure::SensitivitySettings, report::{JvpMethod, Representation, Sensitivity}};
-use gradguard::hooks::{TorchScriptError, TorchScriptModel};
+use gradguard::wrap::{TorchScriptError, TorchScriptModel};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, TchError, Tensor};
 

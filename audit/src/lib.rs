@@ -1,10 +1,11 @@
-//! gradguard's offline audit as a library: resolve a model (built-in or TorchScript), load
-//! and check its data (.npy or the shipped digits), measure every leakage metric of
-//! METRICS.md per layer (M1 sensitivity, M2 subspace distance, M3 usable latent information,
-//! M4 usable original information), and report it as JSON, a table and SVG plots.
+//! gradguard's offline audit: measure every leakage metric of METRICS.md per layer (M1
+//! sensitivity, M2 subspace distance, M3 usable latent information, M4 usable original
+//! information, M5's bound of a defended release) of a model on its data, and report it as
+//! JSON, a table and SVG plots. The model and its data come from `gradguard_models`.
 //!
 //! ```no_run
-//! use gradguard_audit::{run_audit, AuditData, AuditModel, AuditOptions, DataSpec};
+//! use gradguard_audit::{run_audit, AuditOptions};
+//! use gradguard_models::{AuditData, AuditModel, DataSpec};
 //! use tch::Device;
 //!
 //! // `cnn`, `mlp`, or the path of a torch.jit.save'd module (then give DataSpec's .npy paths).
@@ -17,35 +18,21 @@
 //! # Ok::<(), gradguard_audit::AuditError>(())
 //! ```
 //!
-//! [`train`] trains a TorchScript model on such data with the guard on (or off, for the
-//! baseline), the loop of `gradguard train`.
-//!
-//! [`run_validation`] runs the validation study of docs/VALIDATION.md. Every defended
-//! release the study measures is made by `gradguard_defenses::Defence::apply`, and its M1 is
-//! measured through the guard's own transform path, as the closed loop measures it.
+//! [`estimate`] holds the audit's measurements one by one, for studies that sweep them
+//! (the validation study, `gradguard_validation`). Every defended release it measures is
+//! made by `gradguard_defenses::Defence::apply`, and its M1 is measured through the guard's
+//! own transform path, as the closed loop measures it.
 #![deny(missing_docs, unreachable_pub)]
 
-pub mod data;
-pub mod models;
+pub mod estimate;
 
 mod error;
-mod estimate;
-mod inputs;
-mod npy;
 mod plot;
 mod report;
 mod run;
-pub mod run_page;
-mod source;
-mod train;
-mod validation;
 
-pub use error::{AuditError, Result};
+pub use error::{AuditError, EstimateContext, Result};
 pub use estimate::bound::ReleaseBound;
-pub use inputs::{AuditData, DataSpec};
 pub use plot::{bar_panels_svg, line_panels_svg, Panel};
 pub use report::{AuditReport, AuditSettings, LayerDetails, LayerRow};
 pub use run::{run_audit, AuditOptions, InversionOptions};
-pub use source::{AuditLoss, AuditModel, LossKind, ModelSource};
-pub use train::{train, Evaluation, GuardOptions, OptimizerKind, PolicyInfo, StepProgress, TrainOptions, TrainOutcome, TrainReport};
-pub use validation::{run_validation, ValidationOptions, ValidationSummary};

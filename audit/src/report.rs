@@ -1,8 +1,9 @@
 //! The audit's report: one row per layer with every metric under its METRICS.md name, the
 //! settings and timings, as JSON, a text table and an SVG.
-use crate::error::{write_file, Result};
+use crate::error::Result;
+use gradguard_models::files::write_file;
 use crate::estimate::bound::ReleaseBound;
-use crate::source::LossKind;
+use gradguard_models::LossKind;
 use gradguard_guard::measure::{Inversion, InversionPlan, InversionSettings};
 use gradguard_guard::{Metric, report::{ReconstructionBound, Representation, Sensitivity, Subspace}};
 use gradguard_guard::measure::SensitivitySettings;
@@ -230,12 +231,12 @@ impl AuditReport {
 
     /// Writes the report as pretty JSON, creating the parent folder.
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        write_file(path, &serde_json::to_string_pretty(self)?, "writing the JSON report")
+        Ok(write_file(path, &serde_json::to_string_pretty(self)?, "writing the JSON report")?)
     }
 
     /// Draws the per-layer bars of every metric as an SVG, creating the parent folder.
     pub fn write_plot(&self, path: &Path) -> Result<()> {
-        crate::error::create_parent(path)?;
+        gradguard_models::files::create_parent(path)?;
         let title = format!("gradguard audit: {} (n = {} for M1, {} samples)", self.model, self.batch_size, self.samples);
         crate::plot::bar_panels_svg(path, &title, &self.layers)
     }

@@ -109,6 +109,7 @@ def train(msg: Message, context: Context) -> Message:
 
     guard = {
         "status": "blocked" if result.blocked else "released",
+        "kind": result.kind,
         "manifest": result.manifest,
         "policy-hash": result.policy_hash,
         "partition-id": settings.partition_id,

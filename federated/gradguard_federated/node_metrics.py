@@ -28,12 +28,9 @@ class NodeSeries:
         if row.status not in ("released", "blocked"):
             return
         node = row.partition
-        if row.status == "blocked":
-            self.releases.labels(node, "blocked").inc()
-        else:
-            # Withholding a layer is a defence action too.
-            acted = any(acts for acts in (row.actions or {}).values())
-            self.releases.labels(node, "protected" if acted else "released").inc()
+        # The guard's own vocabulary, read from the verified manifest (withholding is protection).
+        self.releases.labels(node, row.kind or row.status).inc()
+        if row.status == "released":
             for layer, acts in (row.actions or {}).items():
                 for a in acts:
                     self.actions.labels(node, layer, a.split("(")[0]).inc()

@@ -78,7 +78,8 @@ class RequiredPolicies:
 class ClientRow:
     node_id: int
     partition: str
-    status: str  # released | blocked | error | rejected | no reply
+    status: str  # the reply: released | blocked | error | rejected | no reply
+    kind: str | None = None  # the release, from its verified manifest (gradguard_fl.release_kind): released | protected | blocked
     reason: str | None = None
     released: list[str] | None = None
     withheld: list[str] | None = None
@@ -135,6 +136,10 @@ def check_reply(msg: Message, partition: str, global_params: dict[str, np.ndarra
     if required.rules and row.policy_hash not in required.rules:
         return row.rejected("policy-mismatch", f"policy {row.policy_hash[:12]} is not one the run requires ({required.describe()})"), None
     rule_names = required.rules.get(row.policy_hash)
+    try:
+        row.kind = gradguard_fl.release_kind(str(guard["manifest"]))
+    except ValueError as error:
+        return row.rejected("malformed", str(error)), None
     status = str(guard.get("status"))
     if status == "blocked":
         row.status, row.reason = "blocked", str(guard.get("reason", "blocked"))

@@ -12,7 +12,7 @@
 //!   [`Release`].
 //!
 //! Guarding one step of a model under an inline policy (a tch loop wraps its optimizer with
-//! `gradguard_hooks::GuardedOptimizer`, which does this at every step):
+//! `gradguard_tch::GuardedOptimizer`, which does this at every step):
 //!
 //! ```
 //! use gradguard_guard::{Batch, Guard, LayerMap, Policy, Release};
@@ -37,7 +37,7 @@
 //! let (x, y) = (Tensor::randn([8, 4], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]));
 //! // The stored loss forward and backward once; `.grad()` then holds what may be applied.
 //! match guard.train_step(&Batch::new(&x, &y), &loss)? {
-//!     Release::Released { manifest, .. } => assert_eq!(manifest.layers[0].actions[0].name(), "noise"),
+//!     Release::Released { report, .. } => assert_eq!(report.release.as_ref().map(|m| m.layers[0].actions[0].name()), Some("noise")),
 //!     other => panic!("{other:?}"),
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())

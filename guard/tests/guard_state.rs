@@ -41,7 +41,7 @@ fn levels_and_steps_go_on_in_a_new_guard() {
     let policy = Policy::from_toml_str(POLICY, "t").unwrap();
     let mut first = Guard::new(LayerMap::from_var_store(&vs).unwrap(), policy.clone()).unwrap();
     let r = release(&mut first, &vs, &mlp);
-    assert!(!r.manifest().layers[0].released, "fc0 is withheld in the first round");
+    assert!(!r.manifest().unwrap().layers[0].released, "fc0 is withheld in the first round");
     let state = first.state();
     assert_eq!(state.step, 1);
     assert_eq!(state.levels["tight"]["fc0"], 2);
@@ -55,8 +55,8 @@ fn levels_and_steps_go_on_in_a_new_guard() {
     assert_eq!(second.protection().layer_levels()[0], 2);
     assert_eq!(second.state().ledger, state.ledger, "the ledger goes on where it was");
     let r = release(&mut second, &vs, &mlp);
-    assert_eq!(r.manifest().step, 1);
-    let check = &r.manifest().layers[0].checks[0];
+    assert_eq!(r.manifest().unwrap().step, 1);
+    let check = &r.manifest().unwrap().layers[0].checks[0];
     assert_eq!(check.level, 2, "the second guard starts at the rung the first reached");
 
     // A state that does not fit: nothing changes.

@@ -36,7 +36,8 @@ fn release(key: Option<u64>) -> (Vec<(String, Tensor)>, String, Vec<Option<u64>>
     update.sort_by(|a, b| a.0.cmp(&b.0));
     let loss = |x: &Tensor, y: &Tensor| mlp.loss(x, y);
     match guard.release(&update, &Batch::new(&x, &y), &loss).unwrap() {
-        Release::Released { update, manifest, .. } => {
+        Release::Released { update, report } => {
+            let manifest = report.release.expect("a release has its manifest");
             assert!(manifest.layers.iter().all(|l| l.actions.iter().any(|a| a.name() == "noise")), "every layer noised: {manifest:?}");
             let seeds = manifest.layers.iter().map(|l| l.seed).collect();
             (update, serde_json::to_string(&manifest).unwrap(), seeds)

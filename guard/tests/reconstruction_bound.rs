@@ -264,10 +264,10 @@ fn with_on_violation_withhold_the_cap_withholds_layers_instead_of_blocking() {
     let log = dir.join("withheld.jsonl");
     let capped = run(&noise_policy(&format!("prior_variance = 1.0\nledger_cap_bits = {cap}\non_violation = \"withhold\""), "\"*\""), 2, &log);
     assert!(capped[1].is_released(), "{:?}", capped[1].block_reason());
-    let manifest = capped[1].manifest();
+    let manifest = capped[1].manifest().unwrap();
     assert_eq!(manifest.layers.iter().filter(|l| !l.released).count(), 1, "one layer withheld: {manifest:?}");
     let bound = manifest.release_reconstruction_bound_bits.unwrap();
-    assert!(bound < free[1].manifest().release_reconstruction_bound_bits.unwrap(), "the manifest's bound leaves the withheld layer out");
+    assert!(bound < free[1].manifest().unwrap().release_reconstruction_bound_bits.unwrap(), "the manifest's bound leaves the withheld layer out");
     let ledger = capped[1].report().ledger.clone().unwrap();
     assert!(ledger.release_bound_bits.unwrap() <= cap && ledger.layer_dfil.iter().all(|l| l.bound_bits.unwrap() <= cap), "{ledger:?}");
     assert!(ledger.capped >= 1);

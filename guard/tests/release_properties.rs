@@ -450,7 +450,7 @@ fn check_layer(layer: &LayerManifest, got: &[Tensor], raw: &[Tensor]) -> Result<
 
 /// The manifest against the release's variant. `poisoned`: the gradient had NaN or Inf.
 fn check_manifest(guard: &Guard, release: &Release, step: u64, poisoned: bool) -> Result<(), TestCaseError> {
-    let m = release.manifest();
+    let m = release.manifest().unwrap();
     prop_assert_eq!(m.step, step);
     let json = |m: Option<&gradguard_guard::Manifest>| serde_json::to_string(&m).unwrap();
     prop_assert_eq!(json(release.report().release.as_ref()), json(Some(m)), "the report carries the manifest");
@@ -517,9 +517,10 @@ fn explicit(spec: &CaseSpec, rounds: &[Round]) -> Result<(), TestCaseError> {
         let loss = |x: &Tensor, y: &Tensor| setup.mlp.loss(x, y);
         let release = setup.guard.release(&update, &data.batch(spec.attribute), &loss).map_err(|e| TestCaseError::fail(format!("release {r}: {e}")))?;
         check_manifest(&setup.guard, &release, step, poisoned)?;
-        prop_assert_eq!(release.manifest().samples, round.n as usize);
+        prop_assert_eq!(release.manifest().unwrap().samples, round.n as usize);
         match &release {
-            Release::Released { update: out, manifest, .. } => {
+            Release::Released { update: out, report } => {
+                let manifest = report.release.as_ref().expect("a release has its manifest");
                 let mut expected = 0;
                 for ((layer, lm), raw) in setup.guard.layers().layers().iter().zip(&manifest.layers).zip(&raw) {
                     let mine: Vec<Tensor> = layer.params.iter().filter_map(|p| out.iter().find(|(n, _)| *n == p.name).map(|(_, t)| t.shallow_clone())).collect();
@@ -565,7 +566,8 @@ fn in_place(spec: &CaseSpec, rounds: &[Round]) -> Result<(), TestCaseError> {
         check_manifest(&setup.guard, &release, step, poisoned)?;
         let now: Vec<Vec<Tensor>> = setup.guard.layers().layers().iter().map(|l| l.params.iter().map(|p| p.tensor.grad()).collect()).collect();
         match &release {
-            Release::Released { update, manifest, .. } => {
+            Release::Released { update, report } => {
+                let manifest = report.release.as_ref().expect("a release has its manifest");
                 prop_assert!(update.is_empty(), "the in-place release returns no tensors");
                 // What the guard released from: the held micro-batches' mean, or this gradient.
                 let from: Vec<Vec<Tensor>> = if holding {
@@ -633,12 +635,12 @@ fn an_aggregate_rung_holds_in_place_and_blocks_the_explicit_release() {
     let y = Tensor::from_slice(&[0i64, 1]);
     let loss = |x: &Tensor, y: &Tensor| mlp.loss(x, y);
     let guard = || Guard::new(LayerMap::from_var_store(&vs).unwrap(), Policy::from_toml_str(text, "aggregate").unwrap()).unwrap();
-    let unreleased = |release: &Release| release.manifest().layers.len() == 2 && release.manifest().layers.iter().all(|l| !l.released && l.seed.is_none());
+    let unreleased = |release: &Release| release.manifest().unwrap().layers.len() == 2 && release.manifest().unwrap().layers.iter().all(|l| !l.released && l.seed.is_none());
 
     mlp.loss(&x, &y).unwrap().backward();
     let held = guard().after_backward(&Batch::new(&x, &y), &loss).unwrap();
-    assert!(matches!(held, Release::Held { .. }) && unreleased(&held), "{:?}", held.manifest());
-    assert_eq!(held.manifest().aggregation_floor, 2);
+    assert!(matches!(held, Release::Held { .. }) && unreleased(&held), "{:?}", held.manifest().unwrap());
+    assert_eq!(held.manifest().unwrap().aggregation_floor, 2);
 
     let update: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     let blocked = guard().release(&update, &Batch::new(&x, &y), &loss).unwrap();
@@ -671,5 +673,5 @@ fn a_held_mean_that_overflows_is_blocked_and_dropped() {
     assert!(vs.trainable_variables().iter().all(|p| zeros(&p.grad())));
     assert!(matches!(step(false), Release::Held { .. }));
     let released = step(false);
-    assert!(released.is_released() && released.manifest().samples == 2, "{released:?}");
+    assert!(released.is_released() && released.manifest().unwrap().samples == 2, "{released:?}");
 }

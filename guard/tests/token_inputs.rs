@@ -281,7 +281,7 @@ fn training_on_token_ids_without_a_split_goes_on_and_an_m1_rule_fails_closed() {
         let reason = r.block_reason().expect("blocked").to_string();
         assert!(reason.contains("emb") && reason.contains("sensitivity"), "{reason}");
     }
-    let records = &releases[0].manifest().layers;
+    let records = &releases[0].manifest().unwrap().layers;
     assert!(records.iter().all(|l| !l.released));
 }
 
@@ -300,7 +300,7 @@ fn a_guard_with_an_m1_rule_measures_token_models_on_their_embeddings() {
             assert_eq!(s.representation, Representation::Embedding);
             assert!(s.sensitivity > 0.0);
         }
-        let check = &r.manifest().layers.iter().find(|l| l.name == "emb").unwrap().checks[0];
+        let check = &r.manifest().unwrap().layers.iter().find(|l| l.name == "emb").unwrap().checks[0];
         assert!(check.raw.is_some_and(|v| v > 0.0), "the rule saw M1 on the embeddings");
     }
     let json = releases[0].report().to_json();

@@ -54,17 +54,17 @@ impl From<tch::TchError> for FlError {
     }
 }
 
-impl From<gradguard_audit::data::DataError> for FlError {
-    fn from(e: gradguard_audit::data::DataError) -> Self {
+impl From<gradguard_models::data::DataError> for FlError {
+    fn from(e: gradguard_models::data::DataError) -> Self {
         FlError::Data(e.to_string())
     }
 }
 
-impl From<gradguard_audit::AuditError> for FlError {
-    /// The audit crate's loader errors name the file and what is wrong with it; data files
+impl From<gradguard_models::ModelError> for FlError {
+    /// The models crate's loader errors name the file and what is wrong with it; data files
     /// are `DataError`s, the model file (and a model that does not fit the data) `ModelError`s.
-    fn from(e: gradguard_audit::AuditError) -> Self {
-        use gradguard_audit::AuditError as A;
+    fn from(e: gradguard_models::ModelError) -> Self {
+        use gradguard_models::ModelError as A;
         match e {
             A::ModelFit { .. } | A::UnknownModel { .. } => FlError::Model(e.to_string()),
             A::NotFound { .. } | A::NotNpy { .. } | A::Dtype { .. } | A::Shape { .. } | A::NonFinite { .. } | A::LabelRange { .. } | A::Usage(_) => FlError::Data(e.to_string()),

@@ -183,6 +183,15 @@ fn group_layers<'py>(py: Python<'py>, params: Vec<String>) -> PyResult<Bound<'py
     Ok(out)
 }
 
+/// What happened to a release, from its manifest (JSON): `released`, `protected`, `held` or
+/// `blocked`, the guard's one vocabulary (`Manifest::kind`). A ValueError names a manifest that
+/// cannot be read.
+#[pyfunction]
+fn release_kind(manifest: &str) -> PyResult<&'static str> {
+    let manifest: gradguard_guard::Manifest = serde_json::from_str(manifest).map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("unreadable manifest: {e}")))?;
+    Ok(manifest.kind().name())
+}
+
 /// Validates a policy (TOML text) against the model: `{"hash", "version", "rules", "floor"}`,
 /// or a PolicyError naming what is wrong.
 #[pyfunction]
@@ -225,6 +234,7 @@ fn gradguard_fl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(layer_names, m)?)?;
     m.add_function(wrap_pyfunction!(layer_of, m)?)?;
     m.add_function(wrap_pyfunction!(group_layers, m)?)?;
+    m.add_function(wrap_pyfunction!(release_kind, m)?)?;
     m.add_function(wrap_pyfunction!(check_policy, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_sidecar::serve_metrics, m)?)?;
     Ok(())

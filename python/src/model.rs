@@ -4,7 +4,7 @@
 //! PyTorch's dotted names for TorchScript).
 use crate::errors::{FlError, FlResult};
 use crate::params::HostArray;
-use gradguard_audit::{AuditModel, LossKind, ModelSource};
+use gradguard_models::{AuditModel, LossKind, ModelSource};
 use gradguard_guard::LayerMap;
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -5,7 +5,7 @@
 use crate::errors::{guarded, FlError, FlResult};
 use crate::model::LocalModel;
 use crate::partition::{digits, Partition};
-use gradguard_audit::{AuditData, DataSpec};
+use gradguard_models::{AuditData, DataSpec};
 use pyo3::prelude::*;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -156,10 +156,10 @@ pub(crate) fn score(model: &LocalModel, x: &Tensor, y: &Tensor) -> FlResult<(Opt
         let out = model.model.forward(x)?;
         let loss = model.model.loss(model.loss, x, y)?.f_double_value(&[])?;
         let accuracy = match model.loss {
-            gradguard_audit::LossKind::CrossEntropy => {
+            gradguard_models::LossKind::CrossEntropy => {
                 Some(out.f_argmax(-1, false)?.f_eq_tensor(y)?.f_to_kind(Kind::Double)?.f_mean(Kind::Double)?.f_double_value(&[])?)
             }
-            gradguard_audit::LossKind::Mse => None,
+            gradguard_models::LossKind::Mse => None,
         };
         Ok((accuracy, loss))
     })

@@ -1,6 +1,6 @@
 //! The shipped digits, dealt into non-IID partitions: the demonstration data of a client.
 use crate::errors::{guarded, FlError, FlResult};
-use gradguard_audit::data::{Digits, CLASSES};
+use gradguard_models::data::{Digits, CLASSES};
 use pyo3::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -21,6 +21,10 @@ pub(crate) struct TrainResult {
     /// True when the guard refused the whole release: `update` is then empty.
     #[pyo3(get)]
     pub(crate) blocked: bool,
+    /// What happened to the release, in the guard's one vocabulary (`Manifest::kind`):
+    /// `released`, `protected` (defence actions or withheld layers) or `blocked`.
+    #[pyo3(get)]
+    kind: &'static str,
     /// Why the release was blocked (None when released).
     #[pyo3(get)]
     reason: Option<String>,
@@ -202,11 +206,12 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
     .with_sample_ids(&ids);
     let loss_fn = model.model.loss_fn(model.loss);
     let policy_hash = guard.policy().hash().to_string();
-    let (blocked, tensors, manifest, report) = match guard.release(&update, &batch, &loss_fn)? {
-        Release::Released { update, manifest, report } => (None, update, manifest, report),
-        Release::Blocked { reason, manifest, report } => (Some(format!("release blocked at step {}: {reason}", manifest.step)), vec![], manifest, report),
-        Release::Held { manifest, .. } => return Err(FlError::Internal(format!("the explicit release was held: {:?}", manifest.outcome))),
+    let (blocked, tensors, report) = match guard.release(&update, &batch, &loss_fn)? {
+        Release::Released { update, report } => (None, update, report),
+        Release::Blocked { reason, report } => (Some(format!("release blocked at step {}: {reason}", report.step)), vec![], report),
+        Release::Held { report } => return Err(FlError::Internal(format!("the explicit release of step {} was held", report.step))),
     };
+    let manifest = report.release.clone().ok_or_else(|| FlError::Internal("the guard's release has no manifest".into()))?;
     let released: Vec<String> = manifest.layers.iter().filter(|l| l.released).map(|l| l.name.clone()).collect();
     let withheld: Vec<String> = manifest.layers.iter().filter(|l| !l.released).map(|l| l.name.clone()).collect();
     let update = tensors.iter().map(|(n, t)| HostArray::from_tensor(n, t)).collect::<FlResult<Vec<_>>>()?;
@@ -220,6 +225,7 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
     let json = |e: serde_json::Error| FlError::Internal(e.to_string());
     Ok(TrainResult {
         blocked: blocked.is_some(),
+        kind: manifest.kind().name(),
         reason: blocked,
         shared_report,
         step: manifest.step,

@@ -8,7 +8,8 @@
 //!     --json audit.json --plot audit.svg [--invert]
 //! gradguard audit --model cnn --train-steps 300 --invert      # built-in model, shipped digits
 //! ```
-use gradguard::audit::{run_audit, AuditData, AuditModel, AuditOptions, DataSpec, InversionOptions, LossKind};
+use gradguard::audit::{run_audit, AuditOptions, InversionOptions};
+use gradguard::models::{AuditData, AuditModel, DataSpec, LossKind};
 use gradguard::defenses::Defence;
 use gradguard::guard::measure::parse_device;
 use std::path::PathBuf;

@@ -5,12 +5,11 @@
 use anyhow::Context;
 use gradguard::data::Digits;
 use gradguard::guard::{Policy, measure::parse_device};
-use gradguard::hooks::{GuardSummary, PolicyReloader, ReleaseCounts, RunSummary, StopSignal};
 use gradguard::models::DigitsCnn;
-use gradguard::{Batch, GuardedOptimizer};
+use gradguard::run::{PolicyReloader, RunLoop, StepData, Stepper, StopSignal};
+use gradguard::GuardedOptimizer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Tensor};
 
 /// The example policy, embedded so that the demo runs from any folder.
@@ -87,49 +86,40 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     let bar = super::progress::steps_bar(args.steps);
-    let started = Instant::now();
-    let mut counts = ReleaseCounts::default();
-    let mut last = None;
-    let mut steps = 0;
-    for step in 0..args.steps {
-        if stop.requested() {
-            bar.suspend(|| println!("step {step}: stop requested: closing the audit log (again to end at once)"));
-            break;
-        }
-        steps = step + 1;
+    let batches = |step: usize| {
         let idx: Vec<usize> = (0..args.batch_size).map(|i| train[(step * args.batch_size + i) % train.len()]).collect();
-        if let Some(outcome) = reload.as_ref().and_then(|r| r.poll(opt.guard_mut())) {
-            bar.suspend(|| println!("step {step}: {outcome}"));
-        }
-        let (x, y, heavy_stroke) = digits.batch(&idx, device)?;
+        let (x, y, heavy_stroke) = digits.batch(&idx, device).map_err(gradguard::models::ModelError::from)?;
         // Sample ids let the run ledger count each image's releases exactly.
-        let ids = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        // The stored loss runs once: on an estimate step its graph serves the estimate too.
-        let release = opt.train_step(&Batch::new(&x, &y).with_attribute(&heavy_stroke).with_sample_ids(&ids))?;
-        counts.count(&release);
-        super::progress::show_release(&bar, step, &release);
-        if release.report().estimated {
-            bar.suspend(|| println!("{}", opt.guard().table(release.report())));
+        let ids = Tensor::f_from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>())?;
+        Ok(StepData { inputs: x, targets: y, attribute: Some(heavy_stroke), sample_ids: Some(ids) })
+    };
+    let mut stepper = Stepper::Guarded(Box::new(opt));
+    let run = RunLoop { stop: Some(stop), reload }.run(&mut stepper, args.steps, batches, |p| {
+        if let Some(outcome) = p.reload {
+            bar.suspend(|| println!("step {}: {outcome}", p.step));
         }
-        last = Some(release.into_report());
-        bar.set_message(counts.to_string());
+        let Some(release) = p.release else { return };
+        super::progress::show_release(&bar, p.step, release);
+        if let (true, Some(guard)) = (release.report().estimated, p.guard) {
+            bar.suspend(|| println!("{}", guard.table(release.report())));
+        }
+        bar.set_message(p.counts.to_string());
         bar.inc(1);
+    })?;
+    if let Some(step) = run.stopped_at {
+        bar.suspend(|| println!("step {step}: stop requested: the audit log is closed"));
     }
     bar.finish();
-    let seconds = started.elapsed().as_secs_f64();
     let accuracy = digits.accuracy(&test, device, |x| net.f_forward(x))?;
     let report_path = args.out.join("report.json");
-    if let Some(report) = &last {
+    if let Some(report) = &run.last {
         std::fs::write(&report_path, report.to_json()).with_context(|| format!("writing {}", report_path.display()))?;
     }
-    // The last checkpoint and the `closed` record, before the summary reads the log.
-    opt.guard_mut().close_audit_log()?;
-    let guard = GuardSummary::read(counts, last.as_ref(), &audit_path)?;
-    let summary = RunSummary { steps, seconds, score: format!("test accuracy {accuracy:.3}"), guard: Some(guard), report: report_path };
+    let summary = run.summary(format!("test accuracy {accuracy:.3}"), report_path, Some(&audit_path))?;
     print!("\n{summary}");
     let html = super::report::write_for_run(&args.out)?;
     println!("run report: {}", html.display());
     drop(metrics);
-    drop(opt);
+    drop(stepper);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `gradguard policy check FILE [--model cnn|mlp|PATH.pt]`: validates a policy file on its own
 //! and, given a model, against the model's layers, and prints what each rule covers.
 use anyhow::bail;
-use gradguard::audit::{AuditError, AuditModel};
+use gradguard::models::{AuditModel, ModelError};
 use gradguard::guard::Policy;
 use std::path::PathBuf;
 use tch::Device;
@@ -63,7 +63,7 @@ fn explain(rule: &gradguard::guard::decide::Rule, layers: &[String]) -> Vec<Stri
 /// The label and layer names, in model order, of a built-in model or a TorchScript file.
 fn model_layers(name: &str) -> anyhow::Result<(String, Vec<String>)> {
     let model = match AuditModel::load(name, 0, Device::Cpu) {
-        Err(AuditError::UnknownModel { name }) => {
+        Err(ModelError::UnknownModel { name }) => {
             bail!("unknown model '{name}': expected `cnn`, `mlp` or the path of a TorchScript file")
         }
         other => other?,

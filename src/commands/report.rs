@@ -27,7 +27,7 @@ pub fn write_for_run(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 fn write(dir: &Path, out: &Path) -> anyhow::Result<()> {
-    let html = gradguard::audit::run_page::render_dir(dir)?;
+    let html = gradguard::run::run_page::render_dir(dir)?;
     std::fs::write(out, html).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! `gradguard train`: guarded training of a TorchScript model on .npy data
-//! (`gradguard::audit::train`), for users who do not write Rust. Writes the trained module
+//! (`gradguard::run::train`), for users who do not write Rust. Writes the trained module
 //! (`model.pt`, for `torch.jit.load`), `report.json` and, guarded, `audit.jsonl`; shows a
 //! progress bar and ends with the summary `gradguard demo` prints.
 //!
@@ -10,9 +10,9 @@
 //! gradguard train ... --no-guard --out DIR      # the unguarded baseline
 //! ```
 use super::audit::LossArg;
-use gradguard::audit::{train, AuditData, DataSpec, GuardOptions, ModelSource, OptimizerKind, TrainOptions};
+use gradguard::models::{AuditData, DataSpec, ModelSource};
+use gradguard::run::{train, GuardOptions, OptimizerKind, PolicyReloader, StopSignal, TrainOptions};
 use gradguard::guard::{GuardError, measure::parse_device};
-use gradguard::hooks::{PolicyReloader, StopSignal};
 use gradguard::Policy;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,8 +1,8 @@
 //! `gradguard validate --out docs/`: the validation study of docs/VALIDATION.md
-//! (`gradguard::audit::run_validation`). Trains the example CNN and MLP on the shipped
+//! (`gradguard::validation::run_validation`). Trains the example CNN and MLP on the shipped
 //! digits, measures every metric per layer at three checkpoints, sweeps the batch size and two
 //! defences, and writes VALIDATION.md with its SVG figures.
-use gradguard::audit::{run_validation, ValidationOptions};
+use gradguard::validation::{run_validation, ValidationOptions};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

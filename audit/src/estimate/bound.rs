@@ -7,9 +7,12 @@ use gradguard_guard::{Metric, measure::{release_dfil, JvpSamples, LayerFisher}, 
 use serde::Serialize;
 
 /// M5's prior variance v, its kind, and where it came from in words.
-pub(crate) struct Prior {
+pub struct Prior {
+    /// The per-dimension variance.
     pub v: f64,
+    /// Where it came from (a setting or measured).
     pub source: PriorSource,
+    /// The same, in words for the report.
     pub described: String,
 }
 
@@ -39,7 +42,7 @@ pub struct ReleaseBound {
 /// M5 of every layer released through `chain` (layer l seeded with `seed_of(l)`) and of the
 /// release. `jv`: the kept probe JVPs of the released batch; None when nothing was probed
 /// (an empty chain: every layer is released without noise).
-pub(crate) fn release_bounds(jv: Option<&JvpSamples>, layers: usize, chain: &[Defence], seed_of: impl Fn(usize) -> u64, prior: Prior) -> Result<(Vec<Metric<ReconstructionBound>>, ReleaseBound)> {
+pub fn release_bounds(jv: Option<&JvpSamples>, layers: usize, chain: &[Defence], seed_of: impl Fn(usize) -> u64, prior: Prior) -> Result<(Vec<Metric<ReconstructionBound>>, ReleaseBound)> {
     let Prior { v, source, described } = prior;
     let mut fishers = Vec::new();
     let mut rows = Vec::new();
@@ -80,7 +83,7 @@ pub(crate) fn release_bounds(jv: Option<&JvpSamples>, layers: usize, chain: &[De
 /// the probes' error too), or None for a layer released without noise (or not at all). The
 /// probe JVPs are taken once per sample and reused for every point (the guard's
 /// re-measurement path), so the grid costs no backward pass.
-pub(crate) fn single_sample_dfil(t: &gradguard_guard::Inspection, releases: usize, probes: usize, points: usize, chain: &dyn Fn(usize, usize) -> Vec<Defence>) -> Result<Vec<Vec<Option<(f64, f64)>>>> {
+pub fn single_sample_dfil(t: &gradguard_guard::Inspection, releases: usize, probes: usize, points: usize, chain: &dyn Fn(usize, usize) -> Vec<Defence>) -> Result<Vec<Vec<Option<(f64, f64)>>>> {
     let layers = t.layers().len();
     let mut per: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); layers]; points];
     let mut unbounded = vec![vec![false; layers]; points];
@@ -111,7 +114,7 @@ pub(crate) fn single_sample_dfil(t: &gradguard_guard::Inspection, releases: usiz
 
 /// The per-dimension population variance of every sample of the inspected batch (M5's prior
 /// scale, the same x_bar and expectation as M4's baseline over those samples).
-pub(crate) fn batch_prior_variance(t: &gradguard_guard::Inspection) -> Result<f64> {
+pub fn batch_prior_variance(t: &gradguard_guard::Inspection) -> Result<f64> {
     let x = t.batch().inputs();
     let n = x.size().first().copied().unwrap_or(0) as usize;
     gradguard_guard::measure::per_dimension_variance(x, n).metric("M5 (prior variance)")

@@ -10,37 +10,40 @@ use std::borrow::Cow;
 use tch::Tensor;
 
 /// Why a metric of a withheld layer is absent.
-pub(crate) const WITHHELD: &str = "the defence withholds the layer: nothing is released";
+pub const WITHHELD: &str = "the defence withholds the layer: nothing is released";
 
 /// A defence chain applied to every layer, seeded from the audit's seed.
 #[derive(Clone, Copy)]
-pub(crate) struct Chain<'a> {
+pub struct Chain<'a> {
+    /// The defences, applied in order.
     pub defences: &'a [Defence],
+    /// The seed every release's seed derives from.
     pub seed: u64,
 }
 
 impl Chain<'_> {
     /// The seed of layer `l`'s release (M1, M5 and the batch release share it).
-    pub(crate) fn layer_seed(&self, l: usize) -> u64 {
+    pub fn layer_seed(&self, l: usize) -> u64 {
         derive_seed(self.seed ^ 0xa0d1_7de0, l)
     }
 
     /// The seed of release `r` of layer `l` among many (per-sample releases, attacked releases).
-    pub(crate) fn release_seed(&self, l: usize, r: usize) -> u64 {
+    pub fn release_seed(&self, l: usize, r: usize) -> u64 {
         derive_seed(self.seed ^ 0xa0d1_75e5, 1_000_003 * l + r)
     }
 
-    pub(crate) fn withholds(&self) -> bool {
+    /// Whether the chain withholds the layer (nothing is released).
+    pub fn withholds(&self) -> bool {
         self.defences.iter().any(|d| matches!(d, Defence::Withhold))
     }
 
     /// `g` through the chain; None when withheld.
-    pub(crate) fn apply(&self, g: &Tensor, seed: u64) -> gradguard_guard::Result<Option<Tensor>> {
+    pub fn apply(&self, g: &Tensor, seed: u64) -> gradguard_guard::Result<Option<Tensor>> {
         Ok(apply_all(self.defences, g, seed)?)
     }
 
     /// The chain written as the policy writes actions, steps joined by " > ".
-    pub(crate) fn describe(defences: &[Defence]) -> String {
+    pub fn describe(defences: &[Defence]) -> String {
         defences.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" > ")
     }
 }
@@ -48,7 +51,7 @@ impl Chain<'_> {
 /// M1 of each layer's defended release: the raw metric's record (representation, n, probes)
 /// with S_l, S_l^rms and R_l of the release. The transformed probes give no standard error
 /// here: `sensitivity_se` is NaN (null in JSON, absent in the row).
-pub(crate) fn sensitivity(jv: &JvpSamples, layers: &LayerMap, chain: Chain) -> Result<Vec<Metric<Sensitivity>>> {
+pub fn sensitivity(jv: &JvpSamples, layers: &LayerMap, chain: Chain) -> Result<Vec<Metric<Sensitivity>>> {
     let raw = jv.sensitivity(layers).metric("M1 (sensitivity)")?;
     raw.into_iter()
         .enumerate()
@@ -69,7 +72,7 @@ pub(crate) fn sensitivity(jv: &JvpSamples, layers: &LayerMap, chain: Chain) -> R
 }
 
 /// M2 of every layer on per-sample gradients each released through the chain.
-pub(crate) fn subspace(t: &Inspection, settings: &SubspaceSettings, chain: Chain) -> Result<Vec<Metric<Subspace>>> {
+pub fn subspace(t: &Inspection, settings: &SubspaceSettings, chain: Chain) -> Result<Vec<Metric<Subspace>>> {
     let layers = t.layers().len();
     let samples = match t.subspace_samples(settings).metric("M2 (per-sample gradients)")? {
         Err(reason) => return Ok((0..layers).map(|_| Metric::absent(reason.clone())).collect()),
@@ -91,7 +94,7 @@ pub(crate) fn subspace(t: &Inspection, settings: &SubspaceSettings, chain: Chain
 
 /// Each row of `g` (a per-sample release of layer `l`) through the chain, row i seeded with
 /// `seed_of(i)`; None when the chain withholds.
-pub(crate) fn defend_rows<'g>(defences: &[Defence], g: &'g GradientMatrix, seed_of: impl Fn(usize) -> u64) -> Result<Option<Cow<'g, GradientMatrix>>> {
+pub fn defend_rows<'g>(defences: &[Defence], g: &'g GradientMatrix, seed_of: impl Fn(usize) -> u64) -> Result<Option<Cow<'g, GradientMatrix>>> {
     if defences.is_empty() {
         return Ok(Some(Cow::Borrowed(g)));
     }

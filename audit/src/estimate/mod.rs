@@ -1,8 +1,8 @@
 //! Every call into the guard's estimators, in one place: the audit and the validation study
 //! measure through these functions only (and `defended` and `bound`, their halves for a
 //! defended release and for M5), so that a change of the estimators' API is a change here.
-pub(crate) mod bound;
-pub(crate) mod defended;
+pub mod bound;
+pub mod defended;
 
 use crate::error::{AuditError, EstimateContext, Result};
 use bound::{release_bounds, Prior, ReleaseBound};
@@ -18,11 +18,14 @@ use std::time::Instant;
 use tch::Tensor;
 
 /// The settings of a measurement of every metric.
-pub(crate) struct MetricSettings {
+pub struct MetricSettings {
+    /// M1's probes and seed.
     pub sensitivity: SensitivitySettings,
     /// M1 uses the first `m1_batch` samples.
     pub m1_batch: usize,
+    /// M2's settings.
     pub subspace: SubspaceSettings,
+    /// M3's settings.
     pub usable: UsableSettings,
     /// M4 runs only when given.
     pub inversion: Option<(InversionPlan, InversionSettings)>,
@@ -36,7 +39,8 @@ pub(crate) struct MetricSettings {
 }
 
 /// The result of [`measure_layers`].
-pub(crate) struct Measured {
+pub struct Measured {
+    /// One row per layer.
     pub rows: Vec<LayerRow>,
     /// Seconds per metric.
     pub seconds: BTreeMap<&'static str, f64>,
@@ -45,7 +49,7 @@ pub(crate) struct Measured {
 }
 
 /// Probe M1 with K probes by double backward.
-pub(crate) fn probe_settings(probes: usize) -> SensitivitySettings {
+pub fn probe_settings(probes: usize) -> SensitivitySettings {
     SensitivitySettings { probes, method: JvpMethod::DoubleBackward, exact: false }
 }
 
@@ -57,7 +61,7 @@ fn first(t: &Inspection, n: usize) -> Result<(Tensor, Tensor)> {
 
 /// M1 to M4 of every layer: M1 on the first `m1_batch` samples, M2 and M3 against `attribute`
 /// (absent without one), M4 when `settings.inversion` is given (absent otherwise).
-pub(crate) fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings: &MetricSettings) -> Result<Measured> {
+pub fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings: &MetricSettings) -> Result<Measured> {
     let mut seconds = BTreeMap::new();
     let chain = Chain { defences: &settings.defence, seed: settings.seed };
     let defended = !settings.defence.is_empty();
@@ -146,26 +150,28 @@ fn prior_variance(t: &Inspection, jv: Option<&JvpSamples>, given: Option<f64>) -
 }
 
 /// M1 of every layer on the target's whole batch (`step` picks the probe stream).
-pub(crate) fn sensitivity(t: &Inspection, settings: &SensitivitySettings, step: u64) -> Result<Vec<Metric<Sensitivity>>> {
+pub fn sensitivity(t: &Inspection, settings: &SensitivitySettings, step: u64) -> Result<Vec<Metric<Sensitivity>>> {
     t.seeded(t.seed(), step).sensitivity(settings).metric("M1 (sensitivity)")
 }
 
 /// M4 of every layer, each release passed through `transform` (a defence) before the attack.
-pub(crate) fn inversion_attack(t: &Inspection, plan: &InversionPlan, settings: &InversionSettings, transform: Option<&ReleaseTransform>) -> Result<Vec<Metric<Inversion>>> {
+pub fn inversion_attack(t: &Inspection, plan: &InversionPlan, settings: &InversionSettings, transform: Option<&ReleaseTransform>) -> Result<Vec<Metric<Inversion>>> {
     t.original_information(plan, settings, transform).metric("M4 (inversion)")
 }
 
 /// The probe JVPs of the first `n` samples, kept (K = `probes`), to measure M1 on any
 /// release of that batch with [`release_sensitivity`].
-pub(crate) fn release_probes(t: &Inspection, n: usize, probes: usize) -> Result<JvpSamples> {
+pub fn release_probes(t: &Inspection, n: usize, probes: usize) -> Result<JvpSamples> {
     let (xb, yb) = first(t, n)?;
     t.on(Batch::new(&xb, &yb)).jvp_samples(&probe_settings(probes)).metric("M1 (probe JVPs)")
 }
 
 /// M1 of one released layer.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct ReleaseSensitivity {
+pub struct ReleaseSensitivity {
+    /// S_l.
     pub s: f64,
+    /// S_l / sqrt(P_l).
     pub s_rms: f64,
     /// None when the release is exactly 0.
     pub r: Option<f64>,
@@ -175,7 +181,7 @@ pub(crate) struct ReleaseSensitivity {
 /// closed-loop code ([`JvpSamples::release_sensitivity`]: the chain applied to the gradient and
 /// linearised on the kept JVPs). None: the layer is not reached by the loss, or the chain
 /// withholds it.
-pub(crate) fn release_sensitivity(jv: &JvpSamples, l: usize, chain: &[Defence], seed: u64) -> Result<Option<ReleaseSensitivity>> {
+pub fn release_sensitivity(jv: &JvpSamples, l: usize, chain: &[Defence], seed: u64) -> Result<Option<ReleaseSensitivity>> {
     let measured = jv.release_sensitivity(l, chain, seed).metric("M1 of a release")?;
     Ok(measured.map(|m| ReleaseSensitivity {
         s: m.sensitivity,
@@ -187,7 +193,7 @@ pub(crate) fn release_sensitivity(jv: &JvpSamples, l: usize, chain: &[Defence], 
 /// The n x P_l host matrix of every layer's per-sample gradients, for the validation study's
 /// host-side sweeps on its small models (None: the loss does not reach the layer; every layer
 /// None when the model cannot run on one sample). The audit's M3 never builds it.
-pub(crate) fn per_sample_matrices(t: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
+pub fn per_sample_matrices(t: &Inspection) -> Result<Vec<Option<GradientMatrix>>> {
     match t.per_sample_gradients() {
         Err(GuardError::NoPerSampleGradients { .. }) => Ok(vec![None; t.layers().len()]),
         grads => grads.metric("per-sample gradients"),
@@ -195,25 +201,25 @@ pub(crate) fn per_sample_matrices(t: &Inspection) -> Result<Vec<Option<GradientM
 }
 
 /// M3 on arbitrary features (one row per release).
-pub(crate) fn usable_on_features(features: &[Vec<f64>], labels: &[i64], seed: u64) -> Result<Option<UsableInformation>> {
+pub fn usable_on_features(features: &[Vec<f64>], labels: &[i64], seed: u64) -> Result<Option<UsableInformation>> {
     Ok(attribute_information(features, labels, &UsableSettings::default(), seed).metric("M3 (usable information)")?.measured().cloned())
 }
 
 /// M3 on a matrix of releases of layer `l` (projected with the layer's projection stream).
-pub(crate) fn usable_on_matrix(g: &GradientMatrix, labels: &[i64], seed: u64, l: usize) -> Result<Option<UsableInformation>> {
+pub fn usable_on_matrix(g: &GradientMatrix, labels: &[i64], seed: u64, l: usize) -> Result<Option<UsableInformation>> {
     Ok(usable_information(g, labels, &UsableSettings::default(), seed, l).metric("M3 (usable information)")?.measured().cloned())
 }
 
 /// M3's random projection of layer `l`'s rows (linear: a release of a batch mean projects to
 /// the mean of the projected samples).
-pub(crate) fn projected(g: &GradientMatrix, seed: u64, l: usize) -> Result<Vec<Vec<f64>>> {
+pub fn projected(g: &GradientMatrix, seed: u64, l: usize) -> Result<Vec<Vec<f64>>> {
     project(g, UsableSettings::default().projection_dim, seed, l).metric("M3 (projection)")
 }
 
 /// M2 on release columns: `groups[g]` are the columns of attribute value g (random order);
 /// each group's first and second halves give the subspaces of rank `rank`. (d_between,
 /// separation), None when a subspace is degenerate or there is a single group.
-pub(crate) fn subspace_of_columns(groups: &[Vec<Vec<f64>>], rank: usize) -> Result<Option<(f64, f64)>> {
+pub fn subspace_of_columns(groups: &[Vec<Vec<f64>>], rank: usize) -> Result<Option<(f64, f64)>> {
     let basis = |part: &[Vec<f64>]| -> Result<Option<Tensor>> {
         let p = part[0].len() as i64;
         let m = Tensor::f_from_slice(&part.concat())?.f_reshape([part.len() as i64, p])?.f_transpose(0, 1)?;

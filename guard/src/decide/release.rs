@@ -82,8 +82,9 @@ impl fmt::Display for BlockReason {
     }
 }
 
-/// The result of one guarded release. Every variant carries the step's report (whose
-/// `release` is the same manifest) and the manifest of what was done to each layer.
+/// The result of one guarded release. Every variant carries the step's report; the report's
+/// `release` is the manifest of what was done to each layer ([`Release::manifest`]), the one
+/// copy of it.
 #[derive(Debug)]
 pub enum Release {
     /// Compliant. `update` holds the protected per-parameter tensors of the released layers
@@ -92,25 +93,19 @@ pub enum Release {
     Released {
         /// `(parameter name, tensor)` of the released layers.
         update: Vec<(String, Tensor)>,
-        /// What was done to each layer.
-        manifest: Manifest,
-        /// The step's report.
+        /// The step's report, with its manifest.
         report: Report,
     },
     /// Held back to reach the aggregation floor; nothing may be applied or shared yet.
     Held {
-        /// The pending manifest.
-        manifest: Manifest,
-        /// The step's report.
+        /// The step's report, with its (held) manifest.
         report: Report,
     },
     /// Refused: nothing leaves.
     Blocked {
         /// Why.
         reason: BlockReason,
-        /// The blocked manifest (every layer unreleased).
-        manifest: Manifest,
-        /// The step's report.
+        /// The step's report, with its blocked manifest (every layer unreleased).
         report: Report,
     },
 }
@@ -130,11 +125,10 @@ impl Release {
         }
     }
 
-    /// What was done to each layer.
-    pub fn manifest(&self) -> &Manifest {
-        match self {
-            Release::Released { manifest, .. } | Release::Held { manifest, .. } | Release::Blocked { manifest, .. } => manifest,
-        }
+    /// What was done to each layer: the report's manifest. The guard's releases always carry
+    /// one; None only for a `Release` built by hand around a report without it.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.report().release.as_ref()
     }
 
     /// Whether the optimizer may step on (or the loop may share) the gradient now.

@@ -39,7 +39,7 @@ pub type ReportSink = Arc<dyn Fn(&Report) + Send + Sync>;
 ///
 /// A guard is built from the model's [`LayerMap`] and a [`Policy`] (whose settings it runs
 /// with; [`Policy::permissive`] measures and releases what is finite). Training loops wrap it
-/// with `gradguard_hooks::GuardedOptimizer`; a federated client calls [`Guard::release`].
+/// with `gradguard_tch::GuardedOptimizer`; a federated client calls [`Guard::release`].
 pub struct Guard {
     layers: LayerMap,
     step: u64,
@@ -391,7 +391,7 @@ impl Guard {
     /// gets the protected layers, or zeros when nothing may be applied) and returns the typed
     /// release.
     fn conclude(&mut self, step: u64, samples: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, decision: Decision, form: Form) -> Result<Release> {
-        let (report, manifest) = self.finish(step, samples, estimated, stats, &decision)?;
+        let report = self.finish(step, samples, estimated, stats, &decision)?;
         let in_place = matches!(form, Form::InPlace(_));
         match decision.outcome {
             ReleaseOutcome::Released => {
@@ -407,13 +407,13 @@ impl Guard {
                     }
                     Form::Explicit(update) => update,
                 };
-                Ok(Release::Released { update, manifest, report })
+                Ok(Release::Released { update, report })
             }
             ReleaseOutcome::Held { .. } => {
                 if in_place {
                     apply::clear_grads(&self.layers)?;
                 }
-                Ok(Release::Held { manifest, report })
+                Ok(Release::Held { report })
             }
             ReleaseOutcome::Blocked { reason } => {
                 self.hold.drop_held();
@@ -421,7 +421,7 @@ impl Guard {
                     apply::clear_grads(&self.layers)?;
                 }
                 let reason = decision.block.unwrap_or(BlockReason::GuardFailure { what: reason });
-                Ok(Release::Blocked { reason, manifest, report })
+                Ok(Release::Blocked { reason, report })
             }
         }
     }

@@ -40,7 +40,7 @@ impl Record {
 impl Guard {
     /// Writes the decision's records to the audit log, then builds the report and the
     /// manifest of the release (`seeds`: those the apply stage used).
-    pub(super) fn finish(&mut self, step: u64, samples: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, decision: &Decision) -> Result<(Report, Manifest)> {
+    pub(super) fn finish(&mut self, step: u64, samples: usize, estimated: bool, stats: Vec<Metric<GradientStats>>, decision: &Decision) -> Result<Report> {
         let protection = &self.decide.protection;
         let policy = protection.policy();
         let manifest = Manifest {
@@ -63,11 +63,11 @@ impl Guard {
         } else {
             self.decide.ledger.discard();
         }
-        let report = self.assemble(step, samples, estimated, stats, Some(manifest.clone()));
+        let report = self.assemble(step, samples, estimated, stats, Some(manifest));
         if let Some(trail) = self.record.audit.as_mut() {
             trail.decided(step, &decision.records, &report)?;
         }
-        Ok((report, manifest))
+        Ok(report)
     }
 
     /// The report of a step: every stage's state as the step leaves it.

@@ -4,7 +4,7 @@
 //! unguarded: the guard's own passes put the buffers back and leave libtorch's random stream
 //! (which dropout draws from) where they found it.
 use gradguard_guard::{Batch, Metric, Settings};
-use gradguard_hooks::{GuardedOptimizer, TorchScriptModel};
+use gradguard_tch::{GuardedOptimizer, TorchScriptModel};
 use std::path::{Path, PathBuf};
 use tch::{nn, nn::ModuleT, nn::OptimizerConfig, Device, Kind, TchError, Tensor};
 

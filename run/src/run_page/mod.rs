@@ -7,7 +7,8 @@
 mod series;
 mod svg;
 
-use crate::error::{AuditError, Result};
+use crate::error::Result;
+use gradguard_models::ModelError;
 use gradguard_guard::{AuditLog, decide::{verify_chain, Outcome}};
 use serde_json::Value;
 use series::{colour, history, LayerHistory, RunHistory};
@@ -23,7 +24,7 @@ pub fn render_dir(dir: &Path) -> Result<String> {
     let report: Value = match std::fs::read_to_string(&report_path) {
         Ok(text) => serde_json::from_str(&text)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
-        Err(e) => return Err(AuditError::Io { action: "reading the run's report", path: report_path, source: e }),
+        Err(e) => return Err(ModelError::Io { action: "reading the run's report", path: report_path, source: e }.into()),
     };
     let log = dir.join("audit.jsonl");
     let records = AuditLog::read_chain(&log).map_err(gradguard_guard::GuardError::from)?;

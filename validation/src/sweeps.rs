@@ -2,9 +2,9 @@
 //! the strength of two defences (noise, top-k sparsification).
 use super::groups::{group_columns, group_labels, group_releases, indices_by_group, mean_rows, M2_RANK};
 use super::{Study, SWEEP_PROBES};
-use crate::error::Result;
-use crate::estimate::{inversion_attack, probe_settings, projected, release_probes, release_sensitivity, sensitivity, subspace_of_columns, usable_on_features, usable_on_matrix};
-use crate::plot::{line_panels_svg, Panel};
+use gradguard_audit::Result;
+use gradguard_audit::estimate::{inversion_attack, probe_settings, projected, release_probes, release_sensitivity, sensitivity, subspace_of_columns, usable_on_features, usable_on_matrix};
+use gradguard_audit::{line_panels_svg, Panel};
 use gradguard_defenses::{derive_seed, Defence};
 use gradguard_guard::{Batch, measure::{InversionPlan, InversionSettings}};
 use gradguard_guard::measure::GradientMatrix;
@@ -190,7 +190,7 @@ fn sweep_figure(path: &Path, title: &str, x_label: &str, rows: &[SweepRow]) -> R
 /// Each row of `g` released through `defence` (row i seeded with `seed_of(i)`), by
 /// `Defence::apply`; unchanged without a defence, None when the defence withholds.
 fn defend_rows<'g>(defence: Option<&Defence>, g: &'g GradientMatrix, seed_of: impl Fn(usize) -> u64) -> Result<Option<Cow<'g, GradientMatrix>>> {
-    crate::estimate::defended::defend_rows(defence.map(std::slice::from_ref).unwrap_or(&[]), g, seed_of)
+    gradguard_audit::estimate::defended::defend_rows(defence.map(std::slice::from_ref).unwrap_or(&[]), g, seed_of)
 }
 
 /// Clip norm per layer: the median per-sample gradient norm (noise std = multiplier x clip);

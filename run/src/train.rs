@@ -1,17 +1,16 @@
 //! Guarded training of a TorchScript model on checked data: the loop behind `gradguard train`.
 //!
-//! The model comes from [`crate::ModelSource::TorchScript`] and its data from
+//! The model comes from [`gradguard_models::ModelSource::TorchScript`] and its data from
 //! [`AuditData::load`], checked as `gradguard audit` checks them. [`train`] runs seeded
 //! mini-batches in training mode through an SGD or Adam optimizer, wrapped by
 //! [`GuardedOptimizer::builder_for_torchscript`] unless the run is the unguarded baseline, and
 //! writes the trained module (`model.pt`, for `torch.jit.load`), the [`TrainReport`]
-//! (`report.json`) and, guarded, the audit log (`audit.jsonl`).
-//!
-//! It lives in this crate, not in the hooks, because it trains on what this crate loads and
-//! checks (the model source and the .npy data); the hooks only wrap the optimizer.
+//! (`report.json`) and, guarded, the audit log (`audit.jsonl`). Its steps go through the
+//! [`RunLoop`], as the demo's do.
 //!
 //! ```no_run
-//! use gradguard_audit::{train, AuditData, DataSpec, ModelSource, TrainOptions};
+//! use gradguard_models::{AuditData, DataSpec, ModelSource};
+//! use gradguard_run::{train, TrainOptions};
 //! use tch::Device;
 //!
 //! let mut model = ModelSource::TorchScript("net.pt".into()).load(0, Device::Cpu)?;
@@ -19,18 +18,21 @@
 //! let data = AuditData::load(&spec, &model, Device::Cpu)?;
 //! let outcome = train(&mut model, &data, &TrainOptions::default(), "out".as_ref(), |_| {})?;
 //! print!("{}", outcome.summary);
-//! # Ok::<(), gradguard_audit::AuditError>(())
+//! # Ok::<(), gradguard_run::RunError>(())
 //! ```
-use crate::error::{create_dir, AuditError, Result};
-use crate::inputs::AuditData;
-use crate::source::{seeded_batch, AuditModel, LossKind};
+use crate::error::{Result, RunError};
+use crate::reload::PolicyReloader;
+use crate::run_loop::{RunLoop, RunOutcome, StepData, StepProgress, Stepper};
+use crate::stop::StopSignal;
+use crate::summary::{ReleaseCounts, RunSummary};
 use gradguard_exporter::MetricsServer;
-use gradguard_guard::{Batch, GuardError, LossFn, Policy, Release, Report};
-use gradguard_hooks::{GuardSummary, GuardedOptimizer, PolicyReloader, ReleaseCounts, ReloadOutcome, RunSummary, StopSignal};
+use gradguard_guard::{GuardError, Policy, Report};
+use gradguard_models::files::{create_dir, write_file};
+use gradguard_models::{seeded_batch, AuditData, AuditModel, LossKind};
+use gradguard_tch::GuardedOptimizer;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
 
 /// Samples per forward pass when evaluating on the whole training data.
@@ -111,13 +113,13 @@ impl TrainOptions {
     /// Rejects options that cannot train (the messages name the flags).
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 {
-            return Err(AuditError::Usage("--steps must be at least 1".into()));
+            return Err(RunError::Usage("--steps must be at least 1".into()));
         }
         if self.batch_size == 0 {
-            return Err(AuditError::Usage("--batch-size must be at least 1".into()));
+            return Err(RunError::Usage("--batch-size must be at least 1".into()));
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(AuditError::Usage(format!("--lr must be a positive number, not {}", self.learning_rate)));
+            return Err(RunError::Usage(format!("--lr must be a positive number, not {}", self.learning_rate)));
         }
         Ok(())
     }
@@ -126,27 +128,13 @@ impl TrainOptions {
     /// patterns do not fit its layers (checked again when the guard is built).
     pub fn check_model(&self, model: &AuditModel) -> Result<()> {
         if model.torchscript().is_none() {
-            return Err(AuditError::Usage(format!("{}: training needs a TorchScript model (gradguard demo trains the built-in CNN)", model.label())));
+            return Err(RunError::Usage(format!("{}: training needs a TorchScript model (gradguard demo trains the built-in CNN)", model.label())));
         }
         if let Some(policy) = self.guard.as_ref().and_then(|g| g.policy.as_ref()) {
             policy.coverage(&model.layer_names()?).map_err(GuardError::from)?;
         }
         Ok(())
     }
-}
-
-/// One training step, as the progress callback of [`train`] sees it.
-pub struct StepProgress<'r> {
-    /// The step (from 0).
-    pub step: usize,
-    /// The batch's mean training loss.
-    pub loss: f64,
-    /// Releases so far (guarded runs; zero otherwise).
-    pub counts: ReleaseCounts,
-    /// The guard's release of this step (None unguarded).
-    pub release: Option<&'r Release>,
-    /// A policy reload done before this step, if one was asked for.
-    pub reload: Option<&'r ReloadOutcome>,
 }
 
 /// The model's mean loss and (cross-entropy) accuracy on the whole training data.
@@ -242,7 +230,7 @@ pub fn train(model: &mut AuditModel, data: &AuditData, options: &TrainOptions, o
     model.set_training(true)?;
     let run = run_steps(model, data, options, &audit_log, progress);
     model.set_training(false)?;
-    let run = run?;
+    let (run, policy) = run?;
     let after = evaluate(model, data)?;
     let model_path = out.join("model.pt");
     model.save(&model_path)?;
@@ -258,122 +246,63 @@ pub fn train(model: &mut AuditModel, data: &AuditData, options: &TrainOptions, o
         seed: options.seed,
         device: options.device.clone(),
         guarded: options.guard.is_some(),
-        policy: run.policy,
+        policy,
         before,
         after,
         seconds: run.seconds,
         releases: options.guard.is_some().then_some(run.counts),
-        last_report: run.last,
+        last_report: run.last.clone(),
     };
     let report_path = out.join("report.json");
-    crate::error::write_file(&report_path, &serde_json::to_string_pretty(&report)?, "writing the training report")?;
-    let guard = match report.guarded {
-        true => Some(GuardSummary::read(run.counts, report.last_report.as_ref(), &audit_log)?),
-        false => None,
-    };
-    let summary = RunSummary { steps: run.steps, seconds: report.seconds, score: report.score(), guard, report: report_path };
+    write_file(&report_path, &serde_json::to_string_pretty(&report)?, "writing the training report")?;
+    let summary = run.summary(report.score(), report_path, report.guarded.then_some(audit_log.as_path()))?;
     Ok(TrainOutcome { report, summary, model_path })
 }
 
-/// What the loop leaves for the report.
-struct Steps {
-    /// Steps run (fewer than asked when a stop was requested).
-    steps: usize,
-    seconds: f64,
-    counts: ReleaseCounts,
-    last: Option<Report>,
-    policy: Option<PolicyInfo>,
-}
-
-/// The optimizer, wrapped by the guard or not.
-enum Stepper<'a> {
-    Plain(nn::Optimizer),
-    Guarded {
-        opt: Box<GuardedOptimizer<'a>>,
-        /// Serves the guard's metrics while the run lasts (held for its lifetime).
-        _metrics: Option<MetricsServer>,
-    },
-}
-
-fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit_log: &Path, mut progress: impl FnMut(&StepProgress<'_>)) -> Result<Steps> {
+/// The stepper of a run (guarded or the baseline), with its policy and the metrics it serves.
+fn stepper<'a>(model: &'a AuditModel, data: &AuditData, options: &TrainOptions, audit_log: &Path) -> Result<(Stepper<'a>, Option<MetricsServer>)> {
     let optimizer = options.optimizer.build(model.var_store(), options.learning_rate)?;
-    let loss_fn = model.loss_fn(data.loss);
-    let mut stepper = match (&options.guard, model.torchscript()) {
-        (Some(guard), Some(script)) => {
-            let mut builder = GuardedOptimizer::builder_for_torchscript(script, optimizer).loss(loss_fn).audit_log(audit_log);
-            if let Some(policy) = &guard.policy {
-                builder = builder.policy(policy.clone());
-            }
-            if let Some(bytes) = guard.audit_max_file_bytes {
-                builder = builder.audit_rotation(bytes);
-            }
-            if let Some(steps) = guard.checkpoint_every {
-                builder = builder.audit_checkpoint_every(steps);
-            }
-            let mut opt = builder.build()?;
-            // Prometheus: a report sink of the guard's, served while the run lasts.
-            let metrics = guard.metrics_addr.map(|addr| gradguard_exporter::attach(opt.guard_mut(), addr)).transpose()?;
-            Stepper::Guarded { opt: Box::new(opt), _metrics: metrics }
-        }
-        _ => Stepper::Plain(optimizer),
+    let loss = model.loss_fn(data.loss);
+    let (Some(guard), Some(script)) = (&options.guard, model.torchscript()) else {
+        return Ok((Stepper::Unguarded { optimizer, loss: Box::new(loss) }, None));
     };
-    let policy = match &stepper {
-        Stepper::Guarded { opt, .. } => Some(PolicyInfo { origin: opt.guard().policy().origin().to_string(), hash: opt.guard().policy().hash().to_string() }),
-        Stepper::Plain(_) => None,
-    };
+    let mut builder = GuardedOptimizer::builder_for_torchscript(script, optimizer).loss(loss).audit_log(audit_log);
+    if let Some(policy) = &guard.policy {
+        builder = builder.policy(policy.clone());
+    }
+    if let Some(bytes) = guard.audit_max_file_bytes {
+        builder = builder.audit_rotation(bytes);
+    }
+    if let Some(steps) = guard.checkpoint_every {
+        builder = builder.audit_checkpoint_every(steps);
+    }
+    let mut opt = builder.build()?;
+    // Prometheus: a report sink of the guard's, served while the run lasts.
+    let metrics = guard.metrics_addr.map(|addr| gradguard_exporter::attach(opt.guard_mut(), addr)).transpose()?;
+    Ok((Stepper::Guarded(Box::new(opt)), metrics))
+}
+
+/// The run: seeded mini-batches through the run loop. Returns the loop's outcome and the
+/// policy a guarded run enforced.
+fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit_log: &Path, progress: impl FnMut(&StepProgress<'_>)) -> Result<(RunOutcome, Option<PolicyInfo>)> {
+    let (mut stepper, _metrics) = stepper(model, data, options, audit_log)?;
+    let policy = stepper.guarded().map(|opt| PolicyInfo { origin: opt.guard().policy().origin().to_string(), hash: opt.guard().policy().hash().to_string() });
     let device = data.x.device();
     let indices: Vec<usize> = (0..data.n).collect();
     let attribute = data.attribute.as_deref().map(|a| Tensor::f_from_slice(a)?.f_to_device(device)).transpose()?;
-    let (mut counts, mut last) = (ReleaseCounts::default(), None);
-    let started = Instant::now();
-    let stop = options.guard.as_ref().and_then(|g| g.stop);
-    let mut steps = 0;
-    for step in 0..options.steps {
-        if stop.is_some_and(|s| s.requested()) {
-            break;
-        }
-        steps = step + 1;
+    let batches = |step: usize| -> Result<StepData> {
         let idx = Tensor::f_from_slice(&seeded_batch(&indices, options.batch_size, options.seed, step))?.f_to_device(device)?;
-        let x = data.x.f_index_select(0, &idx)?;
-        let y = data.y.f_index_select(0, &idx)?;
-        let reload = match (&mut stepper, options.guard.as_ref().and_then(|g| g.reload.as_ref())) {
-            (Stepper::Guarded { opt, .. }, Some(reloader)) => reloader.poll(opt.guard_mut()),
-            _ => None,
-        };
-        let (release, loss_value) = match &mut stepper {
-            Stepper::Plain(opt) => {
-                // What GuardedOptimizer::train_step does, without the guard.
-                opt.zero_grad();
-                let loss = loss_fn.loss(&x, &y)?;
-                loss.f_backward()?;
-                opt.step();
-                (None, loss.f_double_value(&[])?)
-            }
-            Stepper::Guarded { opt, .. } => {
-                let a = attribute.as_ref().map(|a| a.f_index_select(0, &idx)).transpose()?;
-                // The sample ids let the run ledger (M5) count each sample's releases exactly.
-                let batch = match &a {
-                    Some(a) => Batch::new(&x, &y).with_attribute(a),
-                    None => Batch::new(&x, &y),
-                }
-                .with_sample_ids(&idx);
-                // The loss runs once: on an estimate step its graph serves the estimate too.
-                let release = opt.train_step(&batch)?;
-                counts.count(&release);
-                let loss = release.report().loss.unwrap_or(f64::NAN);
-                (Some(release), loss)
-            }
-        };
-        progress(&StepProgress { step, loss: loss_value, counts, release: release.as_ref(), reload: reload.as_ref() });
-        if let Some(release) = release {
-            last = Some(release.into_report());
-        }
-    }
-    if let Stepper::Guarded { opt, .. } = &mut stepper {
-        // The last checkpoint and the `closed` record, before the summary reads the log.
-        opt.guard_mut().close_audit_log()?;
-    }
-    Ok(Steps { seconds: started.elapsed().as_secs_f64(), counts, last, policy, steps })
+        Ok(StepData {
+            inputs: data.x.f_index_select(0, &idx)?,
+            targets: data.y.f_index_select(0, &idx)?,
+            attribute: attribute.as_ref().map(|a| a.f_index_select(0, &idx)).transpose()?,
+            // The sample ids let the run ledger (M5) count each sample's releases exactly.
+            sample_ids: Some(idx),
+        })
+    };
+    let run_loop = RunLoop { stop: options.guard.as_ref().and_then(|g| g.stop), reload: options.guard.as_ref().and_then(|g| g.reload.clone()) };
+    let outcome = run_loop.run(&mut stepper, options.steps, batches, progress)?;
+    Ok((outcome, policy))
 }
 
 /// Mean loss and (cross-entropy) accuracy on all of `data`, without gradients.

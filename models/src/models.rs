@@ -2,6 +2,9 @@
 //! forward through tch's fallible `f_*` ops, so a wrong input shape is an error, not a panic.
 use tch::{nn, TchError, Tensor};
 
+/// Widths of the built-in `mlp` (`gradguard audit --model mlp`).
+pub const MLP_WIDTHS: [i64; 4] = [64, 128, 64, 10];
+
 /// conv1 (1->8, 3x3) -> relu -> conv2 (8->16, 3x3) -> relu -> maxpool 2 -> fc1 (256->64) -> relu
 /// -> fc2 (64->10). Layers `conv1`, `conv2`, `fc1`, `fc2`: feature extractor, then the
 /// fully-connected head.

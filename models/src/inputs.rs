@@ -1,10 +1,10 @@
 //! The audited data: .npy files checked against each other and against the model, or the
 //! shipped digits for a built-in model.
 use crate::data::Digits;
-use crate::error::{AuditError, Result};
+use crate::error::{ModelError, Result};
 use crate::npy::{read_npy, NpyArray, NpyData};
 use crate::source::{AuditModel, LossKind};
-use gradguard_hooks::first_line;
+use gradguard_tch::first_line;
 use std::path::PathBuf;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -64,7 +64,7 @@ fn check_finite(values: &[f64], array: &NpyArray, what: &'static str) -> Result<
         None => Ok(()),
         Some(bad) => {
             let per = (values.len() / array.samples()).max(1);
-            Err(AuditError::NonFinite { what, path: array.path.clone(), count: values.iter().filter(|v| !v.is_finite()).count(), sample: bad / per })
+            Err(ModelError::NonFinite { what, path: array.path.clone(), count: values.iter().filter(|v| !v.is_finite()).count(), sample: bad / per })
         }
     }
 }
@@ -81,10 +81,10 @@ impl AuditData {
 
     fn shipped(spec: &DataSpec, model: &AuditModel, device: Device) -> Result<Self> {
         if !model.is_builtin() {
-            return Err(AuditError::Usage("--inputs and --labels are required with a TorchScript model".into()));
+            return Err(ModelError::Usage("--inputs and --labels are required with a TorchScript model".into()));
         }
         if spec.labels.is_some() || spec.attribute.is_some() {
-            return Err(AuditError::Usage("--labels and --attribute need --inputs".into()));
+            return Err(ModelError::Usage("--labels and --attribute need --inputs".into()));
         }
         let digits = Digits::embedded()?;
         let n = spec.samples.unwrap_or(digits.len()).min(digits.len());
@@ -96,7 +96,7 @@ impl AuditData {
 
     fn from_files(spec: &DataSpec, model: &AuditModel, device: Device) -> Result<Self> {
         let (Some(inputs_path), Some(labels_path)) = (&spec.inputs, &spec.labels) else {
-            return Err(AuditError::Usage("--labels is required with --inputs".into()));
+            return Err(ModelError::Usage("--labels is required with --inputs".into()));
         };
         let inputs = read_npy(inputs_path, "inputs")?;
         let labels = read_npy(labels_path, "labels")?;
@@ -104,7 +104,7 @@ impl AuditData {
 
         let total = inputs.samples();
         if labels.samples() != total {
-            return Err(AuditError::Shape {
+            return Err(ModelError::Shape {
                 what: "labels",
                 path: labels.path.clone(),
                 why: format!("{} samples along dimension 0, but inputs {} has {total}", labels.shape[0], inputs.path.display()),
@@ -112,7 +112,7 @@ impl AuditData {
         }
         let n = spec.samples.unwrap_or(total).min(total);
         if n == 0 {
-            return Err(AuditError::Usage("--samples must be at least 1".into()));
+            return Err(ModelError::Usage("--samples must be at least 1".into()));
         }
         let kind = model.kind();
         let x = match &inputs.data {
@@ -132,12 +132,12 @@ impl AuditData {
                     "dtype {}: inputs must be float32 or float64 (integer token ids need a TorchScript model that exports embed and forward_embedded)",
                     inputs.dtype_name()
                 );
-                return Err(AuditError::Dtype { what: "inputs", path: inputs.path.clone(), why });
+                return Err(ModelError::Dtype { what: "inputs", path: inputs.path.clone(), why });
             }
         };
 
         // Does the model take these inputs, and what does it output?
-        let fit = |why: String| AuditError::ModelFit { path: inputs.path.display().to_string(), shape: inputs.shape[1..].to_vec(), model: model.label(), why };
+        let fit = |why: String| ModelError::ModelFit { path: inputs.path.display().to_string(), shape: inputs.shape[1..].to_vec(), model: model.label(), why };
         let probe = x.f_narrow(0, 0, n.min(2) as i64)?;
         let out = tch::no_grad(|| model.forward(&probe)).map_err(|e| fit(first_line(&e)))?;
         if model.has_embedding() {
@@ -154,14 +154,14 @@ impl AuditData {
             }
             LossKind::Mse => {
                 let NpyData::Float(yv, _) = &labels.data else {
-                    return Err(AuditError::Dtype { what: "labels", path: labels.path.clone(), why: format!("dtype {}: mse needs float targets", labels.dtype_name()) });
+                    return Err(ModelError::Dtype { what: "labels", path: labels.path.clone(), why: format!("dtype {}: mse needs float targets", labels.dtype_name()) });
                 };
                 let out_size = out.size();
                 if out_size.is_empty() {
                     return Err(fit("mse needs outputs [n, ...], the model returns a scalar".into()));
                 }
                 if labels.shape[1..] != out_size[1..] {
-                    return Err(AuditError::Shape {
+                    return Err(ModelError::Shape {
                         what: "labels",
                         path: labels.path.clone(),
                         why: format!("per-sample shape {:?}, but the model outputs {:?} per sample", &labels.shape[1..], &out_size[1..]),
@@ -198,18 +198,18 @@ fn check_split(model: &AuditModel, probe: &Tensor, out: &Tensor) -> Result<(), S
 /// within 0..classes.
 fn class_ids(labels: &NpyArray, n: usize, classes: Option<i64>) -> Result<Vec<i64>> {
     let NpyData::Int(yv, _) = &labels.data else {
-        return Err(AuditError::Dtype {
+        return Err(ModelError::Dtype {
             what: "labels",
             path: labels.path.clone(),
             why: format!("dtype {}: cross-entropy needs integer class ids (use --loss mse for float targets)", labels.dtype_name()),
         });
     };
     if labels.shape.len() != 1 {
-        return Err(AuditError::Shape { what: "labels", path: labels.path.clone(), why: format!("shape {:?}: cross-entropy needs one class id per sample, shape [n]", labels.shape) });
+        return Err(ModelError::Shape { what: "labels", path: labels.path.clone(), why: format!("shape {:?}: cross-entropy needs one class id per sample, shape [n]", labels.shape) });
     }
     if let Some(classes) = classes {
         if let Some((index, &value)) = yv[..n].iter().enumerate().find(|(_, &v)| v < 0 || v >= classes) {
-            return Err(AuditError::LabelRange { path: labels.path.clone(), value, index, classes });
+            return Err(ModelError::LabelRange { path: labels.path.clone(), value, index, classes });
         }
     }
     Ok(yv[..n].to_vec())
@@ -218,11 +218,11 @@ fn class_ids(labels: &NpyArray, n: usize, classes: Option<i64>) -> Result<Vec<i6
 /// The first `n` attribute values, checked: integers, one per input sample.
 fn attribute_values(a: &NpyArray, inputs: &NpyArray, n: usize) -> Result<Vec<i64>> {
     let NpyData::Int(av, _) = &a.data else {
-        return Err(AuditError::Dtype { what: "attribute", path: a.path.clone(), why: format!("dtype {}: attribute labels must be integers", a.dtype_name()) });
+        return Err(ModelError::Dtype { what: "attribute", path: a.path.clone(), why: format!("dtype {}: attribute labels must be integers", a.dtype_name()) });
     };
     let total = inputs.samples();
     if a.shape.len() != 1 || a.samples() != total {
-        return Err(AuditError::Shape {
+        return Err(ModelError::Shape {
             what: "attribute",
             path: a.path.clone(),
             why: format!("shape {:?}: expected one integer per sample, [{total}] like inputs {}", a.shape, inputs.path.display()),

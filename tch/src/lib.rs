@@ -1,4 +1,4 @@
-//! The tch training-loop integration of gradguard: one way to wrap a loop.
+//! gradguard for tch: one way to wrap a training loop.
 //!
 //! [`GuardedOptimizer::builder`] takes the model's `VarStore` and its optimizer; the policy,
 //! the loss function (stored once) and the audit log are options; Prometheus is a report sink the
@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use gradguard_guard::{Batch, Policy, Release};
-//! use gradguard_hooks::GuardedOptimizer;
+//! use gradguard_tch::GuardedOptimizer;
 //! use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -59,7 +59,7 @@
 //!
 //! ```no_run
 //! use gradguard_guard::Batch;
-//! use gradguard_hooks::{GuardedOptimizer, TorchScriptModel};
+//! use gradguard_tch::{GuardedOptimizer, TorchScriptModel};
 //! use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -77,15 +77,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! [`ReleaseCounts`] and [`RunSummary`] tally a guarded run and print its summary.
-//!
 //! A model on token ids (or other discrete inputs) declares where its first continuous
 //! representation is, and M1 is measured on the embeddings; the plain loss stays what the
 //! training step, M2 and M3 use:
 //!
 //! ```no_run
 //! use gradguard_guard::Batch;
-//! use gradguard_hooks::GuardedOptimizer;
+//! use gradguard_tch::GuardedOptimizer;
 //! use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, Tensor};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -104,15 +102,9 @@
 //! ```
 #![deny(missing_docs, unreachable_pub)]
 
-mod reload;
 mod script_module;
-mod stop;
-mod summary;
 mod torchscript;
 
-pub use reload::{PolicyReloader, ReloadOutcome};
-pub use stop::StopSignal;
-pub use summary::{GuardSummary, ReleaseCounts, RunSummary};
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
 
 use gradguard_guard::{AuditLog, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, Settings, SplitLoss, decide::{LogOptions, ReportSink}};

@@ -2,7 +2,7 @@
 //! is measured on the embeddings; without one, training goes on with M1 absent (its reason in
 //! the guard's words, no libtorch text) and a rule on M1 blocks.
 use gradguard_guard::{Batch, Policy, Release, Settings, report::Representation};
-use gradguard_hooks::GuardedOptimizer;
+use gradguard_tch::GuardedOptimizer;
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, TchError, Tensor};
 
 struct Classifier {

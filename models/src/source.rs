@@ -1,15 +1,13 @@
 //! The audited model: a built-in model (`cnn`, `mlp`) or a TorchScript file, behind one type
 //! that gives the layer map, the forward pass and the loss. A TorchScript model on token ids
 //! that exports `embed` and `forward_embedded` is audited with M1 on its embeddings.
-use crate::error::{AuditError, Result};
-use crate::models::{DigitsCnn, Mlp};
+use crate::error::{ModelError, Result};
+use crate::models::{DigitsCnn, Mlp, MLP_WIDTHS};
 use gradguard_guard::{EmbeddingSplit, LayerMap, LossFn};
-use gradguard_hooks::TorchScriptModel;
+use gradguard_tch::TorchScriptModel;
 use std::path::{Path, PathBuf};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, TchError, Tensor};
 
-/// Widths of the built-in `mlp`.
-pub(crate) const MLP_WIDTHS: [i64; 4] = [64, 128, 64, 10];
 
 /// Which model to audit, resolved from a name: `cnn`, `mlp` or the path of a TorchScript file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,13 +23,13 @@ pub enum ModelSource {
 impl ModelSource {
     /// Resolves a name: `cnn` and `mlp` are built in; anything else that exists, or looks like
     /// a path (holds a `.` or a `/`), is a TorchScript file. Otherwise
-    /// [`AuditError::UnknownModel`].
+    /// [`ModelError::UnknownModel`].
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "cnn" => Ok(Self::Cnn),
             "mlp" => Ok(Self::Mlp),
             _ if Path::new(name).exists() || name.contains('.') || name.contains('/') => Ok(Self::TorchScript(PathBuf::from(name))),
-            _ => Err(AuditError::UnknownModel { name: name.to_string() }),
+            _ => Err(ModelError::UnknownModel { name: name.to_string() }),
         }
     }
 
@@ -200,7 +198,7 @@ impl AuditModel {
     pub fn save(&self, path: &Path) -> Result<()> {
         match &self.inner {
             Inner::Script(m) => Ok(m.save(path)?),
-            Inner::Builtin { .. } => Err(AuditError::Usage(format!("{}: only a TorchScript model can be saved as a TorchScript file", self.label()))),
+            Inner::Builtin { .. } => Err(ModelError::Usage(format!("{}: only a TorchScript model can be saved as a TorchScript file", self.label()))),
         }
     }
 }
@@ -236,7 +234,7 @@ impl EmbeddingSplit for AuditLoss<'_> {
 /// The sample indices of training step `step`: `batch` of `indices` (all of them when fewer)
 /// drawn without replacement by a generator seeded from `seed` and the step, so that a run
 /// is the same for the same seed whatever else it does.
-pub(crate) fn seeded_batch(indices: &[usize], batch: usize, seed: u64, step: usize) -> Vec<i64> {
+pub fn seeded_batch(indices: &[usize], batch: usize, seed: u64, step: usize) -> Vec<i64> {
     use rand::{seq::IndexedRandom, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     indices.choose_multiple(&mut rng, batch.min(indices.len())).map(|&i| i as i64).collect()
@@ -244,7 +242,7 @@ pub(crate) fn seeded_batch(indices: &[usize], batch: usize, seed: u64, step: usi
 
 /// Adam (lr 1e-3) on the cross-entropy of seeded mini-batches drawn from `indices`; resumable,
 /// so a study can measure between stretches of training.
-pub(crate) struct Trainer<'a> {
+pub struct Trainer<'a> {
     model: &'a AuditModel,
     x: &'a Tensor,
     y: &'a Tensor,
@@ -257,13 +255,13 @@ pub(crate) struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// Batches of `batch` samples of `indices` into `x`, `y`.
-    pub(crate) fn new(model: &'a AuditModel, x: &'a Tensor, y: &'a Tensor, indices: Vec<usize>, batch: usize, seed: u64) -> Result<Self> {
+    pub fn new(model: &'a AuditModel, x: &'a Tensor, y: &'a Tensor, indices: Vec<usize>, batch: usize, seed: u64) -> Result<Self> {
         let opt = nn::Adam::default().build(model.var_store(), 1e-3)?;
         Ok(Self { model, x, y, indices, batch, seed, opt, done: 0 })
     }
 
     /// Trains until `step` steps are done in all (nothing if already there).
-    pub(crate) fn train_to(&mut self, step: usize) -> Result<()> {
+    pub fn train_to(&mut self, step: usize) -> Result<()> {
         for s in self.done..step {
             let idx = seeded_batch(&self.indices, self.batch, self.seed, s);
             let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.x.device())?;

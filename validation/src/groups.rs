@@ -1,7 +1,7 @@
 //! Releases built from per-sample gradients by attribute group: the group-pure micro-batches
 //! of the latent comparisons.
-use crate::error::Result;
-use crate::estimate::{projected, subspace_of_columns, usable_on_features};
+use gradguard_audit::Result;
+use gradguard_audit::estimate::{projected, subspace_of_columns, usable_on_features};
 use gradguard_guard::measure::GradientMatrix;
 use rand::{seq::IndexedRandom, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -10,10 +10,10 @@
 //! beside it). A cell where the attack beats the bound is reported, never hidden.
 use super::sweeps::median_norms;
 use super::Study;
-use crate::error::Result;
-use crate::estimate::bound::{batch_prior_variance, single_sample_dfil};
-use crate::estimate::inversion_attack;
-use crate::plot::{line_panels_svg, Panel};
+use gradguard_audit::Result;
+use gradguard_audit::estimate::bound::{batch_prior_variance, single_sample_dfil};
+use gradguard_audit::estimate::inversion_attack;
+use gradguard_audit::{line_panels_svg, Panel};
 use gradguard_defenses::{derive_seed, Defence};
 use gradguard_guard::measure::{reconstruction_bound_bits, reconstruction_bound_se};
 use gradguard_guard::measure::{InversionPlan, InversionSettings};

@@ -9,18 +9,21 @@
 //! through the guard's own transform path (the closed loop's). Writes VALIDATION.md and SVG
 //! figures; every statement in VALIDATION.md is computed from the numbers of the run that
 //! wrote it.
+#![deny(missing_docs, unreachable_pub)]
+
 mod bound;
 mod groups;
 mod render;
 mod render_bound;
 mod sweeps;
 
-use crate::data::Digits;
-use crate::error::{create_dir, write_file, Result};
-use crate::estimate::{measure_layers, per_sample_matrices, probe_settings, MetricSettings};
-use crate::plot::bar_panels_svg;
-use crate::report::LayerRow;
-use crate::source::{LossKind, ModelSource, Trainer};
+use gradguard_models::data::Digits;
+use gradguard_audit::Result;
+use gradguard_models::files::{create_dir, write_file};
+use gradguard_audit::estimate::{measure_layers, per_sample_matrices, probe_settings, MetricSettings};
+use gradguard_audit::bar_panels_svg;
+use gradguard_audit::LayerRow;
+use gradguard_models::{LossKind, ModelError, ModelSource, Trainer};
 use gradguard_guard::{Batch, Inspection, measure::{InversionPlan, InversionSettings}};
 use gradguard_guard::measure::GradientMatrix;
 use gradguard_guard::measure::SubspaceSettings;
@@ -192,12 +195,12 @@ pub fn run_validation(options: &ValidationOptions, progress: &mut dyn FnMut(&str
     let plan = Plan::new(options.quick);
     let fig_dir = options.out.join("validation");
     create_dir(&fig_dir)?;
-    let digits = Digits::embedded()?;
+    let digits = Digits::embedded().map_err(ModelError::from)?;
     let (train, _test) = digits.split(0.2, seed);
     let pool_idx: Vec<usize> = train.iter().take(plan.pool).copied().collect();
-    let (px, py, pa) = digits.batch(&pool_idx, Device::Cpu)?;
+    let (px, py, pa) = digits.batch(&pool_idx, Device::Cpu).map_err(ModelError::from)?;
     let pool = Pool { x: px, y: py, attribute: to_f64_vec(&pa)?.into_iter().map(|v| v as i64).collect() };
-    let (tx, ty, _) = digits.batch(&train, Device::Cpu)?;
+    let (tx, ty, _) = digits.batch(&train, Device::Cpu).map_err(ModelError::from)?;
 
     let mut results = Results { checkpoints: Vec::new(), aggregation: None, defences: None, bounds: Vec::new(), bound_figure: "bound_vs_attack.svg".into(), timings: Vec::new(), total: 0.0 };
     let mut timed = |results: &mut Results, what: String, seconds: f64| {

@@ -1,5 +1,5 @@
 //! .npy arrays read into host memory, with the checks every audit input needs.
-use crate::error::{AuditError, Result};
+use crate::error::{ModelError, Result};
 use std::path::{Path, PathBuf};
 use tch::Kind;
 
@@ -37,10 +37,10 @@ impl NpyArray {
 /// C-ordered numeric array with at least one sample, or an error naming the file.
 pub(crate) fn read_npy(path: &Path, what: &'static str) -> Result<NpyArray> {
     if !path.is_file() {
-        return Err(AuditError::NotFound { what, path: path.to_path_buf() });
+        return Err(ModelError::NotFound { what, path: path.to_path_buf() });
     }
-    let not_npy = |why: String| AuditError::NotNpy { what, path: path.to_path_buf(), why };
-    let bad_dtype = |why: String| AuditError::Dtype { what, path: path.to_path_buf(), why };
+    let not_npy = |why: String| ModelError::NotNpy { what, path: path.to_path_buf(), why };
+    let bad_dtype = |why: String| ModelError::Dtype { what, path: path.to_path_buf(), why };
     let bytes = std::fs::read(path).map_err(|e| not_npy(e.to_string()))?;
     let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| not_npy(e.to_string()))?;
     let shape: Vec<i64> = npy.shape().iter().map(|&d| d as i64).collect();
@@ -71,7 +71,7 @@ pub(crate) fn read_npy(path: &Path, what: &'static str) -> Result<NpyArray> {
         NpyData::Int(v, _) => v.len(),
     };
     if shape.is_empty() || shape[0] == 0 || len == 0 {
-        return Err(AuditError::Shape { what, path: path.to_path_buf(), why: format!("shape {shape:?}: expected at least one sample along dimension 0") });
+        return Err(ModelError::Shape { what, path: path.to_path_buf(), why: format!("shape {shape:?}: expected at least one sample along dimension 0") });
     }
     Ok(NpyArray { path: path.to_path_buf(), shape, data })
 }

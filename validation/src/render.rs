@@ -3,7 +3,7 @@ use super::sweeps::{layer_names, Get, SweepRow};
 use super::groups::{MicroLatent, M2_COLUMNS};
 use super::render_bound::render_bound;
 use super::{Checkpoint, Plan, Results, ValidationOptions, SWEEP_PROBES};
-use crate::report::LayerRow;
+use gradguard_audit::LayerRow;
 use std::fmt::Write as _;
 
 /// `writeln!` into a String, which cannot fail.
@@ -170,7 +170,7 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
     }
     out!(w, "\n## Set-up\n");
     out!(w, "- Data: the shipped UCI digits (8x8, pixels/16), split 80/20 with seed {}; private attribute: stroke weight (ink above the median of the digit's class, about half the samples).", args.seed);
-    out!(w, "- Models: `cnn` (gradguard::models::DigitsCnn: conv1, conv2, fc1, fc2) and `mlp` (widths {:?}: fc0, fc1, fc2), seed {}, trained with Adam (lr 1e-3, batches of 64) and measured at steps {:?}.", crate::source::MLP_WIDTHS, args.seed, plan.steps);
+    out!(w, "- Models: `cnn` (gradguard::models::DigitsCnn: conv1, conv2, fc1, fc2) and `mlp` (widths {:?}: fc0, fc1, fc2), seed {}, trained with Adam (lr 1e-3, batches of 64) and measured at steps {:?}.", gradguard_models::MLP_WIDTHS, args.seed, plan.steps);
     out!(w, "- Audited pool: the first {} training samples.", plan.pool);
     out!(w, "- M1: one batch of the first {} pool samples, K = {} probes (double backward).", plan.m1_batch, plan.m1_probes);
     out!(w, "- M2: m = 16 gradients per attribute value, rank r = 4; per-sample gradients, and group-pure micro-batches of {} samples.", plan.micro_batch);

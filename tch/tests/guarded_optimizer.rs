@@ -1,6 +1,6 @@
 //! The optimizer wrapper applies the step after the guard, and fails closed.
 use gradguard_guard::{Batch, BlockReason, Release, Settings};
-use gradguard_hooks::GuardedOptimizer;
+use gradguard_tch::GuardedOptimizer;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 /// A seeded linear layer from 4 features to 3 classes.
@@ -55,7 +55,7 @@ fn steps_after_the_guard_and_refuses_non_finite_gradients() {
 
 #[test]
 fn a_torchscript_model_trains_through_the_builder_and_saves_for_torch_jit_load() {
-    use gradguard_hooks::TorchScriptModel;
+    use gradguard_tch::TorchScriptModel;
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cnn_traced.pt");
     let mut model = TorchScriptModel::load(&fixture, Device::Cpu).unwrap();
     assert!(!model.is_training(), "loads in eval mode");
@@ -81,7 +81,7 @@ fn a_torchscript_model_trains_through_the_builder_and_saves_for_torch_jit_load()
     assert_eq!(names, ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
     assert!(reloaded.named_parameters().iter().zip(&trained).all(|((_, a), b)| a.equal(b)), "the file holds the trained parameters");
     let missing = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("no_such_dir/x.pt");
-    assert!(matches!(model.save(&missing), Err(gradguard_hooks::TorchScriptError::Save { .. })));
+    assert!(matches!(model.save(&missing), Err(gradguard_tch::TorchScriptError::Save { .. })));
 }
 
 /// The step driver fails closed as the user's own backward does: a non-finite loss, on a step
