@@ -26,6 +26,7 @@
 //!   becomes its bias, whatever the input, and its running variance non-finite, which is how
 //!   the guard tells). Gradients of micro-batches of two samples would run, but batch norm then
 //!   maps each pair to +-1 per channel: a different model, not the one being released.
+pub mod attacks;
 mod batch;
 mod device;
 mod ext;
