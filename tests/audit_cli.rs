@@ -165,8 +165,16 @@ fn full_audit_with_inversion_reports_every_metric() {
         ] {
             assert!(row[key].is_f64(), "{} {key} = {}", row["name"], row[key]);
         }
-        // Only M5 is absent from an undefended release: no noise, no bound.
-        let absent = row["absent"].as_object().unwrap();
+        // Only M5 is absent from an undefended release (no noise, no bound), and the attack
+        // suite where no attack applies, with the suite's own reason.
+        let mut absent = row["absent"].as_object().unwrap().clone();
+        let suite = &row["details"]["attacks"];
+        for key in ["samples_recovered", "recovered_fraction"] {
+            if let Some(reason) = absent.remove(key) {
+                assert_eq!(suite["status"], "absent", "{}: {key} absent while the suite ran", row["name"]);
+                assert_eq!(reason, suite["reason"], "{}", row["name"]);
+            }
+        }
         assert_eq!(absent.keys().map(String::as_str).collect::<Vec<_>>(), ["dfil", "reconstruction_bound_bits", "reconstruction_bound_se", "unbiased_mse_floor"], "{}", row["absent"]);
         assert!(absent.values().all(|v| v == "deterministic release: no noise, no bound"), "{}", row["absent"]);
         assert!(row["usable_information_se"].as_f64().is_some_and(|se| se > 0.0), "M3 over 5 splits has a spread");

@@ -2,6 +2,7 @@
 //! settings and timings, as JSON, a text table and an SVG.
 use crate::error::Result;
 use gradguard_models::files::write_file;
+use crate::estimate::attacks::{AttackPlan, LabelSummary, LayerAttackSummary};
 use crate::estimate::bound::ReleaseBound;
 use gradguard_models::LossKind;
 use gradguard_guard::measure::{Inversion, InversionPlan, InversionSettings};
@@ -49,6 +50,14 @@ pub struct LayerRow {
     pub usable_original_bits_per_dim: Option<f64>,
     /// M4: PSNR of the reconstructions, dB.
     pub psnr: Option<f64>,
+    /// M4 attack suite: samples the strongest attack gives back at PSNR >= 30 dB, over the
+    /// attacked releases of the audit's batch size.
+    pub samples_recovered: Option<usize>,
+    /// M4 attack suite: samples_recovered / samples attacked.
+    pub recovered_fraction: Option<f64>,
+    /// M4: the strongest attack on this layer (most samples recovered, then most bits per
+    /// dimension), the optimisation attack (`--invert`) included.
+    pub strongest_attack: Option<&'static str>,
     /// M5: bound on what a Gaussian-prior attacker recovers, bits per input dimension (null
     /// without noise: no bound).
     pub reconstruction_bound_bits: Option<f64>,
@@ -77,6 +86,8 @@ pub struct LayerDetails {
     pub m4: Metric<Inversion>,
     /// M5 reconstruction bound of the (defended) release.
     pub m5: Metric<ReconstructionBound>,
+    /// M4 attack suite (analytic attacks) at the audit's batch size.
+    pub attacks: Metric<LayerAttackSummary>,
 }
 
 impl LayerRow {
@@ -99,6 +110,8 @@ impl LayerRow {
         let r4 = details.m4.absent_reason();
         let m5 = details.m5.measured();
         let r5 = details.m5.absent_reason();
+        let suite = details.attacks.measured();
+        let r_suite = details.attacks.absent_reason();
         let relative_reason = if s.is_some() { Some("the layer's released gradient is exactly 0") } else { r1 };
         Self {
             sensitivity: take("sensitivity", s.map(|s| s.sensitivity), r1),
@@ -123,6 +136,12 @@ impl LayerRow {
             majority_accuracy: take("majority_accuracy", m3.map(|m| m.majority_accuracy), r3),
             usable_original_bits_per_dim: take("usable_original_bits_per_dim", m4.map(|m| m.usable_original_bits_per_dim), r4),
             psnr: take("psnr", m4.map(|m| m.psnr), r4),
+            samples_recovered: suite.map(|a| a.samples_recovered).or_else(|| {
+                take("samples_recovered", None, r_suite);
+                None
+            }),
+            recovered_fraction: take("recovered_fraction", suite.map(|a| a.recovered_fraction), r_suite),
+            strongest_attack: strongest_attack(suite, m4.map(|m| m.usable_original_bits_per_dim)),
             reconstruction_bound_bits: take("reconstruction_bound_bits", m5.and_then(|m| m.reconstruction_bound_bits), r5),
             reconstruction_bound_se: take("reconstruction_bound_se", m5.and_then(|m| m.reconstruction_bound_se), r5),
             dfil: take("dfil", m5.and_then(|m| m.dfil), r5),
@@ -148,6 +167,17 @@ impl LayerRow {
             ("psnr", self.psnr),
             ("reconstruction_bound_bits", self.reconstruction_bound_bits),
         ]
+    }
+}
+
+/// The strongest attack on a layer: the suite's (most samples recovered, then bits), unless the
+/// optimisation attack read more bits per dimension while the suite recovered no sample.
+fn strongest_attack(suite: Option<&LayerAttackSummary>, optimisation_bits: Option<f64>) -> Option<&'static str> {
+    match (suite, optimisation_bits) {
+        (Some(s), Some(bits)) if s.samples_recovered == 0 && bits > s.bits_per_dim => Some("optimisation"),
+        (Some(s), _) => Some(s.strongest),
+        (None, Some(_)) => Some("optimisation"),
+        (None, None) => None,
     }
 }
 
@@ -179,6 +209,8 @@ pub struct AuditReport {
     pub defence: Option<String>,
     /// M5 of the whole release, the prior variance and the bound's caveat.
     pub release: ReleaseBound,
+    /// M4: the labels recovered from the last layer's bias gradient, over the attacked releases.
+    pub labels_recovered: Metric<LabelSummary>,
     /// The estimators' settings.
     pub settings: AuditSettings,
     /// Seconds per phase (`training`, `m1` ... `m4`).
@@ -198,6 +230,8 @@ pub struct AuditSettings {
     pub usable: UsableSettings,
     /// M4, when it ran.
     pub inversion: Option<(InversionPlan, InversionSettings)>,
+    /// M4's attack suite.
+    pub attacks: Option<AttackPlan>,
 }
 
 impl AuditReport {
@@ -210,6 +244,20 @@ impl AuditReport {
         if let Some(m) = self.layers.iter().find_map(|l| l.details.m3.measured()) {
             let _ = writeln!(out, "M3: mean ± standard error over {} seeded splits; L2 penalty (cross-validated on each training split unless --l2): {}", m.splits, m3.join(", "));
         }
+        if let Some(plan) = &self.settings.attacks {
+            let strongest: Vec<String> = self.layers.iter().filter_map(|l| Some(format!("{} {}", l.name, l.strongest_attack?))).collect();
+            let _ = writeln!(
+                out,
+                "M4 recovered: samples some reconstruction gives back at PSNR >= 30 dB, per layer, over {} release(s) of n = {} (the batch size trained with); oracle matching, an upper bound on each attack; strongest: {}",
+                plan.releases,
+                plan.batch_size,
+                if strongest.is_empty() { "none applies".to_string() } else { strongest.join(", ") }
+            );
+        }
+        let _ = match &self.labels_recovered {
+            Metric::Measured(l) => writeln!(out, "M4 labels: the exact label set recovered in {} of {} releases (mean count error {:.2} per sample)", l.exact_sets, l.releases, l.count_error),
+            Metric::Absent { reason } => writeln!(out, "M4 labels: absent: {reason}"),
+        };
         let _ = writeln!(out, "defence: {}", self.defence.as_deref().unwrap_or("none (the raw release)"));
         let _ = match r.release_reconstruction_bound_bits {
             Some(b) => writeln!(
@@ -250,19 +298,36 @@ fn fmt(v: Option<f64>) -> String {
     }
 }
 
+/// The suite's cell: `27/32 analytic` (samples recovered of samples attacked, by the strongest).
+fn recovered(r: &LayerRow) -> String {
+    match r.details.attacks.measured() {
+        Some(a) => format!("{}/{} {}", a.samples_recovered, a.n * a.releases, short_attack(a.strongest)),
+        None => "-".into(),
+    }
+}
+
+fn short_attack(name: &str) -> &str {
+    match name {
+        "analytic" => "an.",
+        "analytic_differences" => "an.diff",
+        "optimisation" => "opt.",
+        other => other,
+    }
+}
+
 fn table(rows: &[LayerRow]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9}",
-        "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "M3 bits", "±se", "acc", "M4 b/dim", "PSNR", "M5 b/dim", "±se"
+        "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>14} {:>9} {:>9}",
+        "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "M3 bits", "±se", "acc", "M4 b/dim", "PSNR", "M4 recovered", "M5 b/dim", "±se"
     );
     for r in rows {
         let name = if r.name.chars().count() > 16 { format!("{}~", r.name.chars().take(15).collect::<String>()) } else { r.name.clone() };
         let _ = writeln!(
             out,
-            "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9}",
+            "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>14} {:>9} {:>9}",
             name,
             r.params,
             fmt(r.sensitivity),
@@ -276,6 +341,7 @@ fn table(rows: &[LayerRow]) -> String {
             fmt(r.attack_accuracy),
             fmt(r.usable_original_bits_per_dim),
             fmt(r.psnr),
+            recovered(r),
             if r.reconstruction_bound_bits.is_none() && r.absent.get("reconstruction_bound_bits").map(String::as_str) == Some(gradguard_guard::report::NO_NOISE_NO_BOUND) { "+inf".to_string() } else { fmt(r.reconstruction_bound_bits) },
             fmt(r.reconstruction_bound_se),
         );

@@ -3,6 +3,7 @@
 //! original information).
 use crate::error::{AuditError, Result};
 use crate::estimate::defended::Chain;
+use crate::estimate::attacks::AttackPlan;
 use crate::estimate::{measure_layers, MetricSettings};
 use gradguard_defenses::Defence;
 use gradguard_models::AuditData;
@@ -39,17 +40,20 @@ pub struct AuditOptions {
     pub train_steps: usize,
     /// M4: run the inversion attack with these settings (slow); None: M4 absent.
     pub inversion: Option<InversionOptions>,
+    /// M4: the attack suite (analytic attacks and label recovery) on this many consecutive
+    /// releases of `batch_size` samples; 0: not run.
+    pub attack_releases: usize,
     /// The device, as recorded in the report (the model and data must already be on it).
     pub device: String,
 }
 
 impl Default for AuditOptions {
     fn default() -> Self {
-        Self { batch_size: 32, probes: 8, exact: false, seed: 0, l2: None, m3_splits: 5, defence: Vec::new(), prior_variance: None, train_steps: 0, inversion: None, device: "cpu".into() }
+        Self { batch_size: 32, probes: 8, exact: false, seed: 0, l2: None, m3_splits: 5, defence: Vec::new(), prior_variance: None, train_steps: 0, inversion: None, attack_releases: 4, device: "cpu".into() }
     }
 }
 
-/// The M4 attack of an audit.
+/// The M4 optimisation attack of an audit.
 #[derive(Clone, Copy, Debug)]
 pub struct InversionOptions {
     /// Releases attacked (consecutive batches from the start of the data).
@@ -121,6 +125,7 @@ pub fn run_audit(model: &AuditModel, data: &AuditData, options: &AuditOptions) -
         inversion: options.inversion.map(|i| {
             (InversionPlan { batch_size: i.batch_size, releases: i.releases }, InversionSettings { iterations: i.iterations, learning_rate: i.learning_rate, ..Default::default() })
         }),
+        attacks: (options.attack_releases > 0).then(|| AttackPlan { batch_size: options.m1_batch(data.n), releases: options.attack_releases, optimisation: None }),
         defence: options.defence.clone(),
         prior_variance: options.prior_variance,
         seed: options.seed,
@@ -143,7 +148,8 @@ pub fn run_audit(model: &AuditModel, data: &AuditData, options: &AuditOptions) -
         train_steps: options.train_steps,
         defence: (!options.defence.is_empty()).then(|| Chain::describe(&options.defence)),
         release: measured.release,
-        settings: AuditSettings { sensitivity: settings.sensitivity, subspace: settings.subspace, usable: settings.usable, inversion: settings.inversion },
+        labels_recovered: measured.labels,
+        settings: AuditSettings { sensitivity: settings.sensitivity, subspace: settings.subspace, usable: settings.usable, inversion: settings.inversion, attacks: settings.attacks },
         seconds: measured.seconds,
         layers: measured.rows,
     })

@@ -184,12 +184,24 @@ fn group_layers<'py>(py: Python<'py>, params: Vec<String>) -> PyResult<Bound<'py
 }
 
 /// What happened to a release, from its manifest (JSON): `released`, `protected`, `held` or
-/// `blocked`, the guard's one vocabulary (`Manifest::kind`). A ValueError names a manifest that
-/// cannot be read.
+/// `blocked`, the guard's one vocabulary (`ReleaseKind::of`, the rule of `Manifest::kind`),
+/// read from the manifest's outcome and its layers' actions only, so that the server names
+/// what any client's manifest says. A ValueError names a manifest that cannot be read.
 #[pyfunction]
 fn release_kind(manifest: &str) -> PyResult<&'static str> {
-    let manifest: gradguard_guard::Manifest = serde_json::from_str(manifest).map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("unreadable manifest: {e}")))?;
-    Ok(manifest.kind().name())
+    #[derive(serde::Deserialize)]
+    struct Layer {
+        #[serde(default)]
+        actions: Vec<serde_json::Value>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Outcome {
+        outcome: gradguard_guard::report::ReleaseOutcome,
+        #[serde(default)]
+        layers: Vec<Layer>,
+    }
+    let m: Outcome = serde_json::from_str(manifest).map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("unreadable manifest: {e}")))?;
+    Ok(gradguard_guard::ReleaseKind::of(&m.outcome, m.layers.iter().any(|l| !l.actions.is_empty())).name())
 }
 
 /// Validates a policy (TOML text) against the model: `{"hash", "version", "rules", "floor"}`,

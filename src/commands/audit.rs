@@ -53,15 +53,19 @@ pub struct AuditArgs {
     /// M4: releases attacked (consecutive batches from the start of the data).
     #[arg(long, default_value_t = 8)]
     invert_releases: usize,
-    /// M4: samples per attacked release.
-    #[arg(long, default_value_t = 1)]
-    invert_batch_size: usize,
+    /// M4: samples per attacked release (default: --batch-size, the batch size trained with).
+    #[arg(long)]
+    invert_batch_size: Option<usize>,
     /// M4: Adam steps of the attack.
     #[arg(long, default_value_t = 300)]
     invert_iterations: usize,
     /// M4: Adam step size of the attack, in units of the inputs' standard deviation.
     #[arg(long, default_value_t = 0.1)]
     invert_lr: f64,
+    /// M4: releases of --batch-size samples the attack suite (analytic attacks, label
+    /// recovery) attacks; 0 skips it.
+    #[arg(long, default_value_t = 4)]
+    attack_releases: usize,
     /// M3: a fixed L2 penalty of the attacker (default: chosen by cross-validation on each
     /// training split from 1e-3, 1e-2, 1e-1, 1).
     #[arg(long)]
@@ -127,10 +131,11 @@ impl AuditArgs {
             train_steps: self.train_steps,
             inversion: self.invert.then_some(InversionOptions {
                 releases: self.invert_releases,
-                batch_size: self.invert_batch_size,
+                batch_size: self.invert_batch_size.unwrap_or(self.batch_size),
                 iterations: self.invert_iterations,
                 learning_rate: self.invert_lr,
             }),
+            attack_releases: self.attack_releases,
             device: self.device.clone(),
         })
     }

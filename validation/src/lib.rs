@@ -253,6 +253,7 @@ fn measure_checkpoint(target: &Inspection, attribute: &[i64], plan: &Plan) -> Re
         subspace: SubspaceSettings::default(),
         usable: UsableSettings::default(),
         inversion: Some((InversionPlan { batch_size: 1, releases: plan.m4_releases }, InversionSettings { iterations: plan.m4_iterations, ..Default::default() })),
+        attacks: None,
         defence: Vec::new(),
         prior_variance: None,
         seed: target.seed(),

@@ -1,6 +1,7 @@
 //! Every call into the guard's estimators, in one place: the audit and the validation study
 //! measure through these functions only (and `defended` and `bound`, their halves for a
 //! defended release and for M5), so that a change of the estimators' API is a change here.
+pub mod attacks;
 pub mod bound;
 pub mod defended;
 
@@ -27,8 +28,11 @@ pub struct MetricSettings {
     pub subspace: SubspaceSettings,
     /// M3's settings.
     pub usable: UsableSettings,
-    /// M4 runs only when given.
+    /// M4's optimisation attack runs only when given.
     pub inversion: Option<(InversionPlan, InversionSettings)>,
+    /// M4's attack suite (analytic attacks, label recovery) at the user's batch size; None:
+    /// not run.
+    pub attacks: Option<attacks::AttackPlan>,
     /// The chain every layer's release goes through (empty: the raw release).
     pub defence: Vec<Defence>,
     /// M5's prior variance v; None: measured on all inputs (the embeddings of the M1 batch for
@@ -46,12 +50,17 @@ pub struct Measured {
     pub seconds: BTreeMap<&'static str, f64>,
     /// M5 of the whole release.
     pub release: ReleaseBound,
+    /// M4's label recovery over the attacked releases.
+    pub labels: Metric<attacks::LabelSummary>,
 }
 
 /// Probe M1 with K probes by double backward.
 pub fn probe_settings(probes: usize) -> SensitivitySettings {
     SensitivitySettings { probes, method: JvpMethod::DoubleBackward, exact: false }
 }
+
+/// Why the attack suite is absent under `--defence`.
+const RAW_ONLY: &str = "the analytic attacks read the raw release: with --defence, M4 of the defended release is --invert's optimisation attack and its bound is M5";
 
 /// The first `n` samples of the inspected batch.
 fn first(t: &Inspection, n: usize) -> Result<(Tensor, Tensor)> {
@@ -116,14 +125,25 @@ pub fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings: &Metr
             m4
         }
     };
+    let (suite, labels) = match &settings.attacks {
+        None => (absent_all("not run (--no-attacks)").iter().map(Metric::absent).collect(), Metric::absent("not run (--no-attacks)")),
+        // The suite attacks the raw release; a defended release's attack is --invert's M4.
+        Some(_) if defended => (absent_all(RAW_ONLY).iter().map(Metric::absent).collect(), Metric::absent(RAW_ONLY)),
+        Some(plan) => {
+            let clock = Instant::now();
+            let suite = attacks::attack_suite(t, plan)?;
+            seconds.insert("m4_attacks", clock.elapsed().as_secs_f64());
+            (suite.layers, suite.labels)
+        }
+    };
     let rows = t
         .layers()
         .layers()
         .iter()
-        .zip(m1.into_iter().zip(m2).zip(m3).zip(m4).zip(m5))
-        .map(|(layer, ((((m1, m2), m3), m4), m5))| LayerRow::new(layer.name.clone(), layer.numel(), LayerDetails { m1, m2, m3, m4, m5 }))
+        .zip(m1.into_iter().zip(m2).zip(m3).zip(m4).zip(m5).zip(suite))
+        .map(|(layer, (((((m1, m2), m3), m4), m5), attacks))| LayerRow::new(layer.name.clone(), layer.numel(), LayerDetails { m1, m2, m3, m4, m5, attacks }))
         .collect();
-    Ok(Measured { rows, seconds, release })
+    Ok(Measured { rows, seconds, release, labels })
 }
 
 /// M5's prior variance and where it came from: the setting, or the per-dimension variance over

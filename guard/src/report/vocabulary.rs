@@ -23,6 +23,17 @@ impl ReleaseKind {
     /// Every kind, in the order sinks list them.
     pub const ALL: [ReleaseKind; 4] = [ReleaseKind::Released, ReleaseKind::Protected, ReleaseKind::Held, ReleaseKind::Blocked];
 
+    /// The kind of a release with this outcome, `acted` when a defence transformed or withheld
+    /// at least one of its layers: the one rule, which [`Manifest::kind`] applies.
+    pub fn of(outcome: &ReleaseOutcome, acted: bool) -> Self {
+        match outcome {
+            ReleaseOutcome::Held { .. } => ReleaseKind::Held,
+            ReleaseOutcome::Blocked { .. } => ReleaseKind::Blocked,
+            ReleaseOutcome::Released if acted => ReleaseKind::Protected,
+            ReleaseOutcome::Released => ReleaseKind::Released,
+        }
+    }
+
     /// The kind's name (`released`, `protected`, `held`, `blocked`).
     pub const fn name(self) -> &'static str {
         match self {
@@ -44,12 +55,7 @@ impl Manifest {
     /// What happened to this release: released or protected (by the layers' actions), held
     /// or blocked (by its outcome).
     pub fn kind(&self) -> ReleaseKind {
-        match self.outcome {
-            ReleaseOutcome::Held { .. } => ReleaseKind::Held,
-            ReleaseOutcome::Blocked { .. } => ReleaseKind::Blocked,
-            ReleaseOutcome::Released if self.layers.iter().any(|l| !l.actions.is_empty()) => ReleaseKind::Protected,
-            ReleaseOutcome::Released => ReleaseKind::Released,
-        }
+        ReleaseKind::of(&self.outcome, self.layers.iter().any(|l| !l.actions.is_empty()))
     }
 }
 
