@@ -136,13 +136,9 @@ def check_reply(msg: Message, partition: str, global_params: dict[str, np.ndarra
     if required.rules and row.policy_hash not in required.rules:
         return row.rejected("policy-mismatch", f"policy {row.policy_hash[:12]} is not one the run requires ({required.describe()})"), None
     rule_names = required.rules.get(row.policy_hash)
-    try:
-        row.kind = gradguard_fl.release_kind(str(guard["manifest"]))
-    except ValueError as error:
-        return row.rejected("malformed", str(error)), None
     status = str(guard.get("status"))
     if status == "blocked":
-        row.status, row.reason = "blocked", str(guard.get("reason", "blocked"))
+        row.status, row.kind, row.reason = "blocked", "blocked", str(guard.get("reason", "blocked"))
         row.leakage = {l["name"]: {c["metric"]: c["raw"] for c in l.get("checks", []) if c.get("raw") is not None} for l in layers}
         if content.array_records:
             return row.rejected("blocked-with-arrays", "a blocked reply carried arrays"), None
@@ -175,5 +171,10 @@ def check_reply(msg: Message, partition: str, global_params: dict[str, np.ndarra
         expected = {param for name, params in layers.items() if name == layer for param in params}
         if not expected or not expected <= set(update):
             return row.rejected("missing-parameter", f"the manifest releases {layer} but its parameters are missing"), None
+    try:
+        # released or protected, by the guard's own rule.
+        row.kind = gradguard_fl.release_kind(str(guard["manifest"]))
+    except ValueError as error:
+        return row.rejected("malformed", str(error)), None
     row.status = "released"
     return row, update

@@ -281,3 +281,15 @@ def test_node_metrics_server_serves_spooled_reports(tmp_path, global_params, pol
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_release_kind_is_the_guards_vocabulary():
+    """The server names a release from its manifest by the guard's own rule (ReleaseKind::of)."""
+    released = {"outcome": {"outcome": "released"}, "layers": [{"name": "fc1", "actions": []}]}
+    protected = {"outcome": {"outcome": "released"}, "layers": [{"name": "fc1", "actions": [{"action": "clip", "max_norm": 1.0}]}]}
+    blocked = {"outcome": {"outcome": "blocked", "reason": "x"}, "layers": []}
+    held = {"outcome": {"outcome": "held", "reason": "floor"}, "layers": []}
+    kinds = [gradguard_fl.release_kind(json.dumps(m)) for m in (released, protected, blocked, held)]
+    assert kinds == ["released", "protected", "blocked", "held"]
+    with pytest.raises(ValueError, match="unreadable manifest"):
+        gradguard_fl.release_kind("{}")
