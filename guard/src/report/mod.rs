@@ -319,8 +319,8 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9}",
-            "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "|G_l|", "M5 bits", "dFIL"
+            "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9} {:>8}",
+            "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "|G_l|", "M5 bits", "dFIL", "exposed"
         );
         for l in &self.layers {
             let s = l.sensitivity.measured();
@@ -329,7 +329,7 @@ impl Report {
             let b = l.reconstruction_bound.measured();
             let _ = writeln!(
                 out,
-                "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9}",
+                "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9} {:>8}",
                 truncate(&l.name, 14),
                 l.params,
                 fmt(s.map(|s| s.sensitivity)),
@@ -341,6 +341,8 @@ impl Report {
                 fmt(g.map(|g| g.norm)),
                 bound_cell(b),
                 b.map_or("-".into(), |b| fmt(b.dfil)),
+                // M6: the share of the batch the layer's release exposes alone.
+                l.sample_isolation.measured().map_or("-".into(), |m| format!("{:.3}", m.exposed_fraction)),
             );
         }
         let _ = writeln!(out, "{}", self.bound_line());
