@@ -2,10 +2,12 @@
 //! the batch loss differentiated here by plain autograd (a batch of one where the samples do not
 //! interact; the sample's entry of the batch's per-sample loss vector under batch norm), the
 //! shares and the two numbers computed on the host. Cases: one unit fed by one sample, units all
-//! shared, a batch of one, a batch-norm CNN in training mode (and the same model with a loss M6
-//! cannot split: absent, not wrong), a token model whose embedding rows are units, trap weights
-//! against an honest initialisation, and a policy rule on `exposed_fraction` that blocks the
-//! trap model's release and the vetting of its parameters.
+//! shared, a batch of one, a batch-norm CNN in training mode (the batch-graph route; and the same
+//! model with a loss M6 cannot split: absent, not wrong), a model that cannot run on one sample
+//! (the batch-graph route through a mean of per-sample losses), a token model whose embedding
+//! rows are units, trap weights against an honest initialisation (with the analytic attack
+//! recovering the exposed samples), and a policy rule on `exposed_fraction` that blocks the trap
+//! model's release and fails the vetting of its parameters.
 mod common;
 
 use common::cross_entropy;
@@ -186,7 +188,7 @@ fn a_unit_that_one_sample_alone_activates_isolates_it() {
     let layers = LayerMap::from_var_store(&vs).unwrap();
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let (table, m6) = measure(&layers, &loss, &x, &y);
-    assert_eq!(table.terms, TermSource::BatchGraph { node: "NllLossBackward0".into() });
+    assert_eq!(table.terms, Some(TermSource::OneSampleBatches), "no coupling: batches of one add up to the batch");
     let fractions = check_against(&layers, &table, &one_sample_terms(&layers, loss, &x, &y), &m6);
     let fc1 = table.layers[0].measured().unwrap().isolation(TAU);
     let fc1 = fc1.measured().unwrap();
@@ -285,7 +287,13 @@ fn batch_norm_in_training_mode_uses_each_samples_term_of_the_batch_loss() {
     let before: Vec<Tensor> = layers.buffers().iter().map(|(_, t)| t.copy()).collect();
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let (table, m6) = measure(&layers, &loss, &x, &y);
-    assert_eq!(table.terms, TermSource::BatchGraph { node: "NllLossBackward0".into() });
+    match &table.terms {
+        Some(TermSource::BatchGraph { node, why }) => {
+            assert_eq!(node, "NllLossBackward0");
+            assert!(why.contains("do not add up to the batch gradient"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(before.iter().zip(layers.buffers()).all(|(b, (_, t))| b.equal(t)), "M6 left the running statistics as they were");
     // The brute force: sample i's entry of the batch's per-sample loss vector, differentiated.
     let terms: Vec<Vec<Tensor>> = (0..6).map(|i| grads_of(&layers, &net.per_sample(&x, &y).unwrap().get(i))).collect();
@@ -308,10 +316,10 @@ fn batch_norm_with_a_loss_that_does_not_split_is_absent_not_wrong() {
     // A scaled loss: its last operation is a multiplication, not a per-sample reduction.
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y)?.f_mul_scalar(2.0);
     let (table, m6) = measure(&layers, &loss, &x, &y);
-    assert!(matches!(&table.terms, TermSource::OneSampleBatches { why } if why.contains("MulBackward")), "{:?}", table.terms);
+    assert_eq!(table.terms, None);
     for m in &m6 {
         let reason = m.absent_reason().expect("absent");
-        assert!(reason.contains("do not add up to the batch gradient") && reason.contains("couples its samples"), "{reason}");
+        assert!(reason.contains("do not add up to the batch gradient") && reason.contains("couples its samples") && reason.contains("MulBackward"), "{reason}");
     }
     // Without batch norm the same fallback is exact: the MLP's scaled loss against its plain one.
     tch::manual_seed(6);
@@ -322,8 +330,37 @@ fn batch_norm_with_a_loss_that_does_not_split_is_absent_not_wrong() {
     let layers = LayerMap::from_var_store(&vs).unwrap();
     let scaled = |x: &Tensor, y: &Tensor| mlp.loss(x, y)?.f_mul_scalar(2.0);
     let (table, m6) = measure(&layers, &scaled, &x, &y);
-    assert!(matches!(table.terms, TermSource::OneSampleBatches { .. }));
+    assert_eq!(table.terms, Some(TermSource::OneSampleBatches));
     check_against(&layers, &table, &one_sample_terms(&layers, scaled, &x, &y), &m6);
+}
+
+#[test]
+fn a_model_that_cannot_run_on_one_sample_is_measured_through_the_batch_graph() {
+    tch::manual_seed(9);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let net = Mlp::new(&vs, 4, 6, 3);
+    vs.double();
+    let (x, y) = (Tensor::randn([7, 4], (Kind::Double, Device::Cpu)), Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0]));
+    let layers = LayerMap::from_var_store(&vs).unwrap();
+    // The mean of a per-sample vector (MeanBackward0), on batches of at least two.
+    let per_sample = |x: &Tensor, y: &Tensor| net.logits(x)?.f_log_softmax(-1, None)?.f_gather(1, &y.f_unsqueeze(1)?, false)?.f_neg()?.f_squeeze_dim(1);
+    let loss = |x: &Tensor, y: &Tensor| {
+        if x.size()[0] < 2 {
+            return Err(TchError::Shape("this model takes batches of two or more".into()));
+        }
+        per_sample(x, y)?.f_mean(Kind::Double)
+    };
+    let (table, m6) = measure(&layers, &loss, &x, &y);
+    match &table.terms {
+        Some(TermSource::BatchGraph { node, why }) => {
+            assert_eq!(node, "MeanBackward0");
+            assert!(why.contains("cannot run on one sample") && why.contains("batches of two"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The samples do not interact: the brute force's terms are the plain per-sample losses.
+    let terms: Vec<Vec<Tensor>> = (0..7).map(|i| grads_of(&layers, &per_sample(&x.narrow(0, i, 1), &y.narrow(0, i, 1)).unwrap().sum(Kind::Double))).collect();
+    check_against(&layers, &table, &terms, &m6);
 }
 
 #[test]

@@ -19,29 +19,34 @@
 //! # Per-sample terms
 //! g_{u,i} is unit u's part of the gradient of sample i's own term l_i of the batch loss
 //! L = (1/n) sum_i l_i, so that G_u = (1/n) sum_i g_{u,i} exactly. The guard's loss is a closure
-//! that returns the scalar L, so the terms are found in its graph ([`TermSource`]):
-//! - **Batch graph** (the exact route, also for batch norm in training mode): one forward pass
-//!   of the whole batch. The loss's last operation T -> L must reduce one row per sample: a
-//!   mean or sum (`losses.mean()` of a per-sample vector, `MeanBackward0`), or a fused loss
-//!   whose value is the mean of per-row values (`nll_loss`, which `cross_entropy` ends with;
-//!   `mse_loss`, `binary_cross_entropy(_with_logits)`, `smooth_l1_loss`, `huber_loss`, the
-//!   margin losses), with T's leading size n. Then dl_i/dT is n times row i of dL/dT (zero
-//!   elsewhere), and one backward pass from T per sample through the batch's graph gives
-//!   g_i = dl_i/dW. Everything before T may couple the samples: a batch norm's statistics
-//!   are those of the batch, as in the release. (With class weights, `nll_loss` divides by the
-//!   summed weights: sample i's term is then its weighted share, times n.) Any loss becomes
-//!   splittable by ending it with the mean of its per-sample vector.
-//! - **Batches of one** (any other last operation: `loss * c`, a sum of a loss and a
-//!   regulariser, label smoothing): the gradient of the loss on sample i alone, which is l_i's
-//!   gradient when the samples do not interact. Checked: (1/n) sum_i g_i must equal the batch
-//!   gradient (relative error at most 1e-8 in f64, 1e-4 in f32, 1e-2 below); a model that couples
-//!   its samples (batch norm in training mode) or whose forward is not repeatable (dropout)
-//!   fails the check, and M6 is absent with the reason, never computed from the wrong terms.
+//! that returns the scalar L; the terms come by one of two routes ([`TermSource`]):
+//! - **Batches of one** (tried first: n passes of one sample, about the cost of two passes of
+//!   the batch): the gradient of the loss on sample i alone, which is l_i's gradient when the
+//!   samples do not interact. Checked against the batch's own gradient: (1/n) sum_i g_i must
+//!   equal it (relative error at most 1e-8 in f64, 1e-4 in f32, 1e-2 below, against the larger
+//!   of ||G_l|| and the per-sample gradients' RMS norm). A model that couples its samples (batch
+//!   norm in training mode normalises a lone sample by its own statistics), whose forward pass
+//!   is not repeatable (dropout draws another mask) or that cannot run on one sample fails the
+//!   check and goes to the batch graph; its per-sample gradients are never used.
+//! - **Batch graph** (exact whatever the model does across samples; n backward passes of the
+//!   whole batch, so n times the cost of one step's backward): one forward pass of the whole
+//!   batch. The loss's last operation T -> L must reduce one row per sample: a mean or sum
+//!   (`losses.mean()` of a per-sample vector, `MeanBackward0`), or a fused loss whose value is
+//!   the mean of per-row values (`nll_loss`, which `cross_entropy` ends with; `mse_loss`,
+//!   `binary_cross_entropy(_with_logits)`, `smooth_l1_loss`, `huber_loss`, the margin losses),
+//!   with T's leading size n. Then dl_i/dT is n times row i of dL/dT (zero elsewhere), and one
+//!   backward pass from T per sample through the batch's graph (`libtorch_ext.cpp`) gives
+//!   g_i = dl_i/dW. Everything before T may couple the samples: a batch norm's statistics are
+//!   those of the batch, as in the release. (With class weights, `nll_loss` divides by the
+//!   summed weights: sample i's term is then its weighted share, times n.)
 //!
-//! Cost: one forward pass and n backward passes (batch graph), or n + 1 forward and backward
-//! passes (batches of one); the per-sample gradients stay on the model's device, reduced there
-//! to four numbers per unit (sum and largest of ||g_{u,i}||^2, its sample, ||G_u||^2), which
-//! are all that comes to the host.
+//! A coupled model whose loss does not end in such an operation (`loss * c`, a loss plus a
+//! regulariser, label smoothing) has M6 absent with both reasons, never computed from the wrong
+//! terms; ending the loss with the mean of its per-sample vector makes it splittable.
+//!
+//! The per-sample gradients stay on the model's device, reduced there to four numbers per unit
+//! (the sum and the largest of ||g_{u,i}||^2, its sample, ||G_u||^2), which are all that comes
+//! to the host.
 //!
 //! # The numbers
 //! share_{u,i} = ||g_{u,i}||^2 / sum_j ||g_{u,j}||^2 over the units with a non-zero gradient;
@@ -54,7 +59,7 @@
 use super::ext::{loss_head, loss_head_backward, loss_head_grad};
 use super::inspection::Inspection;
 use super::layers::{Layer, LayerMap};
-use super::loss::{parameter_grads, scalar_loss};
+use super::loss::scalar_loss;
 use super::subspace::{first_per_sample_pass, one_sample_grads};
 use super::tensors::to_f64_vec;
 use crate::error::{GuardError, Result, TorchContext};
@@ -206,8 +211,9 @@ impl UnitEnergies {
 pub struct UnitEnergyTable {
     /// Samples n.
     pub n: usize,
-    /// The route to the per-sample terms.
-    pub terms: TermSource,
+    /// The route to the per-sample terms (None: neither route gives them; every layer is
+    /// absent with the reasons).
+    pub terms: Option<TermSource>,
     /// Per layer, in model order: the figures, or why the layer has none.
     pub layers: Vec<Metric<UnitEnergies>>,
 }
@@ -293,7 +299,7 @@ fn split_head(loss: &Tensor, n: usize) -> Result<std::result::Result<(String, Te
     let head = loss_head(loss)?;
     if !ROW_REDUCTIONS.contains(&head.node.as_str()) {
         return Ok(Err(format!(
-            "the loss's last operation is {}, not a mean or sum of per-sample values or a fused loss M6 splits by sample (end the loss with the mean of its per-sample vector to make it splittable)",
+            "the loss's last operation is {}, not a mean or sum of per-sample values or a fused loss M6 splits by sample",
             head.node
         )));
     }
@@ -326,67 +332,91 @@ fn additivity_tolerance(kind: Kind) -> f64 {
     }
 }
 
-/// The per-unit figures of every layer: the per-sample terms by the batch graph where the
-/// loss splits, else by batches of one (checked against the batch gradient).
+/// The per-unit figures of every layer: the per-sample terms from batches of one where the
+/// samples do not interact (checked), else from the batch's graph split at the loss's last
+/// operation; absent with both reasons where neither gives them.
 pub(crate) fn unit_energies(ins: &Inspection) -> Result<UnitEnergyTable> {
     let n = ins.batch().validate()?;
     let layers = ins.layers();
-    let (params, owner) = layers.flat_params();
+    let (params, _) = layers.flat_params();
     let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
-    let units: Vec<std::result::Result<usize, String>> = layers.layers().iter().map(layer_units).collect();
-    let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
-    let mut acc: Vec<Option<Accumulator>> = Vec::with_capacity(layers.len());
-    for (layer, u) in layers.layers().iter().zip(&units) {
-        acc.push(match u {
-            Ok(u) => Some(Accumulator::new(*u, layer.params.len(), device)?),
-            Err(_) => None,
-        });
-    }
+    // The release: the batch's own gradient (plain backward, no graph kept).
     let loss = scalar_loss(ins.loss(), inputs, targets, ins.step(), true)?;
     if !loss.requires_grad() {
-        let why = "the loss does not depend on any parameter".to_string();
-        return Ok(all_absent(n, TermSource::OneSampleBatches { why: why.clone() }, layers.len(), format!("{why}: no gradient to isolate")));
+        return Ok(all_absent(n, None, layers.len(), "the loss does not depend on any parameter: no gradient to isolate".into()));
     }
-    let (terms, batch_grads) = match split_head(&loss, n)? {
-        Ok((node, head_grad)) => {
-            for i in 0..n {
-                let grads = loss_head_backward(&loss, &sample_seed(&head_grad, i, n)?, &params)?;
-                add_sample(&mut acc, layers, &owner, i, &grads)?;
-            }
-            (TermSource::BatchGraph { node }, None)
-        }
-        Err(why) => {
-            drop(loss);
-            let terms = TermSource::OneSampleBatches { why };
-            for i in 0..n {
-                let grads = if i == 0 {
-                    first_per_sample_pass(layers, || one_sample_grads(layers, ins.loss(), inputs, targets, 0))
-                } else {
-                    one_sample_grads(layers, ins.loss(), inputs, targets, i)
-                };
-                let grads = match grads {
-                    Ok(g) => g,
-                    Err(e @ GuardError::NoPerSampleGradients { .. }) => return Ok(all_absent(n, terms, layers.len(), e.to_string())),
-                    Err(e) => return Err(e),
-                };
-                add_sample(&mut acc, layers, &owner, i, &grads)?;
-            }
-            (terms, Some(parameter_grads(ins.loss(), inputs, targets, &params, ins.step(), true)?))
+    let batch_grads = Tensor::f_run_backward(&[&loss], &params, false, false).during("computing the batch gradient")?;
+    drop(loss);
+    let why_not_alone = match one_sample_route(ins, n, &batch_grads)? {
+        Ok(table) => return Ok(table),
+        Err(why) => why,
+    };
+    drop(batch_grads);
+    let loss = scalar_loss(ins.loss(), inputs, targets, ins.step(), true)?;
+    let (node, head_grad) = match split_head(&loss, n)? {
+        Ok(split) => split,
+        Err(why_no_split) => {
+            let reason = format!("the per-sample terms are unknown: {why_not_alone}; and {why_no_split} (end the loss with the mean of its per-sample vector)");
+            return Ok(all_absent(n, None, layers.len(), reason));
         }
     };
-    finish(n, terms, layers, &owner, &units, acc, batch_grads)
+    let mut acc = accumulators(layers, params.first().map_or(tch::Device::Cpu, |p| p.device()))?;
+    for i in 0..n {
+        let grads = loss_head_backward(&loss, &sample_seed(&head_grad, i, n)?, &params)?;
+        add_sample(&mut acc, layers, i, &grads)?;
+    }
+    let terms = TermSource::BatchGraph { node, why: why_not_alone };
+    match finish(n, layers, acc, None)? {
+        Ok(figures) => Ok(UnitEnergyTable { n, terms: Some(terms), layers: figures }),
+        // Unreachable: without batch gradients there is no check to fail.
+        Err(why) => Ok(all_absent(n, Some(terms), layers.len(), why)),
+    }
 }
 
-fn all_absent(n: usize, terms: TermSource, count: usize, reason: String) -> UnitEnergyTable {
+/// The accumulators of every layer with units (None: the layer has none).
+fn accumulators(layers: &LayerMap, device: tch::Device) -> Result<Vec<Option<Accumulator>>> {
+    layers
+        .layers()
+        .iter()
+        .map(|layer| match layer_units(layer) {
+            Ok(u) => Accumulator::new(u, layer.params.len(), device).map(Some),
+            Err(_) => Ok(None),
+        })
+        .collect()
+}
+
+/// The per-sample terms as the gradients of batches of one: the table when they add up to the
+/// batch gradient, else why they are not the terms (the model cannot run on one sample, or its
+/// samples interact, or its forward pass is not repeatable).
+fn one_sample_route(ins: &Inspection, n: usize, batch_grads: &[Tensor]) -> Result<std::result::Result<UnitEnergyTable, String>> {
+    let layers = ins.layers();
+    let (inputs, targets) = (ins.batch().inputs(), ins.batch().targets());
+    let device = batch_grads.iter().find(|g| g.defined()).map_or(tch::Device::Cpu, |g| g.device());
+    let mut acc = accumulators(layers, device)?;
+    for i in 0..n {
+        let grads = if i == 0 {
+            first_per_sample_pass(layers, || one_sample_grads(layers, ins.loss(), inputs, targets, 0))
+        } else {
+            one_sample_grads(layers, ins.loss(), inputs, targets, i)
+        };
+        match grads {
+            Ok(grads) => add_sample(&mut acc, layers, i, &grads)?,
+            Err(GuardError::NoPerSampleGradients { why }) => return Ok(Err(format!("batches of one are not the terms: the model cannot run on one sample ({why})"))),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(finish(n, layers, acc, Some(batch_grads))?.map(|figures| UnitEnergyTable { n, terms: Some(TermSource::OneSampleBatches), layers: figures }))
+}
+
+fn all_absent(n: usize, terms: Option<TermSource>, count: usize, reason: String) -> UnitEnergyTable {
     UnitEnergyTable { n, terms, layers: (0..count).map(|_| Metric::absent(reason.clone())).collect() }
 }
 
-/// Hands sample i's per-parameter gradients to their layers' accumulators.
-fn add_sample(acc: &mut [Option<Accumulator>], layers: &LayerMap, owner: &[usize], i: usize, grads: &[Tensor]) -> Result<()> {
+/// Hands sample i's per-parameter gradients (flat order) to their layers' accumulators.
+fn add_sample(acc: &mut [Option<Accumulator>], layers: &LayerMap, i: usize, grads: &[Tensor]) -> Result<()> {
     let mut start = 0;
     for (l, layer) in layers.layers().iter().enumerate() {
         let count = layer.params.len();
-        debug_assert!(owner[start..start + count].iter().all(|&o| o == l));
         if let Some(a) = acc[l].as_mut() {
             a.add(i, &grads[start..start + count])?;
         }
@@ -405,27 +435,19 @@ fn released_squares(grads: &[Option<Tensor>], units: i64, device: tch::Device) -
     Ok(out)
 }
 
-/// G per layer and the per-unit figures read back in one host transfer.
-fn finish(
-    n: usize,
-    terms: TermSource,
-    layers: &LayerMap,
-    owner: &[usize],
-    units: &[std::result::Result<usize, String>],
-    acc: Vec<Option<Accumulator>>,
-    batch_grads: Option<Vec<Tensor>>,
-) -> Result<UnitEnergyTable> {
+/// G per layer and the per-unit figures, read back in one host transfer. With `batch_grads`
+/// (the batches-of-one route) the release is the batch's own gradient and the per-sample
+/// gradients must add up to it: Err(why) when a layer shows they do not.
+fn finish(n: usize, layers: &LayerMap, acc: Vec<Option<Accumulator>>, batch_grads: Option<&[Tensor]>) -> Result<std::result::Result<Vec<Metric<UnitEnergies>>, String>> {
     let mut out: Vec<Metric<UnitEnergies>> = Vec::with_capacity(layers.len());
     let mut pending: Vec<(usize, usize)> = Vec::new(); // (layer, units) read back below
     let mut parts: Vec<Tensor> = Vec::new();
-    let mut mismatch: Option<String> = None;
     let mut start = 0;
     for (l, (layer, a)) in layers.layers().iter().zip(acc).enumerate() {
-        let count = layer.params.len();
-        let range = start..start + count;
-        start += count;
+        let range = start..start + layer.params.len();
+        start = range.end;
         let Some(a) = a else {
-            out.push(Metric::absent(units[l].clone().err().unwrap_or_default()));
+            out.push(Metric::absent(layer_units(layer).err().unwrap_or_default()));
             continue;
         };
         if !a.used {
@@ -438,31 +460,25 @@ fn finish(
             .map(|s| s.as_ref().map(|s| s.f_div_scalar(n as f64)).transpose())
             .collect::<std::result::Result<_, _>>()
             .during("averaging per-sample gradients")?;
-        let released = match &batch_grads {
+        let released = match batch_grads {
             None => mean,
             Some(batch) => {
-                // Batches of one: the release is the batch's own gradient; the terms must add
-                // up to it.
-                let batch: Vec<Option<Tensor>> = batch[range.clone()]
+                let batch: Vec<Option<Tensor>> = batch[range]
                     .iter()
                     .map(|g| g.defined().then(|| g.f_detach().and_then(|g| g.f_to_kind(Kind::Double))).transpose())
                     .collect::<std::result::Result<_, _>>()
                     .during("reading the batch gradient")?;
-                if mismatch.is_none() {
-                    mismatch = additivity_gap(&mean, &batch, &a.total, n, layers.layers()[l].params[0].tensor.kind(), &layer.name)?;
+                if let Some(why) = additivity_gap(&mean, &batch, &a.total, n, layer.params[0].tensor.kind(), &layer.name)? {
+                    return Ok(Err(why));
                 }
                 batch
             }
         };
-        debug_assert!(owner[range].iter().all(|&o| o == l));
         let released = released_squares(&released, a.units, a.total.device())?;
         let top_sample = a.top_sample.f_to_kind(Kind::Double).during("reading unit figures")?;
         parts.extend([a.total, a.top, top_sample, released]);
         pending.push((l, a.units as usize));
         out.push(Metric::absent("pending"));
-    }
-    if let Some(reason) = mismatch {
-        return Ok(all_absent(n, terms, layers.len(), reason));
     }
     if !parts.is_empty() {
         let flat: Vec<Tensor> = parts.iter().map(|t| t.f_to_device(tch::Device::Cpu)).collect::<std::result::Result<_, _>>().during("reading unit figures")?;
@@ -479,7 +495,7 @@ fn finish(
             out[l] = Metric::Measured(UnitEnergies { n, total, top, top_sample, released });
         }
     }
-    Ok(UnitEnergyTable { n, terms, layers: out })
+    Ok(Ok(out))
 }
 
 /// Why batches of one are not the batch's terms, if the layer shows they are not: the gap
@@ -508,7 +524,7 @@ fn additivity_gap(mean: &[Option<Tensor>], batch: &[Option<Tensor>], totals: &Te
         return Ok(None);
     }
     Ok(Some(format!(
-        "the per-sample terms are unknown: the loss does not end in a per-sample reduction, and the gradients of batches of one do not add up to the batch gradient (layer {layer}: relative gap {:.2e} > {tolerance:.0e}), so the model couples its samples (batch norm in training mode) or its forward is not repeatable (dropout); end the loss with the mean of its per-sample vector",
+        "batches of one are not the terms: their gradients do not add up to the batch gradient (layer {layer}: relative gap {:.2e} > {tolerance:.0e}), so the model couples its samples (batch norm in training mode) or its forward pass is not repeatable (dropout)",
         gap / scale.max(f64::MIN_POSITIVE)
     )))
 }
@@ -517,6 +533,9 @@ fn additivity_gap(mean: &[Option<Tensor>], batch: &[Option<Tensor>], totals: &Te
 pub(crate) fn sample_isolation_detail(ins: &Inspection, settings: &IsolationSettings) -> Result<Vec<(Metric<SampleIsolation>, Vec<usize>)>> {
     settings.validate()?;
     let table = unit_energies(ins)?;
+    let Some(terms) = table.terms else {
+        return Ok(table.layers.into_iter().map(|m| (Metric::Absent { reason: m.absent_reason().unwrap_or("the per-sample terms are unknown").to_string() }, Vec::new())).collect());
+    };
     Ok(ins
         .layers()
         .layers()
@@ -541,7 +560,7 @@ pub(crate) fn sample_isolation_detail(ins: &Inspection, settings: &IsolationSett
                         tau: settings.tau,
                         step: ins.step(),
                         params: layer.numel(),
-                        terms: table.terms.clone(),
+                        terms: terms.clone(),
                     }),
                     iso.exposed_samples,
                 ),

@@ -16,7 +16,7 @@
 //!   mode it includes the coupling of the samples through the batch statistics.
 //! - M6's per-sample terms are exact too: sample i's term of the batch loss, differentiated
 //!   through the whole batch's graph (`isolation.rs`), the batch statistics held as in the
-//!   release.
+//!   release (batches of one serve only where they add up to the batch gradient).
 //! - Per-sample gradients (M2, M3) are the gradients of the loss of a batch holding that one
 //!   sample alone: in training mode a batch norm normalises the sample by its own statistics
 //!   (over its spatial positions), not the batch's, so they are not the sample's share of the

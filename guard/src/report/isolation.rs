@@ -8,20 +8,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "route", rename_all = "snake_case")]
 pub enum TermSource {
+    /// The gradient of a batch of one sample per pass: sample i's term when the samples do
+    /// not interact, which is checked: the per-sample gradients add up to the batch gradient
+    /// (n small passes: the cheap route).
+    OneSampleBatches,
     /// One forward pass of the whole batch; the loss split at its last operation (`node`, the
     /// autograd node's name: `NllLossBackward0`, `MeanBackward0`, ...), whose input holds one
     /// row per sample; sample i's term is differentiated by one backward pass over the batch's
     /// graph. Exact also when the model couples its samples (batch norm in training mode): the
-    /// batch statistics are held as in the batch.
+    /// batch statistics are held as in the batch. n backward passes of the whole batch.
     BatchGraph {
         /// The loss's last operation.
         node: String,
-    },
-    /// A batch of one sample per pass (the loss's last operation was not one M6 splits). Exact
-    /// for models whose samples do not interact; checked: the per-sample gradients must add
-    /// up to the batch gradient, else M6 is absent.
-    OneSampleBatches {
-        /// Why the loss could not be split at its last operation.
+        /// Why batches of one were not the terms.
         why: String,
     },
 }
