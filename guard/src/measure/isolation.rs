@@ -94,7 +94,7 @@ impl IsolationSettings {
 
 /// The last operations M6 splits by sample: each reduces its input's rows (one per sample)
 /// to the scalar loss as a mean or sum of per-row values.
-const ROW_REDUCTIONS: [&str; 15] = [
+const ROW_REDUCTIONS: [&str; 14] = [
     "MeanBackward0",
     "MeanBackward1",
     "SumBackward0",
@@ -109,7 +109,6 @@ const ROW_REDUCTIONS: [&str; 15] = [
     "SoftMarginLossBackward0",
     "MultiMarginLossBackward0",
     "MultilabelMarginLossBackward0",
-    "KlDivBackward0",
 ];
 
 /// Per-unit figures of one layer's per-sample gradients, on the host: everything M6 needs.

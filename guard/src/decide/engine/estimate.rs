@@ -117,8 +117,8 @@ impl Estimates {
     }
 
     /// Runs the estimators: M1 on this thread (it needs the graph), the per-sample gradients of
-    /// M2 here too, and M2's linear algebra on the worker unless `inline`; then M6. Returns the kept JVPs
-    /// when `keep_jvps` (the closed loop re-measures M1 on transformed releases from them).
+    /// M2 here too, and M2's linear algebra on the worker unless `inline`; then M6. Returns the
+    /// kept JVPs when `keep_jvps` (the closed loop re-measures M1 on transformed releases from them).
     /// Discrete inputs without an embedding split leave M1 absent with the reason (no JVPs),
     /// and M2 is measured as for any input.
     pub(super) fn measure(&mut self, layers: &LayerMap, protection: &Protection, look: Look, keep_jvps: bool, inline: bool) -> Result<Option<JvpSamples>> {
@@ -149,7 +149,8 @@ impl Estimates {
         if self.subspace_due(protection.policy(), step) {
             self.measure_subspace(layers.len(), protection, &look, step, inline)?;
         }
-        // M6 on the release's batch (n backward passes through the batch's graph).
+        // M6 on the release's batch: n passes of one sample (of the whole batch where the
+        // samples interact), whatever the rules read (METRICS.md: measured at estimates).
         self.isolation = look.sample_isolation(&settings.isolation)?;
         self.estimate_step = Some(step);
         self.estimate_seconds = Some(started.elapsed().as_secs_f64());
