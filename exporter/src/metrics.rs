@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// The leakage metrics of a [`Report`] that the exporter knows how to read, in label form
 /// (`gradguard_layer_leakage{metric=...}`, `gradguard_layer_threshold{metric=...}`).
-pub const LEAKAGE_METRICS: [&str; 7] = ReportedMetric::NAMES;
+pub const LEAKAGE_METRICS: [&str; 9] = ReportedMetric::NAMES;
 
 /// Defence action names for exporters that are not told otherwise: the transformations of
 /// `gradguard-defenses` plus withholding a layer's gradient.
@@ -180,7 +180,7 @@ impl Exporter {
 
         let leakage = gauge_vec(
             "gradguard_layer_leakage",
-            "Latest per-layer leakage estimate (METRICS.md M1/M2), by metric: sensitivity (S_l), sensitivity_se (its standard error), sensitivity_rms (S_l/sqrt(P_l)), relative_sensitivity (S_l/||G_l||), subspace_distance (d_between), subspace_separation (d_between - d_within), reconstruction_bound_bits (M5: van Trees bound of the layer's latest release in bits per input dimension against attackers with a Gaussian prior; +Inf when released without noise). NaN while absent.",
+            "Latest per-layer leakage estimate (METRICS.md M1, M2, M5, M6), by metric: sensitivity (S_l), sensitivity_se (its standard error), sensitivity_rms (S_l/sqrt(P_l)), relative_sensitivity (S_l/||G_l||), subspace_distance (d_between), subspace_separation (d_between - d_within), reconstruction_bound_bits (M5: van Trees bound of the layer's latest release in bits per input dimension against attackers with a Gaussian prior; +Inf when released without noise), exposed_fraction (M6: share of the batch whose samples each dominate one of the layer's units, exposed by the release alone), isolated_share (M6: share of ||G_l||^2 in units that isolate one sample). NaN while absent.",
             &["layer", "metric"],
         )?;
         let absent = int_gauge_vec(
@@ -386,6 +386,7 @@ impl Exporter {
             s.params.set(i64::try_from(lr.params).unwrap_or(i64::MAX));
             let sens = lr.sensitivity.measured();
             let sub = lr.subspace.measured();
+            let iso = lr.sample_isolation.measured();
             for (i, &m) in self.metrics.iter().enumerate() {
                 let v = lr.value(m);
                 s.leakage[i].set(v.unwrap_or(f64::NAN));
@@ -396,7 +397,7 @@ impl Exporter {
                 s.grad_max_abs.set(g.max_abs);
                 s.grad_non_finite.set(g.non_finite as f64);
             }
-            if let Some(step) = sens.map(|s| s.step).into_iter().chain(sub.map(|s| s.step)).max() {
+            if let Some(step) = sens.map(|s| s.step).into_iter().chain(sub.map(|s| s.step)).chain(iso.map(|s| s.step)).max() {
                 newest.push((l, step));
             }
         }

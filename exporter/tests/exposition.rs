@@ -71,6 +71,7 @@ fn observe_report_exports_the_measured_values() {
     }
     let last = reports.last().unwrap();
     assert!(last.layers.iter().all(|l| l.subspace.measured().is_some()), "the tiny model's report carries M2 too");
+    assert!(last.layers.iter().all(|l| l.sample_isolation.measured().is_some()), "and M6");
     let text = ex.render();
     for layer in LAYERS {
         let lr = last.layer(layer).unwrap();
@@ -96,6 +97,10 @@ fn observe_report_exports_the_measured_values() {
                 assert_eq!(absent("subspace_distance"), 1.0);
             }
         }
+        let m6 = lr.sample_isolation.measured().expect("M6 measured at every estimate");
+        assert_eq!(got("exposed_fraction"), m6.exposed_fraction);
+        assert_eq!(got("isolated_share"), m6.isolated_share);
+        assert_eq!((absent("exposed_fraction"), absent("isolated_share")), (0.0, 0.0));
         let g = lr.gradient.measured().expect("gradient stats");
         assert_eq!(value(&text, &format!("gradguard_layer_gradient_norm{{layer=\"{layer}\"}}")), g.norm);
         assert_eq!(value(&text, &format!("gradguard_layer_gradient_max_abs{{layer=\"{layer}\"}}")), g.max_abs);
@@ -120,7 +125,7 @@ fn observe_report_exports_the_measured_values() {
 }
 
 /// A real report, rewritten: every layer's gradient measured at `step`, sensitivity measured
-/// (S_l = 2, no R_l) at `sens_step` or absent, subspace absent. Built from a real report so it
+/// (S_l = 2, no R_l) and M6 (as measured) at `sens_step` or absent, subspace absent. Built from a real report so it
 /// follows the guard's report type as it grows.
 fn synthetic(step: u64, sens_step: Option<u64>) -> Report {
     let mut r = real_reports().pop().unwrap();
@@ -143,6 +148,13 @@ fn synthetic(step: u64, sens_step: Option<u64>) -> Report {
             _ => Metric::absent("not estimated yet"),
         };
         l.subspace = Metric::absent("no attribute labels given");
+        l.sample_isolation = match (sens_step, l.sample_isolation.measured().cloned()) {
+            (Some(s), Some(mut m)) => {
+                m.step = s;
+                Metric::Measured(m)
+            }
+            _ => Metric::absent("not estimated yet"),
+        };
     }
     r
 }

@@ -84,7 +84,7 @@ struct RuleSpec {
 
 fn rule() -> impl Strategy<Value = RuleSpec> {
     let measured = (
-        prop::sample::select(vec!["sensitivity", "sensitivity_rms", "relative_sensitivity", "subspace_separation"]),
+        prop::sample::select(vec!["sensitivity", "sensitivity_rms", "relative_sensitivity", "subspace_separation", "exposed_fraction", "isolated_share"]),
         prop::option::of(0usize..3),
         prop_oneof![Just(0.0), 0.0f64..0.3, 0.3f64..5.0],
         0.0f64..=1.0,

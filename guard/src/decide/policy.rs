@@ -2,7 +2,7 @@
 //! (names or globs), a threshold to act above, a lower one to relax below, and an escalation
 //! ladder of actions. See `examples/policy.toml`.
 use crate::error::{PolicyError, POLICY_VERSION};
-use crate::measure::{SensitivitySettings, SubspaceSettings};
+use crate::measure::{IsolationSettings, SensitivitySettings, SubspaceSettings};
 use crate::report::{JvpMethod, LeakageMetric};
 use gradguard_defenses::Defence;
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,10 @@ pub struct Settings {
     /// measured at. Ignored while a rule reads M2 (`subspace_separation`): such a policy
     /// measures M2 at every estimate. Version 2.
     pub subspace_every_steps: u64,
+    /// How M6 (sample isolation) is measured (`[settings.isolation]`: `tau`, the share at
+    /// which a unit isolates its dominant sample). M6 is measured at every estimate and by
+    /// `Guard::vet_parameters`.
+    pub isolation: IsolationSettings,
 }
 
 impl Default for Settings {
@@ -106,6 +110,7 @@ impl Default for Settings {
             ledger_cap_bits: None,
             calibration_margin_se: 0.0,
             subspace_every_steps: 0,
+            isolation: IsolationSettings::default(),
         }
     }
 }
@@ -507,6 +512,7 @@ fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
         return Err(("probes", format!("needs at least 2 for a standard error, got {}", s.probes)));
     }
     s.subspace.validate().map_err(|e| ("subspace", e.to_string()))?;
+    s.isolation.validate().map_err(|e| ("isolation", e.to_string()))?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use super::release::BlockReason;
 use super::state::StateError;
 use crate::error::{PolicyError, Result};
 use crate::measure::{LatentTable, LayerFisher, ReleaseSensitivity};
-use crate::report::{PriorSource, ReconstructionBound};
+use crate::report::{Metric, PriorSource, ReconstructionBound, SampleIsolation};
 use crate::report::{LayerManifest, LeakageMetric, ReleaseOutcome, RuleCheck};
 use gradguard_defenses::Defence;
 use std::collections::BTreeMap;
@@ -45,6 +45,8 @@ pub struct Measurements<'a> {
     pub jvps: std::result::Result<&'a dyn ReleaseProbe, String>,
     /// The latest M2 table (computed on the worker), with the current step and the age bound.
     pub latent: Option<&'a LatentTable>,
+    /// M6 of the estimate, per layer.
+    pub isolation: &'a [Metric<SampleIsolation>],
     pub step: u64,
     pub max_age_steps: u64,
     /// Seed of the defences' randomness for this release, per layer.
@@ -85,6 +87,21 @@ impl Measurements<'_> {
                 Ok(table.separation(l, chain).map(Some))
             }
             LeakageMetric::UsableInformationBits => Ok(Err("usable information is not estimated online".into())),
+            // M6 of a release is the raw gradient's, whatever the chain does short of withholding
+            // the layer: clipping scales every unit alike and noise mixes no samples (M5 measures
+            // what it hides), so neither changes which sample a unit carries; sparsification and
+            // quantisation act per entry, not per unit (the raw value is the conservative one).
+            // An aggregate rung lowers it at the next release, measured on the larger batch.
+            LeakageMetric::ExposedFraction | LeakageMetric::IsolatedShare => {
+                if chain.iter().any(|d| matches!(d, Defence::Withhold)) {
+                    return Ok(Ok(None));
+                }
+                match self.isolation.get(l) {
+                    Some(Metric::Measured(s)) => Ok(Ok(Some(if metric == LeakageMetric::ExposedFraction { s.exposed_fraction } else { s.isolated_share }))),
+                    Some(Metric::Absent { reason }) => Ok(Err(format!("sample isolation is absent: {reason}"))),
+                    None => Ok(Err("sample isolation was not measured".into())),
+                }
+            }
             LeakageMetric::ReconstructionBoundBits => {
                 let jvps = match &self.jvps {
                     Ok(jvps) => *jvps,
@@ -218,6 +235,11 @@ impl Protection {
     /// Whether any rule acts on this metric.
     pub fn uses(&self, metric: LeakageMetric) -> bool {
         self.policy.rules().iter().zip(&self.coverage.rule_layers).any(|(r, l)| r.metric == metric && !l.is_empty())
+    }
+
+    /// Which layers each rule of the policy covers on this model.
+    pub fn coverage(&self) -> &Coverage {
+        &self.coverage
     }
 
     /// The thresholds that apply: (layer, metric, act_above), for the exporter.
@@ -564,7 +586,7 @@ mod tests {
         let layers: Vec<String> = ["conv1", "fc1", "fc2"].map(String::from).to_vec();
         let mut protection = Protection::new(policy, layers).unwrap();
         let old = LatentTable::unavailable(0, 3, "never reached: the age check comes first".into());
-        let m = Measurements { jvps: Err("not estimated".into()), latent: Some(&old), step: 10, max_age_steps: 4, seeds: &[0, 0, 0], prior_variance: None };
+        let m = Measurements { jvps: Err("not estimated".into()), latent: Some(&old), isolation: &[], step: 10, max_age_steps: 4, seeds: &[0, 0, 0], prior_variance: None };
         let decision = protection.decide(10, &m).unwrap();
         assert!(matches!(decision.outcome, ReleaseOutcome::Blocked { .. }));
         assert!(decision.layers.iter().all(|l| !l.released));

@@ -14,6 +14,9 @@
 //! - M1 is the exact quantity of METRICS.md: J is the Jacobian of the batch-mean gradient the
 //!   training step releases, computed through the same loss on the whole batch, so in training
 //!   mode it includes the coupling of the samples through the batch statistics.
+//! - M6's per-sample terms are exact too: sample i's term of the batch loss, differentiated
+//!   through the whole batch's graph (`isolation.rs`), the batch statistics held as in the
+//!   release (batches of one serve only where they add up to the batch gradient).
 //! - Per-sample gradients (M2, M3) are the gradients of the loss of a batch holding that one
 //!   sample alone: in training mode a batch norm normalises the sample by its own statistics
 //!   (over its spatial positions), not the batch's, so they are not the sample's share of the
@@ -35,6 +38,7 @@ mod gram;
 mod graph;
 mod inspection;
 mod inversion;
+mod isolation;
 mod latent_table;
 mod layers;
 mod logistic;
@@ -57,6 +61,7 @@ pub use fisher::{calibrated_noise_std, reconstruction_bound_bits, reconstruction
 pub use graph::StepGraph;
 pub use inspection::Inspection;
 pub use inversion::{Inversion, InversionPlan, InversionSettings, ReleaseTransform};
+pub use isolation::{layer_units, IsolatingUnit, Isolation, IsolationSettings, UnitEnergies, UnitEnergyTable};
 pub(crate) use latent_table::LatentTable;
 pub use layers::{group_by_layer, layer_name, Layer, LayerInfo, LayerMap, Param};
 pub use loss::{EmbeddingSplit, LossFn, SplitLoss};

@@ -3,10 +3,12 @@
 use serde::{Deserialize, Serialize};
 
 mod bound;
+mod isolation;
 mod manifest;
 mod policy_table;
 mod vocabulary;
 pub use bound::{Ledger, LedgerLayer, PriorSource, ReconstructionBound, BOUND_CAVEAT, NO_NOISE_NO_BOUND};
+pub use isolation::{SampleIsolation, TermSource, Vetting, VettingCheck};
 pub use manifest::{LayerManifest, Manifest, ReleaseOutcome, RuleCheck};
 pub use policy_table::Threshold;
 pub use vocabulary::{ReleaseKind, ReportedMetric};
@@ -28,6 +30,12 @@ pub enum LeakageMetric {
     /// M5 the van Trees bound of a noised release, bits per input dimension (+Inf without
     /// noise).
     ReconstructionBoundBits,
+    /// M6 the share of the batch that the layer's release exposes alone (samples that
+    /// dominate at least one unit's gradient), in [0, 1].
+    ExposedFraction,
+    /// M6 the share of the layer's squared gradient norm carried by units that isolate one
+    /// sample, in [0, 1].
+    IsolatedShare,
 }
 
 impl LeakageMetric {
@@ -40,6 +48,8 @@ impl LeakageMetric {
             Self::SubspaceSeparation => "subspace_separation",
             Self::UsableInformationBits => "usable_information_bits",
             Self::ReconstructionBoundBits => "reconstruction_bound_bits",
+            Self::ExposedFraction => "exposed_fraction",
+            Self::IsolatedShare => "isolated_share",
         }
     }
 }
@@ -202,6 +212,10 @@ pub struct LayerReport {
     /// is released without noise; absent when it is not released or no estimate kept JVPs).
     #[serde(default = "not_estimated")]
     pub reconstruction_bound: Metric<ReconstructionBound>,
+    /// M6, the latest measurement (at an estimate, or a vetting of parameters set from
+    /// outside).
+    #[serde(default = "not_estimated")]
+    pub sample_isolation: Metric<SampleIsolation>,
 }
 
 fn not_estimated<T>() -> Metric<T> {
@@ -305,8 +319,8 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9}",
-            "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "|G_l|", "M5 bits", "dFIL"
+            "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9} {:>8}",
+            "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "|G_l|", "M5 bits", "dFIL", "exposed"
         );
         for l in &self.layers {
             let s = l.sensitivity.measured();
@@ -315,7 +329,7 @@ impl Report {
             let b = l.reconstruction_bound.measured();
             let _ = writeln!(
                 out,
-                "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9}",
+                "{:<14} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9} {:>8}",
                 truncate(&l.name, 14),
                 l.params,
                 fmt(s.map(|s| s.sensitivity)),
@@ -327,6 +341,8 @@ impl Report {
                 fmt(g.map(|g| g.norm)),
                 bound_cell(b),
                 b.map_or("-".into(), |b| fmt(b.dfil)),
+                // M6: the share of the batch the layer's release exposes alone.
+                l.sample_isolation.measured().map_or("-".into(), |m| format!("{:.3}", m.exposed_fraction)),
             );
         }
         let _ = writeln!(out, "{}", self.bound_line());

@@ -7,12 +7,12 @@ use std::fmt::Write;
 pub type Threshold = (String, LeakageMetric, f64);
 
 impl Report {
-    /// Per layer: S_l, S_rms, R_l, the separation, |G_l| and the M5 bound, the thresholds that
-    /// apply to the layer (`Guard::thresholds`) and the protection level and actions in force,
-    /// then the release's M5 in words. `Guard::table` fills in the thresholds.
+    /// Per layer: S_l, S_rms, R_l, the separation, |G_l|, the M5 bound and M6's exposed
+    /// fraction, the thresholds that apply to the layer (`Guard::thresholds`) and the
+    /// protection level and actions in force, then the release's M5 in words. `Guard::table` fills in the thresholds.
     pub fn policy_table(&self, thresholds: &[Threshold]) -> String {
         let mut out = format!("step {} (estimate):\n", self.step);
-        let _ = writeln!(out, "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<52} {}", "layer", "S_l", "S_rms", "R_l", "separ", "|G_l|", "M5 bits", "thresholds", "protection");
+        let _ = writeln!(out, "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<52} {}", "layer", "S_l", "S_rms", "R_l", "separ", "|G_l|", "M5 bits", "exposed", "thresholds", "protection");
         let manifest = self.release.as_ref();
         for (i, l) in self.layers.iter().enumerate() {
             let s = l.sensitivity.measured();
@@ -26,7 +26,7 @@ impl Report {
             });
             let _ = writeln!(
                 out,
-                "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<52} level {} {}",
+                "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<52} level {} {}",
                 l.name,
                 fixed(s.map(|s| s.sensitivity)),
                 fixed(s.map(|s| s.sensitivity_rms)),
@@ -35,6 +35,8 @@ impl Report {
                 fixed(l.gradient.measured().map(|g| g.norm)),
                 // M5: +Inf for a layer released without noise (no bound).
                 l.reconstruction_bound.measured().map_or("-".to_string(), |b| b.reconstruction_bound_bits.map_or("+Inf".into(), |v| format!("{v:.4}"))),
+                // M6: the share of the batch the layer's release exposes alone.
+                fixed(l.sample_isolation.measured().map(|m| m.exposed_fraction)),
                 if limits.is_empty() { "-".into() } else { limits.join(", ") },
                 l.protection_level,
                 actions.unwrap_or_default()

@@ -77,11 +77,15 @@ pub enum ReportedMetric {
     SubspaceSeparation,
     /// M5 bits per input dimension (+Inf without noise).
     ReconstructionBoundBits,
+    /// M6 the share of the batch the layer's release exposes alone.
+    ExposedFraction,
+    /// M6 the share of the layer's squared gradient norm in units that isolate one sample.
+    IsolatedShare,
 }
 
 impl ReportedMetric {
     /// Every number a layer's report carries.
-    pub const ALL: [ReportedMetric; 7] = [
+    pub const ALL: [ReportedMetric; 9] = [
         ReportedMetric::Sensitivity,
         ReportedMetric::SensitivitySe,
         ReportedMetric::SensitivityRms,
@@ -89,10 +93,12 @@ impl ReportedMetric {
         ReportedMetric::SubspaceDistance,
         ReportedMetric::SubspaceSeparation,
         ReportedMetric::ReconstructionBoundBits,
+        ReportedMetric::ExposedFraction,
+        ReportedMetric::IsolatedShare,
     ];
 
     /// Their names, in the order of [`ReportedMetric::ALL`].
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 9] = [
         ReportedMetric::ALL[0].name(),
         ReportedMetric::ALL[1].name(),
         ReportedMetric::ALL[2].name(),
@@ -100,6 +106,8 @@ impl ReportedMetric {
         ReportedMetric::ALL[4].name(),
         ReportedMetric::ALL[5].name(),
         ReportedMetric::ALL[6].name(),
+        ReportedMetric::ALL[7].name(),
+        ReportedMetric::ALL[8].name(),
     ];
 
     /// The metric's name; a policy metric's is [`LeakageMetric::name`].
@@ -112,6 +120,8 @@ impl ReportedMetric {
             ReportedMetric::SubspaceDistance => "subspace_distance",
             ReportedMetric::SubspaceSeparation => "subspace_separation",
             ReportedMetric::ReconstructionBoundBits => "reconstruction_bound_bits",
+            ReportedMetric::ExposedFraction => "exposed_fraction",
+            ReportedMetric::IsolatedShare => "isolated_share",
         }
     }
 
@@ -139,6 +149,8 @@ impl LayerReport {
             ReportedMetric::SubspaceDistance => sub.map(|s| s.subspace_distance),
             ReportedMetric::SubspaceSeparation => sub.map(|s| s.subspace_separation),
             ReportedMetric::ReconstructionBoundBits => self.reconstruction_bound.measured().map(|b| b.bits_or_inf()),
+            ReportedMetric::ExposedFraction => self.sample_isolation.measured().map(|s| s.exposed_fraction),
+            ReportedMetric::IsolatedShare => self.sample_isolation.measured().map(|s| s.isolated_share),
         }
     }
 }

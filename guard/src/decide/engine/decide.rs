@@ -27,11 +27,12 @@ impl Decide {
         let mut decision = match estimate {
             Estimate::Failed { what, .. } => self.protection.block(step, BlockReason::GuardFailure { what: what.clone() }),
             Estimate::Reused { last } => self.protection.reuse(step, *last),
-            Estimate::Fresh { jvps, latent } => {
+            Estimate::Fresh { jvps, latent, isolation } => {
                 let settings = self.protection.policy().settings();
                 let m = Measurements {
                     jvps: jvps.as_ref().map(|j| j as &dyn ReleaseProbe).map_err(Clone::clone),
                     latent: latent.as_ref(),
+                    isolation,
                     step,
                     max_age_steps: settings.max_estimate_age_steps,
                     seeds,

@@ -6,7 +6,7 @@ use crate::decide::schedule::Scheduler;
 use crate::decide::worker::Worker;
 use crate::error::{GuardError, Result};
 use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LayerFisher, LayerMap, LossFn, ReleaseSensitivity, StepGraph};
-use crate::report::{LeakageMetric, Metric, PriorSource, ReconstructionBound, Sensitivity};
+use crate::report::{LeakageMetric, Metric, PriorSource, ReconstructionBound, SampleIsolation, Sensitivity};
 use gradguard_defenses::Defence;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -15,6 +15,8 @@ use std::sync::Arc;
 /// budget they are scheduled under, M2's worker and the training step's graph hand-off.
 pub(super) struct Estimates {
     pub(super) sensitivity: Vec<Metric<Sensitivity>>,
+    /// M6, the latest measurement per layer (an estimate's, or a vetting's).
+    pub(super) isolation: Vec<Metric<SampleIsolation>>,
     /// M2 results, written by the estimator's worker.
     pub(super) latent: Arc<Mutex<Option<LatentTable>>>,
     pub(super) estimate_step: Option<u64>,
@@ -35,8 +37,9 @@ pub(super) enum Estimate {
     Failed { what: String, estimated: bool },
     /// Not due: the levels of the estimate at step `last` stay in force.
     Reused { last: u64 },
-    /// Fresh measurements: the kept M1 JVPs (or why there are none) and the latest M2 table.
-    Fresh { jvps: std::result::Result<JvpSamples, String>, latent: Option<LatentTable> },
+    /// Fresh measurements: the kept M1 JVPs (or why there are none), the latest M2 table and
+    /// this estimate's M6.
+    Fresh { jvps: std::result::Result<JvpSamples, String>, latent: Option<LatentTable>, isolation: Vec<Metric<SampleIsolation>> },
 }
 
 impl Estimate {
@@ -96,7 +99,7 @@ impl Estimates {
             // Nothing needed them: no M1 or M5 rule, no noise in force until this decision.
             (false, _) => "M1's probe JVPs were not kept at this estimate (no noise was in force before it): measured from the next estimate".to_string(),
         });
-        Ok(Estimate::Fresh { jvps, latent })
+        Ok(Estimate::Fresh { jvps, latent, isolation: self.isolation.clone() })
     }
 
     /// Whether a release decided at `step` estimates first (the interval has passed and the
@@ -114,8 +117,8 @@ impl Estimates {
     }
 
     /// Runs the estimators: M1 on this thread (it needs the graph), the per-sample gradients of
-    /// M2 here too, and M2's linear algebra on the worker unless `inline`. Returns the kept JVPs
-    /// when `keep_jvps` (the closed loop re-measures M1 on transformed releases from them).
+    /// M2 here too, and M2's linear algebra on the worker unless `inline`; then M6. Returns the
+    /// kept JVPs when `keep_jvps` (the closed loop re-measures M1 on transformed releases from them).
     /// Discrete inputs without an embedding split leave M1 absent with the reason (no JVPs),
     /// and M2 is measured as for any input.
     pub(super) fn measure(&mut self, layers: &LayerMap, protection: &Protection, look: Look, keep_jvps: bool, inline: bool) -> Result<Option<JvpSamples>> {
@@ -146,6 +149,9 @@ impl Estimates {
         if self.subspace_due(protection.policy(), step) {
             self.measure_subspace(layers.len(), protection, &look, step, inline)?;
         }
+        // M6 on the release's batch: n passes of one sample (of the whole batch where the
+        // samples interact), whatever the rules read (METRICS.md: measured at estimates).
+        self.isolation = look.sample_isolation(&settings.isolation)?;
         self.estimate_step = Some(step);
         self.estimate_seconds = Some(started.elapsed().as_secs_f64());
         Ok(kept)

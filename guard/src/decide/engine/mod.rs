@@ -25,6 +25,7 @@ mod decide;
 mod estimate;
 mod hold;
 mod record;
+mod vet;
 
 use apply::{Apply, Written};
 use decide::Decide;
@@ -65,6 +66,7 @@ impl Guard {
         Ok(Self {
             estimates: Estimates {
                 sensitivity: (0..l).map(|_| Metric::absent("not estimated yet")).collect(),
+                isolation: (0..l).map(|_| Metric::absent("not estimated yet")).collect(),
                 latent: Arc::new(Mutex::new(None)),
                 estimate_step: None,
                 estimate_seconds: None,

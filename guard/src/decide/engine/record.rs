@@ -90,6 +90,7 @@ impl Guard {
                 subspace: latent.as_ref().map_or_else(|| Metric::absent("not estimated yet"), |raw| raw[l].clone()),
                 protection_level: levels[l],
                 reconstruction_bound: bounds.layers[l].clone(),
+                sample_isolation: estimates.isolation[l].clone(),
             })
             .collect();
         let settings = self.policy().settings();

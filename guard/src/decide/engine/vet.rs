@@ -1,0 +1,102 @@
+//! Vetting parameters set from outside (METRICS.md, M6, online): a federated client measures
+//! sample isolation on the round's global model before it trains on it or releases anything.
+use super::Guard;
+use crate::error::Result;
+use crate::measure::{Batch, Inspection, LossFn};
+use crate::report::{LeakageMetric, Metric, Vetting, VettingCheck};
+
+impl Guard {
+    /// Measures M6 (sample isolation) of the model's parameters as they are now on `batch`,
+    /// and checks it against the policy's rules on `exposed_fraction` and `isolated_share`:
+    /// what a client calls after the parameters were set from outside (a federated round's
+    /// global model, which it did not train) and before it trains on them or releases anything.
+    /// A malicious server can choose parameters whose units each carry one sample of the
+    /// client's next batch (trap weights); the release of that batch would then give the
+    /// samples back, whatever the batch size.
+    ///
+    /// The batch is one the client would train on (n as in its releases: M6 depends on n).
+    /// Nothing is trained and no step is taken; the model's parameters, buffers and random
+    /// stream are left as they were. The measurement becomes the reports' M6 until the next
+    /// estimate, and the next release estimates afresh (the parameters changed). A rule whose
+    /// layer has M6 absent fails its check, as it would block a release.
+    ///
+    /// ```
+    /// use gradguard_guard::{Batch, Guard, LayerMap, Policy};
+    /// use tch::{nn, nn::Module, Device, Kind, Tensor};
+    ///
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let net = nn::linear(vs.root() / "fc", 4, 3, Default::default());
+    /// let loss = |x: &Tensor, y: &Tensor| net.forward(x).f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0);
+    /// let policy = Policy::from_toml_str(r#"
+    ///     version = 2
+    ///     [[rule]]
+    ///     name = "isolation"
+    ///     metric = "exposed_fraction"
+    ///     layers = ["fc"]
+    ///     act_above = 0.5
+    ///     relax_below = 0.25
+    ///     ladder = [{ action = "withhold" }]
+    /// "#, "inline")?;
+    /// let mut guard = Guard::new(LayerMap::from_var_store(&vs)?, policy)?;
+    /// // (load the server's parameters into `vs` here)
+    /// let (x, y) = (Tensor::randn([16, 4], (Kind::Float, Device::Cpu)), Tensor::randint(3, [16], (Kind::Int64, Device::Cpu)));
+    /// let vetting = guard.vet_parameters(&Batch::new(&x, &y), &loss)?;
+    /// // A linear layer's output units all see every sample: none isolates one.
+    /// assert!(vetting.accepted(), "{vetting:?}");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn vet_parameters(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Vetting> {
+        self.estimates.scheduler.enter();
+        let result = self.vet_timed(batch, loss_fn);
+        self.estimates.scheduler.leave();
+        result
+    }
+
+    fn vet_timed(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Vetting> {
+        let n = self.check_batch(batch)?;
+        let settings = self.policy().settings().clone();
+        let look = Inspection::new(&self.layers, loss_fn, *batch).seeded(settings.seed, self.step);
+        let measured = look.sample_isolation_with_samples(&settings.isolation)?;
+        let mut exposed = vec![false; n];
+        for i in measured.iter().flat_map(|(_, samples)| samples) {
+            if let Some(e) = exposed.get_mut(*i) {
+                *e = true;
+            }
+        }
+        let isolation: Vec<_> = measured.into_iter().map(|(m, _)| m).collect();
+        let names = self.layers.names();
+        let protection = &self.decide.protection;
+        let mut checks = Vec::new();
+        for (rule, covered) in protection.policy().rules().iter().zip(&protection.coverage().rule_layers) {
+            if !matches!(rule.metric, LeakageMetric::ExposedFraction | LeakageMetric::IsolatedShare) {
+                continue;
+            }
+            for &l in covered {
+                let (value, reason) = match &isolation[l] {
+                    Metric::Measured(s) => (Some(if rule.metric == LeakageMetric::ExposedFraction { s.exposed_fraction } else { s.isolated_share }), None),
+                    Metric::Absent { reason } => (None, Some(reason.clone())),
+                };
+                checks.push(VettingCheck {
+                    layer: names[l].clone(),
+                    rule: rule.name.clone(),
+                    metric: rule.metric,
+                    value,
+                    act_above: rule.act_above,
+                    passed: value.is_some_and(|v| v <= rule.act_above),
+                    reason,
+                });
+            }
+        }
+        self.estimates.isolation = isolation.clone();
+        // Parameters set from outside: the estimates of the old ones no longer describe them.
+        self.estimates.estimate_step = None;
+        Ok(Vetting {
+            step: self.step,
+            n,
+            tau: settings.isolation.tau,
+            layers: names.into_iter().zip(isolation).collect(),
+            exposed_samples: exposed.iter().enumerate().filter(|(_, e)| **e).map(|(i, _)| i).collect(),
+            checks,
+        })
+    }
+}
