@@ -42,6 +42,9 @@ pub struct LayerRow {
     pub usable_information_se: Option<f64>,
     /// M3: the L2 penalty cross-validation chose (on most splits).
     pub usable_l2: Option<f64>,
+    /// M3: the temperature dividing the attacker's logits, cross-validated with the penalty
+    /// (the middle of those chosen on the splits).
+    pub usable_temperature: Option<f64>,
     /// M3: the attacker's held-out accuracy.
     pub attack_accuracy: Option<f64>,
     /// M3: the majority-class accuracy it is compared with.
@@ -132,6 +135,7 @@ impl LayerRow {
             usable_information_bits: take("usable_information_bits", m3.map(|m| m.usable_information_bits), r3),
             usable_information_se: take("usable_information_se", m3.map(|m| m.usable_information_se), r3),
             usable_l2: take("usable_l2", m3.map(|m| m.l2), r3),
+            usable_temperature: take("usable_temperature", m3.map(|m| m.temperature), r3),
             attack_accuracy: take("attack_accuracy", m3.map(|m| m.attack_accuracy), r3),
             majority_accuracy: take("majority_accuracy", m3.map(|m| m.majority_accuracy), r3),
             usable_original_bits_per_dim: take("usable_original_bits_per_dim", m4.map(|m| m.usable_original_bits_per_dim), r4),
@@ -240,9 +244,9 @@ impl AuditReport {
         use std::fmt::Write;
         let mut out = table(&self.layers);
         let r = &self.release;
-        let m3: Vec<String> = self.layers.iter().filter_map(|l| Some(format!("{} {}", l.name, l.details.m3.measured()?.l2))).collect();
+        let m3: Vec<String> = self.layers.iter().filter_map(|l| l.details.m3.measured().map(|m| format!("{} {} T {}", l.name, m.l2, fmt(Some(m.temperature))))).collect();
         if let Some(m) = self.layers.iter().find_map(|l| l.details.m3.measured()) {
-            let _ = writeln!(out, "M3: mean ± standard error over {} seeded splits; L2 penalty (cross-validated on each training split unless --l2): {}", m.splits, m3.join(", "));
+            let _ = writeln!(out, "M3: mean ± standard error over {} seeded splits; L2 penalty (cross-validated on each training split unless --l2) and logit temperature T (cross-validated with it): {}", m.splits, m3.join(", "));
         }
         if let Some(plan) = &self.settings.attacks {
             let strongest: Vec<String> = self.layers.iter().filter_map(|l| Some(format!("{} {}", l.name, l.strongest_attack?))).collect();

@@ -1,5 +1,8 @@
 //! M3's attacker (METRICS.md, M3): multinomial logistic regression with an L2 penalty on the
-//! weights, fitted by deterministic full-batch L-BFGS. Plain Rust on host f64 data.
+//! weights, fitted by deterministic full-batch L-BFGS, and its temperature: a scalar T > 0
+//! dividing the fitted logits (still a multinomial logistic regression, with weights W / T and
+//! intercepts b / T), chosen on validation rows by a deterministic golden-section search.
+//! Plain Rust on host f64 data.
 
 /// When L-BFGS stops.
 #[derive(Clone, Copy, Debug)]
@@ -37,9 +40,9 @@ pub(super) struct Logistic {
 }
 
 impl Logistic {
-    pub(crate) fn log_probs(&self, z: &[f64]) -> Vec<f64> {
-        let logits: Vec<f64> = (0..self.c).map(|k| self.b[k] + dot(&self.w[k * self.d..(k + 1) * self.d], z)).collect();
-        log_softmax(&logits)
+    /// The c logits of one row.
+    pub(super) fn logits(&self, z: &[f64]) -> Vec<f64> {
+        (0..self.c).map(|k| self.b[k] + dot(&self.w[k * self.d..(k + 1) * self.d], z)).collect()
     }
 }
 
@@ -168,16 +171,103 @@ pub(super) fn fit_logistic(z: &[Vec<f64>], a: &[usize], c: usize, l2: f64, setti
     Logistic { w: w.to_vec(), b: b.to_vec(), c, d, iterations }
 }
 
-/// Mean held-out cross-entropy (nats) of `model` on rows `z` with classes `a`, and the count of
-/// rows whose most probable class is the true one (ties to the smaller class index).
-pub(super) fn score(model: &Logistic, z: &[Vec<f64>], a: &[usize]) -> (f64, usize) {
+/// Mean cross-entropy (nats) of the rows' `logits` divided by `temperature`, for classes `a`.
+pub(super) fn cross_entropy(logits: &[Vec<f64>], a: &[usize], temperature: f64) -> f64 {
+    let mut ce = 0.0;
+    for (l, &ai) in logits.iter().zip(a) {
+        ce -= log_softmax_at(l, temperature)[ai];
+    }
+    ce / logits.len().max(1) as f64
+}
+
+fn log_softmax_at(logits: &[f64], temperature: f64) -> Vec<f64> {
+    if temperature == 1.0 {
+        log_softmax(logits)
+    } else {
+        log_softmax(&logits.iter().map(|v| v / temperature).collect::<Vec<_>>())
+    }
+}
+
+/// Smallest and largest temperature searched.
+pub(super) const TEMPERATURE_RANGE: (f64, f64) = (1e-2, 1e2);
+
+/// The temperature T in [`TEMPERATURE_RANGE`] minimising `objective(T)`, a mean validation
+/// cross-entropy of logits divided by T, and that minimum. The cross-entropy is convex in 1 / T
+/// (a log-sum-exp of functions linear in 1 / T, minus one), hence unimodal in log T: a
+/// golden-section search on log T (80 steps: the bracket shrinks below 1e-15 of its width)
+/// finds its minimum. T = 1 (the fit as it is) is kept unless the search's minimum is lower,
+/// so a flat objective (logits that do not vary) reports 1. Deterministic.
+pub(super) fn best_temperature(objective: impl Fn(f64) -> f64) -> (f64, f64) {
+    let phi = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut lo, mut hi) = (TEMPERATURE_RANGE.0.ln(), TEMPERATURE_RANGE.1.ln());
+    let f = |u: f64| {
+        let v = objective(u.exp());
+        if v.is_nan() { f64::INFINITY } else { v }
+    };
+    let mut x1 = hi - phi * (hi - lo);
+    let mut x2 = lo + phi * (hi - lo);
+    let (mut f1, mut f2) = (f(x1), f(x2));
+    for _ in 0..80 {
+        if f1 <= f2 {
+            hi = x2;
+            x2 = x1;
+            f2 = f1;
+            x1 = hi - phi * (hi - lo);
+            f1 = f(x1);
+        } else {
+            lo = x1;
+            x1 = x2;
+            f1 = f2;
+            x2 = lo + phi * (hi - lo);
+            f2 = f(x2);
+        }
+    }
+    let (u, fu) = if f1 <= f2 { (x1, f1) } else { (x2, f2) };
+    let at_one = f(0.0);
+    if fu < at_one { (u.exp(), fu) } else { (1.0, at_one) }
+}
+
+/// Mean held-out cross-entropy (nats) of `model` with its logits divided by `temperature` on
+/// rows `z` with classes `a`, and the count of rows whose most probable class is the true one
+/// (ties to the smaller class index; a temperature does not move it).
+pub(super) fn score(model: &Logistic, z: &[Vec<f64>], a: &[usize], temperature: f64) -> (f64, usize) {
     let mut ce = 0.0;
     let mut correct = 0usize;
     for (zi, &ai) in z.iter().zip(a) {
-        let logp = model.log_probs(zi);
+        let logp = log_softmax_at(&model.logits(zi), temperature);
         ce -= logp[ai];
         let best = (0..logp.len()).max_by(|&i, &j| logp[i].total_cmp(&logp[j]).then(j.cmp(&i))).unwrap_or(0);
         correct += (best == ai) as usize;
     }
     (ce / z.len().max(1) as f64, correct)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_temperature_undoes_a_known_overconfidence() {
+        // Binary outcomes drawn with P(a = 1) = sigmoid(u), shown as logits (0, 3u): the
+        // cross-entropy is least at T = 3 (up to sampling noise).
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (mut logits, mut a) = (Vec::new(), Vec::new());
+        for _ in 0..20000 {
+            let u = 8.0 * uniform() - 4.0;
+            a.push((uniform() < 1.0 / (1.0 + (-u).exp())) as usize);
+            logits.push(vec![0.0, 3.0 * u]);
+        }
+        let (t, ce) = best_temperature(|t| cross_entropy(&logits, &a, t));
+        assert!((t - 3.0).abs() < 0.15, "T = {t}");
+        assert!(ce < cross_entropy(&logits, &a, 1.0) - 0.05, "{ce}");
+        // Logits that do not vary: every T is as good, and T = 1 is reported.
+        let flat = vec![vec![0.0, 0.0]; 10];
+        assert_eq!(best_temperature(|t| cross_entropy(&flat, &[0, 1, 0, 1, 0, 1, 0, 1, 0, 1], t)), (1.0, 2f64.ln()));
+    }
 }

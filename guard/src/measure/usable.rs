@@ -9,9 +9,13 @@
 //! Uncertainty (METRICS.md, M3, Uncertainty): one split of a few hundred samples moves the
 //! estimate by about 0.1 bit, so the split is repeated (`splits` seeded stratified splits,
 //! default 5) and the mean and its standard error are reported; on each split the L2 penalty is
-//! chosen from `l2_grid` by stratified `cv_folds`-fold cross-validation on the training split
-//! alone (held-out cross-entropy), so the held-out split never chooses its own attacker. The
-//! penalties chosen are reported.
+//! chosen from `l2_grid`, together with a temperature T > 0 dividing the fitted logits (still a
+//! logistic regression: an accurate but overconfident fit keeps its accuracy and loses its
+//! miscalibration), by stratified `cv_folds`-fold cross-validation on the training split
+//! alone (the folds' held-out cross-entropy), so the held-out split never chooses its own
+//! attacker. The model refitted on the whole training split with the chosen penalty, its
+//! logits divided by the chosen T, is scored on the held-out split. The penalties and
+//! temperatures chosen are reported.
 //!
 //! The core ([`usable_information`], [`attribute_information`]) is plain Rust on host f64
 //! data: no libtorch, no autograd, Send + Sync inputs, so it runs off the training thread.
@@ -24,7 +28,7 @@ use super::logistic::FitSettings;
 use super::per_sample::GradientMatrix;
 use super::projected::{projected_gradients, ProjectedLayer};
 use super::projection::project;
-use super::usable_splits::{choose_penalty, fit_and_score, mean_and_se, most_chosen, stratified_split, SplitScore};
+use super::usable_splits::{choose_attacker, fit_and_score, mean_and_se, middle_temperature, most_chosen, stratified_split, SplitScore};
 use crate::report::Metric;
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +45,10 @@ pub struct UsableSettings {
     pub l2_grid: Vec<f64>,
     /// Folds of the cross-validation on the training split (stratified, seeded).
     pub cv_folds: usize,
+    /// Choose a temperature T in [1e-2, 1e2] dividing the attacker's logits with each
+    /// penalty, by the cross-validation on the training split (METRICS.md, M3); off: T = 1, the
+    /// fit as it is (the estimate of earlier releases).
+    pub calibrate_temperature: bool,
     /// Seeded stratified splits averaged (mean and standard error).
     pub splits: usize,
     /// Held-out fraction of each attribute value (stratified split).
@@ -60,6 +68,7 @@ impl Default for UsableSettings {
             l2: 1e-2,
             l2_grid: vec![1e-3, 1e-2, 1e-1, 1.0],
             cv_folds: 3,
+            calibrate_temperature: true,
             splits: 5,
             test_fraction: 0.3,
             min_samples: 200,
@@ -70,14 +79,15 @@ impl Default for UsableSettings {
 }
 
 impl UsableSettings {
-    /// One split, the fixed penalty `l2`: the single estimate of earlier releases (cheap).
+    /// One split, the fixed penalty `l2` (the temperature still cross-validated unless
+    /// `calibrate_temperature` is turned off).
     pub fn single_split(l2: f64) -> Self {
         Self { l2, l2_grid: Vec::new(), splits: 1, ..Self::default() }
     }
 
     /// Rejects settings outside their ranges (projection_dim >= 1, l2 and the grid's penalties
-    /// finite and >= 0, cv_folds >= 2 with a grid, splits >= 1, test_fraction in (0, 1),
-    /// min_samples >= 4, max_iterations >= 1).
+    /// finite and >= 0, cv_folds >= 2 with a grid or the temperature's calibration, splits >= 1,
+    /// test_fraction in (0, 1), min_samples >= 4, max_iterations >= 1).
     pub fn validate(&self) -> Result<()> {
         let bad = |setting: &'static str, why: String| Err(GuardError::Config { setting, why });
         if self.projection_dim == 0 {
@@ -91,6 +101,9 @@ impl UsableSettings {
         }
         if !self.l2_grid.is_empty() && self.cv_folds < 2 {
             return bad("usable.cv_folds", format!("must be at least 2 to choose a penalty, got {}", self.cv_folds));
+        }
+        if self.calibrate_temperature && self.cv_folds < 2 {
+            return bad("usable.cv_folds", format!("must be at least 2 to choose a temperature (or set calibrate_temperature to false), got {}", self.cv_folds));
         }
         if self.splits == 0 {
             return bad("usable.splits", "must be at least 1".into());
@@ -146,6 +159,14 @@ pub struct UsableInformation {
     pub l2: f64,
     /// The penalty chosen on each split, in split order.
     pub l2_chosen: Vec<f64>,
+    /// The temperature reported: the middle of those chosen on the splits (the geometric mean
+    /// of the two middle ones for an even count); 1 when calibration is off. The attacker's
+    /// logits are divided by it.
+    #[serde(default = "unit_temperature")]
+    pub temperature: f64,
+    /// The temperature chosen on each split (with that split's penalty), in split order.
+    #[serde(default)]
+    pub temperature_chosen: Vec<f64>,
     /// Splits averaged.
     pub splits: usize,
     /// L-BFGS iterations of the slowest final fit.
@@ -154,6 +175,11 @@ pub struct UsableInformation {
     pub seed: u64,
     /// P_l (columns of the gradient matrix).
     pub params: usize,
+}
+
+/// Records of earlier releases had no temperature: their logits were used as fitted.
+fn unit_temperature() -> f64 {
+    1.0
 }
 
 /// M3 of one layer from its per-sample (or per-release) gradient matrix and one attribute
@@ -239,9 +265,10 @@ fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings, tran
 }
 
 /// The attack on arbitrary features (one row per sample), on each of `settings.splits` seeded
-/// stratified splits: choose the penalty by cross-validation on the training split,
-/// standardise with the training split's statistics, fit the L2-penalised multinomial logistic
-/// regression, score the held-out split; then the mean and standard error over the splits. `params` of the result is the feature count; [`usable_information`] sets it to P_l.
+/// stratified splits: choose the penalty and the temperature by cross-validation on the
+/// training split, standardise with the training split's statistics, fit the L2-penalised
+/// multinomial logistic regression, divide its logits by the temperature, score the held-out
+/// split; then the mean and standard error over the splits. `params` of the result is the feature count; [`usable_information`] sets it to P_l.
 pub fn attribute_information(
     features: &[Vec<f64>],
     labels: &[i64],
@@ -277,8 +304,8 @@ pub fn attribute_information(
         if test.is_empty() {
             return Ok(Metric::absent("held-out split is empty (every attribute value has a single sample)"));
         }
-        let l2 = choose_penalty(features, &class, c, &train, settings, seed, split as u64);
-        scores.push(fit_and_score(features, &class, c, &train, &test, l2, &settings.fit()));
+        let choice = choose_attacker(features, &class, c, &train, settings, seed, split as u64);
+        scores.push(fit_and_score(features, &class, c, &train, &test, choice, &settings.fit()));
     }
     let ln2 = std::f64::consts::LN_2;
     let gains: Vec<f64> = scores.iter().map(|s| (s.h_none - s.h_z) / ln2).collect();
@@ -286,6 +313,7 @@ pub fn attribute_information(
     let (accuracy, accuracy_se) = mean_and_se(&scores.iter().map(|s| s.accuracy).collect::<Vec<_>>());
     let mean = |f: fn(&SplitScore) -> f64| scores.iter().map(f).sum::<f64>() / scores.len() as f64;
     let l2_chosen: Vec<f64> = scores.iter().map(|s| s.l2).collect();
+    let temperature_chosen: Vec<f64> = scores.iter().map(|s| s.temperature).collect();
     Ok(Metric::Measured(UsableInformation {
         usable_information_bits: gain.max(0.0),
         usable_information_se: gain_se,
@@ -301,6 +329,8 @@ pub fn attribute_information(
         projection_dim: d,
         l2: most_chosen(&l2_chosen),
         l2_chosen,
+        temperature: middle_temperature(&temperature_chosen),
+        temperature_chosen,
         splits: scores.len(),
         iterations: scores.iter().map(|s| s.iterations).max().unwrap_or(0),
         seed,
@@ -344,5 +374,24 @@ mod tests {
         let m = m.measured().unwrap();
         assert_eq!(m.attack_accuracy, 1.0);
         assert!(m.usable_information_bits > 0.8 * m.prior_entropy_bits, "{m:?}");
+    }
+
+    #[test]
+    fn the_held_out_split_moves_the_bits_but_not_the_choices() {
+        // Attribute in the first feature, 10% of the labels flipped; one split, so its
+        // held-out rows are known here.
+        let n = 300;
+        let z: Vec<Vec<f64>> = (0..n).map(|i| (0..6).map(|j| if j == 0 { 3.0 * (i % 2) as f64 } else { 0.0 } + (((i * 7 + j * 13) * 2654435761usize) % 1000) as f64 / 500.0 - 1.0).collect()).collect();
+        let labels: Vec<i64> = (0..n).map(|i| if i % 10 == 4 { 1 - (i % 2) as i64 } else { (i % 2) as i64 }).collect();
+        let settings = UsableSettings { splits: 1, ..UsableSettings::default() };
+        let m = attribute_information(&z, &labels, &settings, 2).unwrap().measured().unwrap().clone();
+        let (_, test) = stratified_split(&labels.iter().map(|&a| a as usize).collect::<Vec<_>>(), 2, settings.test_fraction, 2, 0);
+        let mut scrambled = z.clone();
+        for &i in &test {
+            scrambled[i].iter_mut().for_each(|v| *v = -7.0 * *v + 1.0);
+        }
+        let s = attribute_information(&scrambled, &labels, &settings, 2).unwrap().measured().unwrap().clone();
+        assert_eq!((s.l2_chosen, s.temperature_chosen), (m.l2_chosen, m.temperature_chosen));
+        assert!(s.conditional_entropy_bits > m.conditional_entropy_bits + 0.1, "{} vs {}", s.conditional_entropy_bits, m.conditional_entropy_bits);
     }
 }
