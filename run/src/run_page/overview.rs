@@ -230,7 +230,7 @@ pub(crate) fn svg(o: &Overview, width: u32) -> Result<String, String> {
         let layer_y = |i: usize| (n as i64 - 1 - i as i64) * R;
         let x_end = (o.first_step + o.columns() as u64 * o.bin) as i64;
         let x = step_axis(o.first_step, x_end as u64, 11);
-        let x_ticks: Vec<i64> = x.ticks.iter().map(|t| *t as i64).filter(|t| *t <= x_end).collect();
+        let x_ticks: Vec<i64> = x.ticks.iter().map(|t| *t as i64).filter(|t| (o.first_step as i64..=x_end).contains(t)).collect();
         let labels: Vec<(i64, String)> = o
             .rows
             .iter()
