@@ -158,3 +158,35 @@ pub(crate) fn colour(outcome: Outcome) -> &'static str {
         _ => "#1f77b4",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gradguard_guard::decide::{Checkpoint, LayerTally};
+
+    fn checkpoint(to: u64, estimate: u64, separation: f64) -> DecisionRecord {
+        let mut r = DecisionRecord::event(to, Outcome::Checkpoint, "p", None);
+        let tally = LayerTally { layer: "fc".into(), estimate_step: Some(estimate), metrics: [("subspace_separation".to_string(), separation)].into(), ..LayerTally::default() };
+        r.checkpoint = Some(Checkpoint { from_step: to.saturating_sub(99), to_step: to, layers: vec![tally] });
+        r
+    }
+
+    #[test]
+    fn a_value_that_changes_under_the_same_estimate_step_is_placed_at_its_checkpoint() {
+        // A background metric lands after the checkpoint of its estimate's step: the second
+        // checkpoint logs a new value under the same estimate step.
+        let records = [DecisionRecord::event(0, Outcome::Started, "p", None), checkpoint(99, 96, 0.05), checkpoint(199, 96, -0.08), checkpoint(299, 96, -0.08)];
+        let run = history(&records, &["fc".to_string()]);
+        assert_eq!(run.layers[0].metrics["subspace_separation"], [(96, 0.05), (199, -0.08)]);
+        assert_eq!((run.first_step, run.last_step), (0, 299));
+    }
+
+    #[test]
+    fn blocks_and_refused_records_are_refusals() {
+        let mut refused = DecisionRecord::event(3, Outcome::PolicyRejected, "p", Some("refused: the file does not parse".into()));
+        refused.layer = "*".into();
+        let records = [DecisionRecord::event(0, Outcome::Started, "p", None), DecisionRecord::event(2, Outcome::Blocked, "p", Some("stale".into())), refused, DecisionRecord::event(4, Outcome::PolicyRejected, "p", Some("bad".into()))];
+        let run = history(&records, &[]);
+        assert_eq!(run.global.iter().map(|d| (d.step, d.refusal)).collect::<Vec<_>>(), [(2, true), (3, true), (4, false)]);
+    }
+}
