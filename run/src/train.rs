@@ -300,6 +300,15 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
             sample_ids: Some(idx),
         })
     };
+    // A model this run did not train (anyone's file) is vetted on the first batch first.
+    if let Stepper::Guarded(opt) = &mut stepper {
+        let first = batches(0)?;
+        let vetting = opt.vet_parameters(&first.batch())?;
+        if let Some(why) = vetting.refusal() {
+            opt.guard_mut().close_audit_log()?;
+            return Err(RunError::Refused(why));
+        }
+    }
     let run_loop = RunLoop { stop: options.guard.as_ref().and_then(|g| g.stop), reload: options.guard.as_ref().and_then(|g| g.reload.clone()) };
     let outcome = run_loop.run(&mut stepper, options.steps, batches, progress)?;
     Ok((outcome, policy))
