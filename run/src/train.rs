@@ -22,7 +22,8 @@
 //! ```
 use crate::error::{Result, RunError};
 use crate::reload::PolicyReloader;
-use crate::run_loop::{RunLoop, RunOutcome, StepData, StepProgress, Stepper};
+use crate::run_loop::{RunLoop, RunOutcome, StepProgress, Stepper};
+use gradguard_guard::measure::OwnedBatch;
 use crate::stop::StopSignal;
 use crate::summary::{ReleaseCounts, RunSummary};
 use gradguard_exporter::MetricsServer;
@@ -290,9 +291,9 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
     let device = data.x.device();
     let indices: Vec<usize> = (0..data.n).collect();
     let attribute = data.attribute.as_deref().map(|a| Tensor::f_from_slice(a)?.f_to_device(device)).transpose()?;
-    let batches = |step: usize| -> Result<StepData> {
+    let batches = |step: usize| -> Result<OwnedBatch> {
         let idx = Tensor::f_from_slice(&seeded_batch(&indices, options.batch_size, options.seed, step))?.f_to_device(device)?;
-        Ok(StepData {
+        Ok(OwnedBatch {
             inputs: data.x.f_index_select(0, &idx)?,
             targets: data.y.f_index_select(0, &idx)?,
             attribute: attribute.as_ref().map(|a| a.f_index_select(0, &idx)).transpose()?,
