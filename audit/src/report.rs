@@ -258,7 +258,7 @@ impl AuditReport {
         let r = &self.release;
         let m3: Vec<String> = self.layers.iter().filter_map(|l| l.details.m3.measured().map(|m| format!("{} {} T {}", l.name, m.l2, fmt(Some(m.temperature))))).collect();
         if let Some(m) = self.layers.iter().find_map(|l| l.details.m3.measured()) {
-            let _ = writeln!(out, "M3: mean ± standard error over {} seeded splits; L2 penalty (cross-validated on each training split unless --l2) and logit temperature T (cross-validated with it): {}", m.splits, m3.join(", "));
+            let _ = writeln!(out, "M3: mean ± standard error over {} seeded splits; L2 penalty (cross-validated on each training split unless --l2) and logit temperature T (cross-validated with it): {}; held-out split scored by the {} (accuracy: the refit's decisions)", m.splits, m3.join(", "), if m.attacker == "fold_ensemble" { "folds' models' mean logits / T" } else { "refit on the training split" });
         }
         if let Some(plan) = &self.settings.attacks {
             let strongest: Vec<String> = self.layers.iter().filter_map(|l| Some(format!("{} {}", l.name, l.strongest_attack?))).collect();

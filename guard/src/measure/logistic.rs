@@ -231,15 +231,21 @@ pub(super) fn best_temperature(objective: impl Fn(f64) -> f64) -> (f64, f64) {
 /// rows `z` with classes `a`, and the count of rows whose most probable class is the true one
 /// (ties to the smaller class index; a temperature does not move it).
 pub(super) fn score(model: &Logistic, z: &[Vec<f64>], a: &[usize], temperature: f64) -> (f64, usize) {
+    let logits: Vec<Vec<f64>> = z.iter().map(|zi| model.logits(zi)).collect();
+    score_logits(&logits, a, temperature)
+}
+
+/// [`score`] of rows' logits, whatever affine map of the features made them.
+pub(super) fn score_logits(logits: &[Vec<f64>], a: &[usize], temperature: f64) -> (f64, usize) {
     let mut ce = 0.0;
     let mut correct = 0usize;
-    for (zi, &ai) in z.iter().zip(a) {
-        let logp = log_softmax_at(&model.logits(zi), temperature);
+    for (l, &ai) in logits.iter().zip(a) {
+        let logp = log_softmax_at(l, temperature);
         ce -= logp[ai];
         let best = (0..logp.len()).max_by(|&i, &j| logp[i].total_cmp(&logp[j]).then(j.cmp(&i))).unwrap_or(0);
         correct += (best == ai) as usize;
     }
-    (ce / z.len().max(1) as f64, correct)
+    (ce / logits.len().max(1) as f64, correct)
 }
 
 #[cfg(test)]

@@ -13,9 +13,13 @@
 //! logistic regression: an accurate but overconfident fit keeps its accuracy and loses its
 //! miscalibration), by stratified `cv_folds`-fold cross-validation on the training split
 //! alone (the folds' held-out cross-entropy), so the held-out split never chooses its own
-//! attacker. The model refitted on the whole training split with the chosen penalty, its
-//! logits divided by the chosen T, is scored on the held-out split. The penalties and
-//! temperatures chosen are reported.
+//! attacker. The held-out split is scored by the attacker T was fitted for: the mean of the
+//! chosen penalty's fold models' logits (a mean of affine maps: still a logistic regression),
+//! divided by T. (T fitted to models trained on (k-1)/k of the training split is too large for
+//! a refit on all of it, which is more confident: it under-reported the refit.) With
+//! `calibrate_temperature` off the model refitted on the whole training split with the chosen
+//! penalty is scored at T = 1, the estimate of earlier releases. The penalties and
+//! temperatures chosen, and which attacker was scored, are reported.
 //!
 //! The core ([`usable_information`], [`attribute_information`]) is plain Rust on host f64
 //! data: no libtorch, no autograd, Send + Sync inputs, so it runs off the training thread.
@@ -28,7 +32,7 @@ use super::logistic::FitSettings;
 use super::per_sample::GradientMatrix;
 use super::projected::{projected_gradients, ProjectedLayer};
 use super::projection::project;
-use super::usable_splits::{choose_attacker, fit_and_score, mean_and_se, middle_temperature, most_chosen, stratified_split, SplitScore};
+use super::usable_splits::{cross_validate, mean_and_se, middle_temperature, most_chosen, score_split, stratified_split, SplitScore, REFIT};
 use crate::report::Metric;
 use serde::{Deserialize, Serialize};
 
@@ -46,8 +50,10 @@ pub struct UsableSettings {
     /// Folds of the cross-validation on the training split (stratified, seeded).
     pub cv_folds: usize,
     /// Choose a temperature T in [1e-2, 1e2] dividing the attacker's logits with each
-    /// penalty, by the cross-validation on the training split (METRICS.md, M3); off: T = 1, the
-    /// fit as it is (the estimate of earlier releases).
+    /// penalty, by the cross-validation on the training split (METRICS.md, M3), and score the
+    /// held-out split by the folds' models at that T (`UsableInformation::attacker`
+    /// `"fold_ensemble"`); off: T = 1 and the model refitted on the whole training split, the
+    /// fit as it is (`"refit"`, the estimate of earlier releases).
     pub calibrate_temperature: bool,
     /// Seeded stratified splits averaged (mean and standard error).
     pub splits: usize,
@@ -133,7 +139,9 @@ pub struct UsableInformation {
     /// Standard error of that mean over the splits (0 with one split). The splits share
     /// samples, so this is the spread of the split choice, not of a fresh data set.
     pub usable_information_se: f64,
-    /// Held-out accuracy of the fitted attacker (mean over splits).
+    /// Held-out accuracy (mean over splits) of the decisions of the model refitted on the whole
+    /// training split with the chosen penalty, whichever `attacker` gives the cross-entropy: a
+    /// temperature moves no decision, so it is the same with and without calibration.
     pub attack_accuracy: f64,
     /// Standard error of the held-out accuracy over the splits.
     pub attack_accuracy_se: f64,
@@ -142,7 +150,8 @@ pub struct UsableInformation {
     /// H_V(A|none): held-out cross-entropy of the training-split class frequencies, in bits
     /// (mean over splits).
     pub prior_entropy_bits: f64,
-    /// H_V(A|Z): held-out cross-entropy of the fitted attacker, in bits (mean over splits).
+    /// H_V(A|Z): held-out cross-entropy of the attacker scored (`attacker`), in bits (mean over
+    /// splits).
     pub conditional_entropy_bits: f64,
     /// Samples (or releases) used.
     pub samples: usize,
@@ -167,9 +176,20 @@ pub struct UsableInformation {
     /// The temperature chosen on each split (with that split's penalty), in split order.
     #[serde(default)]
     pub temperature_chosen: Vec<f64>,
+    /// The attacker whose held-out cross-entropy gives `conditional_entropy_bits` and the bits.
+    /// `"fold_ensemble"` (with `calibrate_temperature`): the mean of the logits of the
+    /// `cv_folds` models the split's cross-validation fitted with the chosen penalty (each on a
+    /// fold's complement within the training split), divided by the split's temperature: the
+    /// models and T the folds' cross-entropy was computed for. `"refit"`: one model refitted on
+    /// the whole training split with the chosen penalty, its logits divided by `temperature` (1
+    /// without calibration; records of earlier releases, which have no field, read as
+    /// `"refit"`). `"mixed"` if the splits differ, which only a cross-validation whose every
+    /// score is non-finite (no fold models kept, the refit scored) could cause.
+    #[serde(default = "refit_attacker")]
+    pub attacker: String,
     /// Splits averaged.
     pub splits: usize,
-    /// L-BFGS iterations of the slowest final fit.
+    /// L-BFGS iterations of the slowest fit scored (the refit, or a fold ensemble's model).
     pub iterations: usize,
     /// Seed of the projection and the splits.
     pub seed: u64,
@@ -180,6 +200,11 @@ pub struct UsableInformation {
 /// Records of earlier releases had no temperature: their logits were used as fitted.
 fn unit_temperature() -> f64 {
     1.0
+}
+
+/// Records of earlier releases had no attacker field: they scored the refit.
+fn refit_attacker() -> String {
+    REFIT.to_string()
 }
 
 /// M3 of one layer from its per-sample (or per-release) gradient matrix and one attribute
@@ -266,9 +291,11 @@ fn estimate_usable_information(ins: &Inspection, settings: &UsableSettings, tran
 
 /// The attack on arbitrary features (one row per sample), on each of `settings.splits` seeded
 /// stratified splits: choose the penalty and the temperature by cross-validation on the
-/// training split, standardise with the training split's statistics, fit the L2-penalised
-/// multinomial logistic regression, divide its logits by the temperature, score the held-out
-/// split; then the mean and standard error over the splits. `params` of the result is the feature count; [`usable_information`] sets it to P_l.
+/// training split (each fold model standardised with its own rows' statistics), score the
+/// held-out split by the chosen penalty's fold models' mean logits divided by the temperature
+/// (without calibration: by the L2-penalised multinomial logistic regression refitted on the
+/// whole training split, standardised with its statistics); then the mean and standard error
+/// over the splits. `params` of the result is the feature count; [`usable_information`] sets it to P_l.
 pub fn attribute_information(
     features: &[Vec<f64>],
     labels: &[i64],
@@ -304,8 +331,8 @@ pub fn attribute_information(
         if test.is_empty() {
             return Ok(Metric::absent("held-out split is empty (every attribute value has a single sample)"));
         }
-        let choice = choose_attacker(features, &class, c, &train, settings, seed, split as u64);
-        scores.push(fit_and_score(features, &class, c, &train, &test, choice, &settings.fit()));
+        let chosen = cross_validate(features, &class, c, &train, settings, seed, split as u64);
+        scores.push(score_split(features, &class, c, &train, &test, &chosen, settings));
     }
     let ln2 = std::f64::consts::LN_2;
     let gains: Vec<f64> = scores.iter().map(|s| (s.h_none - s.h_z) / ln2).collect();
@@ -331,6 +358,9 @@ pub fn attribute_information(
         l2_chosen,
         temperature: middle_temperature(&temperature_chosen),
         temperature_chosen,
+        // The same on every split: with calibration each training split (two rows or more)
+        // gives fold models.
+        attacker: if scores.iter().all(|s| s.attacker == scores[0].attacker) { scores[0].attacker.to_string() } else { "mixed".to_string() },
         splits: scores.len(),
         iterations: scores.iter().map(|s| s.iterations).max().unwrap_or(0),
         seed,
