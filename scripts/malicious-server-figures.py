@@ -72,13 +72,13 @@ act_above = 0.01
 relax_below = 0.002
 ladder = [{ action = "noise", clip_norm = 10.0, target = "threshold" }]
 """,
-    "M6 exposed_fraction above 0.1: withhold": ROUND + """
+    "M6 exposed_fraction above 0.5: withhold": ROUND + """
 [[rule]]
 name = "isolation"
 metric = "exposed_fraction"
 layers = ["*"]
-act_above = 0.1
-relax_below = 0.05
+act_above = 0.5
+relax_below = 0.25
 ladder = [{ action = "withhold" }]
 """,
     "default.toml": (ROOT / "federated" / "gradguard_federated" / "policies" / "default.toml").read_text(),
@@ -102,7 +102,7 @@ def run(gradguard_fl, folder: Path, model: str, policy: str, batch: int) -> str:
     peak = float(x.max() - x.min())
     path = str(folder / f"{model}.pt")
     params = gradguard_fl.initial_parameters(model_path=path)
-    recovered, best, facts = 0, float("-inf"), []
+    recovered, best, facts, why = 0, float("-inf"), [], ""
     for r in range(1, RELEASES + 1):
         cfg = {"local-steps": 1, "lr": 0.1, "batch-size": batch, "seed": r, "server-round": r, "policy": POLICIES[policy], "model-path": path}
         res = gradguard_fl.train(params, cfg, gradguard_fl.DataDir(str(folder / "data")))
@@ -111,6 +111,10 @@ def run(gradguard_fl, folder: Path, model: str, policy: str, batch: int) -> str:
         m1 = fc0.get("sensitivity", {})
         m6 = fc0.get("sample_isolation", {})
         facts.append((m1.get("sensitivity"), m1.get("sensitivity_rms"), m6.get("exposed_fraction")))
+        if not res.manifest:
+            # The client vetted the parameters it was sent and refused the round (M6).
+            state, why = "refused", res.reason or ""
+            continue
         manifest = json.loads(res.manifest)
         actions = next(l["actions"] for l in manifest["layers"] if l["name"] == "fc0")
         if res.blocked or "fc0.weight" not in res.update:
@@ -121,7 +125,8 @@ def run(gradguard_fl, folder: Path, model: str, policy: str, batch: int) -> str:
         recovered += got
         best = max(best, top)
     s, s_rms, exposed = (np.mean([f[i] for f in facts if f[i] is not None]) if any(f[i] is not None for f in facts) else float("nan") for i in range(3))
-    return f"{model:6} {policy:42} fc0 {state:9} S_l {s:.4f} S_rms {s_rms:.2e} exposed {exposed:.2f}  recovered {recovered:3}/{RELEASES * batch}  best PSNR {best:5.1f} dB"
+    line = f"{model:6} {policy:42} fc0 {state:9} S_l {s:.4f} S_rms {s_rms:.2e} exposed {exposed:.2f}  recovered {recovered:3}/{RELEASES * batch}  best PSNR {best:5.1f} dB"
+    return line + (f"\n         ({why})" if why else "")
 
 
 def main() -> None:

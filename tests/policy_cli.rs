@@ -114,7 +114,7 @@ fn a_federated_policy_on_thresholds_clipping_and_the_floor_is_warned_about() {
     assert!(lint.contains("warning: nothing in this policy holds against a malicious server: no calibrated noise on conv1, conv2, fc1, fc2 and no M6 rule."), "{lint}");
     for needle in [
         "rule 'first-layer-sensitivity-tight' acts on sensitivity_rms thresholds: trap weights lower",
-        "109 of 128 samples come back",
+        "109 to 118 of 128 samples come back",
         "clipping (rule 'first-layer-sensitivity-tight'): it scales dW and db alike, so x = dW_u / db_u is unchanged",
         "aggregation_floor 64: the server knows it and builds the trap for that batch size",
         "What holds: calibrated noise on every layer with a ledger cap",
@@ -164,7 +164,7 @@ fn partial_protection_is_warned_about_layer_by_layer() {
         std::fs::write(&path, format!("version = 2\n[settings]\nestimate_before_release = true\nestimate_every = 1\nmax_estimate_age_steps = 1\n{settings}\n{rules}")).unwrap();
         path.display().to_string()
     };
-    let m6 = "[[rule]]\nname = \"iso\"\nmetric = \"exposed_fraction\"\nlayers = [\"*\"]\nact_above = 0.1\nrelax_below = 0.05\nladder = [{ action = \"withhold\" }]\n";
+    let m6 = "[[rule]]\nname = \"iso\"\nmetric = \"exposed_fraction\"\nlayers = [\"*\"]\nact_above = 0.5\nrelax_below = 0.25\nladder = [{ action = \"withhold\" }]\n";
     let m5 = |layers: &str| format!("[[rule]]\nname = \"bound\"\nmetric = \"reconstruction_bound_bits\"\nlayers = [{layers}]\nact_above = 0.01\nrelax_below = 0.002\nladder = [{{ action = \"noise\", clip_norm = 10.0, target = \"threshold\" }}]\n");
 
     // M6 alone: the layers without noise are named.

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
 /// M6's threshold: the share of the batch a layer's release may expose alone.
-const EXPOSED_ABOVE: f64 = 0.1;
+const EXPOSED_ABOVE: f64 = 0.5;
 /// The clip before the calibrated noise (the noise scales with what the clip leaves).
 const CLIP_NORM: f64 = 10.0;
 
@@ -250,10 +250,12 @@ tau = 0.99",
 
     let _ = writeln!(t);
     t.push_str(
-        "# Rule 1, M6 (sample isolation): withhold a layer whose release would expose more than a tenth
-# of the round's samples alone (units whose gradient comes from one sample give it back,
-# whatever the batch size: trap weights). Measured at the parameters the server sent, before
-# anything of the round leaves.
+        "# Rule 1, M6 (sample isolation): withhold a layer whose release would expose more than half of
+# the round's samples alone (units whose gradient comes from one sample give it back, whatever
+# the batch size: trap weights). Measured at the parameters the server sent, before anything of
+# the round leaves. Honest layers isolate some samples of small batches (the digits CNN's fc1 up
+# to 0.22 of 32); trap weights most (0.85 to 0.92 of 32). A trap below the threshold passes
+# this rule, and rule 2's noise still bounds its release.
 ",
     );
     match measured {
