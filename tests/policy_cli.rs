@@ -123,6 +123,7 @@ fn a_federated_policy_on_thresholds_clipping_and_the_floor_is_warned_about() {
         assert!(lint.contains(needle), "lacks {needle:?}:\n{lint}");
     }
     assert!(!lint.contains("  holds:"), "{lint}");
+    assert!(!lint.contains("note:"), "{lint}");
 
     // The example is a training-loop policy: no lint unless asked for; asked, conv1 is bounded
     // (its calibrated noise rule) and the rest is not.
@@ -153,7 +154,7 @@ fn the_default_federated_policy_fits_any_model_and_holds() {
         assert!(stdout.contains("metric:     exposed_fraction") && stdout.contains("metric:     reconstruction_bound_bits"), "{stdout}");
         assert!(stdout.contains("ledger cap: over the whole run"), "{stdout}");
         assert!(!stdout.contains("warning") && !stdout.contains("note: no rule covers"), "{model}: {stdout}");
-        assert!(lint_part(&stdout).contains("  holds: calibrated noise on every layer with a ledger cap, and sample isolation (M6)"), "{stdout}");
+        assert!(lint_part(&stdout).contains("  holds: calibrated noise on every layer with a ledger cap (M5), and sample isolation (M6, rule 'sample-isolation')\n"), "{stdout}");
     }
 }
 
@@ -171,6 +172,7 @@ fn partial_protection_is_warned_about_layer_by_layer() {
     let p = write("m6-only.toml", "", m6);
     let lint = text(&gradguard(&["policy", "check", &p, "--model", "cnn"]).stdout);
     assert!(lint.contains("warning: conv1, conv2, fc1, fc2 released without calibrated noise (no reconstruction_bound_bits rule covers them)"), "{lint}");
+    assert!(lint.contains("  holds: sample isolation (M6, rule 'iso')\n"), "{lint}");
     assert!(!lint.contains("nothing in this policy holds"), "{lint}");
     // M6 and noise on conv1 only.
     let p = write("m6-m5-conv1.toml", "ledger_cap_bits = 1.0", &format!("{m6}{}", m5("\"conv1\"")));
@@ -180,12 +182,13 @@ fn partial_protection_is_warned_about_layer_by_layer() {
     let p = write("m5-no-cap.toml", "", &format!("{m6}{}", m5("\"*\"")));
     let lint = text(&gradguard(&["policy", "check", &p, "--model", "cnn"]).stdout);
     assert!(lint.contains("warning: no ledger_cap_bits: each round's release is bounded, but the rounds' bounds add up"), "{lint}");
+    assert!(lint.contains("  holds: calibrated noise on every layer (M5), per release, and sample isolation (M6, rule 'iso')\n"), "{lint}");
     // Noise on every layer with a cap and no M6: holds, with a note.
     let p = write("m5-cap.toml", "ledger_cap_bits = 1.0", &m5("\"*\""));
     let out = gradguard(&["policy", "check", &p, "--model", "cnn"]);
     let lint = text(&out.stdout);
     assert!(out.status.success() && !lint.contains("warning"), "{lint}");
-    assert!(lint.contains("  holds: calibrated noise on every layer") && lint.contains("note: no M6 rule (exposed_fraction)"), "{lint}");
+    assert!(lint.contains("  holds: calibrated noise on every layer with a ledger cap (M5)\n") && lint.contains("note: no M6 rule (exposed_fraction)"), "{lint}");
 }
 
 /// `policy init` on `model` (extra arguments after it), written to a scratch file: the file's

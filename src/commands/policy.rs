@@ -188,8 +188,8 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         };
         let findings = lint::federated(&policy, on_model);
         println!("federated use ({why}): against a malicious server");
-        if findings.warnings.is_empty() {
-            println!("  holds: calibrated noise on every layer with a ledger cap, and sample isolation (M6)");
+        if !findings.holds.is_empty() {
+            println!("  holds: {}", findings.holds.join(", and "));
         }
         for w in &findings.warnings {
             println!("warning: {w}");

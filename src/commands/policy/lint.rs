@@ -13,8 +13,11 @@ use gradguard::guard::Policy;
 /// Where the figures come from, as the warnings cite it.
 const SOURCE: &str = "trap weights sent to a digits MLP, 4 releases of 32 samples, four runs of scripts/malicious-server-figures.py; docs/FEDERATED.md";
 
-/// The lint's findings: warnings (the policy relies on something that does not hold) and notes.
+/// The lint's findings: what holds, warnings (the policy relies on something that does not
+/// hold) and notes.
 pub(super) struct Findings {
+    /// The protections that hold, in words (empty: none).
+    pub(super) holds: Vec<String>,
     /// Each a line, or a first line followed by indented ones.
     pub(super) warnings: Vec<String>,
     /// Weaker remarks.
@@ -147,5 +150,12 @@ pub(super) fn federated(policy: &Policy, model: Option<(&[String], &Coverage)>) 
             notes.push("no M6 rule (exposed_fraction): a layer whose units each carry one sample (trap weights) is released with its noise rather than withheld".into());
         }
     }
-    Findings { warnings, notes }
+    let mut holds = Vec::new();
+    if every_layer_bounded {
+        holds.push(if policy.settings().ledger_cap_bits.is_some() { "calibrated noise on every layer with a ledger cap (M5)" } else { "calibrated noise on every layer (M5), per release" }.to_string());
+    }
+    if !m6.is_empty() {
+        holds.push(format!("sample isolation (M6, rule {})", m6.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")));
+    }
+    Findings { holds, warnings, notes }
 }
