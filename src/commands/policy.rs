@@ -1,10 +1,16 @@
-//! `gradguard policy check FILE [--model cnn|mlp|PATH.pt]`: validates a policy file on its own
-//! and, given a model, against the model's layers, and prints what each rule covers.
+//! `gradguard policy check FILE [--model cnn|mlp|PATH.pt] [--federated]`: validates a policy
+//! file on its own and, given a model, against the model's layers, and prints what each rule
+//! covers; for a policy meant for federated use, it warns when nothing in it holds against a
+//! malicious server. `gradguard policy init --model M`: writes a starter policy for the model's
+//! layers (see [`init`]).
 use anyhow::bail;
 use gradguard::models::{AuditModel, ModelError};
 use gradguard::guard::Policy;
 use std::path::PathBuf;
 use tch::Device;
+
+mod init;
+mod lint;
 
 #[derive(clap::Args)]
 pub struct PolicyArgs {
@@ -16,6 +22,10 @@ pub struct PolicyArgs {
 enum PolicyCommand {
     /// Validate a policy file; with --model, also match its layer patterns against the model.
     Check(CheckArgs),
+    /// Write a starter policy for a model's layers: sample isolation (M6), noise calibrated to
+    /// a bound in bits (M5) on every layer and a ledger cap, rules that need no threshold
+    /// measured on the model and hold against a malicious server.
+    Init(init::InitArgs),
 }
 
 #[derive(clap::Args)]
@@ -26,17 +36,34 @@ struct CheckArgs {
     /// a TorchScript module (`.pt`), resolved as `gradguard audit --model` resolves it.
     #[arg(long)]
     model: Option<String>,
+    /// The policy is meant for federated clients: say what in it holds against a malicious
+    /// server (implied by `estimate_before_release = true`, a release per round).
+    #[arg(long)]
+    federated: bool,
 }
 
+/// Runs a `gradguard policy` subcommand.
 pub fn run(args: PolicyArgs) -> anyhow::Result<()> {
     match args.command {
         PolicyCommand::Check(args) => check(args),
+        PolicyCommand::Init(args) => init::init(args),
     }
 }
 
-/// What a rule promises, in words, for the rules whose metric has a unit that does (M5).
+/// What a rule promises, in words, for the rules whose metric has a unit that does (M5) and
+/// for sample isolation (M6).
 fn explain(rule: &gradguard::guard::decide::Rule, layers: &[String]) -> Vec<String> {
     use gradguard::guard::{decide::LadderStep, report::{LeakageMetric, BOUND_CAVEAT}};
+    if matches!(rule.metric, LeakageMetric::ExposedFraction | LeakageMetric::IsolatedShare) {
+        let what = if rule.metric == LeakageMetric::ExposedFraction {
+            format!("more than {} of the batch's samples", rule.act_above)
+        } else {
+            format!("more than {} of its squared gradient norm in units that carry one sample each", rule.act_above)
+        };
+        return vec![format!(
+            "meaning:    a layer whose release would carry {what} (units whose gradient comes from one sample give it back, whatever the batch size) escalates; measured at the parameters as they are before each release"
+        )];
+    }
     if rule.metric != LeakageMetric::ReconstructionBoundBits {
         return vec![];
     }
@@ -60,14 +87,19 @@ fn explain(rule: &gradguard::guard::decide::Rule, layers: &[String]) -> Vec<Stri
     out
 }
 
-/// The label and layer names, in model order, of a built-in model or a TorchScript file.
-fn model_layers(name: &str) -> anyhow::Result<(String, Vec<String>)> {
-    let model = match AuditModel::load(name, 0, Device::Cpu) {
+/// A built-in model or a TorchScript file, resolved as `gradguard audit --model` resolves it.
+fn load_model(name: &str) -> anyhow::Result<AuditModel> {
+    match AuditModel::load(name, 0, Device::Cpu) {
         Err(ModelError::UnknownModel { name }) => {
             bail!("unknown model '{name}': expected `cnn`, `mlp` or the path of a TorchScript file")
         }
-        other => other?,
-    };
+        other => Ok(other?),
+    }
+}
+
+/// The label and layer names, in model order, of a built-in model or a TorchScript file.
+fn model_layers(name: &str) -> anyhow::Result<(String, Vec<String>)> {
+    let model = load_model(name)?;
     Ok((model.label(), model.layer_names()?))
 }
 
@@ -141,6 +173,30 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         }
     } else {
         println!("(no --model: layer patterns not checked)");
+    }
+    let federated = if args.federated {
+        Some("--federated")
+    } else if policy.settings().estimate_before_release {
+        Some("estimate_before_release = true: a release per federated round")
+    } else {
+        None
+    };
+    if let Some(why) = federated {
+        let on_model = match (&model, &coverage) {
+            (Some((_, layers)), Some(coverage)) => Some((layers.as_slice(), coverage)),
+            _ => None,
+        };
+        let findings = lint::federated(&policy, on_model);
+        println!("federated use ({why}): against a malicious server");
+        if !findings.holds.is_empty() {
+            println!("  holds: {}", findings.holds.join(", and "));
+        }
+        for w in &findings.warnings {
+            println!("warning: {w}");
+        }
+        for n in &findings.notes {
+            println!("note: {n}");
+        }
     }
     Ok(())
 }
