@@ -27,6 +27,10 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+# p0's policy: S_l thresholds on the digits CNN that it does not cross, so it releases as
+# computed (the shipped default adds noise to every layer).
+CNN_THRESHOLDS = Path(__file__).resolve().parent / "policies" / "cnn-thresholds.toml"
+
 APP_DIR = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 LR, LOCAL_STEPS = 0.1, 20
@@ -300,7 +304,7 @@ def test_three_rounds_withheld_layer_and_blocked_client(deployment: Deployment, 
     d = deployment
     d.start_superlink()
     node_metrics = free_port()
-    d.start_supernode("node-p0", {"partition-id": 0, "num-partitions": 3, "policy": "default.toml",
+    d.start_supernode("node-p0", {"partition-id": 0, "num-partitions": 3, "policy": str(CNN_THRESHOLDS),
                                   "metrics-port": node_metrics, "spool-dir": str(tmp_path / "spool-p0")})
     d.start_supernode("node-p1", {"partition-id": 1, "num-partitions": 3, "policy": "tight-first-layer.toml"})
     d.start_supernode("node-p2", {"partition-id": 2, "num-partitions": 3, "policy": "impossible.toml"})
@@ -309,7 +313,7 @@ def test_three_rounds_withheld_layer_and_blocked_client(deployment: Deployment, 
     # default policy would be aggregated).
     d.run({"num-server-rounds": 3, "min-cohort": 2, "min-nodes": 3, "round-timeout": 120.0,
            "local-steps": LOCAL_STEPS, "lr": LR, "metrics-port": server_metrics,
-           "required-policy": "default.toml tight-first-layer.toml impossible.toml"})
+           "required-policy": f"{CNN_THRESHOLDS} tight-first-layer.toml impossible.toml"})
 
     # Prometheus while the run lasts: the server's table, and node p0's own gradguard exporter.
     d.wait_round("round-end", 1, timeout=240)
