@@ -11,8 +11,14 @@
 //! wrote it.
 #![deny(missing_docs, unreachable_pub)]
 
+#[allow(dead_code)] // wired into the study by the next change
+mod aggregation;
 mod bound;
 mod groups;
+#[allow(dead_code)]
+mod malicious;
+#[allow(dead_code)]
+mod nets;
 mod render;
 mod render_bound;
 mod sweeps;
