@@ -342,6 +342,11 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
     }
 
     render_bound(w, &results.bounds, &results.bound_figure);
+    if let Some(m) = &results.malicious {
+        super::render_malicious::render_malicious(w, m);
+    }
+    super::render_malicious::render_aggregation(w, &results.honest, &plan.honest, &cmd);
+    super::render_malicious::render_fpr(w, &results.fpr, &plan.honest, &cmd);
     let bound_summary = super::render_bound::summary(&results.bounds);
 
     // What held.
@@ -352,6 +357,9 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
     }
     out!(w, "- A rho above +0.5 is read as \"tracks the attack\", between -0.5 and +0.5 as \"does not track it\", below -0.5 as \"ranks the layers against the attack\".");
     if let Some(line) = bound_summary {
+        out!(w, "- {line}");
+    }
+    for line in super::render_malicious::summary(results.malicious.as_ref(), &results.honest, &results.fpr, &plan.honest) {
         out!(w, "- {line}");
     }
     if let Some(agg) = aggregation {
