@@ -1,7 +1,8 @@
 //! The live page (`/` of a running demo's exporter) and the run report (`report.html`, which
 //! the demo writes and prints) in a real headless Chromium (Debian's `chromium`, installed by
 //! scripts/install-test-deps.sh): each renders every layer's name and plotted series of
-//! several points, and logs nothing to the console (no error, no failed load).
+//! several points and its overview (the live page's canvas painted, the report's heatmap with
+//! a row per layer), and logs nothing to the console (no error, no failed load).
 #[path = "support/demo.rs"]
 mod demo;
 
@@ -60,6 +61,16 @@ fn the_live_page_and_the_run_report_render_in_headless_chromium() {
         check_page("live page", &dom, &console, "gradient_norm", 3);
         check_page("live page", &dom, &console, "sensitivity", 1);
         assert!(dom.contains("steps inspected"), "the status line shows the run");
+        // The overview canvas: a row per layer, several polled steps, and cells coloured by a
+        // ratio (conv1 and the fc layers have rules; the page counts the pixels it painted).
+        let canvas = dom.split("<canvas id=\"overview\"").nth(1).expect("the overview canvas").split('>').next().unwrap().to_string();
+        let data = |name: &str| -> u64 {
+            let v = canvas.split(&format!(" data-{name}=\"")).nth(1).and_then(|s| s.split('"').next()).unwrap_or_else(|| panic!("no data-{name} in {canvas}"));
+            v.parse().unwrap()
+        };
+        assert_eq!(data("rows"), LAYERS.len() as u64, "{canvas}");
+        assert!(data("columns") >= 2, "{canvas}");
+        assert!(data("painted") > 0, "nothing coloured on the overview: {canvas}");
     }
     // A finished run: the demo writes the report and prints where. Estimates every 5 steps
     // with the whole budget, so that each checkpoint has a new one to draw.
@@ -76,5 +87,13 @@ fn the_live_page_and_the_run_report_render_in_headless_chromium() {
     assert_eq!(html.matches("://").count(), html.matches("http://www.w3.org/2000/svg").count(), "no external URL");
     let (dom, console) = dump_dom(&format!("file://{}", path.display()));
     check_page("run report", &dom, &console, "sensitivity", 4);
+    // The overview opens the report: the heatmap's SVG with a label per layer.
+    let overview = dom.split("<section class=\"overview\" data-rows=\"4\"").nth(1).expect("the overview, a row per layer").split("</section>").next().unwrap();
+    assert!(overview.contains("<svg class=\"overview-map\""), "the heatmap is drawn");
+    for layer in LAYERS {
+        // (A layer no rule covers is labelled "LAYER (no rule)".)
+        let labelled = [format!("{layer}\n</text>"), format!("{layer} (no rule)\n</text>")].iter().any(|l| overview.contains(&format!(">\n{l}")));
+        assert!(labelled, "no row label for {layer}");
+    }
     assert!(dom.contains("records verified"), "the report shows the chain's check");
 }

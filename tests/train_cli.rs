@@ -190,3 +190,39 @@ fn bad_input_is_an_error_that_names_the_file() {
     fails_with(&["--model", &fixture("mlp_scripted.pt"), "--inputs", &x, "--labels", &y, "--policy", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml")], &["policy.toml", "matches no layer", "body.1"]);
     fails_with(&["--model", &cnn, "--inputs", &x, "--labels", &y, "--steps", "0"], &["--steps must be at least 1"]);
 }
+
+/// The malicious-server fixtures (tests/fixtures/malicious_models.py), made once.
+fn malicious(name: &str) -> String {
+    static MADE: OnceLock<PathBuf> = OnceLock::new();
+    let dir = MADE.get_or_init(|| {
+        let dir = scratch("malicious");
+        let out = Command::new(python()).arg(fixture("malicious_models.py")).arg(&dir).output().expect("the venv's python runs");
+        assert!(out.status.success(), "malicious_models.py: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    });
+    path(&dir.join(name)).to_string()
+}
+
+#[test]
+fn someone_elses_trap_model_is_refused_before_training_and_an_honest_one_trains() {
+    let policy = scratch("isolation.toml");
+    std::fs::create_dir_all(policy.parent().unwrap()).unwrap();
+    std::fs::write(&policy, "version = 2\n[[rule]]\nname = \"isolation\"\nmetric = \"exposed_fraction\"\nlayers = [\"fc0\", \"fc1\"]\nact_above = 0.1\nrelax_below = 0.05\nladder = [{ action = \"withhold\" }]\n").unwrap();
+    let (x, y) = (malicious("data/x.npy"), malicious("data/y.npy"));
+    let run = |model: &str, out: &str| {
+        let dir = scratch(out);
+        let _ = std::fs::remove_dir_all(&dir);
+        let args = ["--model", model, "--inputs", &x, "--labels", &y, "--policy", path(&policy), "--steps", "5", "--batch-size", "32", "--out", path(&dir)];
+        (train(&args), dir)
+    };
+    let (refused, dir) = run(&malicious("trap.pt"), "trap");
+    assert_ne!(refused.status.code(), Some(0));
+    let err = text(&refused.stderr);
+    assert!(err.contains("refused: the global model isolates") && err.contains("in fc0"), "{err}");
+    assert!(!dir.join("model.pt").exists(), "nothing is trained on a refused model");
+    let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains("\"outcome\":\"refused\"")).count(), 1, "{log}");
+    let (honest, dir) = run(&malicious("honest.pt"), "honest");
+    assert_eq!(honest.status.code(), Some(0), "{}", text(&honest.stderr));
+    assert!(dir.join("model.pt").exists());
+}

@@ -6,7 +6,7 @@ use crate::estimate::attacks::{AttackPlan, LabelSummary, LayerAttackSummary};
 use crate::estimate::bound::ReleaseBound;
 use gradguard_models::LossKind;
 use gradguard_guard::measure::{Inversion, InversionPlan, InversionSettings};
-use gradguard_guard::{Metric, report::{ReconstructionBound, Representation, Sensitivity, Subspace}};
+use gradguard_guard::{Metric, report::{ReconstructionBound, Representation, SampleIsolation, Sensitivity, Subspace}};
 use gradguard_guard::measure::SensitivitySettings;
 use gradguard_guard::measure::SubspaceSettings;
 use gradguard_guard::measure::{UsableInformation, UsableSettings};
@@ -58,6 +58,11 @@ pub struct LayerRow {
     pub samples_recovered: Option<usize>,
     /// M4 attack suite: samples_recovered / samples attacked.
     pub recovered_fraction: Option<f64>,
+    /// M6: the share of the batch this layer's release exposes alone (its samples each
+    /// dominate a unit), on the M1 batch, tau 0.99.
+    pub exposed_fraction: Option<f64>,
+    /// M6: the share of the layer's squared gradient norm in units that isolate a sample.
+    pub isolated_share: Option<f64>,
     /// M4: the strongest attack on this layer (most samples recovered, then most bits per
     /// dimension), the optimisation attack (`--invert`) included.
     pub strongest_attack: Option<&'static str>,
@@ -91,6 +96,8 @@ pub struct LayerDetails {
     pub m5: Metric<ReconstructionBound>,
     /// M4 attack suite (analytic attacks) at the audit's batch size.
     pub attacks: Metric<LayerAttackSummary>,
+    /// M6 sample isolation on the M1 batch.
+    pub m6: Metric<SampleIsolation>,
 }
 
 impl LayerRow {
@@ -113,6 +120,8 @@ impl LayerRow {
         let r4 = details.m4.absent_reason();
         let m5 = details.m5.measured();
         let r5 = details.m5.absent_reason();
+        let m6 = details.m6.measured();
+        let r6 = details.m6.absent_reason();
         let suite = details.attacks.measured();
         let r_suite = details.attacks.absent_reason();
         let relative_reason = if s.is_some() { Some("the layer's released gradient is exactly 0") } else { r1 };
@@ -145,6 +154,8 @@ impl LayerRow {
                 None
             }),
             recovered_fraction: take("recovered_fraction", suite.map(|a| a.recovered_fraction), r_suite),
+            exposed_fraction: take("exposed_fraction", m6.map(|m| m.exposed_fraction), r6),
+            isolated_share: take("isolated_share", m6.map(|m| m.isolated_share), r6),
             strongest_attack: strongest_attack(suite, m4.map(|m| m.usable_original_bits_per_dim)),
             reconstruction_bound_bits: take("reconstruction_bound_bits", m5.and_then(|m| m.reconstruction_bound_bits), r5),
             reconstruction_bound_se: take("reconstruction_bound_se", m5.and_then(|m| m.reconstruction_bound_se), r5),
@@ -170,6 +181,7 @@ impl LayerRow {
             ("usable_original_bits_per_dim", self.usable_original_bits_per_dim),
             ("psnr", self.psnr),
             ("reconstruction_bound_bits", self.reconstruction_bound_bits),
+            ("exposed_fraction", self.exposed_fraction),
         ]
     }
 }
@@ -258,6 +270,7 @@ impl AuditReport {
                 if strongest.is_empty() { "none applies".to_string() } else { strongest.join(", ") }
             );
         }
+        let _ = writeln!(out, "M6 exp.: the share of the first {} samples a layer's release exposes alone (each dominates a unit's gradient at tau 0.99): what aggregation fails to hide", self.batch_size);
         let _ = match &self.labels_recovered {
             Metric::Measured(l) => writeln!(out, "M4 labels: the exact label set recovered in {} of {} releases (mean count error {:.2} per sample)", l.exact_sets, l.releases, l.count_error),
             Metric::Absent { reason } => writeln!(out, "M4 labels: absent: {reason}"),
@@ -324,14 +337,14 @@ fn table(rows: &[LayerRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>14} {:>9} {:>9}",
-        "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "M3 bits", "±se", "acc", "M4 b/dim", "PSNR", "M4 recovered", "M5 b/dim", "±se"
+        "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>14} {:>9} {:>9} {:>8}",
+        "layer", "P_l", "S_l", "±se", "S_rms", "R_l", "d_betw", "separ", "M3 bits", "±se", "acc", "M4 b/dim", "PSNR", "M4 recovered", "M5 b/dim", "±se", "M6 exp."
     );
     for r in rows {
         let name = if r.name.chars().count() > 16 { format!("{}~", r.name.chars().take(15).collect::<String>()) } else { r.name.clone() };
         let _ = writeln!(
             out,
-            "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>14} {:>9} {:>9}",
+            "{:<16} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>14} {:>9} {:>9} {:>8}",
             name,
             r.params,
             fmt(r.sensitivity),
@@ -348,6 +361,7 @@ fn table(rows: &[LayerRow]) -> String {
             recovered(r),
             if r.reconstruction_bound_bits.is_none() && r.absent.get("reconstruction_bound_bits").map(String::as_str) == Some(gradguard_guard::report::NO_NOISE_NO_BOUND) { "+inf".to_string() } else { fmt(r.reconstruction_bound_bits) },
             fmt(r.reconstruction_bound_se),
+            fmt(r.exposed_fraction),
         );
     }
     let absent: Vec<String> = rows

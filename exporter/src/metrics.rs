@@ -597,8 +597,8 @@ impl Exporter {
     }
 
     /// The latest report (statistics only: no gradient or input values) as JSON, with the
-    /// step count, policy and estimate ages:
-    /// `{"version","policy":{"hash","version"},"training_steps_total","estimate_age_seconds":{layer:s},"report":Report|null}`.
+    /// step count, policy, estimate ages and the thresholds set:
+    /// `{"version","policy":{"hash","version"},"training_steps_total","estimate_age_seconds":{layer:s},"thresholds":{layer:{metric:t}},"report":Report|null}`.
     pub fn snapshot_json(&self) -> String {
         let now = Instant::now();
         let (latest, policy, seen) = {
@@ -614,11 +614,24 @@ impl Exporter {
                 (l.clone(), serde_json::json!(now.duration_since(at).as_secs_f64()))
             })
             .collect();
+        // The thresholds in force per layer (those set: a rule covers the layer's metric), for
+        // the live page, which sees a release's checks only at the steps that estimate.
+        let thresholds: serde_json::Map<String, serde_json::Value> = self
+            .layers
+            .iter()
+            .zip(&self.series)
+            .map(|(l, s)| {
+                let set: serde_json::Map<String, serde_json::Value> =
+                    self.metric_names.iter().zip(&s.threshold).filter(|(_, g)| g.get().is_finite()).map(|(m, g)| (m.to_string(), serde_json::json!(g.get()))).collect();
+                (l.clone(), serde_json::Value::Object(set))
+            })
+            .collect();
         let value = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "policy": { "hash": policy.0, "version": policy.1 },
             "training_steps_total": self.training_steps.get(),
             "estimate_age_seconds": ages,
+            "thresholds": thresholds,
             "report": latest.as_deref(),
         });
         serde_json::to_string_pretty(&value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))

@@ -209,6 +209,10 @@ fn estimate_age_steps_and_counters() {
         assert_eq!(value(&text, series), v, "{series}");
     }
     assert!(!text.contains("hash=\"none\""), "the old policy series is replaced, not kept");
+    // /report carries the thresholds set (for the live page's overview), none where unset.
+    let json: serde_json::Value = serde_json::from_str(&ex.snapshot_json()).unwrap();
+    assert_eq!(json["thresholds"]["fc1"], serde_json::json!({"sensitivity_rms": 0.25}));
+    assert_eq!(json["thresholds"]["fc2"], serde_json::json!({}));
 }
 
 #[test]

@@ -52,6 +52,7 @@ fn serves_metrics_healthz_and_report_and_stops_on_drop() {
     let page = get(addr, "/", T).unwrap();
     assert_eq!((page.status, page.header("content-type")), (200, Some("text/html; charset=utf-8")));
     assert!(page.body.contains("<script>") && page.body.contains("fetch(\"/report\""), "the page polls /report");
+    assert!(page.body.contains("<canvas id=\"overview\""), "the page draws an overview");
     assert!(!page.body.contains(" src=") && !page.body.contains("<link rel=\"stylesheet\""), "no external script or style");
     assert_eq!(page.body.matches("://").count(), page.body.matches("http://www.w3.org/2000/svg").count(), "no URL but the SVG namespace");
 

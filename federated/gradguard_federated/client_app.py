@@ -11,6 +11,10 @@ Reply to a train message (`RecordDict`):
   "released", manifest JSON, the shared report JSON, policy hash, partition id);
 - blocked: no ArrayRecord at all; "metrics" (blocked=1) and "gradguard" (status "blocked", the
   reason, the manifest: decisions and metric values, no gradient value);
+- refused: the round's global model failed the node's vetting (non-finite parameters, a sample
+  isolation rule, or the analytic attacks on the node's first batch), checked before anything
+  was trained on it: no ArrayRecord; "gradguard" (status "refused", the reason, the vetting
+  JSON), "metrics" (refused=1, blocked=1);
 - bad input (parameters, config, data, policy): an error reply (`Message(Error(...))`) whose
   reason names the problem. The SuperNode keeps serving later rounds either way.
 """
@@ -103,12 +107,13 @@ def train(msg: Message, context: Context) -> Message:
     # The node's own /metrics sees every release, blocked ones included (full local report).
     try:
         ensure_metrics_server(settings, model_config(context.run_config)["model-path"])
-        spool_report(settings, result.report, server_round)
+        if result.report:  # a refused round computed nothing to report
+            spool_report(settings, result.report, server_round)
     except OSError as error:
         LOG.warning("gradguard: node metrics unavailable: %s", error)
 
     guard = {
-        "status": "blocked" if result.blocked else "released",
+        "status": "refused" if result.refused else "blocked" if result.blocked else "released",
         "kind": result.kind,
         "manifest": result.manifest,
         "policy-hash": result.policy_hash,
@@ -126,7 +131,14 @@ def train(msg: Message, context: Context) -> Message:
         "released-layers": len(result.released_layers),
         "withheld-layers": len(result.withheld_layers),
     }
-    if result.blocked:
+    if result.refused:
+        # Nothing was trained on the global model, nothing leaves but why.
+        guard["reason"] = result.reason
+        guard["vetting"] = result.vetting
+        metrics["refused"] = 1
+        LOG.warning("gradguard: round %d global model %s", server_round, result.reason)
+        content = RecordDict({METRICS_KEY: MetricRecord(metrics), GUARD_KEY: ConfigRecord(guard)})
+    elif result.blocked:
         # Nothing of the update leaves: no arrays, no report (its statistics describe the update).
         guard["reason"] = result.reason
         LOG.warning("gradguard: round %d release blocked: %s", server_round, result.reason)

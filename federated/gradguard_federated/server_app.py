@@ -97,6 +97,12 @@ class GuardedFedAvg(FedAvg):
         self.recorder.event("round-start", round=server_round, nodes=nodes)
         LOG.info("gradguard: round %d: sending to %d nodes", server_round, len(nodes))
         config["server-round"] = server_round
+        if self.settings.adversary_model and server_round == self.settings.adversary_round:
+            # The malicious server of the tests and the validation study: other parameters than
+            # the global model's, chosen to give the nodes' samples back.
+            arrays = to_record(gradguard_fl.initial_parameters(model_path=self.settings.adversary_model))
+            LOG.warning("gradguard: ADVERSARY: round %d sends the parameters of %s", server_round, self.settings.adversary_model)
+            self.recorder.event("adversary", round=server_round, model=self.settings.adversary_model)
         record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 
@@ -120,6 +126,8 @@ class GuardedFedAvg(FedAvg):
         if row.status == "rejected":
             self.metrics.rejected.labels(row.reject).inc()
             LOG.warning("gradguard: rejected the reply of %s (node %d): %s: %s", row.partition, node, row.reject, row.reason)
+        if row.status == "refused":
+            LOG.warning("gradguard: %s (node %d) %s", row.partition, node, row.reason)
         return row, update
 
     def _collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientRow], list[VerifiedUpdate]]:

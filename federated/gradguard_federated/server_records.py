@@ -89,6 +89,7 @@ class ServerMetrics:
         self.leakage = Gauge("gradguard_fl_client_layer_leakage", "Leakage a client reported for a layer (its last release).", ["client", "layer", "metric"], registry=r)
         self.contributors = Gauge("gradguard_fl_layer_contributors", "Compliant clients whose release of the layer was aggregated in the last round.", ["layer"], registry=r)
         self.rejected = Counter("gradguard_server_rejected", "Train replies rejected before aggregation, by reason (see verify.py).", ["reason"], registry=r)
+        self.refusals = Counter("gradguard_fl_refusals", "Global models a node refused before training on them, by reason: isolation (an M6 rule), attack (the analytic attacks above vetting.max_recovered_fraction), non_finite (parameters), absent (M6 could not be measured).", ["reason"], registry=r)
         for outcome in ("aggregated", "skipped"):
             self.rounds.labels(outcome)
         for reason in REJECT_REASONS:
@@ -108,6 +109,8 @@ class ServerMetrics:
         counts: dict[str, int] = defaultdict(int)
         for r in state.rows:
             counts[r.status] += 1
+            if r.status == "refused":
+                self.refusals.labels(refusal_reason(r.reason or "")).inc()
             self.releases.labels(r.partition, r.status).inc()
             self.nodes.observe(r)
             # Only what was applied to a release counts (a blocked release applied nothing).
@@ -117,7 +120,7 @@ class ServerMetrics:
             for layer, values in (r.leakage or {}).items():
                 for metric, v in values.items():
                     self.leakage.labels(r.partition, layer, metric).set(v)
-        for status in ("released", "blocked", "error", "rejected", "no reply"):
+        for status in ("released", "blocked", "refused", "error", "rejected", "no reply"):
             self.updates.labels(status.replace(" ", "_")).set(counts.get(status, 0))
         for layer, parts in state.contributors.items():
             self.contributors.labels(layer).set(len(parts))
@@ -129,3 +132,14 @@ class ServerMetrics:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+def refusal_reason(reason: str) -> str:
+    """The class of a node's refusal, from the guard's words (Vetting::refusal): a bounded label."""
+    if "non-finite" in reason:
+        return "non_finite"
+    if "isolates" in reason:
+        return "isolation"
+    if "attack recovers" in reason:
+        return "attack"
+    return "absent"

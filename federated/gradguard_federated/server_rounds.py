@@ -109,7 +109,10 @@ def table_lines(server_round: int, accuracy: float | None, state: RoundState | N
     update = f"aggregated {state.compliant}/{len(rows)}" if state.aggregated else f"SKIPPED {state.compliant}<{min_cohort}"
     clients = " | ".join(f"{r.partition}: {r.summary()}" for r in rows)
     blocks = [r.partition for r in rows if r.status == "blocked"]
+    refusals = [r.partition for r in rows if r.status == "refused"]
     line = f"{server_round:>5}  {shown:>8}  {update:<22}  {clients}; blocks: {', '.join(blocks) if blocks else 'none'}"
+    if refusals:
+        line += f"; refused the global model: {', '.join(refusals)}"
     if state.reason:
         line += f"; {state.reason}"
     return [line]

@@ -30,6 +30,11 @@ class ServerSettings:
     required: RequiredPolicies = RequiredPolicies()
     model_path: str = ""
     loss: str = "cross-entropy"
+    # A malicious server, for testing the nodes' vetting and for the validation study: in round
+    # `adversary-round` it sends the parameters of the TorchScript file `adversary-model` (same
+    # architecture) instead of the global model. Off unless both are set.
+    adversary_model: str = ""
+    adversary_round: int = 0
 
     @staticmethod
     def from_run_config(cfg: dict[str, Any]) -> "ServerSettings":
@@ -59,6 +64,8 @@ class ServerSettings:
             required=RequiredPolicies.parse(required_policies(cfg), str(cfg.get("model-path", ""))),
             model_path=str(cfg.get("model-path", "")),
             loss=str(cfg.get("loss", "cross-entropy")),
+            adversary_model=str(cfg.get("adversary-model", "")),
+            adversary_round=int(cfg.get("adversary-round", 0)),
         )
 
 

@@ -78,7 +78,7 @@ class RequiredPolicies:
 class ClientRow:
     node_id: int
     partition: str
-    status: str  # the reply: released | blocked | error | rejected | no reply
+    status: str  # the reply: released | blocked | refused | error | rejected | no reply
     kind: str | None = None  # the release, from its verified manifest (gradguard_fl.release_kind): released | protected | blocked
     reason: str | None = None
     released: list[str] | None = None
@@ -97,6 +97,8 @@ class ClientRow:
             return ", ".join(acted) if acted else "released as computed"
         if self.status == "blocked":
             return "BLOCKED"
+        if self.status == "refused":
+            return f"REFUSED ({self.reason})"
         if self.status == "rejected":
             return f"REJECTED ({self.reject})"
         return self.status.upper()
@@ -115,6 +117,15 @@ def check_reply(msg: Message, partition: str, global_params: dict[str, np.ndarra
     row = ClientRow(node, partition, "rejected")
     guard = content.config_records.get(GUARD_KEY)
     metrics = content.metric_records.get(METRICS_KEY)
+    if guard is not None and metrics is not None and str(guard.get("status")) == "refused":
+        # The node refused the global model before training on it: nothing to verify or
+        # aggregate, only why (a reply with arrays is not a refusal).
+        if content.array_records:
+            return row.rejected("refused-with-arrays", "a refused reply carried arrays"), None
+        if "partition-id" in guard:
+            row.partition = f"p{guard['partition-id']}"
+        row.status, row.kind, row.reason = "refused", "refused", str(guard.get("reason", "refused"))
+        return row, None
     if guard is None or metrics is None or not guard.get("manifest"):
         return row.rejected("no-manifest", "no gradguard manifest in the reply"), None
     if "partition-id" in guard:

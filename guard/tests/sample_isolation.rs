@@ -486,7 +486,8 @@ fn a_rule_on_exposed_fraction_blocks_the_trap_models_release_and_releases_the_ho
                 assert_eq!(*value, Some(fc1.exposed_fraction));
                 assert!(vetting.exposed_fraction() >= 0.75 && vetting.exposed_samples.len() == (vetting.exposed_fraction() * 32.0).round() as usize);
             }
-            (false, Release::Released { manifest, .. }) => {
+            (false, Release::Released { report, .. }) => {
+                let manifest = report.release.as_ref().expect("a release has its manifest");
                 assert_eq!(manifest.outcome, ReleaseOutcome::Released);
                 assert_eq!(manifest.layers[0].checks[0].released, Some(fc1.exposed_fraction));
             }
@@ -502,7 +503,8 @@ fn a_withhold_rung_keeps_the_trap_layer_back_and_tau_is_a_checked_setting() {
     let mut guard = Guard::new(LayerMap::from_var_store(&vs).unwrap(), Policy::from_toml_str(&text, "test").unwrap()).unwrap();
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y);
     match guard.train_step(&Batch::new(&x, &y), &loss).unwrap() {
-        Release::Released { manifest, .. } => {
+        Release::Released { report, .. } => {
+            let manifest = report.release.expect("a release has its manifest");
             assert!(!manifest.layers[0].released, "fc1 withheld");
             assert!(manifest.layers[1].released, "fc2 released");
         }

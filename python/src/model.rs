@@ -81,6 +81,16 @@ impl LocalModel {
 
     /// Copies `given` into the model; every parameter must be given once, with its shape, finite.
     pub(crate) fn load(&self, given: &[HostArray]) -> FlResult<()> {
+        self.load_checked(given, true)
+    }
+
+    /// As `load`, but non-finite values are copied too: for parameters the guard vets before
+    /// anything runs on them (`Guard::vet_parameters` refuses them, by name, in the guard's words).
+    pub(crate) fn load_for_vetting(&self, given: &[HostArray]) -> FlResult<()> {
+        self.load_checked(given, false)
+    }
+
+    fn load_checked(&self, given: &[HostArray], finite: bool) -> FlResult<()> {
         let shapes = self.shapes();
         let mut problems = Vec::new();
         let mut seen = BTreeSet::new();
@@ -91,7 +101,7 @@ impl LocalModel {
             match shapes.iter().find(|(n, _)| *n == p.name) {
                 None => problems.push(format!("unknown parameter {:?}", p.name)),
                 Some((_, shape)) if *shape != p.shape => problems.push(format!("{} has shape {:?}, the local model {:?}", p.name, p.shape, shape)),
-                Some(_) if p.data.iter().any(|v| !v.is_finite()) => problems.push(format!("{} holds non-finite values", p.name)),
+                Some(_) if finite && p.data.iter().any(|v| !v.is_finite()) => problems.push(format!("{} holds non-finite values", p.name)),
                 Some(_) => {}
             }
         }

@@ -21,6 +21,16 @@ pub(crate) struct TrainResult {
     /// True when the guard refused the whole release: `update` is then empty.
     #[pyo3(get)]
     pub(crate) blocked: bool,
+    /// True when the node refused the round's global model before training on it
+    /// (`Guard::vet_parameters`: non-finite parameters, a sample isolation rule, or the analytic
+    /// attacks above `vetting.max_recovered_fraction`); `blocked` is then true too and `reason`
+    /// says why, e.g. "refused: the global model isolates 27 of 32 samples in fc0 ...".
+    #[pyo3(get)]
+    pub(crate) refused: bool,
+    /// The vetting of the round's global model (JSON of `Vetting`: M6 per layer, the analytic
+    /// attacks on this node's first batch, the checks).
+    #[pyo3(get)]
+    vetting: String,
     /// What happened to the release, in the guard's one vocabulary (`Manifest::kind`):
     /// `released`, `protected` (defence actions or withheld layers) or `blocked`.
     #[pyo3(get)]
@@ -133,7 +143,8 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
     };
     let seed = derive_seed(&[cfg.seed, cfg.server_round, node]);
     let mut model = LocalModel::new(&cfg.model, seed >> 1)?;
-    model.load(given)?;
+    // The server's parameters: their structure checked here, their values vetted below.
+    model.load_for_vetting(given)?;
     let samples = source.load(&model)?;
     if samples.train.is_empty() {
         return Err(FlError::Data(format!("{} holds no training samples: nothing to train on", samples.label)));
@@ -147,16 +158,27 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
     }
     let global = model.snapshot()?;
     let params = model.tensors();
+    let policy_hash = guard.policy().hash().to_string();
 
-    // Local training: plain SGD (no momentum), so the mean gradient below is exact. TorchScript
-    // models train in training mode (dropout, batch statistics) and are measured in eval mode.
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut order = samples.train.clone();
     order.shuffle(&mut rng);
+    let batch_size = cfg.batch_size.min(order.len());
+    // Parameters this node did not train are vetted on its first batch before anything is
+    // trained or released on them (in eval mode, as releases are measured).
+    let (x0, y0, _) = samples.batch(&order[..batch_size])?;
+    let vetting = guard.vet_parameters(&Batch::new(&x0, &y0), &model.model.loss_fn(model.loss))?;
+    let vetting_json = serde_json::to_string(&vetting).map_err(|e| FlError::Internal(e.to_string()))?;
+    if let Some(why) = vetting.refusal() {
+        guard.close_audit_log()?;
+        return Ok(TrainResult::refused(why, vetting_json, policy_hash, cfg, &guard, state_origin)?);
+    }
+
+    // Local training: plain SGD (no momentum), so the mean gradient below is exact. TorchScript
+    // models train in training mode (dropout, batch statistics) and are measured in eval mode.
     let mut pos = 0;
     let mut used = BTreeSet::new();
     let mut loss_sum = 0.0;
-    let batch_size = cfg.batch_size.min(order.len());
     model.model.set_training(true).map_err(|e| FlError::Model(e.to_string()))?;
     for _ in 0..cfg.local_steps {
         let mut idx = Vec::with_capacity(batch_size);
@@ -205,7 +227,6 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
     }
     .with_sample_ids(&ids);
     let loss_fn = model.model.loss_fn(model.loss);
-    let policy_hash = guard.policy().hash().to_string();
     let (blocked, tensors, report) = match guard.release(&update, &batch, &loss_fn)? {
         Release::Released { update, report } => (None, update, report),
         Release::Blocked { reason, report } => (Some(format!("release blocked at step {}: {reason}", report.step)), vec![], report),
@@ -225,6 +246,8 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
     let json = |e: serde_json::Error| FlError::Internal(e.to_string());
     Ok(TrainResult {
         blocked: blocked.is_some(),
+        refused: false,
+        vetting: vetting_json,
         kind: manifest.kind().name(),
         reason: blocked,
         shared_report,
@@ -242,6 +265,34 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
         state_origin,
         update,
     })
+}
+
+impl TrainResult {
+    /// The result of a round whose global model was refused: nothing trained, nothing released.
+    fn refused(why: String, vetting: String, policy_hash: String, cfg: &TrainConfig, guard: &Guard, state_origin: String) -> FlResult<Self> {
+        Ok(TrainResult {
+            blocked: true,
+            refused: true,
+            vetting,
+            kind: "refused",
+            reason: Some(why),
+            manifest: String::new(),
+            report: String::new(),
+            shared_report: String::new(),
+            num_examples: 0,
+            local_steps: 0,
+            lr: cfg.lr,
+            // Nothing was trained.
+            train_loss: 0.0,
+            policy_hash,
+            released_layers: Vec::new(),
+            withheld_layers: Vec::new(),
+            state: serde_json::to_string(&guard.state()).map_err(|e| FlError::Internal(e.to_string()))?,
+            state_origin,
+            step: guard.step(),
+            update: Vec::new(),
+        })
+    }
 }
 
 /// The report without the gradient statistics of the layers that are not released.

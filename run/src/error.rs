@@ -26,6 +26,10 @@ pub enum RunError {
     /// The metrics exporter could not start (a busy port, an address that is not one).
     #[error("metrics exporter: {0}")]
     Exporter(#[from] gradguard_exporter::ExporterError),
+    /// The model's parameters were refused before training on them (`Vetting::refusal`):
+    /// nothing was trained.
+    #[error("{0}")]
+    Refused(String),
     /// The report could not be serialised.
     #[error(transparent)]
     Json(#[from] serde_json::Error),

@@ -5,43 +5,12 @@ use crate::error::Result;
 use crate::reload::{PolicyReloader, ReloadOutcome};
 use crate::stop::StopSignal;
 use crate::summary::{GuardSummary, ReleaseCounts, RunSummary};
+use gradguard_guard::measure::OwnedBatch;
 use gradguard_guard::{Batch, Guard, LossFn, Release, Report};
 use gradguard_tch::GuardedOptimizer;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Tensor};
-
-/// One step's data, owned: the run loop lends it to the step as a [`Batch`].
-pub struct StepData {
-    /// Inputs, samples along dimension 0.
-    pub inputs: Tensor,
-    /// Their targets.
-    pub targets: Tensor,
-    /// Per-sample private attribute labels (M2, M3), if the data has them.
-    pub attribute: Option<Tensor>,
-    /// Each sample's id in the data set (the run ledger counts per sample with them).
-    pub sample_ids: Option<Tensor>,
-}
-
-impl StepData {
-    /// Inputs and targets, without attribute or ids.
-    pub fn new(inputs: Tensor, targets: Tensor) -> Self {
-        Self { inputs, targets, attribute: None, sample_ids: None }
-    }
-
-    /// The batch the guard reads.
-    pub fn batch(&self) -> Batch<'_> {
-        let batch = Batch::new(&self.inputs, &self.targets);
-        let batch = match &self.attribute {
-            Some(a) => batch.with_attribute(a),
-            None => batch,
-        };
-        match &self.sample_ids {
-            Some(ids) => batch.with_sample_ids(ids),
-            None => batch,
-        }
-    }
-}
+use tch::nn;
 
 /// What trains: the guarded optimizer, or the same loop without a guard (the baseline a
 /// guarded run is compared with).
@@ -136,7 +105,7 @@ impl RunLoop {
         &self,
         stepper: &mut Stepper<'_>,
         steps: usize,
-        mut data: impl FnMut(usize) -> Result<StepData>,
+        mut data: impl FnMut(usize) -> Result<OwnedBatch>,
         mut on_step: impl FnMut(&StepProgress<'_>),
     ) -> Result<RunOutcome> {
         let started = Instant::now();

@@ -22,7 +22,8 @@
 //! ```
 use crate::error::{Result, RunError};
 use crate::reload::PolicyReloader;
-use crate::run_loop::{RunLoop, RunOutcome, StepData, StepProgress, Stepper};
+use crate::run_loop::{RunLoop, RunOutcome, StepProgress, Stepper};
+use gradguard_guard::measure::OwnedBatch;
 use crate::stop::StopSignal;
 use crate::summary::{ReleaseCounts, RunSummary};
 use gradguard_exporter::MetricsServer;
@@ -290,9 +291,9 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
     let device = data.x.device();
     let indices: Vec<usize> = (0..data.n).collect();
     let attribute = data.attribute.as_deref().map(|a| Tensor::f_from_slice(a)?.f_to_device(device)).transpose()?;
-    let batches = |step: usize| -> Result<StepData> {
+    let batches = |step: usize| -> Result<OwnedBatch> {
         let idx = Tensor::f_from_slice(&seeded_batch(&indices, options.batch_size, options.seed, step))?.f_to_device(device)?;
-        Ok(StepData {
+        Ok(OwnedBatch {
             inputs: data.x.f_index_select(0, &idx)?,
             targets: data.y.f_index_select(0, &idx)?,
             attribute: attribute.as_ref().map(|a| a.f_index_select(0, &idx)).transpose()?,
@@ -300,6 +301,15 @@ fn run_steps(model: &AuditModel, data: &AuditData, options: &TrainOptions, audit
             sample_ids: Some(idx),
         })
     };
+    // A model this run did not train (anyone's file) is vetted on the first batch first.
+    if let Stepper::Guarded(opt) = &mut stepper {
+        let first = batches(0)?;
+        let vetting = opt.vet_parameters(&first.batch())?;
+        if let Some(why) = vetting.refusal() {
+            opt.guard_mut().close_audit_log()?;
+            return Err(RunError::Refused(why));
+        }
+    }
     let run_loop = RunLoop { stop: options.guard.as_ref().and_then(|g| g.stop), reload: options.guard.as_ref().and_then(|g| g.reload.clone()) };
     let outcome = run_loop.run(&mut stepper, options.steps, batches, progress)?;
     Ok((outcome, policy))

@@ -6,7 +6,8 @@ use anyhow::Context;
 use gradguard::data::Digits;
 use gradguard::guard::{Policy, measure::parse_device};
 use gradguard::models::DigitsCnn;
-use gradguard::run::{PolicyReloader, RunLoop, StepData, Stepper, StopSignal};
+use gradguard::guard::measure::OwnedBatch;
+use gradguard::run::{PolicyReloader, RunLoop, Stepper, StopSignal};
 use gradguard::GuardedOptimizer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,7 +92,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let (x, y, heavy_stroke) = digits.batch(&idx, device).map_err(gradguard::models::ModelError::from)?;
         // Sample ids let the run ledger count each image's releases exactly.
         let ids = Tensor::f_from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>())?;
-        Ok(StepData { inputs: x, targets: y, attribute: Some(heavy_stroke), sample_ids: Some(ids) })
+        Ok(OwnedBatch { inputs: x, targets: y, attribute: Some(heavy_stroke), sample_ids: Some(ids) })
     };
     let mut stepper = Stepper::Guarded(Box::new(opt));
     let run = RunLoop { stop: Some(stop), reload }.run(&mut stepper, args.steps, batches, |p| {

@@ -107,7 +107,7 @@ mod torchscript;
 
 pub use torchscript::{first_line, var_store_names, TorchScriptError, TorchScriptModel};
 
-use gradguard_guard::{AuditLog, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, Settings, SplitLoss, decide::{LogOptions, ReportSink}};
+use gradguard_guard::{AuditLog, Batch, EmbeddingSplit, Guard, GuardError, LayerMap, LossFn, Policy, Release, Settings, SplitLoss, decide::{LogOptions, ReportSink}, report::Vetting};
 use std::path::PathBuf;
 use tch::{nn, TchError, Tensor};
 
@@ -294,6 +294,15 @@ impl<'a> GuardedOptimizer<'a> {
                 Err(e)
             }
         }
+    }
+
+    /// Vets the model's parameters as they are now on `batch` with the stored loss, before
+    /// training on parameters this loop did not train (a downloaded model, a federated round's
+    /// global model): M6 against the policy's rules, M4's analytic attacks against
+    /// `vetting.max_recovered_fraction`, non-finite values ([`Guard::vet_parameters`]). Nothing
+    /// is trained; act on [`Vetting::refusal`].
+    pub fn vet_parameters(&mut self, batch: &Batch) -> Result<Vetting, GuardError> {
+        self.guard.vet_parameters(batch, self.loss.as_ref())
     }
 
     /// The guard.

@@ -5,6 +5,7 @@ pub mod attacks;
 pub mod bound;
 pub mod defended;
 
+use gradguard_guard::measure::IsolationSettings;
 use crate::error::{AuditError, EstimateContext, Result};
 use bound::{release_bounds, Prior, ReleaseBound};
 use defended::Chain;
@@ -125,6 +126,14 @@ pub fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings: &Metr
             m4
         }
     };
+    // M6 on the M1 batch (the release's batch size): what aggregation fails to hide.
+    let clock = Instant::now();
+    let m6 = if chain.withholds() {
+        absent_all(defended::WITHHELD).iter().map(Metric::absent).collect()
+    } else {
+        t.on(Batch::new(&xb, &yb)).sample_isolation(&IsolationSettings::default()).metric("M6 (sample isolation)")?
+    };
+    seconds.insert("m6", clock.elapsed().as_secs_f64());
     let (suite, labels) = match &settings.attacks {
         None => (absent_all("not run (--no-attacks)").iter().map(Metric::absent).collect(), Metric::absent("not run (--no-attacks)")),
         // The suite attacks the raw release; a defended release's attack is --invert's M4.
@@ -140,8 +149,8 @@ pub fn measure_layers(t: &Inspection, attribute: Option<&[i64]>, settings: &Metr
         .layers()
         .layers()
         .iter()
-        .zip(m1.into_iter().zip(m2).zip(m3).zip(m4).zip(m5).zip(suite))
-        .map(|(layer, (((((m1, m2), m3), m4), m5), attacks))| LayerRow::new(layer.name.clone(), layer.numel(), LayerDetails { m1, m2, m3, m4, m5, attacks }))
+        .zip(m1.into_iter().zip(m2).zip(m3).zip(m4).zip(m5).zip(suite).zip(m6))
+        .map(|(layer, ((((((m1, m2), m3), m4), m5), attacks), m6))| LayerRow::new(layer.name.clone(), layer.numel(), LayerDetails { m1, m2, m3, m4, m5, attacks, m6 }))
         .collect();
     Ok(Measured { rows, seconds, release, labels })
 }

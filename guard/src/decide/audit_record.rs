@@ -27,6 +27,9 @@ pub enum Outcome {
     Held,
     /// The whole release was refused.
     Blocked,
+    /// Parameters set from outside (a federated round's global model) were refused before
+    /// anything was trained or released on them (`Guard::vet_parameters`); `reason` says why.
+    Refused,
     /// The unchanged releases (released, protected at the same level) since the last
     /// checkpoint, counted per layer, with the metrics of the latest estimate.
     Checkpoint,
@@ -55,6 +58,7 @@ impl Outcome {
             Outcome::Withheld => "withheld",
             Outcome::Held => "held",
             Outcome::Blocked => "blocked",
+            Outcome::Refused => "refused",
             Outcome::Checkpoint => "checkpoint",
             Outcome::Started => "started",
             Outcome::PolicyLoaded => "policy_loaded",

@@ -22,7 +22,7 @@ pub use audit_record::{line_hash, ChainLink};
 pub use audit_trail::{AuditTrail, DEFAULT_CHECKPOINT_EVERY};
 pub use audit_verify::{verify_chain, verify_files, BreakKind, ChainBreak, Verification};
 pub use engine::{Guard, ReportSink};
-pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings};
+pub use policy::{Coverage, LadderStep, OnViolation, Policy, Rule, Settings, VettingSettings};
 pub use ledger::{LedgerState, RunLedger, SavedSums};
 pub use protection::{Bounds, Protection, CALIBRATION_REASON};
 pub use release::{BlockReason, Release};

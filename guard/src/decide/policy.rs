@@ -85,6 +85,19 @@ pub struct Settings {
     /// which a unit isolates its dominant sample). M6 is measured at every estimate and by
     /// `Guard::vet_parameters`.
     pub isolation: IsolationSettings,
+    /// What `Guard::vet_parameters` checks beside the policy's M6 rules (`[settings.vetting]`).
+    pub vetting: VettingSettings,
+}
+
+/// The checks of parameters set from outside beside the M6 rules (`[settings.vetting]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VettingSettings {
+    /// Refuse parameters on which M4's analytic attacks (single unit, differences of aligned
+    /// units) recover more than this share of the vetting batch from some layer's release (the
+    /// client knows its inputs, so it scores the attack exactly). None: the attack is run and
+    /// reported, and refuses nothing.
+    pub max_recovered_fraction: Option<f64>,
 }
 
 impl Default for Settings {
@@ -111,6 +124,7 @@ impl Default for Settings {
             calibration_margin_se: 0.0,
             subspace_every_steps: 0,
             isolation: IsolationSettings::default(),
+            vetting: VettingSettings::default(),
         }
     }
 }
@@ -513,6 +527,9 @@ fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
     }
     s.subspace.validate().map_err(|e| ("subspace", e.to_string()))?;
     s.isolation.validate().map_err(|e| ("isolation", e.to_string()))?;
+    if let Some(f) = s.vetting.max_recovered_fraction.filter(|f| !(f.is_finite() && (0.0..=1.0).contains(f))) {
+        return Err(("vetting.max_recovered_fraction", format!("must be in [0, 1], got {f}")));
+    }
     Ok(())
 }
 

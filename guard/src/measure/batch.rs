@@ -116,3 +116,37 @@ impl<'a> Batch<'a> {
         }
     }
 }
+
+/// A batch that owns its tensors: a run's step data, or micro-batches joined for the
+/// aggregation floor. [`OwnedBatch::batch`] lends it as the [`Batch`] the guard reads.
+#[derive(Debug)]
+pub struct OwnedBatch {
+    /// Inputs, samples along dimension 0.
+    pub inputs: Tensor,
+    /// Their targets.
+    pub targets: Tensor,
+    /// Per-sample private attribute labels (M2, M3), if any.
+    pub attribute: Option<Tensor>,
+    /// Each sample's id in the data set (the run ledger counts per sample with them), if any.
+    pub sample_ids: Option<Tensor>,
+}
+
+impl OwnedBatch {
+    /// Inputs and targets, without attribute or ids.
+    pub fn new(inputs: Tensor, targets: Tensor) -> Self {
+        Self { inputs, targets, attribute: None, sample_ids: None }
+    }
+
+    /// The batch the guard reads.
+    pub fn batch(&self) -> Batch<'_> {
+        let batch = Batch::new(&self.inputs, &self.targets);
+        let batch = match &self.attribute {
+            Some(a) => batch.with_attribute(a),
+            None => batch,
+        };
+        match &self.sample_ids {
+            Some(ids) => batch.with_sample_ids(ids),
+            None => batch,
+        }
+    }
+}

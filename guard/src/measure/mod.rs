@@ -55,7 +55,7 @@ mod transform;
 mod usable;
 mod usable_splits;
 
-pub use batch::Batch;
+pub use batch::{Batch, OwnedBatch};
 pub use device::parse_device;
 pub use fisher::{calibrated_noise_std, reconstruction_bound_bits, reconstruction_bound_se, release_dfil, unbiased_mse_floor, LayerFisher};
 pub use graph::StepGraph;

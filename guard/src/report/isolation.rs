@@ -92,12 +92,70 @@ pub struct Vetting {
     pub exposed_samples: Vec<usize>,
     /// Every M6 rule's check of every layer it covers (empty: the policy has no M6 rule).
     pub checks: Vec<VettingCheck>,
+    /// Parameters holding non-finite values, with their count (refused before any
+    /// measurement: nothing is measured on them).
+    #[serde(default)]
+    pub non_finite: Vec<(String, usize)>,
+    /// M4's analytic attacks on each layer they apply to, scored on the vetting batch.
+    #[serde(default)]
+    pub attacks: Vec<VettingAttack>,
+    /// The setting `vetting.max_recovered_fraction` the attacks were checked against (None:
+    /// reported only).
+    #[serde(default)]
+    pub max_recovered_fraction: Option<f64>,
+}
+
+/// M4's strongest analytic attack on one layer of parameters being vetted: what a server that
+/// sent them would recover from the release of the vetting batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VettingAttack {
+    /// The layer.
+    pub layer: String,
+    /// The attack (`analytic` or `analytic_differences`).
+    pub attack: String,
+    /// Samples of the batch it gives back at PSNR >= 30 dB.
+    pub samples_recovered: usize,
+    /// samples_recovered / n.
+    pub recovered_fraction: f64,
 }
 
 impl Vetting {
-    /// Whether every M6 rule passes on every layer it covers (true when there is none).
+    /// Whether the parameters may be trained on: finite, every M6 rule passes on every layer
+    /// it covers (true when there is none), and no analytic attack recovers more than
+    /// `max_recovered_fraction` of the batch.
     pub fn accepted(&self) -> bool {
-        self.checks.iter().all(|c| c.passed)
+        self.refusal().is_none()
+    }
+
+    /// Why the parameters are refused, in words (None: accepted): the non-finite parameters,
+    /// else the first failing M6 check, else the strongest attack above the limit.
+    pub fn refusal(&self) -> Option<String> {
+        if let Some((name, count)) = self.non_finite.first() {
+            return Some(format!("refused: the global model's parameter {name} holds {count} non-finite value(s)"));
+        }
+        if let Some(c) = self.checks.iter().find(|c| !c.passed) {
+            let exposed = self.layer(&c.layer).and_then(|m| m.measured()).map(|s| (s.exposed_fraction * self.n as f64).round() as usize);
+            return Some(match (c.value, exposed) {
+                (Some(v), Some(k)) => format!(
+                    "refused: the global model isolates {k} of {} samples in {} ({} {v:.3} above {}, rule {})",
+                    self.n,
+                    c.layer,
+                    c.metric.name(),
+                    c.act_above,
+                    c.rule
+                ),
+                _ => format!("refused: {} of {} is absent ({}), rule {} cannot vouch for it", c.metric.name(), c.layer, c.reason.as_deref().unwrap_or("not measured"), c.rule),
+            });
+        }
+        let limit = self.max_recovered_fraction?;
+        let worst = self.attacks.iter().filter(|a| a.recovered_fraction > limit).max_by_key(|a| a.samples_recovered)?;
+        Some(format!(
+            "refused: the {} attack recovers {} of {} samples from {}'s release (above max_recovered_fraction {limit})",
+            worst.attack.replace('_', " "),
+            worst.samples_recovered,
+            self.n,
+            worst.layer
+        ))
     }
 
     /// The layer's M6, if the layer exists.

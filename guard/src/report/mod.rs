@@ -8,7 +8,7 @@ mod manifest;
 mod policy_table;
 mod vocabulary;
 pub use bound::{Ledger, LedgerLayer, PriorSource, ReconstructionBound, BOUND_CAVEAT, NO_NOISE_NO_BOUND};
-pub use isolation::{SampleIsolation, TermSource, Vetting, VettingCheck};
+pub use isolation::{SampleIsolation, TermSource, Vetting, VettingAttack, VettingCheck};
 pub use manifest::{LayerManifest, Manifest, ReleaseOutcome, RuleCheck};
 pub use policy_table::Threshold;
 pub use vocabulary::{ReleaseKind, ReportedMetric};

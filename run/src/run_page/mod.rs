@@ -1,9 +1,13 @@
 //! The run page: a run's `report.json` and audit log as one self-contained HTML file (inline
 //! SVG and CSS, no script, no external asset), what `gradguard report DIR` writes and the demo
-//! and `gradguard train` write at their end. Per layer: each metric over the steps with its
-//! threshold, the protection level over time, the decisions marked; then the decisions as a
-//! table, the chain's check, and the rest of the last report (any extra per-layer or run-wide
-//! values it carries are listed as they are).
+//! and `gradguard train` write at their end. First an overview: a layers x steps heatmap of
+//! each layer's largest metric / threshold ratio, blocks and refusals marked ([`overview`]).
+//! Then per layer: each metric over the steps with its threshold, the protection level over
+//! time, the decisions marked; then the decisions as a table, the chain's check, and the rest
+//! of the last report (any extra per-layer or run-wide values it carries are listed as they
+//! are).
+mod axis;
+mod overview;
 mod series;
 mod svg;
 
@@ -53,6 +57,7 @@ pub fn render(report: &Value, records: &[gradguard_guard::decide::DecisionRecord
     let _ = write!(out, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><link rel=\"icon\" href=\"data:,\"><title>gradguard run report</title><style>{CSS}</style></head><body>");
     let _ = write!(out, "<h1>gradguard run report</h1>");
     summary(&mut out, &run, last, chain, log_name);
+    overview_section(&mut out, &run);
     for h in &run.layers {
         layer_section(&mut out, h, &run);
     }
@@ -90,6 +95,59 @@ fn summary(out: &mut String, run: &RunHistory, last: &Value, chain: &str, log_na
     out.push_str("</table>");
 }
 
+/// The overview: the heatmap (plotters) and its caption, what each rule holds each layer to
+/// and where the blocks and refusals were.
+fn overview_section(out: &mut String, run: &RunHistory) {
+    let o = overview::overview(run);
+    let blocked_steps: Vec<String> = o.refusals.iter().map(|r| r.0).collect::<std::collections::BTreeSet<u64>>().into_iter().map(|s| s.to_string()).collect();
+    let _ = write!(
+        out,
+        "<section class=\"overview\" data-rows=\"{}\" data-columns=\"{}\" data-steps-per-column=\"{}\" data-refused-steps=\"{}\"><h2>Overview</h2>",
+        o.rows.len(),
+        o.columns(),
+        o.bin,
+        blocked_steps.join(" ")
+    );
+    match overview::svg(&o, 1140) {
+        Ok(svg) => out.push_str(&svg.replacen("<svg ", "<svg class=\"overview-map\" role=\"img\" aria-label=\"overview: metric / threshold per layer and step\" ", 1)),
+        Err(e) => {
+            let _ = write!(out, "<p class=\"error\">the overview could not be drawn: {}</p>", esc(&e));
+        }
+    }
+    let bins = if o.bin > 1 { format!("Each column covers {} steps and shows the largest ratio among them.", o.bin) } else { "Each column is one step.".to_string() };
+    let _ = write!(
+        out,
+        "<p class=\"caption\">Each row is a layer, each column a step of this run ({} to {}). A cell's colour is the layer's <b>largest</b> metric / threshold ratio over the rules that cover it (the threshold is the rule's act_above), for the values in force at that step: the latest the log holds of each metric, an estimate (sensitivity and subspace separation are measured on the layer's gradient before its protection, the reconstruction bound on its release) or a decision's value (measured on the release it judged), the larger when both are of the same step. Blue is below the threshold, orange to red at and above it (1 = the threshold; {} and above share the darkest red): a protected layer can show red while its releases pass, its protection is what keeps them under (the layer's charts and the decisions say what the guard did). {bins} The top row marks the steps with a blocked or refused release; an X marks a layer whose own check blocked.</p>",
+        o.first_step,
+        o.last_step,
+        axis::short(overview::SCALE_TOP)
+    );
+    let rules: Vec<String> = run
+        .layers
+        .iter()
+        .filter(|h| !h.thresholds.is_empty())
+        .map(|h| {
+            let checks: Vec<String> = h.thresholds.iter().map(|(m, t)| format!("{m} \u{2264} {}", t.last().map_or("?".to_string(), |p| axis::short(p.1)))).collect();
+            format!("<b>{}</b>: {}", esc(&h.name), esc(&checks.join(", ")))
+        })
+        .collect();
+    if !rules.is_empty() {
+        let _ = write!(out, "<p class=\"caption\">Rules (the last thresholds): {}.</p>", rules.join("; "));
+    }
+    if let Some(first) = o.refusals.first() {
+        let steps: Vec<&str> = blocked_steps.iter().take(40).map(String::as_str).collect();
+        let more = if blocked_steps.len() > steps.len() { format!(" and {} more", blocked_steps.len() - steps.len()) } else { String::new() };
+        let _ = write!(
+            out,
+            "<p class=\"caption refusals\">Blocked or refused at step(s) {}{more} ({} record(s), each in the decisions table below); the first: {}.</p>",
+            steps.join(", "),
+            o.refusals.len(),
+            esc(&first.1)
+        );
+    }
+    out.push_str("</section>");
+}
+
 fn marks_for(h: &LayerHistory, run: &RunHistory, metric: Option<&str>) -> Vec<Mark> {
     let mut marks: Vec<Mark> = h
         .decisions
@@ -108,10 +166,10 @@ fn layer_section(out: &mut String, h: &LayerHistory, run: &RunHistory) {
         if let Some(t) = h.thresholds.get(metric) {
             lines.push(Line { name: &threshold_name, points: t, colour: "#d62728", step_line: true });
         }
-        out.push_str(&chart(&format!("{} {metric}", h.name), run.last_step, &lines, &marks_for(h, run, Some(metric))));
+        out.push_str(&chart(&format!("{} {metric}", h.name), run.first_step, run.last_step, &lines, &marks_for(h, run, Some(metric))));
     }
     let levels = [Line { name: "protection level", points: &h.levels, colour: "#444444", step_line: true }];
-    out.push_str(&chart(&format!("{} protection level", h.name), run.last_step, &levels, &marks_for(h, run, None)));
+    out.push_str(&chart(&format!("{} protection level", h.name), run.first_step, run.last_step, &levels, &marks_for(h, run, None)));
     let _ = write!(out, "</div><p class=\"counts\">unchanged releases: {} released, {} protected, {} withheld; {} decision(s) logged</p></section>", h.released, h.protected, h.withheld, h.decisions.len());
 }
 
@@ -178,8 +236,9 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin:1.2em 0 .4em}\
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}\
 th{background:#f6f6f6}.charts{display:flex;flex-wrap:wrap;gap:8px}\
 .chart{background:#fff;border:1px solid #eee}.chart .title{font-size:12px;font-weight:600}\
-.chart .tick{font-size:10px;fill:#555}.chart .legend{font-size:10px}.chart .frame{fill:none;stroke:#ccc}\
+.chart .tick{font-size:10px;fill:#555}.chart .tick-mark{stroke:#999}.chart .legend{font-size:10px}.chart .frame{fill:none;stroke:#ccc}\
 .chart .mark-line{stroke-width:.6;opacity:.45}.counts{color:#555;margin:.2em 0 1em}\
+.overview-map{display:block;max-width:100%;height:auto}.caption{color:#444;max-width:1140px;margin:.3em 0}.error{color:#b00}\
 .extras td{font-family:ui-monospace,monospace;font-size:12px}";
 
 #[cfg(test)]
@@ -217,6 +276,7 @@ mod tests {
             DecisionRecord::event(0, Outcome::Started, "p", None),
             checkpoint(9, [0.1, 0.2]),
             escalated,
+            DecisionRecord::event(15, Outcome::Blocked, "p", Some("stale estimate".into())),
             checkpoint(19, [0.3, 0.4]),
             checkpoint(29, [0.2, 0.1]),
             DecisionRecord::event(29, Outcome::Closed, "p", None),
@@ -234,7 +294,12 @@ mod tests {
         assert!(series.iter().all(|p| p.split_whitespace().count() == 3), "{series:?}");
         assert!(html.contains("data-series=\"sensitivity threshold\""));
         assert!(html.contains("step 12 a&lt;b: escalated"), "the decision is marked and listed");
-        assert!(html.contains("1 escalated, 6 protected, 54 released"), "this run's counts only");
+        assert!(html.contains("1 blocked, 1 escalated, 6 protected, 54 released"), "this run's counts only");
+        // The overview first: a row per layer, the block at step 15 marked.
+        let overview = html.find("<section class=\"overview\" data-rows=\"2\" data-columns=\"30\" data-steps-per-column=\"1\" data-refused-steps=\"15\">");
+        assert!(overview.is_some() && overview < html.find("<section class=\"layer\""), "{html}");
+        assert!(html.contains("<svg class=\"overview-map\""));
+        assert!(html.contains("Blocked or refused at step(s) 15 "));
         assert!(!html.contains("<script"));
     }
 }

@@ -9,6 +9,8 @@ pub(crate) struct Decision {
     pub outcome: Outcome,
     pub metric: Option<String>,
     pub value: Option<f64>,
+    /// A blocked release, or a record whose reason says it was refused.
+    pub refusal: bool,
     pub text: String,
 }
 
@@ -33,6 +35,8 @@ pub(crate) struct LayerHistory {
 pub(crate) struct RunHistory {
     pub layers: Vec<LayerHistory>,
     pub global: Vec<Decision>,
+    /// The run's first step (its `started` record's) and last.
+    pub first_step: u64,
     pub last_step: u64,
     /// Runs the chain holds (`started` records); the page draws the last that ran steps.
     pub runs: usize,
@@ -85,8 +89,17 @@ pub(crate) fn history(records: &[DecisionRecord], layer_names: &[String]) -> Run
                 let at = t.estimate_step.unwrap_or(c.to_step);
                 for (m, v) in &t.metrics {
                     let s = h.metrics.entry(m.clone()).or_default();
-                    if s.last().is_none_or(|p| p.0 < at) {
-                        s.push((at, *v));
+                    match s.last() {
+                        None => s.push((at, *v)),
+                        Some(p) if p.0 < at => s.push((at, *v)),
+                        // A new value under the same estimate step (a metric of a background
+                        // worker lands after the estimate it belongs to, the tally keeps one
+                        // step per layer): known to be in force at this checkpoint.
+                        Some(p) if p.1 != *v && !(p.1.is_nan() && v.is_nan()) => {
+                            let when = c.to_step.max(p.0 + 1);
+                            s.push((when, *v));
+                        }
+                        Some(_) => {}
                     }
                 }
                 for (m, v) in &t.thresholds {
@@ -103,7 +116,8 @@ pub(crate) fn history(records: &[DecisionRecord], layer_names: &[String]) -> Run
                 h.levels.push((r.step, 0.0));
             }
         }
-        let d = Decision { step: r.step, outcome: r.outcome, metric: r.metric.clone(), value: r.value, text: describe(r) };
+        let refusal = r.outcome == Outcome::Blocked || r.reason.as_deref().is_some_and(|w| w.starts_with("refused"));
+        let d = Decision { step: r.step, outcome: r.outcome, metric: r.metric.clone(), value: r.value, refusal, text: describe(r) };
         match layers.iter_mut().find(|h| h.name == r.layer) {
             Some(h) => {
                 if matches!(r.outcome, Outcome::Escalated | Outcome::Relaxed) {
@@ -126,7 +140,8 @@ pub(crate) fn history(records: &[DecisionRecord], layer_names: &[String]) -> Run
         }
         h.levels.sort_by_key(|p| p.0);
     }
-    RunHistory { layers, global, last_step, runs, policy_hash: run.first().map(|r| r.policy_hash.clone()) }
+    let first_step = run.first().map_or(0, |r| r.step).min(last_step);
+    RunHistory { layers, global, first_step, last_step, runs, policy_hash: run.first().map(|r| r.policy_hash.clone()) }
 }
 
 /// The colour a decision is marked with.
@@ -141,5 +156,37 @@ pub(crate) fn colour(outcome: Outcome) -> &'static str {
         Outcome::PolicyRejected => "#e377c2",
         Outcome::WorkerFailure => "#8c564b",
         _ => "#1f77b4",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gradguard_guard::decide::{Checkpoint, LayerTally};
+
+    fn checkpoint(to: u64, estimate: u64, separation: f64) -> DecisionRecord {
+        let mut r = DecisionRecord::event(to, Outcome::Checkpoint, "p", None);
+        let tally = LayerTally { layer: "fc".into(), estimate_step: Some(estimate), metrics: [("subspace_separation".to_string(), separation)].into(), ..LayerTally::default() };
+        r.checkpoint = Some(Checkpoint { from_step: to.saturating_sub(99), to_step: to, layers: vec![tally] });
+        r
+    }
+
+    #[test]
+    fn a_value_that_changes_under_the_same_estimate_step_is_placed_at_its_checkpoint() {
+        // A background metric lands after the checkpoint of its estimate's step: the second
+        // checkpoint logs a new value under the same estimate step.
+        let records = [DecisionRecord::event(0, Outcome::Started, "p", None), checkpoint(99, 96, 0.05), checkpoint(199, 96, -0.08), checkpoint(299, 96, -0.08)];
+        let run = history(&records, &["fc".to_string()]);
+        assert_eq!(run.layers[0].metrics["subspace_separation"], [(96, 0.05), (199, -0.08)]);
+        assert_eq!((run.first_step, run.last_step), (0, 299));
+    }
+
+    #[test]
+    fn blocks_and_refused_records_are_refusals() {
+        let mut refused = DecisionRecord::event(3, Outcome::PolicyRejected, "p", Some("refused: the file does not parse".into()));
+        refused.layer = "*".into();
+        let records = [DecisionRecord::event(0, Outcome::Started, "p", None), DecisionRecord::event(2, Outcome::Blocked, "p", Some("stale".into())), refused, DecisionRecord::event(4, Outcome::PolicyRejected, "p", Some("bad".into()))];
+        let run = history(&records, &[]);
+        assert_eq!(run.global.iter().map(|d| (d.step, d.refusal)).collect::<Vec<_>>(), [(2, true), (3, true), (4, false)]);
     }
 }

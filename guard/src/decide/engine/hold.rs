@@ -1,6 +1,6 @@
 //! The hold stage: micro-batches held back until a release covers the aggregation floor.
 use crate::error::{Result, TorchContext};
-use crate::measure::{Batch, LayerMap};
+use crate::measure::{Batch, LayerMap, OwnedBatch};
 use gradguard_defenses::{DefenceError, GradientAccumulator};
 use tch::Tensor;
 
@@ -68,31 +68,10 @@ pub(super) struct Held {
     sample_ids: Vec<Tensor>,
 }
 
-/// The held micro-batches joined into one batch.
-pub(super) struct Joined {
-    inputs: Tensor,
-    targets: Tensor,
-    attribute: Option<Tensor>,
-    sample_ids: Option<Tensor>,
-}
-
-impl Joined {
-    pub(super) fn batch(&self) -> Batch<'_> {
-        let batch = Batch::new(&self.inputs, &self.targets);
-        let batch = match &self.attribute {
-            Some(a) => batch.with_attribute(a),
-            None => batch,
-        };
-        match &self.sample_ids {
-            Some(ids) => batch.with_sample_ids(ids),
-            None => batch,
-        }
-    }
-}
 
 impl Held {
-    pub(super) fn joined(&self) -> Result<Joined> {
-        Ok(Joined {
+    pub(super) fn joined(&self) -> Result<OwnedBatch> {
+        Ok(OwnedBatch {
             inputs: Tensor::f_cat(&self.inputs, 0).during("joining held inputs")?,
             targets: Tensor::f_cat(&self.targets, 0).during("joining held targets")?,
             attribute: if self.attributes.len() == self.inputs.len() {

@@ -3,7 +3,12 @@
 use super::Guard;
 use crate::error::Result;
 use crate::measure::{Batch, Inspection, LossFn};
-use crate::report::{LeakageMetric, Metric, Vetting, VettingCheck};
+use crate::decide::{DecisionRecord, Outcome};
+use crate::error::TorchContext;
+use crate::measure::attacks::{AttackKind, AttackSettings};
+use crate::measure::to_f64_vec;
+use crate::report::{LeakageMetric, Metric, Vetting, VettingAttack, VettingCheck};
+use tch::Kind;
 
 impl Guard {
     /// Measures M6 (sample isolation) of the model's parameters as they are now on `batch`,
@@ -49,12 +54,24 @@ impl Guard {
         self.estimates.scheduler.enter();
         let result = self.vet_timed(batch, loss_fn);
         self.estimates.scheduler.leave();
-        result
+        let vetting = result?;
+        if let (Some(why), Some(trail)) = (vetting.refusal(), self.record.audit.as_mut()) {
+            // The refusal is a change of state: written before the caller acts on it.
+            trail.event(&DecisionRecord::event(self.step, Outcome::Refused, self.decide.protection.policy().hash(), Some(why)))?;
+        }
+        Ok(vetting)
     }
 
     fn vet_timed(&mut self, batch: &Batch, loss_fn: &dyn LossFn) -> Result<Vetting> {
         let n = self.check_batch(batch)?;
         let settings = self.policy().settings().clone();
+        let non_finite = self.non_finite_parameters()?;
+        if !non_finite.is_empty() {
+            // Nothing is run on parameters that are not numbers.
+            let absent = Metric::absent("not measured: the parameters hold non-finite values");
+            let layers = self.layers.names().into_iter().map(|name| (name, absent.clone())).collect();
+            return Ok(Vetting { step: self.step, n, tau: settings.isolation.tau, layers, exposed_samples: Vec::new(), checks: Vec::new(), non_finite, attacks: Vec::new(), max_recovered_fraction: settings.vetting.max_recovered_fraction });
+        }
         let look = Inspection::new(&self.layers, loss_fn, *batch).seeded(settings.seed, self.step);
         let measured = look.sample_isolation_with_samples(&settings.isolation)?;
         let mut exposed = vec![false; n];
@@ -87,6 +104,7 @@ impl Guard {
                 });
             }
         }
+        let attacks = analytic_attacks(&look)?;
         self.estimates.isolation = isolation.clone();
         // Parameters set from outside: the estimates of the old ones no longer describe them.
         self.estimates.estimate_step = None;
@@ -97,6 +115,40 @@ impl Guard {
             layers: names.into_iter().zip(isolation).collect(),
             exposed_samples: exposed.iter().enumerate().filter(|(_, e)| **e).map(|(i, _)| i).collect(),
             checks,
+            non_finite,
+            attacks,
+            max_recovered_fraction: settings.vetting.max_recovered_fraction,
         })
     }
+
+    /// Every parameter holding a non-finite value, with the count.
+    fn non_finite_parameters(&self) -> Result<Vec<(String, usize)>> {
+        let mut found = Vec::new();
+        for layer in self.layers.layers() {
+            for p in &layer.params {
+                let count = p.tensor.f_isfinite().and_then(|f| f.f_logical_not()).and_then(|f| f.f_sum(Kind::Int64)).during("counting non-finite parameters")?;
+                let count = to_f64_vec(&count)?[0] as usize;
+                if count > 0 {
+                    found.push((p.name.clone(), count));
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// M4's analytic attacks on the vetting batch's release, per layer they apply to (the client
+/// knows the batch: it scores the attack exactly). The optimisation attack is not run: it is
+/// slow, and the analytic attacks are the ones a malicious model is built for.
+fn analytic_attacks(look: &Inspection) -> Result<Vec<VettingAttack>> {
+    let settings = AttackSettings { optimisation: None, ..Default::default() };
+    let suite = look.attack_suite(&settings)?;
+    Ok(suite
+        .layers
+        .iter()
+        .filter_map(|l| {
+            let best = [AttackKind::Analytic, AttackKind::AnalyticDifferences].into_iter().filter_map(|k| l.outcome(k).measured()).max_by_key(|o| o.samples_recovered)?;
+            Some(VettingAttack { layer: l.layer.clone(), attack: best.attack.name().to_string(), samples_recovered: best.samples_recovered, recovered_fraction: best.recovered_fraction })
+        })
+        .collect())
 }
