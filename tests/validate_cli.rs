@@ -79,7 +79,8 @@ fn count(cell: &str) -> (f64, f64) {
 fn the_quick_study_shows_which_number_catches_which_malicious_model() {
     let (out_dir, md) = quick_study();
     // Cells: 1 model, 2 n, 3 releases, 4 analytic, 5 differences, 6 strongest, 7 labels, 8 S_l,
-    // 9 S_l^rms, 10 R_l, 11 M6 exposed (max), 12 isolated_share, 13.. M5 and the noised attack.
+    // 9 S_l^rms, 10 R_l, 11 M6 fc0 exposed (max), 12 fc0 isolated_share, 13 fc1 exposed, 14 fc1
+    // isolated_share, 15.. M5 and the noised attack.
     let exposed = |row: &[&str]| -> f64 { row[11].split(' ').next().unwrap().parse().unwrap() };
     let (trap, honest, imprint) = (malicious_row(md, "trap", 32), malicious_row(md, "honest", 32), malicious_row(md, "imprint", 32));
     assert!(exposed(&trap) >= 0.5, "M6 flags the trap at batch 32: {trap:?}");

@@ -29,9 +29,11 @@ pub(super) struct AggregationPlan {
     pub fpr_steps: usize,
     pub fpr_batches: Vec<usize>,
     pub fpr_every: usize,
-    /// The rule blocks a release when some layer's exposed_fraction is above this.
-    pub rule_threshold: f64,
 }
+
+/// The M6 rules read: a release is blocked when some layer's exposed_fraction is above the
+/// threshold (0.5, the rule studied; 0.1, the rule of the federated refusal test's policy).
+pub(super) const M6_RULES: [f64; 2] = [0.5, 0.1];
 
 /// One model at one batch size.
 #[derive(Clone, Debug)]

@@ -141,7 +141,6 @@ impl Plan {
                     fpr_steps: 60,
                     fpr_batches: vec![64],
                     fpr_every: 20,
-                    rule_threshold: 0.5,
                 },
             }
         } else {
@@ -175,7 +174,6 @@ impl Plan {
                     fpr_steps: 1500,
                     fpr_batches: vec![64, 8],
                     fpr_every: 5,
-                    rule_threshold: 0.5,
                 },
             }
         }
@@ -322,7 +320,7 @@ fn malicious_sections(plan: &Plan, fig_dir: &std::path::Path, seed: u64, results
             timed(results, format!("M6 rule on an honest run ({label}, batch {batch})"), t.elapsed().as_secs_f64());
         }
     }
-    render_malicious::fpr_figure(&fig_dir.join(render_malicious::FPR_FIGURE), &results.fpr, plan.honest.rule_threshold)?;
+    render_malicious::fpr_figure(&fig_dir.join(render_malicious::FPR_FIGURE), &results.fpr)?;
     Ok(())
 }
 

@@ -91,6 +91,8 @@ pub(super) struct Cell {
     pub exposed: Option<f64>,
     pub exposed_max: Option<f64>,
     pub isolated: Option<f64>,
+    /// M6 of every layer: (name, mean exposed_fraction, mean isolated_share) over the releases.
+    pub m6: Vec<(String, Option<f64>, Option<f64>)>,
     pub noised: Vec<Noised>,
 }
 
@@ -233,6 +235,8 @@ fn measure(net: &Net, n: usize, ctx: &Ctx) -> Result<Cell> {
     let absent = fc0.map(|s| s.absent.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()).unwrap_or_default();
     let labels = suite.labels.measured().map(|l| (l.exact_sets, l.releases));
     let (mut s, mut s_rms, mut r_l, mut exposed, mut isolated) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let names = net.layers().names();
+    let mut layer_m6: Vec<(Vec<f64>, Vec<f64>)> = names.iter().map(|_| Default::default()).collect();
     let mut noised: Vec<NoisedSums> = plan.multipliers.iter().map(|_| NoisedSums::default()).collect();
     let (w, b) = (net.param("fc0.weight")?, net.param("fc0.bias")?);
     let (k, d) = (w.size()[0], w.size()[1]);
@@ -246,10 +250,17 @@ fn measure(net: &Net, n: usize, ctx: &Ctx) -> Result<Cell> {
             s_rms.push(m.s_rms);
             r_l.extend(m.r);
         }
-        // M6.
-        if let Some(m) = t.sample_isolation(&IsolationSettings { tau: plan.tau }).metric("M6 (sample isolation)")?.first().and_then(|m| m.measured()) {
-            exposed.push(m.exposed_fraction);
-            isolated.push(m.isolated_share);
+        // M6 of every layer.
+        let m6 = t.sample_isolation(&IsolationSettings { tau: plan.tau }).metric("M6 (sample isolation)")?;
+        for (l, m) in m6.iter().enumerate() {
+            if let (Some(m), Some(acc)) = (m.measured(), layer_m6.get_mut(l)) {
+                acc.0.push(m.exposed_fraction);
+                acc.1.push(m.isolated_share);
+                if l == 0 {
+                    exposed.push(m.exposed_fraction);
+                    isolated.push(m.isolated_share);
+                }
+            }
         }
         // The release of fc0, noised by the defence, attacked.
         let batch_loss = net.loss(&xb, &yb)?;
@@ -306,6 +317,7 @@ fn measure(net: &Net, n: usize, ctx: &Ctx) -> Result<Cell> {
         exposed: mean(&exposed),
         exposed_max,
         isolated: mean(&isolated),
+        m6: names.into_iter().zip(&layer_m6).map(|(name, (e, i))| (name, mean(e), mean(i))).collect(),
         noised,
     })
 }

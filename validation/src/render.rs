@@ -359,9 +359,6 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
     if let Some(line) = bound_summary {
         out!(w, "- {line}");
     }
-    for line in super::render_malicious::summary(results.malicious.as_ref(), &results.honest, &results.fpr, &plan.honest) {
-        out!(w, "- {line}");
-    }
     if let Some(agg) = aggregation {
         let falls = |get: Get| trend(&agg.rows, get).iter().filter(|t| t.3.is_some_and(|r| r <= -0.5)).count();
         let rises = |get: Get| trend(&agg.rows, get).iter().filter(|t| t.3.is_some_and(|r| r >= 0.5)).count();
@@ -404,6 +401,9 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
             k => format!("S_l changed in {k} of {layers} layers, through the clip (a batch gradient above C_l is scaled down), not through the noise"),
         };
         out!(w, "- S_l and S_l^rms measure how the release moves with the input; the added noise does not depend on the input (the defended release's Jacobian is the clip's): {through_clip}. Only R_l (which divides by the noisier release's norm) and the attacks see the noise itself.");
+    }
+    for line in super::render_malicious::summary(results.malicious.as_ref(), &results.honest, &results.fpr, &plan.honest) {
+        out!(w, "- {line}");
     }
     out!(w, "\n## Runtime\n");
     for (what, s) in timings {

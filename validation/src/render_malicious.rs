@@ -1,6 +1,6 @@
 //! VALIDATION.md's malicious-server, aggregation-revisited and M6-rule sections, and their
 //! figures: every table and sentence computed from the run's numbers.
-use super::aggregation::{AggModel, AggregationPlan, FprRun};
+use super::aggregation::{AggModel, AggregationPlan, FprRun, M6_RULES};
 use super::malicious::{Cell, MaliciousStudy, FISHING_TARGET, HONEST_STEPS};
 use gradguard_audit::{line_panels_svg, Panel, Result};
 use std::fmt::Write as _;
@@ -62,6 +62,12 @@ fn cell<'a>(s: &'a MaliciousStudy, model: &str, n: usize) -> Option<&'a Cell> {
     s.cells.iter().find(|c| c.model == model && c.n == n)
 }
 
+/// The layer with the largest mean of an M6 figure (`isolated`: isolated_share, else
+/// exposed_fraction), and its value.
+fn most(c: &Cell, isolated: bool) -> Option<(&str, f64)> {
+    c.m6.iter().filter_map(|(l, e, i)| Some((l.as_str(), if isolated { (*i)? } else { (*e)? }))).max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
 /// Samples recovered by the suite's strongest attack on fc0.
 fn strongest_count(c: &Cell) -> Option<usize> {
     c.strongest.map(|(_, f)| (f * c.samples() as f64).round() as usize)
@@ -71,14 +77,24 @@ fn strongest_count(c: &Cell) -> Option<usize> {
 type Check = fn(&Cell, &Cell, f64) -> Option<(bool, String)>;
 
 /// The numbers read for "which number caught which attack", each with its reading rule.
-fn checks() -> [(&'static str, &'static str, Check); 6] {
+fn checks() -> [(&'static str, &'static str, Check); 7] {
     [
         ("M4 attack suite", "the strongest attack recovers at least 25 % of the batch and more than the honest model", |c, h, _| {
             let (f, hf) = (c.strongest?.1, h.strongest.map_or(0.0, |s| s.1));
             Some((f >= 0.25 && f > hf, format!("{} ({}, honest {})", pct(f), c.strongest?.0, pct(hf))))
         }),
-        ("M6 exposed_fraction", "above 0.5 (the rule of the M6 section below)", |c, _, _| Some((c.exposed? > 0.5, num(c.exposed)))),
-        ("M6 isolated_share", "above 0.5", |c, _, _| Some((c.isolated? > 0.5, num(c.isolated)))),
+        ("M6 exposed_fraction > 0.5", "above 0.5 on some layer (the rule of the M6 section below; the value shown is the most exposed layer's)", |c, _, _| {
+            let (l, v) = most(c, false)?;
+            Some((v > M6_RULES[0], format!("{} ({l})", num(Some(v)))))
+        }),
+        ("M6 exposed_fraction > 0.1", "above 0.1 on some layer (the rule of federated/tests/test_refusal.py's policy)", |c, _, _| {
+            let (l, v) = most(c, false)?;
+            Some((v > M6_RULES[1], format!("{} ({l})", num(Some(v)))))
+        }),
+        ("M6 isolated_share", "above 0.5 on some layer", |c, _, _| {
+            let (l, v) = most(c, true)?;
+            Some((v > 0.5, format!("{} ({l})", num(Some(v)))))
+        }),
         ("M1 S_l", "above the honest model's at the same n", |c, h, _| Some((c.s? > h.s?, format!("{:.2}x honest", c.s? / h.s?)))),
         ("M1 R_l", "above the honest model's at the same n", |c, h, _| Some((c.r? > h.r?, format!("{:.2}x honest", c.r? / h.r?)))),
         ("M5 bound (noised)", "allows the average sample a PSNR of 30 dB or more", |c, _, _| {
@@ -109,7 +125,7 @@ pub(super) fn render_malicious(w: &mut String, s: &MaliciousStudy) {
     );
     out!(
         w,
-        "\nAt batch sizes {} ({} releases each): M4 is the audit's attack suite on fc0 (`gradguard_audit::estimate::attacks::attack_suite`, no optimisation attack: the analytic attacks, single units and differences of aligned units, and label recovery; samples recovered at PSNR >= 30 dB with oracle matching, an upper bound on each attack); M1 of fc0's release (K = {} probes, mean over the releases); M6 of fc0 (tau {}, mean over the releases, the largest in brackets); M5: fc0 released as `noise(clip_norm = C, multiplier)` by `Defence::apply`, with C = {} (the honest model's median per-sample fc0 gradient norm over 64 samples: the clip a user of the honest model would have set) and v = {:.4} (per-dimension variance of the attacked samples); the bound from the same probe JVPs, and its floor on the average sample's error written as the highest PSNR it allows (peak 1). The analytic attacks are then run on that noised release (`analytic`/`analytic_differences` on a `LinearRelease` of the noised gradients), the stronger kept: samples recovered, and its error in the bound's unit (max(0, 0.5 log2(v / MSE)), oracle matching: the attacker is told which candidate is whose, which the bound does not grant).\n",
+        "\nAt batch sizes {} ({} releases each): M4 is the audit's attack suite on fc0 (`gradguard_audit::estimate::attacks::attack_suite`, no optimisation attack: the analytic attacks, single units and differences of aligned units, and label recovery; samples recovered at PSNR >= 30 dB with oracle matching, an upper bound on each attack); M1 of fc0's release (K = {} probes, mean over the releases); M6 of fc0 and fc1 (tau {}, mean over the releases, fc0's largest in brackets); M5: fc0 released as `noise(clip_norm = C, multiplier)` by `Defence::apply`, with C = {} (the honest model's median per-sample fc0 gradient norm over 64 samples: the clip a user of the honest model would have set) and v = {:.4} (per-dimension variance of the attacked samples); the bound from the same probe JVPs, and its floor on the average sample's error written as the highest PSNR it allows (peak 1). The analytic attacks are then run on that noised release (`analytic`/`analytic_differences` on a `LinearRelease` of the noised gradients), the stronger kept: samples recovered, and its error in the bound's unit (max(0, 0.5 log2(v / MSE)), oracle matching: the attacker is told which candidate is whose, which the bound does not grant).\n",
         and_list(&sizes),
         p.releases,
         p.probes,
@@ -118,8 +134,8 @@ pub(super) fn render_malicious(w: &mut String, s: &MaliciousStudy) {
         s.prior_variance
     );
     let noise_heads: Vec<String> = p.multipliers.iter().map(|m| format!("M5 bound @{m} bits/dim (PSNR floor) | noised attack @{m}: recovered (bits/dim)")).collect();
-    out!(w, "| model | n | releases | analytic | differences | strongest (fraction) | labels: exact sets | S_l | S_l^rms | R_l | M6 exposed (max) | M6 isolated_share | {} |", noise_heads.join(" | "));
-    out!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|{}", "---|---|".repeat(p.multipliers.len()));
+    out!(w, "| model | n | releases | analytic | differences | strongest (fraction) | labels: exact sets | S_l | S_l^rms | R_l | M6 fc0 exposed (max) | M6 fc0 isolated_share | M6 fc1 exposed | M6 fc1 isolated_share | {} |", noise_heads.join(" | "));
+    out!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|{}", "---|---|".repeat(p.multipliers.len()));
     for &n in &p.batch_sizes {
         for model in MODELS {
             let Some(c) = cell(s, model, n) else { continue };
@@ -132,7 +148,7 @@ pub(super) fn render_malicious(w: &mut String, s: &MaliciousStudy) {
                 .collect();
             out!(
                 w,
-                "| {model} | {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} |",
+                "| {model} | {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} |",
                 c.releases,
                 count(c.analytic),
                 count(c.differences),
@@ -144,6 +160,8 @@ pub(super) fn render_malicious(w: &mut String, s: &MaliciousStudy) {
                 num(c.exposed),
                 num(c.exposed_max),
                 num(c.isolated),
+                num(c.m6.get(1).and_then(|x| x.1)),
+                num(c.m6.get(1).and_then(|x| x.2)),
                 noised.join(" | ")
             );
         }
@@ -166,7 +184,7 @@ pub(super) fn render_malicious(w: &mut String, s: &MaliciousStudy) {
     // Which number caught which attack.
     let m0 = p.multipliers.first().copied().unwrap_or(0.0);
     out!(w, "\n### Which number caught which attack\n");
-    out!(w, "Each cell: the number's value on fc0 at that batch size, **flagged** when it meets the reading rule of its column: {}. (M5 at multiplier {m0}.)\n", checks().iter().map(|(name, rule, _)| format!("{name}: {rule}")).collect::<Vec<_>>().join("; "));
+    out!(w, "Each cell: the number's value at that batch size (M4, M1 and M5 of fc0; M6 of the layer, fc0 or fc1, where it is largest), **flagged** when it meets the reading rule of its column: {}. (M5 at multiplier {m0}.)\n", checks().iter().map(|(name, rule, _)| format!("{name}: {rule}")).collect::<Vec<_>>().join("; "));
     out!(w, "| attack | n | {} |", checks().iter().map(|c| c.0).collect::<Vec<_>>().join(" | "));
     out!(w, "|---|---|{}", "---|".repeat(checks().len()));
     for model in &MODELS[1..] {
@@ -252,6 +270,19 @@ pub(super) fn findings(s: &MaliciousStudy, m0: f64) -> Vec<String> {
             if missed.is_empty() { "none".to_string() } else { missed.join("; ") }
         ));
     }
+    // What the client sees without any metric: the model's accuracy.
+    if let Some(honest) = s.accuracy.iter().find(|(m, _)| m == "honest").map(|x| x.1) {
+        let (low, kept): (Vec<&(String, f64)>, Vec<&(String, f64)>) = s.accuracy.iter().filter(|(m, _)| m != "honest").partition(|(_, a)| *a < honest - 0.2);
+        let show = |v: &[&(String, f64)]| v.iter().map(|(m, a)| format!("{m} {}", pct(*a))).collect::<Vec<_>>();
+        if !low.is_empty() {
+            lines.push(format!(
+                "**Accuracy**: on the held-out split {} classify far below the honest model ({}): a client that checks the model it is sent before training on it would see that; {}.",
+                and_list(&show(&low)),
+                pct(honest),
+                if kept.is_empty() { "no malicious model keeps the honest accuracy".to_string() } else { format!("{} keeps it within 20 points", and_list(&show(&kept))) }
+            ));
+        }
+    }
     // M6's misses: an attack that recovers a quarter of the batch while exposed_fraction stays at or below 0.5.
     for model in &MODELS[1..] {
         let misses: Vec<String> = s
@@ -261,9 +292,9 @@ pub(super) fn findings(s: &MaliciousStudy, m0: f64) -> Vec<String> {
             .filter_map(|&n| {
                 let c = cell(s, model, n)?;
                 let (attack, f) = c.strongest?;
-                let e = c.exposed?;
-                let reading = if (e - f).abs() <= 0.1 { "M6 measures that exposure, but it is under the 0.5 rule" } else { "M6 does not see it" };
-                (f >= 0.25 && e <= 0.5).then(|| format!("n = {n}: {attack} recovers {} while exposed_fraction is {} ({reading})", pct(f), num(c.exposed)))
+                let (layer, e) = most(c, false)?;
+                let reading = if (e - f).abs() <= 0.1 { "M6 measures that exposure, but it is under the 0.5 rule".to_string() } else if e > M6_RULES[1] { "M6 sees a part of it, above the 0.1 rule".to_string() } else { "M6 does not see it".to_string() };
+                (f >= 0.25 && e <= M6_RULES[0]).then(|| format!("n = {n}: {attack} recovers {} of the batch from fc0 while the most exposed layer ({layer}) has exposed_fraction {} ({reading})", pct(f), num(Some(e))))
             })
             .collect();
         if misses.is_empty() {
@@ -283,12 +314,13 @@ pub(super) fn findings(s: &MaliciousStudy, m0: f64) -> Vec<String> {
         .iter()
         .filter_map(|&n| {
             let c = cell(s, "fishing", n)?;
-            Some(format!("n = {n}: exposed {} (1/n = {:.3}), isolated_share {}", num(c.exposed), 1.0 / n as f64, num(c.isolated)))
+            let layers: Vec<String> = c.m6.iter().map(|(l, e, i)| format!("{l} exposed {} / isolated_share {}", num(*e), num(*i))).collect();
+            Some(format!("n = {n} (1/n = {:.3}): {}", 1.0 / n as f64, layers.join(", ")))
         })
         .collect();
     if !fishing.is_empty() {
         lines.push(format!(
-            "**Fishing and the two M6 numbers**: {}. exposed_fraction counts samples, so a release that gives back one sample of n scores about 1/n and stays under a 0.5 rule however completely that sample is exposed; isolated_share measures how much of the release comes from single-sample units.",
+            "**Fishing and the two M6 numbers**: {}. exposed_fraction counts samples, so a release that gives back a few samples of n scores a few / n and stays under a 0.5 rule however completely those samples are exposed; isolated_share measures how much of the release comes from single-sample units. The fishing model leaves the honest fc0 in place; what it changes is fc1, where its confident classes leave a few samples alone on an output unit.",
             fishing.join("; ")
         ));
     }
@@ -427,36 +459,50 @@ pub(super) fn render_fpr(w: &mut String, runs: &[FprRun], plan: &AggregationPlan
     if runs.is_empty() {
         return;
     }
-    let th = plan.rule_threshold;
+    let [th, low] = M6_RULES;
+    let rate = |r: &FprRun, t: f64| pct(r.blocked(t, None) as f64 / r.measured().max(1) as f64);
     out!(w, "\n## The M6 rule on honest training: false positives\n");
     out!(
         w,
-        "The rule: block a release when some layer's M6 exposed_fraction (tau {}) is above {th}. Each honest model (the digits MLP and the tabular MLP with PyTorch's initialisation, the digits CNN with tch's, as `gradguard demo` builds it) is trained from its seeded initialisation for a demo-length run ({} Adam steps, lr 1e-3, the training split read in turn as `gradguard demo` reads it) at batch sizes {} (the demo's is 64), and M6 of every layer is measured on the release of every {}th step (step 0 included), at the parameters that step releases. The share of measured releases the rule would block is its false-positive rate on honest training.\n",
+        "The rule: block a release when some layer's M6 exposed_fraction (tau {}) is above {th}; beside it the stricter {low} of the federated refusal test's policy. Each honest model (the digits MLP and the tabular MLP with PyTorch's initialisation, the digits CNN with tch's, as `gradguard demo` builds it) is trained from its seeded initialisation for a demo-length run ({} Adam steps, lr 1e-3, the training split read in turn as `gradguard demo` reads it) at batch sizes {} (the demo's is 64), and M6 of every layer is measured on the release of every {}th step (step 0 included), at the parameters that step releases. The share of measured releases a rule would block is its false-positive rate on honest training.\n",
         plan.tau,
         plan.fpr_steps,
         and_list(&plan.fpr_batches.iter().map(|b| b.to_string()).collect::<Vec<_>>()),
         plan.fpr_every
     );
     out!(w, "Figure (`{cmd}` writes it; each point is the largest exposed_fraction measured in {FPR_WINDOW} steps): ![M6 on honest runs](validation/{FPR_FIGURE})\n");
-    out!(w, "| model | batch | releases measured | blocked by the rule | per layer: largest exposed_fraction / mean / releases above {th} | accuracy at the end (held out) |");
-    out!(w, "|---|---|---|---|---|---|");
+    out!(w, "| model | batch | releases measured | blocked at > {th} | blocked at > {low} | per layer: largest exposed_fraction / mean / releases above {th} / above {low} | accuracy at the end (held out) |");
+    out!(w, "|---|---|---|---|---|---|---|");
     for r in runs {
         let layers: Vec<String> = (0..r.layers.len())
             .map(|l| {
                 let (max, mean) = r.layer_stats(l);
-                format!("{} {} / {} / {}", r.layers[l], num(max), num(mean), r.blocked(th, Some(l)))
+                format!("{} {} / {} / {} / {}", r.layers[l], num(max), num(mean), r.blocked(th, Some(l)), r.blocked(low, Some(l)))
             })
             .collect();
-        let blocked = r.blocked(th, None);
-        out!(w, "| {} | {} | {} | {blocked} ({}) | {} | {} |", r.model, r.batch, r.measured(), pct(blocked as f64 / r.measured().max(1) as f64), layers.join("; "), pct(r.accuracy));
+        out!(
+            w,
+            "| {} | {} | {} | {} ({}) | {} ({}) | {} | {} |",
+            r.model,
+            r.batch,
+            r.measured(),
+            r.blocked(th, None),
+            rate(r, th),
+            r.blocked(low, None),
+            rate(r, low),
+            layers.join("; "),
+            pct(r.accuracy)
+        );
     }
     out!(w);
-    let rates: Vec<String> = runs.iter().map(|r| format!("{} at batch {} {}", r.model, r.batch, pct(r.blocked(th, None) as f64 / r.measured().max(1) as f64))).collect();
-    out!(w, "False-positive rate of the rule (share of the measured releases of an honest run it would block): {}.", rates.join(", "));
+    for t in M6_RULES {
+        let rates: Vec<String> = runs.iter().map(|r| format!("{} at batch {} {}", r.model, r.batch, rate(r, t))).collect();
+        out!(w, "False-positive rate of the rule at > {t} (share of the measured releases of an honest run it would block): {}.\n", rates.join(", "));
+    }
     for r in runs {
         let blocked: Vec<usize> = r.series.iter().filter(|(_, e)| e.iter().any(|v| v.is_some_and(|v| v > th))).map(|(s, _)| *s).collect();
         if let (Some(a), Some(b)) = (blocked.first(), blocked.last()) {
-            out!(w, "- {} at batch {}: blocked releases between steps {a} and {b}.", r.model, r.batch);
+            out!(w, "- {} at batch {}: releases blocked at > {th} from step {a} to step {b}.", r.model, r.batch);
         }
     }
 }
@@ -491,7 +537,7 @@ pub(super) fn aggregation_figure(path: &Path, models: &[AggModel], tau: f64) -> 
 
 /// The M6-rule figure: exposed_fraction of every layer against the training step, one panel
 /// per model, with the rule's threshold.
-pub(super) fn fpr_figure(path: &Path, runs: &[FprRun], threshold: f64) -> Result<()> {
+pub(super) fn fpr_figure(path: &Path, runs: &[FprRun]) -> Result<()> {
     let panels: Vec<Panel> = runs
         .iter()
         .map(|r| {
@@ -509,7 +555,9 @@ pub(super) fn fpr_figure(path: &Path, runs: &[FprRun], threshold: f64) -> Result
                 points
             };
             let mut series: Vec<(String, Vec<(f64, f64)>)> = (0..r.layers.len()).map(|l| (r.layers[l].clone(), windowed(l))).collect();
-            series.push((format!("rule: > {threshold}"), vec![(0.0, threshold), (r.steps as f64, threshold)]));
+            for t in M6_RULES {
+                series.push((format!("rule: > {t}"), vec![(0.0, t), (r.steps as f64, t)]));
+            }
             Panel { title: format!("{}, batch {}: largest exposed_fraction per {FPR_WINDOW} steps", r.model, r.batch), log_y: false, series }
         })
         .collect();
@@ -538,7 +586,7 @@ pub(super) fn summary(malicious: Option<&MaliciousStudy>, models: &[AggModel], r
                 format!("{model}: the suite recovers {} of the batch; flagged by {}", recovered.join(" / "), if by.is_empty() { "no other number".to_string() } else { and_list(&by) })
             })
             .collect();
-        lines.push(format!("Malicious server (digits MLP, fc0, n = {}): {}.", sizes.join(" / "), per_model.join("; ")));
+        lines.push(format!("Malicious server (digits MLP; M4, M1 and M5 of fc0, M6 of fc0 and fc1; n = {}): {}.", sizes.join(" / "), per_model.join("; ")));
     }
     if !models.is_empty() {
         let parts: Vec<String> = models
@@ -560,8 +608,10 @@ pub(super) fn summary(malicious: Option<&MaliciousStudy>, models: &[AggModel], r
         lines.push(format!("Aggregation revisited (the analytic attack's recovered_fraction on honest models): {}.", parts.join("; ")));
     }
     if !runs.is_empty() {
-        let rates: Vec<String> = runs.iter().map(|r| format!("{} at batch {}: {}", r.model, r.batch, pct(r.blocked(plan.rule_threshold, None) as f64 / r.measured().max(1) as f64))).collect();
-        lines.push(format!("The M6 rule (exposed_fraction > {} on some layer) on demo-length honest runs blocks: {}.", plan.rule_threshold, rates.join(", ")));
+        for t in M6_RULES {
+            let rates: Vec<String> = runs.iter().map(|r| format!("{} at batch {}: {}", r.model, r.batch, pct(r.blocked(t, None) as f64 / r.measured().max(1) as f64))).collect();
+            lines.push(format!("The M6 rule exposed_fraction > {t} on some layer, on demo-length ({} steps) honest runs, blocks: {}.", plan.fpr_steps, rates.join(", ")));
+        }
     }
     lines
 }
