@@ -272,7 +272,8 @@ pub(super) fn findings(s: &MaliciousStudy, m0: f64) -> Vec<String> {
     }
     // What the client sees without any metric: the model's accuracy.
     if let Some(honest) = s.accuracy.iter().find(|(m, _)| m == "honest").map(|x| x.1) {
-        let (low, kept): (Vec<&(String, f64)>, Vec<&(String, f64)>) = s.accuracy.iter().filter(|(m, _)| m != "honest").partition(|(_, a)| *a < honest - 0.2);
+        type Accuracy<'a> = Vec<&'a (String, f64)>;
+        let (low, kept): (Accuracy, Accuracy) = s.accuracy.iter().filter(|(m, _)| m != "honest").partition(|(_, a)| *a < honest - 0.2);
         let show = |v: &[&(String, f64)]| v.iter().map(|(m, a)| format!("{m} {}", pct(*a))).collect::<Vec<_>>();
         if !low.is_empty() {
             lines.push(format!(
@@ -497,7 +498,13 @@ pub(super) fn render_fpr(w: &mut String, runs: &[FprRun], plan: &AggregationPlan
     out!(w);
     for t in M6_RULES {
         let rates: Vec<String> = runs.iter().map(|r| format!("{} at batch {} {}", r.model, r.batch, rate(r, t))).collect();
-        out!(w, "False-positive rate of the rule at > {t} (share of the measured releases of an honest run it would block): {}.\n", rates.join(", "));
+        let one: Vec<String> = plan.fpr_batches.iter().filter(|&&b| 1.0 / b as f64 > t).map(|b| format!("at batch {b} one exposed sample is already {:.3}", 1.0 / *b as f64)).collect();
+        out!(
+            w,
+            "False-positive rate of the rule at > {t} (share of the measured releases of an honest run it would block): {}.{}\n",
+            rates.join(", "),
+            if one.is_empty() { String::new() } else { format!(" ({}, above the threshold: the rule then blocks every release in which a single sample dominates a single unit.)", one.join("; ")) }
+        );
     }
     for r in runs {
         let blocked: Vec<usize> = r.series.iter().filter(|(_, e)| e.iter().any(|v| v.is_some_and(|v| v > th))).map(|(s, _)| *s).collect();
