@@ -1,7 +1,22 @@
 //! `gradguard validate --quick` end to end: the study's smoke run writes VALIDATION.md with the
-//! M5 bound-against-attack section (every cell, the figure) and M3's error bars.
-use std::path::Path;
+//! M5 bound-against-attack section (every cell, the figure), M3's error bars, and the
+//! malicious-server, aggregation-revisited and M6-rule sections (one run, shared by the tests).
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
+
+/// Runs `gradguard validate --quick` once; its folder and VALIDATION.md.
+fn quick_study() -> &'static (PathBuf, String) {
+    static STUDY: OnceLock<(PathBuf, String)> = OnceLock::new();
+    STUDY.get_or_init(|| {
+        let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("validate_cli");
+        let _ = std::fs::remove_dir_all(&out_dir);
+        let out = Command::new(env!("CARGO_BIN_EXE_gradguard")).args(["validate", "--quick", "--out"]).arg(&out_dir).output().expect("the gradguard binary runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let md = std::fs::read_to_string(out_dir.join("VALIDATION.md")).unwrap();
+        (out_dir, md)
+    })
+}
 
 /// The bound column of the bound-vs-attack table: (model, multiplier, layer) -> bound or None.
 fn bound_rows(md: &str) -> Vec<(String, f64, String, Option<f64>)> {
@@ -19,12 +34,8 @@ fn bound_rows(md: &str) -> Vec<(String, f64, String, Option<f64>)> {
 
 #[test]
 fn the_quick_study_tests_the_bound_and_shows_m3_error_bars() {
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("validate_cli");
-    let _ = std::fs::remove_dir_all(&out_dir);
-    let out = Command::new(env!("CARGO_BIN_EXE_gradguard")).args(["validate", "--quick", "--out"]).arg(&out_dir).output().expect("the gradguard binary runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let md = std::fs::read_to_string(out_dir.join("VALIDATION.md")).unwrap();
-    let rows = bound_rows(&md);
+    let (out_dir, md) = quick_study();
+    let rows = bound_rows(md);
     // Quick grid: multipliers 0, 0.01 and 1 on the CNN's 4 layers and the MLP's 3.
     assert_eq!(rows.len(), 3 * 4 + 3 * 3, "{rows:?}");
     let line = |model: &str, m: f64, layer: &str| rows.iter().find(|r| r.0 == model && r.1 == m && r.2 == layer).unwrap_or_else(|| panic!("{model} {m} {layer}")).3;
@@ -48,4 +59,47 @@ fn the_quick_study_tests_the_bound_and_shows_m3_error_bars() {
     assert!(rows.iter().all(|l| l.matches(" ± ").count() == 2), "{findings}");
     let svg = std::fs::read_to_string(out_dir.join("validation").join("bound_vs_attack.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("attack = bound") && svg.contains("conv1") && svg.contains("fc0"));
+}
+
+/// The malicious-server table's row of `model` at batch `n`, split into cells.
+fn malicious_row<'a>(md: &'a str, model: &str, n: usize) -> Vec<&'a str> {
+    let section = md.split("## Malicious server: which number catches which attack").nth(1).expect("the malicious-server section");
+    let table = section.split("### Which number caught which attack").next().unwrap();
+    let line = table.lines().find(|l| l.starts_with(&format!("| {model} | {n} |"))).unwrap_or_else(|| panic!("no row for {model} at n = {n}"));
+    line.split('|').map(str::trim).collect()
+}
+
+/// "a/b" as (a, b).
+fn count(cell: &str) -> (f64, f64) {
+    let (a, b) = cell.split_once('/').unwrap_or_else(|| panic!("not a count: {cell}"));
+    (a.parse().unwrap(), b.parse().unwrap())
+}
+
+#[test]
+fn the_quick_study_shows_which_number_catches_which_malicious_model() {
+    let (out_dir, md) = quick_study();
+    // Cells: 1 model, 2 n, 3 releases, 4 analytic, 5 differences, 6 strongest, 7 labels, 8 S_l,
+    // 9 S_l^rms, 10 R_l, 11 M6 fc0 exposed (max), 12 fc0 isolated_share, 13 fc1 exposed, 14 fc1
+    // isolated_share, 15.. M5 and the noised attack.
+    let exposed = |row: &[&str]| -> f64 { row[11].split(' ').next().unwrap().parse().unwrap() };
+    let (trap, honest, imprint) = (malicious_row(md, "trap", 32), malicious_row(md, "honest", 32), malicious_row(md, "imprint", 32));
+    assert!(exposed(&trap) >= 0.5, "M6 flags the trap at batch 32: {trap:?}");
+    assert!(exposed(&honest) <= 0.25, "M6 leaves the honest model at batch 32: {honest:?}");
+    let (got, of) = count(trap[4]);
+    assert!(got >= 0.7 * of, "the analytic attack gives back most of the trap batch: {trap:?}");
+    let (got, of) = count(imprint[5]);
+    assert!(got >= 0.5 * of && exposed(&imprint) < 0.25, "imprint: the differences attack recovers what M6 does not see: {imprint:?}");
+    for model in ["honest", "trap", "fishing", "imprint"] {
+        malicious_row(md, model, 8);
+    }
+    assert!(md.contains("**What M6 misses**: imprint"), "the sentence on what M6 misses");
+    assert!(md.contains("## Aggregation revisited: what the attacks recover against the batch size"));
+    assert!(md.contains("digits CNN: **the analytic suite does not apply to the first layer**"));
+    assert!(md.contains("## The M6 rule on honest training: false positives"));
+    assert!(md.contains("False-positive rate of the rule"));
+    for figure in ["aggregation_recovered.svg", "m6_rule_honest_runs.svg"] {
+        let svg = std::fs::read_to_string(out_dir.join("validation").join(figure)).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("tabular MLP"), "{figure}");
+        assert!(md.contains(&format!("(validation/{figure})")), "{figure} is shown");
+    }
 }

@@ -6,15 +6,23 @@
 //! information, M3 for latent information). Then, on the CNN at step 100, every metric against
 //! the batch size (1..64) and against two defences (Gaussian noise, top-k sparsification).
 //! Defended releases are made by `gradguard_defenses::Defence::apply`, and their M1 is measured
-//! through the guard's own transform path (the closed loop's). Writes VALIDATION.md and SVG
-//! figures; every statement in VALIDATION.md is computed from the numbers of the run that
-//! wrote it.
+//! through the guard's own transform path (the closed loop's). Then a malicious-server section
+//! (a digits MLP and trap, fishing and imprint variants made from it by setting parameters:
+//! what the attack suite recovers at batch sizes 8/32/128 beside M1, M5 with noise and M6),
+//! aggregation revisited on honest models (recovered fraction and M6 against n = 1..128, for the
+//! digits MLP and CNN and a tabular MLP), and the false-positive rate of an M6 rule on
+//! demo-length honest runs. Writes VALIDATION.md and SVG figures; every statement in
+//! VALIDATION.md is computed from the numbers of the run that wrote it.
 #![deny(missing_docs, unreachable_pub)]
 
+mod aggregation;
 mod bound;
 mod groups;
+mod malicious;
+mod nets;
 mod render;
 mod render_bound;
+mod render_malicious;
 mod sweeps;
 
 use gradguard_models::data::Digits;
@@ -91,6 +99,10 @@ struct Plan {
     /// The bound's test: noise multipliers (0: the raw release) and attacked single-sample releases.
     bound_noise: Vec<f64>,
     bound_releases: usize,
+    /// The malicious-server section.
+    malicious: malicious::MaliciousPlan,
+    /// Aggregation revisited on honest models, and the M6 rule's false positives.
+    honest: aggregation::AggregationPlan,
 }
 
 /// Probes K of M1 in the aggregation and defence sweeps.
@@ -119,6 +131,17 @@ impl Plan {
                 micro_releases: 200,
                 bound_noise: vec![0.0, 0.01, 1.0],
                 bound_releases: 2,
+                malicious: malicious::MaliciousPlan { batch_sizes: vec![8, 32], releases: 2, probes: 4, multipliers: vec![0.01], tau: 0.99 },
+                honest: aggregation::AggregationPlan {
+                    batch_sizes: vec![1, 8, 32],
+                    samples: 32,
+                    min_releases: 1,
+                    max_releases: 4,
+                    tau: 0.99,
+                    fpr_steps: 60,
+                    fpr_batches: vec![64],
+                    fpr_every: 20,
+                },
             }
         } else {
             Self {
@@ -141,6 +164,17 @@ impl Plan {
                 micro_releases: 800,
                 bound_noise: vec![0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
                 bound_releases: 8,
+                malicious: malicious::MaliciousPlan { batch_sizes: vec![8, 32, 128], releases: 8, probes: 8, multipliers: vec![0.01, 0.001], tau: 0.99 },
+                honest: aggregation::AggregationPlan {
+                    batch_sizes: vec![1, 2, 4, 8, 16, 32, 64, 128],
+                    samples: 128,
+                    min_releases: 4,
+                    max_releases: 32,
+                    tau: 0.99,
+                    fpr_steps: 1500,
+                    fpr_batches: vec![64, 8],
+                    fpr_every: 5,
+                },
             }
         }
     }
@@ -181,12 +215,16 @@ struct Results {
     /// M5's bound against M4, per model, and the figure's file name.
     bounds: Vec<bound::BoundStudy>,
     bound_figure: String,
+    /// The malicious-server section, aggregation revisited and the M6 rule's false positives.
+    malicious: Option<malicious::MaliciousStudy>,
+    honest: Vec<aggregation::AggModel>,
+    fpr: Vec<aggregation::FprRun>,
     timings: Vec<(String, f64)>,
     total: f64,
 }
 
-/// Runs the study and writes `options.out`/VALIDATION.md and its figures (about 3 minutes;
-/// seconds with `quick`). Sets libtorch's intra-op thread count to `options.threads`.
+/// Runs the study and writes `options.out`/VALIDATION.md and its figures (about 7 minutes on
+/// 2 cores; under a minute with `quick`). Sets libtorch's intra-op thread count to `options.threads`.
 /// `progress` is told when each part is done.
 pub fn run_validation(options: &ValidationOptions, progress: &mut dyn FnMut(&str)) -> Result<ValidationSummary> {
     tch::set_num_threads(options.threads.max(1));
@@ -202,7 +240,7 @@ pub fn run_validation(options: &ValidationOptions, progress: &mut dyn FnMut(&str
     let pool = Pool { x: px, y: py, attribute: to_f64_vec(&pa)?.into_iter().map(|v| v as i64).collect() };
     let (tx, ty, _) = digits.batch(&train, Device::Cpu).map_err(ModelError::from)?;
 
-    let mut results = Results { checkpoints: Vec::new(), aggregation: None, defences: None, bounds: Vec::new(), bound_figure: "bound_vs_attack.svg".into(), timings: Vec::new(), total: 0.0 };
+    let mut results = Results { checkpoints: Vec::new(), aggregation: None, defences: None, bounds: Vec::new(), bound_figure: "bound_vs_attack.svg".into(), malicious: None, honest: Vec::new(), fpr: Vec::new(), timings: Vec::new(), total: 0.0 };
     let mut timed = |results: &mut Results, what: String, seconds: f64| {
         progress(&format!("{what} in {seconds:.1}s"));
         results.timings.push((what, seconds));
@@ -238,11 +276,52 @@ pub fn run_validation(options: &ValidationOptions, progress: &mut dyn FnMut(&str
             results.checkpoints.push(Checkpoint { model: name, step, rows, micro });
         }
     }
+    malicious_sections(&plan, &fig_dir, seed, &mut results, &mut timed)?;
     bound::bound_figure(&fig_dir.join(&results.bound_figure), &results.bounds)?;
     results.total = started.elapsed().as_secs_f64();
     let path = options.out.join("VALIDATION.md");
     write_file(&path, &render::render(options, &plan, &results), "writing")?;
     Ok(ValidationSummary { markdown: path, figures: fig_dir, seconds: results.total })
+}
+
+/// The malicious-server section, aggregation revisited on honest models, and the M6 rule's
+/// false positives on demo-length honest runs (their figures into `fig_dir`).
+fn malicious_sections(plan: &Plan, fig_dir: &std::path::Path, seed: u64, results: &mut Results, timed: &mut dyn FnMut(&mut Results, String, f64)) -> Result<()> {
+    let t = Instant::now();
+    let digits = nets::Data::digits(seed)?;
+    let honest = malicious::honest_mlp(&digits, seed)?;
+    results.malicious = Some(malicious::malicious_study(&honest, &digits, &plan.malicious, seed)?);
+    timed(results, "malicious-server models".into(), t.elapsed().as_secs_f64());
+
+    let t = Instant::now();
+    let tabular = nets::Data::tabular(seed)?;
+    let cnn = nets::Net::cnn("cnn", seed)?;
+    cnn.train(&digits, malicious::HONEST_STEPS, &|s| digits.demo_batch(64, s), None, &mut |_, _, _| Ok(()))?;
+    let tab = nets::Net::mlp("tabular", &nets::TABULAR_MLP, seed)?.torch_init(seed)?;
+    tab.train(&tabular, malicious::HONEST_STEPS, &|s| tabular.demo_batch(64, s), None, &mut |_, _, _| Ok(()))?;
+    // The same digits MLP with tch's default initialisation (weights uniform in +-sqrt(6/fan_in)).
+    let tch_mlp = nets::Net::mlp("tch", &nets::DIGITS_MLP, seed)?;
+    tch_mlp.train(&digits, malicious::HONEST_STEPS, &|s| digits.demo_batch(64, s), None, &mut |_, _, _| Ok(()))?;
+    for (net, label, data) in [(&honest, "digits MLP", &digits), (&tch_mlp, "digits MLP (tch init)", &digits), (&cnn, "digits CNN", &digits), (&tab, "tabular MLP", &tabular)] {
+        results.honest.push(aggregation::aggregation_sweep(net, label, data, &plan.honest, seed)?);
+    }
+    render_malicious::aggregation_figure(&fig_dir.join(render_malicious::AGGREGATION_FIGURE), &results.honest, plan.honest.tau)?;
+    timed(results, "aggregation revisited (honest models)".into(), t.elapsed().as_secs_f64());
+
+    for &batch in &plan.honest.fpr_batches {
+        for (label, data) in [("digits MLP", &digits), ("digits CNN", &digits), ("tabular MLP", &tabular)] {
+            let fresh = match label {
+                "digits MLP" => nets::Net::mlp("digits MLP", &nets::DIGITS_MLP, seed)?.torch_init(seed)?,
+                "digits CNN" => nets::Net::cnn("digits CNN", seed)?,
+                _ => nets::Net::mlp("tabular MLP", &nets::TABULAR_MLP, seed)?.torch_init(seed)?,
+            };
+            let t = Instant::now();
+            results.fpr.push(aggregation::fpr_run(&fresh, label, data, batch, &plan.honest, seed)?);
+            timed(results, format!("M6 rule on an honest run ({label}, batch {batch})"), t.elapsed().as_secs_f64());
+        }
+    }
+    render_malicious::fpr_figure(&fig_dir.join(render_malicious::FPR_FIGURE), &results.fpr)?;
+    Ok(())
 }
 
 /// Every metric of every layer at one checkpoint, and the pool's per-sample gradients.

@@ -315,16 +315,16 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
             );
         }
     }
-    out!(w, "\nPer-layer bars of every metric (per-sample releases): {}.", checkpoints.iter().map(|c| format!("[{} step {}](validation/layers_{}_step{}.svg)", c.model, c.step, c.model, c.step)).collect::<Vec<_>>().join(", "));
+    out!(w, "\nPer-layer bars of every metric (per-sample releases; `{cmd}` writes them): {}.", checkpoints.iter().map(|c| format!("[{} step {}](validation/layers_{}_step{}.svg)", c.model, c.step, c.model, c.step)).collect::<Vec<_>>().join(", "));
     if let Some(c) = checkpoints.iter().find(|c| c.model == "cnn" && c.step == *plan.steps.last().unwrap_or(&0)) {
-        out!(w, "\n![cnn at step {}](validation/layers_cnn_step{}.svg)", c.step, c.step);
+        out!(w, "\nFigure (`{cmd}` writes it): ![cnn at step {}](validation/layers_cnn_step{}.svg)", c.step, c.step);
     }
 
     // Aggregation.
     if let Some(agg) = aggregation {
         out!(w, "\n## Aggregation: every metric against the batch size\n");
         out!(w, "CNN at step {}. Batch sizes {:?}. M1: mean over {} batches of n distinct pool samples (K = {}). M2: {} group-pure micro-batches of n per attribute value (METRICS.md, per-micro-batch granularity). M3 (one person): {} releases, each the mean gradient of a target sample and n - 1 random others, labelled with the target's attribute. M3 (batch): {} group-pure batches of n, labelled with the group. M4: {} releases of n samples, {} Adam steps, reconstructions matched to the true samples within each label.\n", agg.step, plan.batch_sizes, plan.agg_m1_batches, SWEEP_PROBES, M2_COLUMNS, plan.agg_m3_releases, plan.agg_m3_releases, plan.agg_m4_releases, plan.agg_m4_iterations);
-        out!(w, "Figure (`cmd` above regenerates it): ![aggregation](validation/{})\n", agg.figure);
+        out!(w, "Figure (`{cmd}` writes it): ![aggregation](validation/{})\n", agg.figure);
         sweep_table(w, "n", &agg.rows, true);
         out!(w);
         aggregation_verdicts(w, &agg.rows, plan);
@@ -332,16 +332,21 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
     if let Some(d) = defences {
         out!(w, "\n## Defences: every metric against noise and sparsification\n");
         out!(w, "CNN at step {}. The defence is applied to each layer's release with `gradguard_defenses::Defence::apply`: per-sample gradients for one M3 (n = 1; seed per sample), {} group-pure micro-batch releases of {} for M2 ({} per value) and the other M3, the batch-{} release for M1, single-sample releases for M4 ({} releases, {} Adam steps; the attacker matches the defended gradient). M1 of a defended release is measured the way the guard's closed loop measures it (`gradguard_guard::measure::transform`): the {} probe JVPs pushed through the defence's Jacobian at the release (noise: the clip's Jacobian, since the added noise does not depend on the input, so S_l sees only what clipping does to the signal; top-k: the JVP restricted to the kept entries); R_l divides by the norm of the defended release. Noise: `noise(clip_norm = C_l, multiplier)` with C_l the layer's median per-sample gradient norm ({}).\n", d.step, plan.micro_releases, plan.micro_batch, M2_COLUMNS, plan.m1_batch, plan.def_m4_releases, plan.def_m4_iterations, SWEEP_PROBES, d.clip.iter().map(|(n, c)| format!("{n}: {}", num(Some(*c)))).collect::<Vec<_>>().join(", "));
-        out!(w, "![noise](validation/{})\n", d.noise_figure);
+        out!(w, "Figure (`{cmd}` writes it): ![noise](validation/{})\n", d.noise_figure);
         sweep_table(w, "noise multiplier", &d.noise, true);
-        out!(w, "\n![sparsify](validation/{})\n", d.sparsify_figure);
+        out!(w, "\nFigure (`{cmd}` writes it): ![sparsify](validation/{})\n", d.sparsify_figure);
         sweep_table(w, "kept fraction", &d.sparsify, true);
         out!(w);
         defence_verdicts(w, "noise", &d.noise, true);
         defence_verdicts(w, "sparsification", &d.sparsify, false);
     }
 
-    render_bound(w, &results.bounds, &results.bound_figure);
+    render_bound(w, &results.bounds, &results.bound_figure, &cmd);
+    if let Some(m) = &results.malicious {
+        super::render_malicious::render_malicious(w, m);
+    }
+    super::render_malicious::render_aggregation(w, &results.honest, &plan.honest, &cmd);
+    super::render_malicious::render_fpr(w, &results.fpr, &plan.honest, &cmd);
     let bound_summary = super::render_bound::summary(&results.bounds);
 
     // What held.
@@ -396,6 +401,9 @@ pub(super) fn render(args: &ValidationOptions, plan: &Plan, results: &Results) -
             k => format!("S_l changed in {k} of {layers} layers, through the clip (a batch gradient above C_l is scaled down), not through the noise"),
         };
         out!(w, "- S_l and S_l^rms measure how the release moves with the input; the added noise does not depend on the input (the defended release's Jacobian is the clip's): {through_clip}. Only R_l (which divides by the noisier release's norm) and the attacks see the noise itself.");
+    }
+    for line in super::render_malicious::summary(results.malicious.as_ref(), &results.honest, &results.fpr, &plan.honest) {
+        out!(w, "- {line}");
     }
     out!(w, "\n## Runtime\n");
     for (what, s) in timings {

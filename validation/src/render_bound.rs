@@ -58,7 +58,7 @@ pub(super) fn bound_table(studies: &[BoundStudy]) -> String {
 }
 
 /// The section.
-pub(super) fn render_bound(w: &mut String, studies: &[BoundStudy], figure: &str) {
+pub(super) fn render_bound(w: &mut String, studies: &[BoundStudy], figure: &str, cmd: &str) {
     let Some(first) = studies.first() else { return };
     out!(w, "\n## M5: the reconstruction bound against the attack\n");
     out!(
@@ -80,7 +80,7 @@ pub(super) fn render_bound(w: &mut String, studies: &[BoundStudy], figure: &str)
             s.label_prior_bits
         );
     }
-    out!(w, "\n![bound against attack](validation/{figure})\n");
+    out!(w, "\nFigure (`{cmd}` writes it): ![bound against attack](validation/{figure})\n");
     out!(w, "{}", bound_table(studies));
 
     let cells: Vec<(&BoundStudy, &BoundCell)> = studies.iter().flat_map(|s| s.cells.iter().map(move |c| (s, c))).collect();
