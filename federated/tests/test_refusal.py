@@ -20,11 +20,15 @@ from test_deployment import Deployment, deployment, rounds  # noqa: F401 - the f
 
 REPO = Path(__file__).resolve().parents[2]
 
-# M6 on every layer (a unit that carries one sample alone gives it back), and the analytic
-# attacks on the node's first batch: more than 10% of it recovered refuses the model. Measured
-# on this node's first batch of 32 (seeds 0-2): honest exposes at most 0.031 of it in any layer
-# and the attacks recover 0-2 samples; trap weights expose 0.875-0.969 in fc0; class fishing
-# 0.156-0.188 in fc1 (its confident classes leave a few samples alone in the output layer);
+# M6 on every layer, both numbers: a unit that carries one sample alone gives it back
+# (exposed_fraction counts the samples so exposed; isolated_share is the share of the layer's
+# gradient in such units), and the analytic attacks on the node's first batch: more than 10% of
+# it recovered refuses the model. Measured on this node's first batch of 32 (honest models
+# trained from seeds 0-9): honest exposes at most 0.062 of it in any layer, isolated_share at
+# most 0.037, and the attacks recover 0-2 samples; trap weights expose 0.875-0.969 in fc0;
+# fishing on a batch holding one sample of the fished class (fishing-data): exposed_fraction
+# 0.062-0.125 (the fished sample, and units whose tiny gradients rounding leaves to one other)
+# but isolated_share 1.000 in fc0 and fc1 on every seed, the honest model 0.000 on that batch;
 # the imprint layer exposes 0.031 (M6 misses it: its units are shared) while the differences
 # attack recovers 23-30 of 32.
 POLICY = """
@@ -39,6 +43,13 @@ metric = "exposed_fraction"
 layers = ["fc0", "fc1"]
 act_above = 0.1
 relax_below = 0.05
+ladder = [{ action = "withhold" }]
+[[rule]]
+name = "concentration"
+metric = "isolated_share"
+layers = ["fc0", "fc1"]
+act_above = 0.5
+relax_below = 0.25
 ladder = [{ action = "withhold" }]
 """
 
@@ -56,9 +67,9 @@ def config(models: Path, server_round: int = 1) -> dict:
             "policy-path": str(models / "policy.toml"), "model-path": str(models / "honest.pt"), "loss": "cross-entropy"}
 
 
-def round_on(models: Path, sent: str, audit_log: Path | None = None):
+def round_on(models: Path, sent: str, audit_log: Path | None = None, data: str = "data"):
     params = gradguard_fl.initial_parameters(model_path=str(models / f"{sent}.pt"))
-    data = gradguard_fl.DataDir(str(models / "data"))
+    data = gradguard_fl.DataDir(str(models / data))
     return gradguard_fl.train(params, config(models), data, audit_log=str(audit_log) if audit_log else None)
 
 
@@ -96,10 +107,28 @@ def test_an_imprint_layer_that_m6_misses_is_refused_by_the_differences_attack(mo
     assert fc0["exposed_fraction"] <= 0.1, fc0
 
 
-def test_class_fishing_is_refused_by_isolation_in_the_output_layer(models):
-    result = round_on(models, "fishing")
-    assert result.refused, (result.reason, result.vetting)
-    assert result.reason.startswith("refused: the global model isolates") and "in fc1" in result.reason, result.reason
+def test_fishing_is_refused_by_the_share_of_the_gradient_one_sample_holds(models):
+    # The node's batch holds one sample of the fished class: at the fishing parameters its
+    # gradient is the whole release, in both layers.
+    result = round_on(models, "fishing", data="fishing-data")
+    assert result.refused and result.blocked and result.update == {}, (result.reason, result.vetting)
+    assert result.reason.startswith("refused: the global model isolates"), result.reason
+    vetting = json.loads(result.vetting)
+    failed = {(c["rule"], c["layer"]) for c in vetting["checks"] if not c["passed"]}
+    assert {("concentration", "fc0"), ("concentration", "fc1")} <= failed, vetting["checks"]
+    for layer in ("fc0", "fc1"):
+        m6 = dict(vetting["layers"])[layer]
+        assert m6["isolated_share"] >= 0.99, (layer, m6)
+    # exposed_fraction counts samples: one of 32 is not much, which is why the rule reads both.
+    assert vetting["n"] == 32 and 1 <= len(vetting["exposed_samples"]) <= 4, vetting["exposed_samples"]
+    # The attack agrees: the fished sample comes back from fc0.
+    attack = next(a for a in vetting["attacks"] if a["layer"] == "fc0")
+    assert attack["samples_recovered"] >= 1, attack
+
+
+def test_the_honest_model_is_trained_on_the_batch_fishing_isolates(models):
+    result = round_on(models, "honest", data="fishing-data")
+    assert not result.refused and not result.blocked, (result.reason, result.vetting)
 
 
 def test_non_finite_parameters_are_refused_by_name(models):
