@@ -89,9 +89,14 @@ fn the_quick_study_shows_which_number_catches_which_malicious_model() {
     assert!(got >= 0.7 * of, "the analytic attack gives back most of the trap batch: {trap:?}");
     let (got, of) = count(imprint[5]);
     assert!(got >= 0.5 * of && exposed(&imprint) < 0.25, "imprint: the differences attack recovers what M6 does not see: {imprint:?}");
-    for model in ["honest", "trap", "fishing", "imprint"] {
+    for model in ["honest", "trap", "fishing", "imprint", "fishing-one"] {
         malicious_row(md, model, 8);
     }
+    // Fishing on batches that hold one fished sample: that sample's gradient is the release,
+    // which isolated_share reads (fc0's in cell 12, fc1's in 14) and the honest model's does not.
+    let isolated = |row: &[&str]| -> f64 { row[12].parse::<f64>().unwrap().max(row[14].parse().unwrap()) };
+    let one = malicious_row(md, "fishing-one", 32);
+    assert!(isolated(&one) >= 0.9 && isolated(&honest) < 0.5, "fishing-one {one:?}, honest {honest:?}");
     assert!(md.contains("**What M6 misses**: imprint"), "the sentence on what M6 misses");
     assert!(md.contains("## Aggregation revisited: what the attacks recover against the batch size"));
     assert!(md.contains("digits CNN: **the analytic suite does not apply to the first layer**"));

@@ -5,7 +5,10 @@
 //!   batch of B (a trap model per batch size: the server knows the clients' B);
 //! - **fishing** (Wen et al. 2022, here its class-fishing half): fc1's rows scaled, the other
 //!   classes' by 30 (confident and correct: almost no gradient), the target class's by 0.05, so
-//!   that the target class's samples dominate the batch gradient;
+//!   that the target class's samples dominate the batch gradient; measured on the same
+//!   consecutive batches as the others, and (**fishing-one**) on batches that each hold one
+//!   sample of the target class and samples of other classes the honest model classifies
+//!   correctly: Wen et al.'s setting, where the fished sample's gradient is the release;
 //! - **imprint** (Fowl et al. 2022, "Robbing the Fed", set through the existing Linear fc0):
 //!   every fc0 row = ones / 64 (brightness), the biases at the 256 inner quantiles of the
 //!   brightness, fc1's columns equal across the units, so that the difference of two
@@ -146,8 +149,8 @@ pub(super) fn trap(honest: &Net, aux: &(Vec<f64>, usize, usize), batch: usize, s
 
 /// Fishing for class [`FISHING_TARGET`]: fc1's rows (weight and bias) scaled, the target's by
 /// 0.05, the others' by 30.
-pub(super) fn fishing(honest: &Net) -> Result<Net> {
-    let net = honest.copy("fishing")?;
+pub(super) fn fishing(honest: &Net, name: &'static str) -> Result<Net> {
+    let net = honest.copy(name)?;
     let classes = DIGITS_MLP[2];
     let scale: Vec<f64> = (0..classes).map(|c| if c == FISHING_TARGET { FISHING_DOUBTFUL } else { FISHING_CONFIDENT }).collect();
     let scale = Tensor::f_from_slice(&scale)?;
@@ -178,7 +181,6 @@ pub(super) fn imprint(honest: &Net, aux: &(Vec<f64>, usize, usize), seed: u64) -
 /// Shared settings of one section run.
 struct Ctx<'a> {
     plan: &'a MaliciousPlan,
-    data: &'a Data,
     clip: f64,
     v: f64,
     seed: u64,
@@ -222,11 +224,43 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-/// One model at batch size `n`.
-fn measure(net: &Net, n: usize, ctx: &Ctx) -> Result<Cell> {
+/// The releases a model is measured on: `releases` batches of n, one after the other.
+struct Releases {
+    x: Tensor,
+    y: Tensor,
+    releases: usize,
+}
+
+impl Releases {
+    /// Consecutive batches from the start of the training split.
+    fn consecutive(data: &Data, n: usize, releases: usize) -> Result<Self> {
+        let releases = releases.min(data.train.len() / n.max(1)).max(1);
+        let (x, y) = data.first_train(releases * n)?;
+        Ok(Self { x, y, releases })
+    }
+
+    /// Batches that each hold one sample of [`FISHING_TARGET`] (the next one of the training
+    /// split) and n - 1 of other classes that `honest` classifies correctly (the next ones).
+    fn one_fished(honest: &Net, data: &Data, n: usize, releases: usize) -> Result<Self> {
+        let labels = Net::labels(data, &data.train)?;
+        let correct = honest.correct(data, &data.train)?;
+        let targets: Vec<usize> = data.train.iter().zip(&labels).filter(|(_, y)| **y == FISHING_TARGET).map(|(i, _)| *i).collect();
+        let others: Vec<usize> = data.train.iter().zip(labels.iter().zip(&correct)).filter(|(_, (y, c))| **y != FISHING_TARGET && **c).map(|(i, _)| *i).collect();
+        let k = n.max(1) - 1;
+        let releases = releases.min(targets.len()).min(if k == 0 { usize::MAX } else { others.len() / k });
+        if releases == 0 {
+            return Err(gradguard_audit::AuditError::Usage(format!("no batch of {n} with one sample of class {FISHING_TARGET}: the training split has {} of them and {} others classified correctly", targets.len(), others.len())));
+        }
+        let idx: Vec<usize> = (0..releases).flat_map(|r| std::iter::once(targets[r]).chain(others[r * k..(r + 1) * k].iter().copied())).collect();
+        let (x, y) = data.rows(&idx)?;
+        Ok(Self { x, y, releases })
+    }
+}
+
+/// One model at batch size `n`, on the releases given.
+fn measure(net: &Net, n: usize, ctx: &Ctx, on: Releases) -> Result<Cell> {
     let (plan, seed) = (ctx.plan, ctx.seed);
-    let releases = plan.releases.min(ctx.data.train.len() / n.max(1)).max(1);
-    let (xa, ya) = ctx.data.first_train(releases * n)?;
+    let Releases { x: xa, y: ya, releases } = on;
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let all = Inspection::new(net.layers(), &loss, Batch::new(&xa, &ya)).seeded(seed, 0);
     let suite = attack_suite(&all, &AttackPlan { batch_size: n, releases, optimisation: None })?;
@@ -336,8 +370,9 @@ pub(super) fn malicious_study(honest: &Net, data: &Data, plan: &MaliciousPlan, s
     // The clip a user of the honest model would set: its median per-sample fc0 norm over 64 samples.
     let (x64, y64) = data.first_train(64)?;
     let clip = super::sweeps::median_norms(&per_sample_matrices(&pool.on(Batch::new(&x64, &y64)))?)[0];
-    let ctx = Ctx { plan, data, clip, v, seed };
-    let fishing = fishing(honest)?;
+    let ctx = Ctx { plan, clip, v, seed };
+    let fishing_one = fishing(honest, "fishing-one")?;
+    let fishing = fishing(honest, "fishing")?;
     let imprint = imprint(honest, &aux, seed)?;
     let mut accuracy = vec![("honest".to_string(), honest.accuracy(data, &data.aux)?), ("fishing".to_string(), fishing.accuracy(data, &data.aux)?), ("imprint".to_string(), imprint.accuracy(data, &data.aux)?)];
     let mut cells = Vec::new();
@@ -345,8 +380,9 @@ pub(super) fn malicious_study(honest: &Net, data: &Data, plan: &MaliciousPlan, s
         let trap = trap(honest, &aux, n, seed)?;
         accuracy.push((format!("trap (B = {n})"), trap.accuracy(data, &data.aux)?));
         for net in [honest, &trap, &fishing, &imprint] {
-            cells.push(measure(net, n, &ctx)?);
+            cells.push(measure(net, n, &ctx, Releases::consecutive(data, n, plan.releases)?)?);
         }
+        cells.push(measure(&fishing_one, n, &ctx, Releases::one_fished(honest, data, n, plan.releases)?)?);
     }
     Ok(MaliciousStudy { plan: plan.clone(), cells, accuracy, clip, prior_variance: v, train_samples: data.train.len(), aux_samples: data.aux.len() })
 }
@@ -380,7 +416,7 @@ mod tests {
         let w1 = imprint.param("fc1.weight").unwrap();
         assert_eq!(f64::try_from((&w1 - w1.narrow(1, 0, 1)).abs().max()).unwrap(), 0.0);
         // Fishing: the target's row scaled by 0.05, the others' by 30.
-        let fishing = fishing(&honest).unwrap();
+        let fishing = fishing(&honest, "fishing").unwrap();
         let (a, b) = (honest.param("fc1.weight").unwrap(), fishing.param("fc1.weight").unwrap());
         let ratio = |c: i64| f64::try_from(b.get(c).norm() / a.get(c).norm()).unwrap();
         assert!((ratio(FISHING_TARGET) - FISHING_DOUBTFUL).abs() < 1e-4 && (ratio(0) - FISHING_CONFIDENT).abs() < 1e-3);

@@ -237,13 +237,25 @@ impl Net {
 
     /// Accuracy on the samples at `idx`.
     pub(super) fn accuracy(&self, data: &Data, idx: &[usize]) -> Result<f64> {
+        let correct = self.correct(data, idx)?;
+        Ok(correct.iter().filter(|c| **c).count() as f64 / correct.len().max(1) as f64)
+    }
+
+    /// Whether the model classifies each sample at `idx` correctly.
+    pub(super) fn correct(&self, data: &Data, idx: &[usize]) -> Result<Vec<bool>> {
         let (x, y) = data.rows(idx)?;
         let logits = tch::no_grad(|| match &self.arch {
             Arch::Mlp(m, _) => m.f_forward(&x),
             Arch::Cnn(c) => c.f_forward(&x),
         })?;
-        let right = logits.f_argmax(-1, false)?.f_eq_tensor(&y)?.f_to_kind(Kind::Double)?.f_mean(Kind::Double)?;
-        Ok(to_f64_vec(&right)?[0])
+        let right = logits.f_argmax(-1, false)?.f_eq_tensor(&y)?.f_to_kind(Kind::Double)?;
+        Ok(to_f64_vec(&right)?.into_iter().map(|v| v > 0.5).collect())
+    }
+
+    /// The labels of the samples at `idx`.
+    pub(super) fn labels(data: &Data, idx: &[usize]) -> Result<Vec<i64>> {
+        let (_, y) = data.rows(idx)?;
+        Ok(to_f64_vec(&y)?.into_iter().map(|v| v as i64).collect())
     }
 }
 

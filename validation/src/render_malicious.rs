@@ -46,13 +46,14 @@ fn and_list(items: &[String]) -> String {
 }
 
 /// The malicious models in the table's order.
-const MODELS: [&str; 4] = ["honest", "trap", "fishing", "imprint"];
+const MODELS: [&str; 5] = ["honest", "trap", "fishing", "imprint", "fishing-one"];
 
 /// What each malicious model is, in a few words.
 fn describe(model: &str) -> &'static str {
     match model {
         "trap" => "trap weights (Boenisch et al. 2021)",
         "fishing" => "fishing for one class (Wen et al. 2022)",
+        "fishing-one" => "the fishing model on batches that each hold one sample of the fished class",
         "imprint" => "an imprint-like binned fc0 (Fowl et al. 2022)",
         _ => "the honest model",
     }
@@ -115,6 +116,7 @@ pub(super) fn render_malicious(w: &mut String, s: &MaliciousStudy) {
     );
     out!(w, "- **trap**: fc0's rows drawn N(0, 1), each bias at minus the 1 - 1/B quantile of w.x over the server's auxiliary data, so that each unit fires for about one input in B; one trap model per batch size B = n (the server knows the clients' batch size).");
     out!(w, "- **fishing**: fc1's rows (weight and bias) scaled, class {FISHING_TARGET}'s by 0.05 and the others' by 30, so that the samples of class {FISHING_TARGET} dominate the batch gradient (Wen et al.'s class fishing; their feature-binning half is not built).");
+    out!(w, "- **fishing-one**: the fishing model on the batch Wen et al.'s attack is after, where it succeeds: each release holds one sample of class {FISHING_TARGET} (the next one of the training split) and n - 1 samples of other classes that the honest model classifies correctly (the next ones), so that the fished sample's gradient is the release. Its comparisons with the honest model use the honest model's consecutive batches.");
     out!(w, "- **imprint**: every fc0 row set to ones / 64 (brightness), the biases at minus the 256 inner quantiles of the brightness over the auxiliary data, and fc1's columns one seeded column repeated, so that consecutive units differ by the samples in one brightness bin (Fowl et al.'s binned layer, set through the existing Linear).");
     out!(
         w,
@@ -315,13 +317,17 @@ pub(super) fn findings(s: &MaliciousStudy, m0: f64) -> Vec<String> {
         .iter()
         .filter_map(|&n| {
             let c = cell(s, "fishing", n)?;
+            let one = cell(s, "fishing-one", n).map(|o| {
+                let layers: Vec<String> = o.m6.iter().map(|(l, e, i)| format!("{l} exposed {} / isolated_share {}", num(*e), num(*i))).collect();
+                format!(" (one fished sample in the batch: {})", layers.join(", "))
+            });
             let layers: Vec<String> = c.m6.iter().map(|(l, e, i)| format!("{l} exposed {} / isolated_share {}", num(*e), num(*i))).collect();
-            Some(format!("n = {n} (1/n = {:.3}): {}", 1.0 / n as f64, layers.join(", ")))
+            Some(format!("n = {n} (1/n = {:.3}): {}{}", 1.0 / n as f64, layers.join(", "), one.unwrap_or_default()))
         })
         .collect();
     if !fishing.is_empty() {
         lines.push(format!(
-            "**Fishing and the two M6 numbers**: {}. exposed_fraction counts samples, so a release that gives back a few samples of n scores a few / n and stays under a 0.5 rule however completely those samples are exposed; isolated_share measures how much of the release comes from single-sample units. The fishing model leaves the honest fc0 in place; what it changes is fc1, where its confident classes leave a few samples alone on an output unit.",
+            "**Fishing and the two M6 numbers**: {}. exposed_fraction counts samples, so a release that gives back a few samples of n scores a few / n and stays under a 0.5 rule however completely those samples are exposed; isolated_share measures how much of the release comes from single-sample units. The fishing model leaves the honest fc0 in place; what it changes is fc1, where its confident classes leave a few samples alone on an output unit. On a batch that holds one sample of the fished class, that sample's gradient is the release: isolated_share reads it in both layers while exposed_fraction counts one sample of n.",
             fishing.join("; ")
         ));
     }
