@@ -1,9 +1,13 @@
 """The ClientApp: a client trains the run's model (the digits CNN, or the TorchScript file of
 run config `model-path`) on its own data (node config `data-dir`, else its digits partition)
 and releases only what its privacy policy allows, decided by gradguard's `Guard::release`
-inside the Rust extension. The guard remembers across rounds: its state (protection levels,
-step count) is kept in `Context.state` and restored each round, and every decision is appended
-to the node's audit log (node config `audit-log`).
+inside the Rust extension. The guard remembers across rounds and restarts: its state
+(protection levels, step count, M5 ledger) is kept in `Context.state` and on disk beside the
+node's audit log (node config `audit-log`; `<audit-log>.state.json`, its hash in the log), and
+restored each round; a SuperNode started again goes on from the file (a `restarted` record).
+A state that cannot be vouched for (missing after a logged save, rolled back, unreadable) is
+an error reply naming the file, every round, until an operator runs `gradguard log
+reset-state`.
 
 Reply to a train message (`RecordDict`):
 - released: "arrays" (ArrayRecord: the protected update, released layers only), "metrics"
@@ -76,7 +80,7 @@ def _inputs(msg: Message) -> tuple[dict, dict]:
 def train(msg: Message, context: Context) -> Message:
     """One guarded local training step: train, release under the policy, reply."""
     try:
-        settings = node_settings(context.node_config, context.run_config, context.node_id)
+        settings = node_settings(context.node_config, context.run_config, context.node_id, context.run_id)
         params, config = _inputs(msg)
         if "policy" in config or "policy-path" in config or "policy_path" in config:
             raise gradguard_fl.ConfigError(
@@ -165,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the global model on the held-out digits with this client's label mix."""
     try:
-        settings = node_settings(context.node_config, context.run_config, context.node_id)
+        settings = node_settings(context.node_config, context.run_config, context.node_id, context.run_id)
         params, _ = _inputs(msg)
         model = model_config(context.run_config)
         scores = gradguard_fl.evaluate(params, settings.data(), model_path=model["model-path"], loss=model["loss"])

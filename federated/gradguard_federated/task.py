@@ -7,6 +7,7 @@ in the Rust extension `gradguard_fl`; this module only moves arrays, files and p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -119,7 +120,17 @@ def _int(config: dict[str, Any], key: str, default: int | None, low: int, high: 
     return value
 
 
-def node_settings(node_config: dict[str, Any], run_config: dict[str, Any], node_id: int) -> NodeSettings:
+def _node_key(config: dict[str, Any], data_dir: Any, node_id: int) -> str:
+    """A name for this node that survives its restarts: from its node config (the partition, else
+    the data folder), not Flower's node id, which a restarted SuperNode gets anew."""
+    if "partition-id" in config:
+        return f"p{config['partition-id']}"
+    if isinstance(data_dir, str):
+        return "d" + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+    return f"node-{node_id}"
+
+
+def node_settings(node_config: dict[str, Any], run_config: dict[str, Any], node_id: int, run_id: int = 0) -> NodeSettings:
     """Reads and checks the node's settings (its data, policy, audit log and metrics port).
 
     `data-dir` comes from the node config, else the run config (simulation: one folder with a
@@ -144,7 +155,9 @@ def node_settings(node_config: dict[str, Any], run_config: dict[str, Any], node_
     data_seed = _int(config, "data-seed", 0, 0, 2**62)
     policy = config.get("policy", run_config.get("default-policy", "default.toml"))
     metrics_port = _int(config, "metrics-port", 0, 0, 65535)
-    spool = config.get("spool-dir") or str(Path(tempfile.gettempdir()) / f"gradguard-fl-node-{node_id}")
+    # The default spool (and so the audit log and the guard state beside it) is one folder per
+    # run and node, named from the node config: a restarted node finds its own again.
+    spool = config.get("spool-dir") or str(Path(tempfile.gettempdir()) / f"gradguard-fl-{run_id}-{_node_key(config, data_dir, node_id)}")
     if not isinstance(spool, str):
         raise NodeConfigError(f"node config spool-dir must be a path, got {spool!r}")
     audit_log = config.get("audit-log") or str(Path(spool) / "audit.jsonl")

@@ -52,7 +52,7 @@ def simulate(d: Deployment, tmp_path: Path, model: Path, data: Path, tmpdir: Pat
         assert {c["step"] for c in clients} == {r - 1}  # each virtual node's guard remembered
     assert per_round[2]["federated_accuracy"] > CHANCE + 0.2, per_round[2]
     # Each virtual node appended its decisions to its own audit log, round after round.
-    logs = sorted(tmpdir.glob("gradguard-fl-node-*/audit.jsonl"))
+    logs = sorted(tmpdir.glob("gradguard-fl-*-p*/audit.jsonl"))
     assert len(logs) == CLIENTS, logs
     for log in logs:
         steps = {json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()}

@@ -131,6 +131,10 @@ pub enum GuardError {
     /// The audit log failed: the decision is not acknowledged.
     #[error("audit log: {0}")]
     Audit(#[from] AuditError),
+    /// The guard's saved state cannot be used or written (missing, rolled back, unreadable):
+    /// the guard must not release until an operator resets it.
+    #[error(transparent)]
+    StateFile(#[from] crate::decide::StateFileError),
     /// A defence failed to transform a gradient.
     #[error("a defence failed: {0}")]
     Defence(#[from] gradguard_defenses::DefenceError),

@@ -23,6 +23,12 @@ create_exception!(
     "The model file cannot be used (missing, not TorchScript, does not fit the data); the message names the file."
 );
 create_exception!(gradguard_fl, InternalError, GradguardError, "A libtorch failure or a caught panic inside the extension.");
+create_exception!(
+    gradguard_fl,
+    StateError,
+    GradguardError,
+    "The guard state saved beside the audit log is missing, rolled back, altered or unreadable: nothing is released until an operator resets it (`gradguard log reset-state LOG`)."
+);
 
 /// The extension's errors before they become Python exceptions.
 #[derive(Debug)]
@@ -33,6 +39,7 @@ pub(crate) enum FlError {
     Policy(String),
     Model(String),
     Internal(String),
+    State(String),
 }
 
 impl From<FlError> for PyErr {
@@ -44,6 +51,7 @@ impl From<FlError> for PyErr {
             FlError::Policy(m) => PolicyError::new_err(m),
             FlError::Model(m) => ModelError::new_err(m),
             FlError::Internal(m) => InternalError::new_err(m),
+            FlError::State(m) => StateError::new_err(m),
         }
     }
 }
@@ -80,6 +88,7 @@ impl From<GuardError> for FlError {
             GuardError::UnknownParameter { .. } | GuardError::ParameterShape { .. } => FlError::Parameter(e.to_string()),
             GuardError::EmptyBatch | GuardError::BatchMismatch { .. } | GuardError::InputShape { .. } => FlError::Data(e.to_string()),
             GuardError::Config { .. } => FlError::Config(e.to_string()),
+            GuardError::StateFile(_) => FlError::State(e.to_string()),
             other => FlError::Internal(other.to_string()),
         }
     }

@@ -33,7 +33,7 @@ mod train;
 pub(crate) use errors::{FlError, FlResult, InternalError};
 
 use config::{read_config, TrainConfig, CONFIG_KEYS};
-use errors::{guarded, ConfigError, DataError, GradguardError, ModelError, ParameterError, PolicyError};
+use errors::{guarded, ConfigError, DataError, GradguardError, ModelError, ParameterError, PolicyError, StateError};
 use gradguard_guard::{Guard, Policy};
 use model::{LocalModel, ModelSpec, MODEL_SEED};
 use node_data::{score, DataDir, Source};
@@ -64,7 +64,13 @@ fn source_of(data: &Bound<'_, PyAny>) -> PyResult<Source> {
 /// (`cross-entropy` or `mse`), and the privacy policy as `policy` (TOML text) or `policy-path`
 /// (exactly one; unknown keys are an error). `data`: the node's `Partition` or `DataDir`.
 /// `state`: the `state` of the node's previous `TrainResult` (JSON), so the guard's levels and
-/// step count go on from there. `audit_log`: a file the guard appends its decisions to.
+/// step count go on from there. `audit_log`: a file the guard appends its decisions to; the
+/// guard's state is then also kept beside it (`<audit_log>.state.json`, written atomically
+/// after every release, its hash in the log) and restored from there at the start of the
+/// call, in preference to `state`: a node that restarts goes on with its levels, step and
+/// ledger, and the log records `restarted`. A state file that is missing after a logged save,
+/// rolled back, altered or unreadable raises `StateError`: nothing is trained or released
+/// until an operator resets it (`gradguard log reset-state LOG`).
 ///
 /// Returns a `TrainResult`: the protected update (released layers only), the manifest, the
 /// report and the guard's state after the release, or `blocked=True` with the reason (and
@@ -234,6 +240,7 @@ fn gradguard_fl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PolicyError", py.get_type::<PolicyError>())?;
     m.add("ModelError", py.get_type::<ModelError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
+    m.add("StateError", py.get_type::<StateError>())?;
     m.add("CONFIG_KEYS", CONFIG_KEYS.iter().map(|k| k.replace('_', "-")).collect::<Vec<_>>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Partition>()?;

@@ -6,7 +6,9 @@ use crate::errors::{FlError, FlResult};
 use crate::model::LocalModel;
 use crate::node_data::Source;
 use crate::params::{params_to_dict, HostArray};
+use gradguard_guard::decide::{load_state, state_path, SavedState};
 use gradguard_guard::{AuditLog, Batch, Guard, GuardState, Policy, Release};
+use std::path::Path;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rand::seq::SliceRandom;
@@ -134,6 +136,20 @@ fn restore(guard: &mut Guard, saved: Option<&str>) -> FlResult<String> {
     }
 }
 
+/// Goes on from the state kept beside the audit log (checked against it by `load_state`): the
+/// file wins over a state the caller kept in memory. A state of another policy is not used, as
+/// in [`restore`]. `restarted`: the caller kept none (a new process), said in the origin.
+fn restore_kept(guard: &mut Guard, kept: &SavedState, log: &str, restarted: bool) -> FlResult<String> {
+    match guard.restore_state(&kept.state) {
+        Ok(()) if restarted => Ok(format!("restored from {} (step {})", state_path(Path::new(log)).display(), kept.state.step)),
+        Ok(()) => Ok(format!("restored (step {})", kept.state.step)),
+        Err(gradguard_guard::decide::StateError::OtherPolicy { saved, current }) => {
+            Ok(format!("fresh: the state saved beside {log} belongs to policy {saved}, the node now enforces {current}"))
+        }
+        Err(e) => Err(FlError::State(format!("{}: {e}", state_path(Path::new(log)).display()))),
+    }
+}
+
 pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source, saved: Option<&str>, audit_log: Option<&str>) -> FlResult<TrainResult> {
     let policy = Policy::from_toml_str(&cfg.policy_text, &cfg.policy_origin).map_err(|e| FlError::Policy(e.to_string()))?;
     tch::set_num_threads(cfg.threads);
@@ -151,10 +167,21 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
     }
     // The guard is built (and the policy checked against the model) before any training.
     let mut guard = Guard::new(model.layer_map()?, policy)?;
-    let state_origin = restore(&mut guard, saved)?;
-    if let Some(path) = audit_log.filter(|p| !p.trim().is_empty()) {
+    let audit_log = audit_log.filter(|p| !p.trim().is_empty());
+    // The state kept beside the audit log survives the process; it is checked against the log
+    // and, when it cannot be vouched for, nothing goes further.
+    let durable = audit_log.map(|p| load_state(Path::new(p))).transpose().map_err(|e| FlError::State(e.to_string()))?.flatten();
+    let (state_origin, restarted) = match &durable {
+        Some(kept) => (restore_kept(&mut guard, kept, audit_log.unwrap_or_default(), saved.is_none())?, saved.is_none()),
+        None => (restore(&mut guard, saved)?, false),
+    };
+    if let Some(path) = audit_log {
         let log = AuditLog::open(path).map_err(|e| FlError::Config(format!("audit-log {path}: {e}")))?;
         guard.set_audit_log(log).map_err(|e| FlError::Config(format!("audit-log {path}: {e}")))?;
+        if restarted {
+            // This process did not save the state it goes on from: a restart, on the record.
+            guard.record_restart(format!("went on from the state saved beside the log: {state_origin}"))?;
+        }
     }
     let global = model.snapshot()?;
     let params = model.tensors();
@@ -240,6 +267,9 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
         None => shared(&report, &released)?,
         Some(_) => String::new(),
     };
+    // The state is on disk (its hash in the log) before the update can leave: a node that dies
+    // after this goes on from here, with this release counted.
+    guard.save_state()?;
     // The round's records end with a checkpoint and a `closed` record, so the next round's
     // writer continues a verified chain.
     guard.close_audit_log()?;

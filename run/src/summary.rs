@@ -75,7 +75,7 @@ impl GuardSummary {
                     *out.entry(Outcome::Protected).or_default() += t.protected;
                     *out.entry(Outcome::Withheld).or_default() += t.withheld;
                 }
-            } else if !matches!(r.outcome, Outcome::Started | Outcome::Checkpoint | Outcome::Closed | Outcome::Rotated) {
+            } else if !matches!(r.outcome, Outcome::Started | Outcome::Checkpoint | Outcome::Closed | Outcome::Rotated | Outcome::StateSaved) {
                 *out.entry(r.outcome).or_default() += 1;
             }
         }

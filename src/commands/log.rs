@@ -1,7 +1,11 @@
 //! `gradguard log verify FILE... [--head HASH]`: checks an audit log's hash chain across its
 //! rotated files and names the first record that was edited, removed, reordered or cut.
 //! Exits 0 only when the whole chain verifies.
-use gradguard::guard::decide::{verify_files, Verification};
+//!
+//! `gradguard log reset-state LOG --reason TEXT`: an operator's reset of the guard state kept
+//! beside a node's audit log, after the node refused to go on (its state missing, rolled back or
+//! unreadable): a `state_reset` record in the chain, the old state file moved aside.
+use gradguard::guard::decide::{reset_state, state_path, verify_files, Verification};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -22,6 +26,15 @@ enum LogCommand {
         #[arg(long)]
         head: Option<String>,
     },
+    /// Reset the guard state kept beside an audit log (`LOG.state.json`): the next start is
+    /// fresh (levels 0, step 0, an empty M5 ledger), and the log records who reset it and why.
+    ResetState {
+        /// The audit log (the chain's base file).
+        log: PathBuf,
+        /// Why, in words: written to the log.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 pub fn run(args: LogArgs) -> anyhow::Result<()> {
@@ -33,6 +46,15 @@ pub fn run(args: LogArgs) -> anyhow::Result<()> {
                 None => Ok(()),
                 Some(b) => anyhow::bail!("audit log chain broken: {b}"),
             }
+        }
+        LogCommand::ResetState { log, reason } => {
+            let reset = reset_state(&log, &reason)?;
+            match reset.moved_to {
+                Some(aside) => println!("{}: moved aside to {}", state_path(&log).display(), aside.display()),
+                None => println!("{}: no state file to move aside", state_path(&log).display()),
+            }
+            println!("{}: state_reset recorded; the next start is fresh", log.display());
+            Ok(())
         }
     }
 }

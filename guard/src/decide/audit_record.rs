@@ -45,6 +45,15 @@ pub enum Outcome {
     Rotated,
     /// The run detached the log cleanly (the last checkpoint is complete).
     Closed,
+    /// The guard's state was saved beside the log; `reason` is the state file's SHA-256, so
+    /// that a state rolled back or altered on disk is caught on the next start.
+    StateSaved,
+    /// A process started again and went on from the state saved beside the log (its levels,
+    /// step and ledger); `reason` says from where.
+    Restarted,
+    /// An operator reset the saved state (`gradguard log reset-state`): the next start is
+    /// fresh. `reason` says why.
+    StateReset,
 }
 
 impl Outcome {
@@ -66,6 +75,9 @@ impl Outcome {
             Outcome::WorkerFailure => "worker_failure",
             Outcome::Rotated => "rotated",
             Outcome::Closed => "closed",
+            Outcome::StateSaved => "state_saved",
+            Outcome::Restarted => "restarted",
+            Outcome::StateReset => "state_reset",
         }
     }
 

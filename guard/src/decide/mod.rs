@@ -14,6 +14,7 @@ mod protection;
 mod release;
 mod schedule;
 mod state;
+mod state_file;
 mod worker;
 
 pub use audit_files::{chain_files, segment_path};
@@ -30,4 +31,5 @@ pub use release::{BlockReason, Release};
 #[cfg(any(test, feature = "testing"))]
 pub use schedule::Clock;
 pub use state::{GuardState, StateError};
+pub use state_file::{load_state, reset_state, save_state, state_path, Reset, SavedState, StateFileError};
 pub use worker::Worker;

@@ -64,7 +64,7 @@ pub(crate) fn history(records: &[DecisionRecord], layer_names: &[String]) -> Run
     // The last run that did anything (a rerun with no steps leaves only started/closed).
     let starts: Vec<usize> = records.iter().enumerate().filter(|(_, r)| r.outcome == Outcome::Started).map(|(i, _)| i).collect();
     let ends: Vec<usize> = starts.iter().skip(1).copied().chain([records.len()]).collect();
-    let did_something = |&(a, b): &(usize, usize)| records[a..b].iter().any(|r| !matches!(r.outcome, Outcome::Started | Outcome::Closed));
+    let did_something = |&(a, b): &(usize, usize)| records[a..b].iter().any(|r| !matches!(r.outcome, Outcome::Started | Outcome::Closed | Outcome::StateSaved));
     let spans: Vec<(usize, usize)> = starts.iter().copied().zip(ends).collect();
     let (from, to) = spans.iter().rev().find(|s| did_something(s)).or(spans.last()).copied().unwrap_or((0, records.len()));
     let run = &records[from..to];
@@ -130,7 +130,7 @@ pub(crate) fn history(records: &[DecisionRecord], layer_names: &[String]) -> Run
                 }
                 h.decisions.push(d);
             }
-            None if !matches!(r.outcome, Outcome::Started | Outcome::Closed | Outcome::Rotated) => global.push(d),
+            None if !matches!(r.outcome, Outcome::Started | Outcome::Closed | Outcome::Rotated | Outcome::StateSaved) => global.push(d),
             None => {}
         }
     }

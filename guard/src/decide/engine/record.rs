@@ -1,7 +1,7 @@
 //! The record stage: the audit trail, the report and manifest of each step, and the report
 //! sinks they fan out to.
 use super::{Guard, ReportSink};
-use crate::decide::audit_log::AuditLog;
+use crate::decide::audit_log::{AuditLog, DecisionRecord, Outcome};
 use crate::decide::audit_trail::{AuditTrail, DEFAULT_CHECKPOINT_EVERY};
 use crate::decide::protection::Decision;
 use crate::decide::worker::Worker;
@@ -135,6 +135,28 @@ impl Guard {
         self.close_audit_log()?;
         let policy = self.policy().hash().to_string();
         self.record.audit = Some(AuditTrail::start(log, checkpoint_every, self.step, &self.layers.names(), &policy)?);
+        Ok(())
+    }
+
+    /// Saves the guard's state beside its audit log (atomically, `<log>.state.json`) and records
+    /// the file's SHA-256 in the log (`state_saved`), so that the next process on this log
+    /// goes on from here ([`crate::decide::load_state`]). Returns the hash; None without an
+    /// audit log (nothing to keep the state beside).
+    pub fn save_state(&mut self) -> Result<Option<String>> {
+        let state = self.state();
+        let Some(trail) = self.record.audit.as_mut() else { return Ok(None) };
+        let hash = crate::decide::save_state(trail.log().base_path(), &state)?;
+        trail.event(&DecisionRecord::event(state.step, Outcome::StateSaved, &state.policy_hash, Some(hash.clone())))?;
+        Ok(Some(hash))
+    }
+
+    /// Records in the audit log that this process went on from a state saved by another one
+    /// (`restarted`, with `why`: where from).
+    pub fn record_restart(&mut self, why: String) -> Result<()> {
+        let (step, policy) = (self.step, self.policy().hash().to_string());
+        if let Some(trail) = self.record.audit.as_mut() {
+            trail.event(&DecisionRecord::event(step, Outcome::Restarted, &policy, Some(why)))?;
+        }
         Ok(())
     }
 
