@@ -70,6 +70,9 @@ class GuardedFedAvg(FedAvg):
         self.metrics = metrics
         self.global_params: dict[str, np.ndarray] = {}
         self.sent: dict[int, list[int]] = {}
+        # The train messages of each round: the grid gives each its id when it sends it, and a
+        # reply the SuperLink writes for a node (node unavailable) names only that id.
+        self.sent_messages: dict[int, list[Message]] = {}
         self.partitions: dict[int, str] = {}
         self.rows: dict[int, RoundState] = {}
         self.history: list[RoundRecord] = []
@@ -104,7 +107,9 @@ class GuardedFedAvg(FedAvg):
             LOG.warning("gradguard: ADVERSARY: round %d sends the parameters of %s", server_round, self.settings.adversary_model)
             self.recorder.event("adversary", round=server_round, model=self.settings.adversary_model)
         record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        messages = list(self._construct_messages(record, nodes, MessageType.TRAIN))
+        self.sent_messages[server_round] = messages
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.settings.fraction_evaluate == 0.0:
@@ -117,10 +122,21 @@ class GuardedFedAvg(FedAvg):
 
     # -- aggregation ------------------------------------------------------------------------
 
-    def _check(self, msg: Message) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
-        """A reply's row, and its update when it passed verification (verify.check_reply)."""
+    def _node_of(self, server_round: int, msg: Message) -> int:
+        """The node a reply is about: its sender, or, for an error the SuperLink wrote itself
+        (sender the SuperLink: "node unavailable"), the node the message it answers went to."""
         node = msg.metadata.src_node_id
-        row, update = check_reply(msg, self.partitions.get(node, f"node {node}"), self.global_params, self.settings.required)
+        if node in self.sent.get(server_round, []):
+            return node
+        answered = msg.metadata.reply_to_message_id
+        for sent in self.sent_messages.get(server_round, []):
+            if answered and sent.metadata.message_id == answered:
+                return sent.metadata.dst_node_id
+        return node
+
+    def _check(self, msg: Message, node: int) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
+        """A reply's row, and its update when it passed verification (verify.check_reply)."""
+        row, update = check_reply(msg, self.partitions.get(node, f"node {node}"), self.global_params, self.settings.required, node)
         if row.partition.startswith("p"):
             self.partitions[node] = row.partition
         if row.status == "rejected":
@@ -128,6 +144,8 @@ class GuardedFedAvg(FedAvg):
             LOG.warning("gradguard: rejected the reply of %s (node %d): %s: %s", row.partition, node, row.reject, row.reason)
         if row.status == "refused":
             LOG.warning("gradguard: %s (node %d) %s", row.partition, node, row.reason)
+        if row.status == "error":
+            LOG.warning("gradguard: %s (node %d) replied with an error: %s", row.partition, node, row.reason)
         return row, update
 
     def _collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientRow], list[VerifiedUpdate]]:
@@ -137,11 +155,16 @@ class GuardedFedAvg(FedAvg):
         compliant: list[VerifiedUpdate] = []
         answered = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._node_of(server_round, msg)
+            if node in answered:
+                # One row per node: a second reply about it (a late error after a reply) is logged.
+                LOG.warning("gradguard: round %d: a second reply about node %d ignored: %s", server_round, node,
+                            msg.error.reason if msg.has_error() else "content")
+                continue
             answered.add(node)
             try:
                 self.recorder.received(server_round, msg)
-                row, update = self._check(msg)
+                row, update = self._check(msg, node)
             except Exception as error:  # noqa: BLE001 - a malformed reply is rejected, never fatal
                 row, update = ClientRow(node, self.partitions.get(node, f"node {node}"), "rejected",
                                         reason=f"malformed reply: {type(error).__name__}: {error}"), None
@@ -150,11 +173,26 @@ class GuardedFedAvg(FedAvg):
                 compliant.append(VerifiedUpdate(row.partition, row.num_examples, update))
         for node in self.sent.get(server_round, []):
             if node not in answered:
-                rows.append(
-                    ClientRow(node, self.partitions.get(node, f"node {node}"), "no reply",
-                              reason=f"no reply within {self.settings.round_timeout:g} s (node gone or slow)")
-                )
-        return rows, compliant
+                row = ClientRow(node, self.partitions.get(node, f"node {node}"), "no reply",
+                                reason=f"no reply within {self.settings.round_timeout:g} s (node gone or slow)")
+                LOG.warning("gradguard: round %d: %s (node %d): %s", server_round, row.partition, node, row.reason)
+                rows.append(row)
+        return self._one_row_per_partition(server_round, rows), compliant
+
+    @staticmethod
+    def _one_row_per_partition(server_round: int, rows: list[ClientRow]) -> list[ClientRow]:
+        """A SuperNode started again rejoins under a new node id while the SuperLink may still list
+        the old one: the partition (from the node's config) is the node. A silent or failed old id
+        is dropped when the same partition answered under another id."""
+        answered = {r.partition for r in rows if r.status not in ("no reply", "error")}
+        kept = []
+        for r in rows:
+            if r.status in ("no reply", "error") and r.partition.startswith("p") and r.partition in answered:
+                LOG.warning("gradguard: round %d: %s answered under a new node id; its old id %d (%s) is not counted",
+                            server_round, r.partition, r.node_id, r.status)
+                continue
+            kept.append(r)
+        return kept
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rows, compliant = self._collect(server_round, list(replies))

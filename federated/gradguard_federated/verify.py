@@ -108,9 +108,11 @@ class ClientRow:
         return self
 
 
-def check_reply(msg: Message, partition: str, global_params: dict[str, np.ndarray], required: RequiredPolicies) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
-    """The reply's row, and its update when it may be aggregated."""
-    node = msg.metadata.src_node_id
+def check_reply(msg: Message, partition: str, global_params: dict[str, np.ndarray], required: RequiredPolicies,
+                node: int | None = None) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
+    """The reply's row, and its update when it may be aggregated. `node`: the node the reply is
+    about, when not its sender (an error the SuperLink wrote for a node it lost)."""
+    node = msg.metadata.src_node_id if node is None else node
     if msg.has_error():
         return ClientRow(node, partition, "error", reason=msg.error.reason), None
     content = msg.content
