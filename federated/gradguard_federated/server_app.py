@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.exit import add_exit_handler
 
 import gradguard_fl
 
@@ -121,6 +123,10 @@ class GuardedFedAvg(FedAvg):
         return self._construct_messages(record, nodes[:count], MessageType.EVALUATE)
 
     # -- aggregation ------------------------------------------------------------------------
+
+    def last_round_started(self) -> int:
+        """The last round whose train messages were made (0: none)."""
+        return max(self.sent, default=0)
 
     def _node_of(self, server_round: int, msg: Message) -> int:
         """The node a reply is about: its sender, or, for an error the SuperLink wrote itself
@@ -290,10 +296,30 @@ class GuardedFedAvg(FedAvg):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = ServerSettings.from_run_config(dict(context.run_config))
-    recorder = Recorder(settings.out_dir)
-    metrics = ServerMetrics(settings.metrics_port)
+    run_config = dict(context.run_config)
+    recorder = Recorder(Path(str(run_config["out-dir"])) if run_config.get("out-dir") else None)
+    try:
+        settings = ServerSettings.from_run_config(run_config)
+        metrics = ServerMetrics(settings.metrics_port)
+    except (ValueError, OSError) as error:
+        # A run that cannot start says why, in its events and the ServerApp's log.
+        recorder.event("run-failed", error=str(error), round=0)
+        LOG.error("gradguard: the run cannot start: %s", error)
+        raise
     strategy = GuardedFedAvg(settings, recorder, metrics)
+    recorded = {"end": False}  # run-end or run-failed written: once, whichever path gets there
+
+    def failed(error: str) -> None:
+        if not recorded["end"]:
+            recorded["end"] = True
+            recorder.event("run-failed", error=error, round=strategy.last_round_started())
+
+    def on_exit() -> None:
+        # Flower's graceful exit (SIGTERM, SIGINT: the SuperLink or an operator stopping the
+        # ServerApp) ends the run as failed, on the record, instead of a silent exit.
+        failed("the ServerApp was stopped (signal) before the run's last round ended")
+
+    add_exit_handler(on_exit)
     recorder.event("run-start", settings={k: str(v) for k, v in settings.__dict__.items()})
     LOG.info("gradguard: aggregating only manifests of %s", settings.required.describe())
     train_config = ConfigRecord(
@@ -314,9 +340,11 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_config=ConfigRecord(),
             evaluate_fn=strategy.evaluate_global,
         )
+        recorded["end"] = True
         recorder.event("run-end", rounds=settings.num_rounds)
-    except Exception as error:
-        recorder.event("run-failed", error=f"{type(error).__name__}: {error}")
+    except BaseException as error:  # noqa: BLE001 - SystemExit too: recorded, then re-raised
+        failed(f"{type(error).__name__}: {error}")
+        LOG.error("gradguard: the run failed: %s: %s", type(error).__name__, error)
         raise
     finally:
         metrics.close()

@@ -98,7 +98,10 @@ class ServerMetrics:
         self.nodes = NodeSeries(r)
         self.server = None
         if port:
-            self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
+            try:
+                self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
+            except OSError as error:
+                raise OSError(error.errno, f"run config metrics-port {port}: cannot serve the server's metrics on 127.0.0.1:{port} ({error.strerror}); another process holds it, or set another port (0: none)") from error
             LOG.info("gradguard: server metrics on http://127.0.0.1:%d/metrics", port)
 
     def export_round(self, server_round: int, state: RoundState) -> None:

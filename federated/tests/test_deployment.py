@@ -121,14 +121,16 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self, simulation: bool = False, env: dict[str, str] | None = None) -> None:
+    def start_superlink(self, simulation: bool = False, env: dict[str, str] | None = None, database: Path | None = None) -> None:
         """The SuperLink; with `simulation`, in simulation mode (Flower's Simulation Engine runs
-        the virtual SuperNodes, `flwr run --federation-config num-supernodes=N`)."""
+        the virtual SuperNodes, `flwr run --federation-config num-supernodes=N`); with `database`,
+        its state in that SQLite file (it survives a restart)."""
         self._start(
             "superlink",
             [str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
              "--disable-runtime-dependency-installation",
-             *(["--simulation"] if simulation else [])],
+             *(["--simulation"] if simulation else []),
+             *(["--database", str(database)] if database else [])],
             env,
         )
         deadline = time.monotonic() + 60
@@ -226,6 +228,15 @@ class Deployment:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(alive(p) for p in family):
             time.sleep(0.2)
+
+    def run_status(self) -> str:
+        """The run's status as Flower reports it (`flwr ls`), e.g. `finished:completed`."""
+        done = subprocess.run([str(VENV_BIN / "flwr"), "ls", "loopback", "--format", "json"],
+                              capture_output=True, text=True, env=self.env(), cwd=self.root, timeout=120)
+        if "{" not in done.stdout:
+            return f"unknown ({done.stdout.strip()} {done.stderr.strip()})"
+        runs = json.loads(done.stdout[done.stdout.index("{"):]).get("runs", [])
+        return next((r["status"] for r in runs if int(r["run-id"]) == self.run_id), "unknown (not listed)")
 
     def kill_node(self, name: str) -> None:
         """A crash: SIGKILL the SuperNode and everything it started."""
@@ -465,3 +476,67 @@ def test_a_restarted_supernode_goes_on_with_its_guard(deployment: Deployment, tm
     verified = subprocess.run([str(gradguard), "log", "verify", str(logs[2])], capture_output=True, text=True)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     print("\n" + (d.out / "rounds.txt").read_text())
+
+
+def test_a_metrics_port_in_use_fails_the_run_naming_it(deployment: Deployment):
+    """The server's metrics port held by another process: the run ends as failed at its start,
+    on the record (run-failed, naming the port) and in Flower's own status."""
+    d = deployment
+    d.start_superlink()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        d.run({"num-server-rounds": 1, "metrics-port": port})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(e["event"] == "run-failed" for e in d.events()):
+            time.sleep(0.2)
+    failed = [e for e in d.events() if e["event"] == "run-failed"]
+    assert failed and f"metrics-port {port}" in failed[0]["error"], d.events()
+    assert not any(e["event"] == "run-start" for e in d.events())
+    status = ""
+    for _ in range(100):
+        status = d.run_status()
+        if status.startswith("finished"):
+            break
+        time.sleep(0.3)
+    assert status == "finished:failed", status
+
+
+def test_a_superlink_stopped_mid_run_never_ends_it_as_a_success(deployment: Deployment, tmp_path):
+    """SIGTERM the SuperLink (started with --database) as round 2 starts, then start it again on
+    the same database: the run either resumes and ends (run-end, finished:completed) or ends as
+    failed (run-failed naming the round, and Flower's status not completed), never silently."""
+    d = deployment
+    database = tmp_path / "superlink.db"
+    d.start_superlink(database=database)
+    for p in range(3):
+        d.start_supernode(f"node-p{p}", {"partition-id": p, "num-partitions": 3, "audit-log": str(tmp_path / f"audit-p{p}.jsonl")})
+    d.run({"num-server-rounds": 3, "min-cohort": 2, "min-nodes": 3, "round-timeout": 25.0,
+           "fraction-evaluate": 0.0, "local-steps": LOCAL_STEPS, "lr": LR})
+    d.wait_round("round-start", 2, timeout=240)
+    started = time.monotonic()
+    # SIGTERM to the SuperLink alone; its SuperExec and ServerApp stop by themselves (the
+    # deployment fixture stops, by id, whatever is left at the end).
+    link = d.procs["superlink"]
+    d.known.update(descendants(link.pid))
+    link.send_signal(signal.SIGTERM)
+    link.wait(timeout=60)
+    d.start_superlink(database=database)
+    deadline = time.monotonic() + 300
+    status = d.run_status()
+    while time.monotonic() < deadline:
+        events = {e["event"] for e in d.events()}
+        status = d.run_status()
+        if ("run-end" in events or "run-failed" in events) and status.startswith("finished"):
+            break
+        time.sleep(1.0)
+    events = d.events()
+    kinds = [e["event"] for e in events]
+    print(f"after the SuperLink's SIGTERM at round 2: {kinds[-3:]}, Flower status {status}, {time.monotonic() - started:.0f} s")
+    if "run-end" in kinds:
+        assert status == "finished:completed", status
+    else:
+        failed = [e for e in events if e["event"] == "run-failed"]
+        assert len(failed) == 1 and failed[0]["round"] == 2, (kinds, status)
+        assert status == "finished:failed", (failed, status)
