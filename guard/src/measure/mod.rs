@@ -49,6 +49,7 @@ mod projection;
 mod rng;
 mod sensitivity;
 mod stats;
+mod sub_batch;
 mod subspace;
 mod tensors;
 mod transform;
