@@ -10,7 +10,7 @@
 //! x is the inputs, or for discrete inputs the embeddings of a declared split (METRICS.md, M1,
 //! discrete inputs): there the loss is evaluated at `embed(tokens) + delta` and every
 //! derivative is taken with respect to delta at 0 ([`Point`]).
-use super::graph::{used_layers, GradientGraph, Point};
+use super::graph::{used_layers, GradientGraph, Point, StepGraph};
 use super::inspection::Inspection;
 use super::layers::LayerMap;
 use super::loss::{parameter_grads, LossFn};
@@ -193,6 +193,19 @@ impl ProbeContext {
     fn of_graph(graph: GradientGraph, probe_samples: usize) -> Self {
         Self { used: graph.used, grad_norms: graph.grad_norms, grads: graph.grads, probe_samples }
     }
+
+    /// The context of the whole batch's gradients `grads` (detached, in `flat_params` order).
+    fn of_grads(layers: &LayerMap, grads: Vec<Tensor>, probe_samples: usize) -> Result<Self> {
+        let (_, owner) = layers.flat_params();
+        let used = used_layers(&grads, &owner, layers.len());
+        let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
+        Ok(Self { used, grad_norms, grads, probe_samples })
+    }
+}
+
+/// Gradients without their graph (undefined ones kept).
+fn detached(grads: &[Tensor]) -> Result<Vec<Tensor>> {
+    grads.iter().map(|g| if g.defined() { g.f_detach() } else { Ok(Tensor::new()) }).collect::<std::result::Result<Vec<_>, _>>().during("detaching gradients")
 }
 
 /// Runs K probes and hands each probe's JVP, one tensor per parameter in `flat_params` order
@@ -207,26 +220,33 @@ fn probe_jvps(ins: &Inspection, point: &Point, settings: &SensitivitySettings, n
     }
 }
 
-/// The double-backward route: the whole batch's graph gives G and ||G_l||, and the probes'
-/// JVPs, or on sub-batches each probe's own sub-batch graph gives its JVP.
+/// The double-backward route: the whole batch's graph gives G, ||G_l|| and every probe's JVP.
+/// On sub-batches each probe's own sub-batch graph gives its JVP, and the whole batch gives only
+/// G and dL/dx (for the coupling check): from the training step's graph when there is one, else
+/// from one backward pass without a graph, cheaper than the graph full-batch probes
+/// differentiate (which a detected coupling then builds as well).
 fn double_backward_jvps(ins: &Inspection, point: &Point, probes: usize, (n, m): (usize, usize), sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
-    let mut graph = ins.graph_of(point)?;
-    // G's own graph is needed only by exact mode: detached here, it is freed.
-    graph.grads = graph
-        .grads
-        .iter()
-        .map(|g| if g.defined() { g.f_detach() } else { Ok(Tensor::new()) })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .during("detaching gradients")?;
+    let step_graph = ins.step_graph().and_then(StepGraph::take);
     if m < n {
+        let (grads, input_grad) = match &step_graph {
+            Some(graph) => (detached(&graph.grads)?, graph.input_grad().map(Tensor::f_detach).transpose().during("detaching dL/dx")?),
+            None => gradients_with_input(point, ins.batch().targets(), &ins.layers().flat_params().0, ins.step(), true)?,
+        };
         let mut subs = SubBatches::new(ins, n, m);
-        if let Some(first) = subs.first_graph(ins, graph.input_grad())? {
+        if let Some(first) = subs.first_graph(ins, input_grad.as_ref())? {
             // The whole batch's graph goes before the sub-batches' are built.
-            let ctx = ProbeContext::of_graph(graph, m);
+            drop(step_graph);
+            let ctx = ProbeContext::of_grads(ins.layers(), grads, m)?;
             subs.double_backward(ins, first, probes, sink)?;
             return Ok(ctx);
         }
     }
+    let mut graph = match step_graph {
+        Some(graph) => graph,
+        None => GradientGraph::build(ins, point)?,
+    };
+    // G's own graph is needed only by exact mode: detached here, it is freed.
+    graph.grads = detached(&graph.grads)?;
     let v = gaussian_probes(&graph.x, probes, &mut rng_for(ins.seed(), ins.step(), PROBE_STREAM))?;
     for k in 0..probes as i64 {
         sink(graph.jvp(&v.f_get(k).during("selecting a probe")?)?)?;
@@ -238,21 +258,19 @@ fn double_backward_jvps(ins: &Inspection, point: &Point, probes: usize, (n, m): 
 /// or on each probe's sub-batch; G itself once, on the whole batch.
 fn central_difference_jvps(ins: &Inspection, point: &Point, probes: usize, (n, m): (usize, usize), sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
     let (layers, step, targets) = (ins.layers(), ins.step(), ins.batch().targets());
-    let (params, owner) = layers.flat_params();
+    let params = layers.flat_params().0;
     // Sub-batches are checked against the whole batch's dL/dx: the same backward gives it.
     let (grads, input_grad) = if m < n {
         gradients_with_input(point, targets, &params, step, true)?
     } else {
         (parameter_grads(&point.loss, &point.at, targets, &params, step, true)?, None)
     };
-    let used = used_layers(&grads, &owner, layers.len());
-    let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
     let eps = difference_step(point)?;
     if m < n {
         let mut subs = SubBatches::new(ins, n, m);
         if let Some(first) = subs.first_batch(ins, input_grad.as_ref(), &params)? {
             subs.central_difference(ins, first, eps, probes, &params, sink)?;
-            return Ok(ProbeContext { used, grad_norms, grads, probe_samples: m });
+            return ProbeContext::of_grads(layers, grads, m);
         }
     }
     let v = gaussian_probes(&point.at, probes, &mut rng_for(ins.seed(), step, PROBE_STREAM))?;
@@ -260,7 +278,7 @@ fn central_difference_jvps(ins: &Inspection, point: &Point, probes: usize, (n, m
         let dv = v.f_get(k).and_then(|vk| vk.f_mul_scalar(eps)).during("scaling a probe")?;
         sink(gradient_difference(&point.loss, &point.at, &dv, targets, &params, step, eps)?)?;
     }
-    Ok(ProbeContext { used, grad_norms, grads, probe_samples: n })
+    ProbeContext::of_grads(layers, grads, n)
 }
 
 /// e = 1e-3 rms(X) in f32 (1e-6 in f64), X the whole batch's values (METRICS.md, M1).
