@@ -150,6 +150,24 @@ fn a_declared_coupling_keeps_the_full_batch_without_a_check() {
 }
 
 #[test]
+fn a_model_that_runs_only_at_its_batch_size_keeps_the_full_batch() {
+    let (vs, net, x, y) = setup(None);
+    let layers = LayerMap::from_var_store(&vs).unwrap();
+    // A forward written for batches of N: an error on a sub-batch, or a panic (tch's
+    // non-`f_` forms unwrap libtorch's error).
+    let fails = |x: &Tensor, y: &Tensor| net.loss(&x.f_reshape([N, 6])?, y);
+    let panics = |x: &Tensor, y: &Tensor| net.loss(&x.reshape([N, 6]), y);
+    for (name, loss) in [("error", &fails as &dyn gradguard_guard::LossFn), ("panic", &panics)] {
+        for method in [JvpMethod::DoubleBackward, JvpMethod::CentralDifference] {
+            let look = Inspection::new(&layers, loss, Batch::new(&x, &y)).seeded(5, 2);
+            let asked = look.sensitivity(&with(method, 4, Some(4))).unwrap();
+            assert_eq!(asked, look.sensitivity(&with(method, 4, None)).unwrap(), "{name}, {method:?}");
+            assert!(measured(&asked).iter().all(|s| s.probe_samples == Some(N as usize)), "{name}, {method:?}");
+        }
+    }
+}
+
+#[test]
 fn probe_samples_is_in_the_json_of_m1_and_old_json_still_reads() {
     let m1 = measure(None, &with(JvpMethod::DoubleBackward, 4, Some(4)), 1, 1);
     let json = serde_json::to_value(&m1[0]).unwrap();

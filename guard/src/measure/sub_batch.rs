@@ -66,6 +66,15 @@ pub(super) fn gradients_with_input(point: &Point, targets: &Tensor, params: &[Te
     Ok((grads, input))
 }
 
+/// The first sub-batch's pass, or None where the model cannot run on m samples (a fixed batch
+/// size; a batch norm in training mode on one sample): it returns an error or panics (tch's `nn`
+/// modules panic on a libtorch error; the message still reaches stderr through the panic hook).
+/// Such a model counts as interacting: the full batch serves, and reports its own error if it
+/// has one. Later sub-batches, of the same size, are not expected to fail where the first ran.
+fn runs_on_sub_batch<T>(pass: impl FnOnce() -> Result<T>) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(pass)).ok().and_then(Result::ok)
+}
+
 /// One sub-batch: the indices of its samples in the batch, and their inputs and targets.
 pub(super) struct SubBatch {
     index: Tensor,
@@ -161,11 +170,10 @@ impl SubBatches {
     }
 
     /// Double backward: the first sub-batch's gradient graph where the samples do not interact
-    /// (`whole`: the batch's dL/dx), else None. A model that cannot run on m samples counts as
-    /// interacting: the full batch then serves, and reports its own error if it has one.
+    /// (`whole`: the batch's dL/dx), else None.
     pub(super) fn first_graph(&mut self, ins: &Inspection, whole: Option<&Tensor>) -> Result<Option<GradientGraph>> {
         let sub = self.draw(ins)?;
-        let Ok(graph) = sub.graph(ins, self.m) else { return Ok(None) };
+        let Some(graph) = runs_on_sub_batch(|| sub.graph(ins, self.m)) else { return Ok(None) };
         Ok((!self.interact(whole, graph.input_grad(), &sub)?).then_some(graph))
     }
 
@@ -189,8 +197,8 @@ impl SubBatches {
     pub(super) fn first_batch(&mut self, ins: &Inspection, whole: Option<&Tensor>, params: &[Tensor]) -> Result<Option<SubBatch>> {
         let sub = self.draw(ins)?;
         let look = sub.look(*ins);
-        let part = Point::of(&look, self.m).and_then(|point| gradients_with_input(&point, &sub.targets, params, ins.step(), false));
-        let Ok((_, part)) = part else { return Ok(None) };
+        let part = runs_on_sub_batch(|| Point::of(&look, self.m).and_then(|point| gradients_with_input(&point, &sub.targets, params, ins.step(), false)));
+        let Some((_, part)) = part else { return Ok(None) };
         Ok((!self.interact(whole, part.as_ref(), &sub)?).then_some(sub))
     }
 
