@@ -87,7 +87,7 @@ fn torchscript_model_gives_the_same_m1_as_the_tch_built_model() {
     let x = Tensor::from_slice(&x).reshape(shape.as_slice()).narrow(0, 0, 16);
     let y = Tensor::from_slice(&read_i64(&fixture("digits_y.npy"))).narrow(0, 0, 16);
     let loss = |x: &Tensor, y: &Tensor| net.f_loss(x, y);
-    let settings = SensitivitySettings { probes: 4, method: JvpMethod::DoubleBackward, exact: false };
+    let settings = SensitivitySettings { probes: 4, method: JvpMethod::DoubleBackward, exact: false, probe_samples: None };
     let direct = Inspection::new(&layers, &loss, Batch::new(&x.to_kind(Kind::Float), &y)).seeded(3, 0).sensitivity(&settings).unwrap();
 
     let rows = r["layers"].as_array().unwrap();

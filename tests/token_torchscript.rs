@@ -88,7 +88,7 @@ fn torchscript_embed_and_forward_embedded_give_the_tch_models_m1() {
         |e: &Tensor, y: &Tensor| tch_model.loss_from_embedded(e, y),
     );
     let exact = SensitivitySettings { exact: true, ..Default::default() };
-    for settings in [exact.clone(), SensitivitySettings { probes: 8, method: JvpMethod::DoubleBackward, exact: false }, SensitivitySettings { probes: 8, method: JvpMethod::CentralDifference, exact: false }] {
+    for settings in [exact.clone(), SensitivitySettings { probes: 8, method: JvpMethod::DoubleBackward, exact: false, probe_samples: None }, SensitivitySettings { probes: 8, method: JvpMethod::CentralDifference, exact: false, probe_samples: None }] {
         let on_script = Inspection::new(&layers, &script_loss, Batch::new(&t, &y)).seeded(3, 0).sensitivity(&settings).unwrap();
         let on_tch = Inspection::new(&tch_layers, &tch_loss, Batch::new(&t, &y)).seeded(3, 0).sensitivity(&settings).unwrap();
         assert_close(&on_script, &on_tch, &format!("{settings:?}"));

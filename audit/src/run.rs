@@ -115,7 +115,7 @@ pub fn run_audit(model: &AuditModel, data: &AuditData, options: &AuditOptions) -
     let layers = model.layers()?;
     let loss_fn = model.loss_fn(data.loss);
     let settings = MetricSettings {
-        sensitivity: SensitivitySettings { probes: options.probes, method: JvpMethod::DoubleBackward, exact: options.exact },
+        sensitivity: SensitivitySettings { probes: options.probes, method: JvpMethod::DoubleBackward, exact: options.exact, probe_samples: None },
         m1_batch: options.m1_batch(data.n),
         subspace: SubspaceSettings::default(),
         usable: match options.l2 {

@@ -116,7 +116,7 @@ fn estimator_with_64_probes_is_within_three_standard_errors() {
     let case = case();
     let (sw, sb) = closed_form(&case);
     for method in [gradguard_guard::report::JvpMethod::DoubleBackward, gradguard_guard::report::JvpMethod::CentralDifference] {
-        let settings = SensitivitySettings { probes: 64, method, exact: false };
+        let settings = SensitivitySettings { probes: 64, method, exact: false, probe_samples: None };
         let got = Inspection::new(&case.layers, &loss(&case), Batch::new(&case.x, &case.y)).seeded(11, 0).sensitivity(&settings).unwrap();
         for (m, expected) in got.iter().zip([sw, sb]) {
             let s = measured(m);

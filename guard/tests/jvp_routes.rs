@@ -102,7 +102,7 @@ fn exact_mode_through_the_input_basis_equals_the_parameter_basis_under_batch_nor
 
 #[test]
 fn same_probes_give_the_same_jvps_by_double_backward_and_central_differences_on_a_smooth_net() {
-    let with = |method| SensitivitySettings { probes: 8, method, exact: false };
+    let with = |method| SensitivitySettings { probes: 8, method, exact: false, probe_samples: None };
     let db = sensitivity(true, &with(JvpMethod::DoubleBackward));
     let cd = sensitivity(true, &with(JvpMethod::CentralDifference));
     for (l, (a, b)) in db.iter().zip(&cd).enumerate() {
@@ -113,7 +113,7 @@ fn same_probes_give_the_same_jvps_by_double_backward_and_central_differences_on_
 #[test]
 fn on_a_relu_net_the_256_probe_double_backward_is_within_three_standard_errors_of_exact_mode() {
     let exact = sensitivity(false, &SensitivitySettings { exact: true, ..Default::default() });
-    let probes = |method| SensitivitySettings { probes: 256, method, exact: false };
+    let probes = |method| SensitivitySettings { probes: 256, method, exact: false, probe_samples: None };
     let db = measure(false, &probes(JvpMethod::DoubleBackward));
     for (l, ((e, d), se)) in exact.iter().zip(values(&db)).zip(standard_errors(&db)).enumerate() {
         assert!(se > 0.0 && (d - e).abs() < 3.0 * se, "layer {l}: 256-probe double backward {d} ± {se} vs exact {e}");

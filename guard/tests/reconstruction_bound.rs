@@ -78,6 +78,7 @@ fn exact_samples(case: &Case) -> JvpSamples {
     JvpSamples {
         n,
         probes: n * d,
+        probe_samples: n,
         method: JvpMethod::DoubleBackward,
         layers,
         seed: 0,

@@ -147,7 +147,7 @@ fn probe_estimates_on_the_embeddings_are_within_three_standard_errors() {
     let (t, y) = tokens(3, 13);
     let (s_emb, s_fc) = closed_form(&model, &t, &y);
     for method in [JvpMethod::DoubleBackward, JvpMethod::CentralDifference] {
-        let settings = SensitivitySettings { probes: 64, method, exact: false };
+        let settings = SensitivitySettings { probes: 64, method, exact: false, probe_samples: None };
         let m1 = Inspection::new(&layers, &loss, Batch::new(&t, &y)).seeded(11, 0).sensitivity(&settings).unwrap();
         for (name, expected) in [("emb", s_emb), ("fc", s_fc)] {
             let s = by_name(&layers, &m1, name);
@@ -183,7 +183,7 @@ fn an_identity_split_of_continuous_inputs_gives_the_input_numbers() {
     let plain = |x: &Tensor, y: &Tensor| net.loss(x, y);
     let identity = SplitLoss::new(plain, |x: &Tensor| Ok(x.shallow_clone()), plain);
     for method in [JvpMethod::DoubleBackward, JvpMethod::CentralDifference] {
-        let settings = SensitivitySettings { probes: 8, method, exact: false };
+        let settings = SensitivitySettings { probes: 8, method, exact: false, probe_samples: None };
         let on_inputs = Inspection::new(&layers, &plain, Batch::new(&x, &y)).seeded(4, 0).sensitivity(&settings).unwrap();
         let on_identity = Inspection::new(&layers, &identity, Batch::new(&x, &y)).seeded(4, 0).sensitivity(&settings).unwrap();
         for (a, b) in on_inputs.iter().zip(&on_identity) {

@@ -179,11 +179,22 @@ impl TorchScriptModel {
     }
 
     /// The guard's layer map: `conv1.weight`, `conv1.bias` form layer `conv1`, in module order;
-    /// the module's buffers are the map's buffers.
+    /// the module's buffers are the map's buffers. A module in training mode with batch-norm
+    /// statistics (a `running_mean` buffer) mixes the samples of a batch: the map declares it
+    /// ([`LayerMap::with_coupled_samples`]), so that M1's probes keep the whole batch. The
+    /// declaration is the mode at this call: a map taken in eval mode still has the coupling
+    /// detected if the module trains later, and one taken in training mode keeps the whole
+    /// batch after [`Self::set_eval`] (the exact route, at the full batch's cost).
     pub fn layer_map(&self) -> Result<LayerMap, TorchScriptError> {
-        LayerMap::from_named_params(self.named_parameters())
+        let map = LayerMap::from_named_params(self.named_parameters())
             .map(|map| map.with_buffers(self.named_buffers()))
-            .map_err(|source| TorchScriptError::Layers { path: self.path.clone(), source })
+            .map_err(|source| TorchScriptError::Layers { path: self.path.clone(), source })?;
+        Ok(if self.training && self.has_batch_statistics() { map.with_coupled_samples() } else { map })
+    }
+
+    /// Whether the module keeps batch-norm running statistics (a buffer named `running_mean`).
+    fn has_batch_statistics(&self) -> bool {
+        self.buffers.iter().any(|(name, _)| name == "running_mean" || name.ends_with(".running_mean"))
     }
 
     /// Runs the module's `forward` on one input tensor; it must return one tensor.

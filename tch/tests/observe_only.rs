@@ -290,6 +290,12 @@ fn a_guarded_torchscript_batch_norm_model_trains_bit_identically_to_an_unguarded
     assert_eq!(buffers.len(), 9, "running_mean, running_var, num_batches_tracked of 3 batch norms: {buffers:?}");
     assert!(buffers.contains(&"block.bn1.running_var".to_string()), "{buffers:?}");
     assert_eq!(model.layer_map().unwrap().buffers().len(), 9);
+    // M1's sub-batch probes: loaded in eval mode the batch norms use their running statistics;
+    // in training mode the map declares that they mix the batch's samples.
+    assert!(!model.layer_map().unwrap().couples_samples(), "eval mode does not couple the samples");
+    let mut model = model;
+    model.set_train().unwrap();
+    assert!(model.layer_map().unwrap().couples_samples(), "training mode declares the coupling");
     drop(model);
     let data = batches(STEPS, &[3, 8, 8]);
     let unguarded = train_script(&path, &data, Run::Unguarded, |_, _| {});

@@ -57,7 +57,7 @@ pub struct Measured {
 
 /// Probe M1 with K probes by double backward.
 pub fn probe_settings(probes: usize) -> SensitivitySettings {
-    SensitivitySettings { probes, method: JvpMethod::DoubleBackward, exact: false }
+    SensitivitySettings { probes, method: JvpMethod::DoubleBackward, exact: false, probe_samples: None }
 }
 
 /// Why the attack suite is absent under `--defence`.

@@ -50,6 +50,12 @@ pub struct Settings {
     pub jvp_method: JvpMethod,
     /// M1 by enumerating a basis instead of probing (small models and tests).
     pub exact_sensitivity: bool,
+    /// m, the samples each M1 probe runs on (METRICS.md, M1, sub-batch probes): unset, the
+    /// whole batch; m below the batch size, a fresh random sub-batch of m samples per probe
+    /// where the samples do not interact (a model with batch norm in training mode keeps the
+    /// whole batch). At least 1. Version 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_samples: Option<usize>,
     /// The share of wall time the guard may spend (estimates included), in (0, 1].
     pub budget_share: f64,
     /// Run M2's linear algebra and report fan-out on a worker thread (false: all inline, and
@@ -115,6 +121,7 @@ impl Default for Settings {
             probes: 8,
             jvp_method: JvpMethod::default(),
             exact_sensitivity: false,
+            probe_samples: None,
             subspace: SubspaceSettings::default(),
             budget_share: 0.05,
             background_estimates: true,
@@ -233,7 +240,7 @@ pub struct Coverage {
 impl Settings {
     /// The M1 estimator's settings these settings imply.
     pub fn sensitivity(&self) -> SensitivitySettings {
-        SensitivitySettings { probes: self.probes, method: self.jvp_method, exact: self.exact_sensitivity }
+        SensitivitySettings { probes: self.probes, method: self.jvp_method, exact: self.exact_sensitivity, probe_samples: self.probe_samples }
     }
 }
 
@@ -280,7 +287,7 @@ impl Policy {
         let needs_v2 = |what: &str| format!("{what} needs `version = 2` (this file declares version 1)");
         if file.version < 2 {
             let s = &file.settings;
-            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some()), ("calibration_margin_se", s.calibration_margin_se != 0.0), ("subspace_every_steps", s.subspace_every_steps != 0)] {
+            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some()), ("calibration_margin_se", s.calibration_margin_se != 0.0), ("subspace_every_steps", s.subspace_every_steps != 0), ("probe_samples", s.probe_samples.is_some())] {
                 if set {
                     return Err(invalid(format!("settings.{field}"), needs_v2(field)));
                 }
@@ -524,6 +531,9 @@ fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
     }
     if !s.exact_sensitivity && s.probes < 2 {
         return Err(("probes", format!("needs at least 2 for a standard error, got {}", s.probes)));
+    }
+    if s.probe_samples == Some(0) {
+        return Err(("probe_samples", "a probe needs at least 1 sample, got 0".into()));
     }
     s.subspace.validate().map_err(|e| ("subspace", e.to_string()))?;
     s.isolation.validate().map_err(|e| ("isolation", e.to_string()))?;

@@ -78,7 +78,7 @@ pub(super) fn used_layers(grads: &[Tensor], owner: &[usize], layer_count: usize)
     used
 }
 
-fn leaf_inputs(inputs: &Tensor) -> Result<Tensor> {
+pub(super) fn leaf_inputs(inputs: &Tensor) -> Result<Tensor> {
     inputs
         .f_detach()
         .and_then(|x| x.f_set_requires_grad(true))
@@ -109,7 +109,7 @@ impl GradientGraph {
     /// As [`GradientGraph::build`], with a non-finite loss let through (the step driver's
     /// graph is the training step's, whose non-finite gradient the guard blocks by name), and
     /// the loss (detached).
-    fn build_unchecked(ins: &Inspection, point: &Point) -> Result<(Self, Tensor)> {
+    pub(super) fn build_unchecked(ins: &Inspection, point: &Point) -> Result<(Self, Tensor)> {
         Self::build_checked(ins, point, false)
     }
 
@@ -128,8 +128,13 @@ impl GradientGraph {
         Ok((Self { x, grads, input_grad, params, owner, used, grad_norms }, loss))
     }
 
-    pub(super) fn squares(self, per_probe: Vec<Vec<f64>>) -> JacobianSquares {
-        JacobianSquares { per_probe, grad_norms: self.grad_norms, used: self.used }
+    pub(super) fn squares(self, per_probe: Vec<Vec<f64>>, probe_samples: usize) -> JacobianSquares {
+        JacobianSquares { per_probe, grad_norms: self.grad_norms, used: self.used, probe_samples }
+    }
+
+    /// dL/dx with its graph; None when no gradient moves with the inputs.
+    pub(super) fn input_grad(&self) -> Option<&Tensor> {
+        self.input_grad.as_ref()
     }
 
     /// d<g, v>/dW for a direction v shaped like x: J v, one tensor per parameter (undefined

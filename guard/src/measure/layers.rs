@@ -51,6 +51,8 @@ pub struct LayerMap {
     /// State the forward pass may write and no optimizer trains (batch norm's running mean and
     /// variance, say), by name; the tensors share storage with the model's.
     buffers: Vec<(String, Tensor)>,
+    /// Declared: the forward mixes samples (batch norm in training mode).
+    coupled: bool,
 }
 
 /// The layer a parameter name belongs to: drop the last component (and with it any `__N`
@@ -126,13 +128,28 @@ impl LayerMap {
                     .collect(),
             })
             .collect();
-        Ok(Self { layers, buffers: Vec::new() })
+        Ok(Self { layers, buffers: Vec::new(), coupled: false })
     }
 
     /// The same map with the model's buffers (named; sharing storage with the model's): the
     /// estimators restore them, bit for bit, after their own passes.
     pub fn with_buffers(self, buffers: Vec<(String, Tensor)>) -> Self {
         Self { buffers, ..self }
+    }
+
+    /// The same map, declared to be of a model whose forward mixes the samples of a batch
+    /// (batch norm in training mode): M1's probes then always run on the whole batch, the
+    /// exact route for such a model, whatever `probe_samples` asks (METRICS.md, M1, sub-batch
+    /// probes). Without the declaration the coupling is detected on the first sub-batch of each
+    /// estimate (`measure/sub_batch.rs`); declaring it saves that sub-batch's pass.
+    pub fn with_coupled_samples(self) -> Self {
+        Self { coupled: true, ..self }
+    }
+
+    /// Whether the model is declared to mix the samples of a batch
+    /// ([`with_coupled_samples`](Self::with_coupled_samples)).
+    pub fn couples_samples(&self) -> bool {
+        self.coupled
     }
 
     /// The model's buffers, by name (empty for a model without any).

@@ -13,7 +13,10 @@
 //! # Batch norm
 //! - M1 is the exact quantity of METRICS.md: J is the Jacobian of the batch-mean gradient the
 //!   training step releases, computed through the same loss on the whole batch, so in training
-//!   mode it includes the coupling of the samples through the batch statistics.
+//!   mode it includes the coupling of the samples through the batch statistics. Sub-batch
+//!   probes (`probe_samples`) would measure another function there: a batch norm in training
+//!   mode keeps the whole batch, declared ([`LayerMap::with_coupled_samples`]) or detected on
+//!   the first sub-batch (`sub_batch.rs`), and reports `probe_samples = n`.
 //! - M6's per-sample terms are exact too: sample i's term of the batch loss, differentiated
 //!   through the whole batch's graph (`isolation.rs`), the batch statistics held as in the
 //!   release (batches of one serve only where they add up to the batch gradient).
@@ -49,6 +52,7 @@ mod projection;
 mod rng;
 mod sensitivity;
 mod stats;
+mod sub_batch;
 mod subspace;
 mod tensors;
 mod transform;

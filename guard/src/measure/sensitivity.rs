@@ -4,13 +4,17 @@
 //! which serves every layer at once: S_l^2 ~= (1/(nK)) sum_k ||(J v_k)_l||^2. Per-layer sums
 //! stay on the device and are read back once per estimate.
 //!
+//! Where the samples do not interact, a probe may run on a random sub-batch of m samples
+//! instead ([`SensitivitySettings::probe_samples`], `sub_batch.rs`).
+//!
 //! x is the inputs, or for discrete inputs the embeddings of a declared split (METRICS.md, M1,
 //! discrete inputs): there the loss is evaluated at `embed(tokens) + delta` and every
 //! derivative is taken with respect to delta at 0 ([`Point`]).
-use super::graph::{used_layers, GradientGraph, Point};
+use super::graph::{used_layers, GradientGraph, Point, StepGraph};
 use super::inspection::Inspection;
 use super::layers::LayerMap;
-use super::loss::parameter_grads;
+use super::loss::{parameter_grads, LossFn};
+use super::sub_batch::{gradients_with_input, samples_per_probe, SubBatches};
 use super::tensors::{gaussian_probes, rng_for, sum_sq, to_f64_vec};
 use crate::error::{GuardError, Result, TorchContext};
 use crate::report::{JvpMethod, Metric, Representation, Sensitivity};
@@ -27,11 +31,19 @@ pub struct SensitivitySettings {
     pub method: JvpMethod,
     /// Enumerate basis vectors instead of probing (small models and tests).
     pub exact: bool,
+    /// m, the samples each probe runs on (METRICS.md, M1, sub-batch probes). None (the
+    /// default) or m >= n: every probe runs on the whole batch. Some(m) with m < n: each probe
+    /// runs on a fresh random sub-batch of m samples, at about m/n of a full-batch probe's
+    /// cost, unless the model's samples interact (batch norm in training mode), which keeps
+    /// the full batch (`measure/sub_batch.rs`). The m used is reported with every number
+    /// (`probe_samples`). Ignored in exact mode. At least 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_samples: Option<usize>,
 }
 
 impl Default for SensitivitySettings {
     fn default() -> Self {
-        Self { probes: 8, method: JvpMethod::DoubleBackward, exact: false }
+        Self { probes: 8, method: JvpMethod::DoubleBackward, exact: false, probe_samples: None }
     }
 }
 
@@ -44,15 +56,24 @@ impl SensitivitySettings {
                 why: format!("needs at least 2 probes for a standard error, got {}", self.probes),
             });
         }
+        if self.probe_samples == Some(0) {
+            return Err(GuardError::Config { setting: "sensitivity.probe_samples", why: "a probe needs at least 1 sample, got 0".into() });
+        }
         Ok(())
     }
 }
 
-/// Squared Frobenius norms of the Jacobian blocks: `sq[k][l]` for probe (or basis block) k.
+/// The stream of the seeded generator the probes v are drawn from ([`rng_for`]'s purpose).
+pub(super) const PROBE_STREAM: u64 = 1;
+
+/// Squared Frobenius norms of the Jacobian blocks: `sq[k][l]` for probe (or basis block) k,
+/// scaled so that `sq[k][l] / n` estimates S_l^2 whatever the samples per probe.
 pub(super) struct JacobianSquares {
     pub(super) per_probe: Vec<Vec<f64>>,
     pub(super) grad_norms: Vec<f64>,
     pub(super) used: Vec<bool>,
+    /// m: samples per probe (n for the full batch and exact mode).
+    pub(super) probe_samples: usize,
 }
 
 /// Estimates M1 for every layer on one batch; the inspection's seed and step pick the probes.
@@ -65,7 +86,7 @@ fn estimate_sensitivity(ins: &Inspection, settings: &SensitivitySettings) -> Res
         Err(e @ GuardError::DiscreteInputs { .. }) => return Ok((0..ins.layers().len()).map(|_| Metric::absent(e.to_string())).collect()),
         Err(e) => return Err(e),
     };
-    let squares = if settings.exact { exact_squares(ins, &point)? } else { probe_squares(ins, &point, settings.method, settings.probes)? };
+    let squares = if settings.exact { exact_squares(ins, &point, n)? } else { probe_squares(ins, &point, settings, n)? };
     Ok(summarise(ins, &squares, n, settings, point.representation))
 }
 
@@ -89,6 +110,7 @@ fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &JvpSamples) 
         seed: samples.seed,
         params,
         representation: samples.representation,
+        probe_samples: Some(samples.probe_samples),
     })
 }
 
@@ -129,6 +151,7 @@ fn summarise(ins: &Inspection, sq: &JacobianSquares, n: usize, settings: &Sensit
                 seed,
                 params,
                 representation,
+                probe_samples: Some(sq.probe_samples),
             })
         })
         .collect()
@@ -156,76 +179,141 @@ fn read_rows(layers: &LayerMap, rows: Vec<Tensor>) -> Result<Vec<Vec<f64>>> {
 }
 
 /// What a probe pass leaves besides the JVPs: which layers the loss reaches, ||G_l||, and the
-/// released gradient per parameter (detached).
+/// released gradient per parameter (detached), all of the whole batch; and the samples per probe.
 struct ProbeContext {
     used: Vec<bool>,
     grad_norms: Vec<f64>,
     grads: Vec<Tensor>,
+    probe_samples: usize,
 }
 
-/// Runs K probes and hands each probe's JVP, one tensor per parameter in `flat_params` order
-/// (undefined where the parameter's gradient does not move with the inputs), to `sink`.
-fn probe_jvps(ins: &Inspection, point: &Point, method: JvpMethod, probes: usize, sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
-    let (layers, loss_fn, seed, step) = (ins.layers(), &point.loss, ins.seed(), ins.step());
-    let targets = ins.batch().targets();
-    match method {
-        JvpMethod::DoubleBackward => {
-            let mut graph = ins.graph_of(point)?;
-            // G's own graph is needed only by exact mode: detached here, it is freed.
-            graph.grads = graph
-                .grads
-                .iter()
-                .map(|g| if g.defined() { g.f_detach() } else { Ok(Tensor::new()) })
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .during("detaching gradients")?;
-            let v = gaussian_probes(&graph.x, probes, &mut rng_for(seed, step, 1))?;
-            for k in 0..probes as i64 {
-                sink(graph.jvp(&v.f_get(k).during("selecting a probe")?)?)?;
-            }
-            Ok(ProbeContext { used: graph.used, grad_norms: graph.grad_norms, grads: graph.grads })
-        }
-        JvpMethod::CentralDifference => {
-            let l_count = layers.len();
-            let (params, owner) = layers.flat_params();
-            let x = &point.at;
-            let grads = parameter_grads(loss_fn, x, targets, &params, step, true)?;
-            let used = used_layers(&grads, &owner, l_count);
-            let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
-            let rms = to_f64_vec(&point.values.f_square().and_then(|s| s.f_mean(Kind::Double)).during("rms of inputs")?)?[0].sqrt();
-            let rel = if x.kind() == Kind::Double { 1e-6 } else { 1e-3 };
-            let eps = rel * if rms > 0.0 { rms } else { 1.0 };
-            let v = gaussian_probes(x, probes, &mut rng_for(seed, step, 1))?;
-            for k in 0..probes as i64 {
-                let dv = v.f_get(k).and_then(|vk| vk.f_mul_scalar(eps)).during("scaling a probe")?;
-                let plus = parameter_grads(loss_fn, &x.f_add(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
-                let minus = parameter_grads(loss_fn, &x.f_sub(&dv).during("perturbing inputs")?, targets, &params, step, false)?;
-                let diffs = plus
-                    .iter()
-                    .zip(&minus)
-                    .map(|(p, m)| {
-                        if p.defined() && m.defined() {
-                            p.f_sub(m).and_then(|d| d.f_div_scalar(2.0 * eps)).during("differencing gradients")
-                        } else {
-                            Ok(Tensor::new())
-                        }
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                sink(diffs)?;
-            }
-            Ok(ProbeContext { used, grad_norms, grads })
-        }
+impl ProbeContext {
+    /// The whole batch's part of `graph` (whose gradients are detached); the rest of the graph
+    /// is freed.
+    fn of_graph(graph: GradientGraph, probe_samples: usize) -> Self {
+        Self { used: graph.used, grad_norms: graph.grad_norms, grads: graph.grads, probe_samples }
+    }
+
+    /// The context of the whole batch's gradients `grads` (detached, in `flat_params` order).
+    fn of_grads(layers: &LayerMap, grads: Vec<Tensor>, probe_samples: usize) -> Result<Self> {
+        let (_, owner) = layers.flat_params();
+        let used = used_layers(&grads, &owner, layers.len());
+        let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
+        Ok(Self { used, grad_norms, grads, probe_samples })
     }
 }
 
+/// Gradients without their graph (undefined ones kept).
+fn detached(grads: &[Tensor]) -> Result<Vec<Tensor>> {
+    grads.iter().map(|g| if g.defined() { g.f_detach() } else { Ok(Tensor::new()) }).collect::<std::result::Result<Vec<_>, _>>().during("detaching gradients")
+}
+
+/// Runs K probes and hands each probe's JVP, one tensor per parameter in `flat_params` order
+/// (undefined where the parameter's gradient does not move with the inputs), to `sink`. A
+/// sub-batch probe's JVP comes scaled by sqrt(m/n), so that every probe's squared norm over n
+/// estimates S_l^2 (`sub_batch.rs`).
+fn probe_jvps(ins: &Inspection, point: &Point, settings: &SensitivitySettings, n: usize, sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
+    let samples = (n, samples_per_probe(ins, settings, n));
+    match settings.method {
+        JvpMethod::DoubleBackward => double_backward_jvps(ins, point, settings.probes, samples, sink),
+        JvpMethod::CentralDifference => central_difference_jvps(ins, point, settings.probes, samples, sink),
+    }
+}
+
+/// The double-backward route: the whole batch's graph gives G, ||G_l|| and every probe's JVP.
+/// On sub-batches each probe's own sub-batch graph gives its JVP, and the whole batch gives only
+/// G and dL/dx (for the coupling check): from the training step's graph when there is one, else
+/// from one backward pass without a graph, cheaper than the graph full-batch probes
+/// differentiate (which a detected coupling then builds as well).
+fn double_backward_jvps(ins: &Inspection, point: &Point, probes: usize, (n, m): (usize, usize), sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
+    let step_graph = ins.step_graph().and_then(StepGraph::take);
+    if m < n {
+        let (grads, input_grad) = match &step_graph {
+            Some(graph) => (detached(&graph.grads)?, graph.input_grad().map(Tensor::f_detach).transpose().during("detaching dL/dx")?),
+            None => gradients_with_input(point, ins.batch().targets(), &ins.layers().flat_params().0, ins.step(), true)?,
+        };
+        let mut subs = SubBatches::new(ins, n, m);
+        if let Some(first) = subs.first_graph(ins, input_grad.as_ref())? {
+            // The whole batch's graph goes before the sub-batches' are built.
+            drop(step_graph);
+            let ctx = ProbeContext::of_grads(ins.layers(), grads, m)?;
+            subs.double_backward(ins, first, probes, sink)?;
+            return Ok(ctx);
+        }
+    }
+    let mut graph = match step_graph {
+        Some(graph) => graph,
+        None => GradientGraph::build(ins, point)?,
+    };
+    // G's own graph is needed only by exact mode: detached here, it is freed.
+    graph.grads = detached(&graph.grads)?;
+    let v = gaussian_probes(&graph.x, probes, &mut rng_for(ins.seed(), ins.step(), PROBE_STREAM))?;
+    for k in 0..probes as i64 {
+        sink(graph.jvp(&v.f_get(k).during("selecting a probe")?)?)?;
+    }
+    Ok(ProbeContext::of_graph(graph, n))
+}
+
+/// The central-difference route: (G(X + e v) - G(X - e v)) / 2e per probe, on the whole batch
+/// or on each probe's sub-batch; G itself once, on the whole batch.
+fn central_difference_jvps(ins: &Inspection, point: &Point, probes: usize, (n, m): (usize, usize), sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
+    let (layers, step, targets) = (ins.layers(), ins.step(), ins.batch().targets());
+    let params = layers.flat_params().0;
+    // Sub-batches are checked against the whole batch's dL/dx: the same backward gives it.
+    let (grads, input_grad) = if m < n {
+        gradients_with_input(point, targets, &params, step, true)?
+    } else {
+        (parameter_grads(&point.loss, &point.at, targets, &params, step, true)?, None)
+    };
+    let eps = difference_step(point)?;
+    if m < n {
+        let mut subs = SubBatches::new(ins, n, m);
+        if let Some(first) = subs.first_batch(ins, input_grad.as_ref(), &params)? {
+            subs.central_difference(ins, first, eps, probes, &params, sink)?;
+            return ProbeContext::of_grads(layers, grads, m);
+        }
+    }
+    let v = gaussian_probes(&point.at, probes, &mut rng_for(ins.seed(), step, PROBE_STREAM))?;
+    for k in 0..probes as i64 {
+        let dv = v.f_get(k).and_then(|vk| vk.f_mul_scalar(eps)).during("scaling a probe")?;
+        sink(gradient_difference(&point.loss, &point.at, &dv, targets, &params, step, eps)?)?;
+    }
+    ProbeContext::of_grads(layers, grads, n)
+}
+
+/// e = 1e-3 rms(X) in f32 (1e-6 in f64), X the whole batch's values (METRICS.md, M1).
+fn difference_step(point: &Point) -> Result<f64> {
+    let rms = to_f64_vec(&point.values.f_square().and_then(|s| s.f_mean(Kind::Double)).during("rms of inputs")?)?[0].sqrt();
+    let rel = if point.at.kind() == Kind::Double { 1e-6 } else { 1e-3 };
+    Ok(rel * if rms > 0.0 { rms } else { 1.0 })
+}
+
+/// (G(x + dv) - G(x - dv)) / 2 eps per parameter, G the loss's gradient on `targets`
+/// (undefined where either side is).
+pub(super) fn gradient_difference(loss: &dyn LossFn, x: &Tensor, dv: &Tensor, targets: &Tensor, params: &[Tensor], step: u64, eps: f64) -> Result<Vec<Tensor>> {
+    let plus = parameter_grads(loss, &x.f_add(dv).during("perturbing inputs")?, targets, params, step, false)?;
+    let minus = parameter_grads(loss, &x.f_sub(dv).during("perturbing inputs")?, targets, params, step, false)?;
+    plus.iter()
+        .zip(&minus)
+        .map(|(p, m)| {
+            if p.defined() && m.defined() {
+                p.f_sub(m).and_then(|d| d.f_div_scalar(2.0 * eps)).during("differencing gradients")
+            } else {
+                Ok(Tensor::new())
+            }
+        })
+        .collect()
+}
+
 /// The probe estimator: per-layer squared JVP norms, summed on the device, read once.
-fn probe_squares(ins: &Inspection, point: &Point, method: JvpMethod, probes: usize) -> Result<JacobianSquares> {
+fn probe_squares(ins: &Inspection, point: &Point, settings: &SensitivitySettings, n: usize) -> Result<JacobianSquares> {
     let layers = ins.layers();
-    let mut rows = Vec::with_capacity(probes);
-    let ctx = probe_jvps(ins, point, method, probes, &mut |jv| {
+    let mut rows = Vec::with_capacity(settings.probes);
+    let ctx = probe_jvps(ins, point, settings, n, &mut |jv| {
         rows.push(layers.param_norms(&jv)?);
         Ok(())
     })?;
-    Ok(JacobianSquares { per_probe: read_rows(layers, rows)?, grad_norms: ctx.grad_norms, used: ctx.used })
+    Ok(JacobianSquares { per_probe: read_rows(layers, rows)?, grad_norms: ctx.grad_norms, used: ctx.used, probe_samples: ctx.probe_samples })
 }
 
 /// One layer's released gradient and its K probe JVPs, each flattened over the layer's
@@ -244,6 +332,9 @@ pub struct JvpSamples {
     pub n: usize,
     /// Probes K.
     pub probes: usize,
+    /// m: samples each probe ran on (n for the full batch). Sub-batch JVPs are kept scaled by
+    /// sqrt(m/n), so that ||J v_k||^2 / n estimates S_l^2 for every m.
+    pub probe_samples: usize,
     /// How the JVPs were formed.
     pub method: JvpMethod,
     /// One entry per layer, None where the loss does not reach the layer.
@@ -308,7 +399,7 @@ fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSa
         out.iter().map(|parts| Tensor::f_cat(parts, 0).during("joining a layer's JVP")).collect()
     };
     let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
-    let ctx = probe_jvps(ins, &point, settings.method, settings.probes, &mut |jv| {
+    let ctx = probe_jvps(ins, &point, settings, n, &mut |jv| {
         for (l, t) in flat_layer(&jv)?.into_iter().enumerate() {
             per_layer[l].push(t);
         }
@@ -318,6 +409,7 @@ fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSa
     Ok(JvpSamples {
         n,
         probes: settings.probes,
+        probe_samples: ctx.probe_samples,
         method: settings.method,
         layers: grads
             .into_iter()
@@ -350,7 +442,7 @@ pub fn per_dimension_variance(values: &Tensor, n: usize) -> Result<f64> {
 /// (n*D of them); parameter basis: one VJP per parameter scalar (P of them). Either way the
 /// sum over the basis of the squared blocks is ||J_l||_F^2 = sum_i ||J_{l,i}||_F^2, returned as
 /// a single row.
-fn exact_squares(ins: &Inspection, point: &Point) -> Result<JacobianSquares> {
+fn exact_squares(ins: &Inspection, point: &Point, n: usize) -> Result<JacobianSquares> {
     let layers = ins.layers();
     let l_count = layers.len();
     let graph = ins.graph_of(point)?;
@@ -387,7 +479,7 @@ fn exact_squares(ins: &Inspection, point: &Point) -> Result<JacobianSquares> {
                 total[l] += v;
             }
         }
-        return Ok(graph.squares(vec![total]));
+        return Ok(graph.squares(vec![total], n));
     }
     let mut total = vec![0.0; l_count];
     for row in read_rows(layers, rows)? {
@@ -395,7 +487,7 @@ fn exact_squares(ins: &Inspection, point: &Point) -> Result<JacobianSquares> {
             *acc += v;
         }
     }
-    Ok(graph.squares(vec![total]))
+    Ok(graph.squares(vec![total], n))
 }
 
 impl<'a> Inspection<'a> {

@@ -151,6 +151,11 @@ pub struct Sensitivity {
     /// What x_i is: the inputs, or the embeddings of discrete inputs.
     #[serde(default)]
     pub representation: Representation,
+    /// m: samples each probe ran on (METRICS.md, M1, sub-batch probes), n for the full batch,
+    /// exact mode and a model whose samples interact. None only in a report written before
+    /// sub-batch probes existed (every such report probed the full batch).
+    #[serde(default)]
+    pub probe_samples: Option<usize>,
 }
 
 /// M2 for one layer.
