@@ -265,7 +265,7 @@ def spool_report(settings: NodeSettings, report_json: str, server_round: int) ->
     name = f"{time.time_ns():020d}-round{server_round}"
     tmp = settings.spool_dir / f"{name}.tmp"
     tmp.write_text(report_json)
-    tmp.rename(settings.spool_dir / f"{name}.json")
+    tmp.rename(settings.spool_dir / f"{name}.report.json")
 
 
 def summarise_leakage(report_json: str) -> dict[str, dict[str, float]]:

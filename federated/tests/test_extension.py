@@ -267,8 +267,10 @@ def test_node_metrics_server_serves_spooled_reports(tmp_path, global_params, pol
             assert proc.poll() is None and time.monotonic() < deadline, "the metrics server did not start"
             time.sleep(0.1)
         assert int(ready.read_text()) == port
-        (spool / "0-garbage.json").write_text("{not json")
-        (spool / "1-round1.json").write_text(result.report)
+        (spool / "0-garbage.report.json").write_text("{not json")
+        (spool / "1-round1.report.json").write_text(result.report)
+        # Not a report: the guard state a node may keep in its spool is left alone.
+        (spool / "audit.jsonl.state.json").write_text('{"step": 1}')
         text = ""
         while time.monotonic() < deadline:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -280,7 +282,8 @@ def test_node_metrics_server_serves_spooled_reports(tmp_path, global_params, pol
         assert 'gradguard_releases_total{outcome="protected"} 1' in text
         assert 'gradguard_layer_threshold{layer="conv1",metric="sensitivity_rms"} 0.00001' in text or \
             'gradguard_layer_threshold{layer="conv1",metric="sensitivity_rms"} 1e-5' in text
-        assert (spool / "0-garbage.bad").exists() and not (spool / "1-round1.json").exists()
+        assert (spool / "0-garbage.report.bad").exists() and not (spool / "1-round1.report.json").exists()
+        assert (spool / "audit.jsonl.state.json").read_text() == '{"step": 1}'
         (spool / "stop").touch()
         assert proc.wait(timeout=15) == 0
     finally:

@@ -4,7 +4,7 @@
 //! Flower starts a fresh ClientApp process for every message, so a server living inside the
 //! ClientApp would vanish after each round. The ClientApp therefore starts this server once per
 //! node, as a process of its own (`serve_metrics`), and hands each round's report over through a
-//! spool folder: one JSON file per release, written atomically (temporary name, then rename).
+//! spool folder: one `*.report.json` file per release, written atomically (temporary name, then rename).
 //! The server observes them in name order, deletes them, and stops when the process it watches
 //! (the node's SuperExec) is gone, when a file named `stop` appears in the spool, or on
 //! SIGINT/SIGTERM.
@@ -29,7 +29,9 @@ fn alive(pid: u32) -> bool {
 fn drain(spool: &Path, exporter: &Exporter) -> usize {
     let Ok(entries) = std::fs::read_dir(spool) else { return 0 };
     let mut files: Vec<PathBuf> =
-        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        // Only the reports spooled for it: the spool may hold other files (the audit log and the
+        // guard state beside it, when the node keeps them there).
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().ends_with(".report.json")).collect();
     files.sort();
     let mut n = 0;
     for path in files {
