@@ -123,3 +123,24 @@ def test_a_state_the_log_never_recorded_is_refused(mlp, node, tmp_path):
     log.unlink()
     with pytest.raises(gradguard_fl.StateError, match="does not record"):
         gradguard_fl.train(params, config(mlp, server_round=2), data, audit_log=str(log))
+
+
+def test_a_node_at_its_ledger_cap_stays_there_after_a_restart(mlp, node, tmp_path):
+    # The shipped federated policy with a cap of 0.015 bits: round 1's release (fc2 noised to
+    # 0.01 bits/dim) fits, round 2's would not, so from then on every layer is withheld.
+    policy = tmp_path / "capped.toml"
+    text = (REPO / "federated" / "gradguard_federated" / "policies" / "default.toml").read_text()
+    assert "ledger_cap_bits = 1.0" in text
+    policy.write_text(text.replace("ledger_cap_bits = 1.0", "ledger_cap_bits = 0.015"))
+    data, params, log = node
+    capped = lambda r: config(mlp, server_round=r, **{"policy-path": str(policy)})  # noqa: E731
+    first = gradguard_fl.train(params, capped(1), data, audit_log=str(log))
+    assert first.released_layers == ["fc2"], (first.released_layers, first.withheld_layers)
+    second = gradguard_fl.train(params, capped(2), data, state=first.state, audit_log=str(log))
+    assert second.released_layers == [] and sorted(second.withheld_layers) == ["fc1", "fc2"]
+    # A crash and a restart: nothing in memory. The cap still holds.
+    after = gradguard_fl.train(params, capped(3), data, audit_log=str(log))
+    assert after.state_origin.startswith("restored from") and after.released_layers == [], after.released_layers
+    # Without the file (what a restart did before): the cap would be evaded.
+    fresh = gradguard_fl.train(params, capped(3), data)
+    assert fresh.released_layers == ["fc2"]
