@@ -540,3 +540,30 @@ def test_a_superlink_stopped_mid_run_never_ends_it_as_a_success(deployment: Depl
         failed = [e for e in events if e["event"] == "run-failed"]
         assert len(failed) == 1 and failed[0]["round"] == 2, (kinds, status)
         assert status == "finished:failed", (failed, status)
+
+
+def test_a_truncated_guard_state_stops_that_node_naming_the_file(deployment: Deployment, tmp_path):
+    """p2's guard state cut short between rounds 1 and 2 (a half-written copy, a full disk): p2
+    replies with an error naming the file every round after, releases nothing, and the others
+    go on; the server logs why."""
+    d = deployment
+    d.start_superlink()
+    logs = {p: tmp_path / f"audit-p{p}.jsonl" for p in range(3)}
+    for p in range(3):
+        d.start_supernode(f"node-p{p}", {"partition-id": p, "num-partitions": 3, "audit-log": str(logs[p])})
+    d.run({"num-server-rounds": 3, "min-cohort": 2, "min-nodes": 3, "round-timeout": 60.0,
+           "fraction-evaluate": 0.0, "local-steps": LOCAL_STEPS, "lr": LR})
+    d.wait_round("round-end", 1, timeout=240)
+    state = Path(str(logs[2]) + ".state.json")
+    state.write_bytes(state.read_bytes()[:50])
+    d.wait_for("the end of the run", lambda evs: any(e["event"] == "run-end" for e in evs), timeout=300)
+    per_round = rounds(d)
+    for r in (2, 3):
+        rows = {c["partition"]: c for c in per_round[r]["clients"]}
+        assert len(per_round[r]["clients"]) == 3 and rows["p2"]["status"] == "error", per_round[r]["clients"]
+        assert str(state) in rows["p2"]["reason"] and "StateError" in rows["p2"]["reason"], rows["p2"]["reason"]
+        assert per_round[r]["aggregated"] and per_round[r]["compliant"] == 2
+    assert "StateError" in d.flwr_log()
+    # p2's log holds round 1's release and nothing after it.
+    records = [json.loads(line) for line in logs[2].read_text().splitlines() if line.strip()]
+    assert {r["step"] for r in records if r["outcome"] == "state_saved"} == {1}
