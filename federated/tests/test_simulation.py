@@ -55,6 +55,10 @@ def simulate(d: Deployment, tmp_path: Path, model: Path, data: Path, tmpdir: Pat
     logs = sorted(tmpdir.glob("gradguard-fl-*-p*/audit.jsonl"))
     assert len(logs) == CLIENTS, logs
     for log in logs:
-        steps = {json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()}
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        steps = {r["step"] for r in records if r["outcome"] != "state_saved"}
         assert steps == {0, 1}, (log, steps)
+        # The guard's state after each release, kept beside the log: saved at steps 1 and 2.
+        assert [r["step"] for r in records if r["outcome"] == "state_saved"] == [1, 2], log
+        assert Path(str(log) + ".state.json").exists()
     print("\n" + (d.out / "rounds.txt").read_text())
