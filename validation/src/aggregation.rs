@@ -67,6 +67,8 @@ pub(super) struct FprRun {
     pub layers: Vec<String>,
     /// (step, exposed_fraction per layer) at every measured release.
     pub series: Vec<(usize, Vec<Option<f64>>)>,
+    /// isolated_share per layer at the same releases.
+    pub isolated: Vec<Vec<Option<f64>>>,
 }
 
 impl FprRun {
@@ -81,6 +83,17 @@ impl FprRun {
             .iter()
             .filter(|(_, e)| e.iter().enumerate().any(|(l, v)| layer.is_none_or(|k| k == l) && v.is_some_and(|v| v > threshold)))
             .count()
+    }
+
+    /// Releases the rule "isolated_share above `threshold` on some layer" blocks (the rule that
+    /// catches fishing, federated/tests/test_refusal.py's `concentration`).
+    pub(super) fn blocked_isolated(&self, threshold: f64) -> usize {
+        self.isolated.iter().filter(|layers| layers.iter().any(|v| v.is_some_and(|v| v > threshold))).count()
+    }
+
+    /// The largest isolated_share of any layer over the run.
+    pub(super) fn max_isolated(&self) -> Option<f64> {
+        self.isolated.iter().flatten().flatten().copied().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
     }
 
     /// The largest and the mean exposed_fraction of a layer over the run.
@@ -142,10 +155,12 @@ pub(super) fn aggregation_sweep(net: &Net, label: &str, data: &Data, plan: &Aggr
 /// The demo-length honest run of a freshly initialised model: M6 of every `plan.fpr_every`-th release.
 pub(super) fn fpr_run(net: &Net, label: &str, data: &Data, batch: usize, plan: &AggregationPlan, seed: u64) -> Result<FprRun> {
     let loss = |x: &Tensor, y: &Tensor| net.loss(x, y);
-    let mut series = Vec::new();
+    let (mut series, mut isolated) = (Vec::new(), Vec::new());
     net.train(data, plan.fpr_steps, &|s| data.demo_batch(batch, s), Some(plan.fpr_every), &mut |s, x, y| {
         let t = Inspection::new(net.layers(), &loss, Batch::new(x, y)).seeded(seed, s as u64);
-        series.push((s, isolation(&t, plan.tau)?.into_iter().map(|(e, _)| e).collect()));
+        let (e, i): (Vec<_>, Vec<_>) = isolation(&t, plan.tau)?.into_iter().unzip();
+        series.push((s, e));
+        isolated.push(i);
         Ok(())
     })?;
     Ok(FprRun {
@@ -155,5 +170,6 @@ pub(super) fn fpr_run(net: &Net, label: &str, data: &Data, batch: usize, plan: &
         accuracy: net.accuracy(data, &data.aux)?,
         layers: net.layers().names(),
         series,
+        isolated,
     })
 }

@@ -45,6 +45,9 @@ fn and_list(items: &[String]) -> String {
     }
 }
 
+/// The isolated_share rule read beside the exposed_fraction ones.
+const ISOLATED_RULE: f64 = 0.5;
+
 /// The malicious models in the table's order.
 const MODELS: [&str; 5] = ["honest", "trap", "fishing", "imprint", "fishing-one"];
 
@@ -94,7 +97,7 @@ fn checks() -> [(&'static str, &'static str, Check); 7] {
         }),
         ("M6 isolated_share", "above 0.5 on some layer", |c, _, _| {
             let (l, v) = most(c, true)?;
-            Some((v > 0.5, format!("{} ({l})", num(Some(v)))))
+            Some((v > ISOLATED_RULE, format!("{} ({l})", num(Some(v)))))
         }),
         ("M1 S_l", "above the honest model's at the same n", |c, h, _| Some((c.s? > h.s?, format!("{:.2}x honest", c.s? / h.s?)))),
         ("M1 R_l", "above the honest model's at the same n", |c, h, _| Some((c.r? > h.r?, format!("{:.2}x honest", c.r? / h.r?)))),
@@ -512,6 +515,15 @@ pub(super) fn render_fpr(w: &mut String, runs: &[FprRun], plan: &AggregationPlan
             if one.is_empty() { String::new() } else { format!(" ({}, above the threshold: the rule then blocks every release in which a single sample dominates a single unit.)", one.join("; ")) }
         );
     }
+    let fishing_rule: Vec<String> = runs
+        .iter()
+        .map(|r| format!("{} at batch {} {} (largest isolated_share {})", r.model, r.batch, pct(r.blocked_isolated(ISOLATED_RULE) as f64 / r.measured().max(1) as f64), num(r.max_isolated())))
+        .collect();
+    out!(
+        w,
+        "The fishing rule, isolated_share > {ISOLATED_RULE} on some layer (`federated/tests/test_refusal.py`'s `concentration`; it refuses fishing-one above at every batch size), on the same releases: {}.\n",
+        fishing_rule.join(", ")
+    );
     for r in runs {
         let blocked: Vec<usize> = r.series.iter().filter(|(_, e)| e.iter().any(|v| v.is_some_and(|v| v > th))).map(|(s, _)| *s).collect();
         if let (Some(a), Some(b)) = (blocked.first(), blocked.last()) {
