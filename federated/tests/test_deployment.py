@@ -543,27 +543,34 @@ def test_a_superlink_stopped_mid_run_never_ends_it_as_a_success(deployment: Depl
 
 
 def test_a_truncated_guard_state_stops_that_node_naming_the_file(deployment: Deployment, tmp_path):
-    """p2's guard state cut short between rounds 1 and 2 (a half-written copy, a full disk): p2
-    replies with an error naming the file every round after, releases nothing, and the others
-    go on; the server logs why."""
+    """p2's guard state cut short between two runs on the same nodes (a half-written copy, a full
+    disk): in the next run p2 replies with an error naming the file every round, releases
+    nothing, and the others go on; the server logs why."""
     d = deployment
     d.start_superlink()
     logs = {p: tmp_path / f"audit-p{p}.jsonl" for p in range(3)}
     for p in range(3):
         d.start_supernode(f"node-p{p}", {"partition-id": p, "num-partitions": 3, "audit-log": str(logs[p])})
-    d.run({"num-server-rounds": 3, "min-cohort": 2, "min-nodes": 3, "round-timeout": 60.0,
-           "fraction-evaluate": 0.0, "local-steps": LOCAL_STEPS, "lr": LR})
-    d.wait_round("round-end", 1, timeout=240)
+    config = {"min-cohort": 2, "min-nodes": 3, "round-timeout": 60.0, "fraction-evaluate": 0.0, "local-steps": LOCAL_STEPS, "lr": LR}
+    d.run({"num-server-rounds": 1, **config})
+    ends = lambda n: lambda evs: sum(e["event"] == "run-end" for e in evs) >= n  # noqa: E731
+    d.wait_for("the end of the first run", ends(1), timeout=240)
     state = Path(str(logs[2]) + ".state.json")
     state.write_bytes(state.read_bytes()[:50])
-    d.wait_for("the end of the run", lambda evs: any(e["event"] == "run-end" for e in evs), timeout=300)
-    per_round = rounds(d)
-    for r in (2, 3):
-        rows = {c["partition"]: c for c in per_round[r]["clients"]}
-        assert len(per_round[r]["clients"]) == 3 and rows["p2"]["status"] == "error", per_round[r]["clients"]
-        assert str(state) in rows["p2"]["reason"] and "StateError" in rows["p2"]["reason"], rows["p2"]["reason"]
+    d.run({"num-server-rounds": 2, **config})
+    d.wait_for("the end of the second run", ends(2), timeout=300)
+    per_round = rounds(d)  # the second run's rounds (its lines come last)
+    for r in (1, 2):
+        clients = per_round[r]["clients"]
+        # A fresh server learns a node's partition from its replies; p2 sends only errors, so its
+        # row is labelled by its node id.
+        errors = [c for c in clients if c["status"] == "error"]
+        assert len(clients) == 3 and len(errors) == 1, clients
+        assert str(state) in errors[0]["reason"] and "StateError" in errors[0]["reason"], errors[0]["reason"]
         assert per_round[r]["aggregated"] and per_round[r]["compliant"] == 2
+        p0 = next(c for c in clients if c["partition"] == "p0")
+        assert p0["step"] == r  # the others went on from the first run's state
     assert "StateError" in d.flwr_log()
-    # p2's log holds round 1's release and nothing after it.
+    # p2's log holds the first run's release and nothing after it.
     records = [json.loads(line) for line in logs[2].read_text().splitlines() if line.strip()]
-    assert {r["step"] for r in records if r["outcome"] == "state_saved"} == {1}
+    assert [r["step"] for r in records if r["outcome"] == "state_saved"] == [1]
