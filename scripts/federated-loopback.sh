@@ -39,7 +39,7 @@ for i in 0 1 2; do
 done
 
 rm -rf out/fl-run
-flwr run "$GRADGUARD/federated" loopback --stream --run-config "out-dir='$PWD/out/fl-run' metrics-port=$((base + 30)) \
+flwr run "$GRADGUARD/federated" loopback --stream --run-config "out-dir='$PWD/out/fl-run' metrics-port=$((base + 30)) min-nodes=3 \
   required-policy='default.toml tight-first-layer.toml impossible.toml'"
 
 if grep -q '"event": "run-failed"' out/fl-run/events.jsonl 2>/dev/null; then
