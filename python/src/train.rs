@@ -127,26 +127,28 @@ fn path_seed(path: &str) -> u64 {
 fn restore(guard: &mut Guard, saved: Option<&str>) -> FlResult<String> {
     let Some(text) = saved.filter(|t| !t.trim().is_empty()) else { return Ok("fresh".into()) };
     let state: GuardState = serde_json::from_str(text).map_err(|e| FlError::Config(format!("the saved guard state is not readable: {e}")))?;
-    match guard.restore_state(&state) {
-        Ok(()) => Ok(format!("restored (step {})", state.step)),
-        Err(gradguard_guard::decide::StateError::OtherPolicy { saved, current }) => {
-            Ok(format!("fresh: the saved state belongs to policy {saved}, the node now enforces {current}"))
-        }
-        Err(e) => Err(FlError::Config(e.to_string())),
-    }
+    go_on_from(guard, &state, "", FlError::Config)
 }
 
 /// Goes on from the state kept beside the audit log (checked against it by `load_state`): the
-/// file wins over a state the caller kept in memory. A state of another policy is not used, as
-/// in [`restore`]. `restarted`: the caller kept none (a new process), said in the origin.
+/// file wins over a state the caller kept in memory. `restarted`: the caller kept none (a new
+/// process), said in the origin.
 fn restore_kept(guard: &mut Guard, kept: &SavedState, log: &str, restarted: bool) -> FlResult<String> {
-    match guard.restore_state(&kept.state) {
-        Ok(()) if restarted => Ok(format!("restored from {} (step {})", state_path(Path::new(log)).display(), kept.state.step)),
-        Ok(()) => Ok(format!("restored (step {})", kept.state.step)),
+    let path = state_path(Path::new(log));
+    let from = if restarted { format!(" from {}", path.display()) } else { String::new() };
+    go_on_from(guard, &kept.state, &from, |e| FlError::State(format!("{}: {e}", path.display())))
+}
+
+/// Restores `state` into the guard: "restored{from} (step N)", or fresh when it belongs to
+/// another policy (a new policy starts from level 0, as `Guard::reload_policy` does); any other
+/// mismatch is an error typed by `fail`.
+fn go_on_from(guard: &mut Guard, state: &GuardState, from: &str, fail: impl Fn(String) -> FlError) -> FlResult<String> {
+    match guard.restore_state(state) {
+        Ok(()) => Ok(format!("restored{from} (step {})", state.step)),
         Err(gradguard_guard::decide::StateError::OtherPolicy { saved, current }) => {
-            Ok(format!("fresh: the state saved beside {log} belongs to policy {saved}, the node now enforces {current}"))
+            Ok(format!("fresh: the saved state belongs to policy {saved}, the node now enforces {current}"))
         }
-        Err(e) => Err(FlError::State(format!("{}: {e}", state_path(Path::new(log)).display()))),
+        Err(e) => Err(fail(e.to_string())),
     }
 }
 
