@@ -6,7 +6,9 @@ Nothing here skips: a missing flwr, gradguard_fl or Flower executable is an erro
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,13 @@ import pytest
 # process the tests start (only loopback traffic).
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+
+# A temporary folder of this test session's own, for this process and every process it starts:
+# a node's default spool (its audit log and the guard state kept beside it) lives under TMPDIR,
+# and a state left there by an earlier session must not meet this one's (short: Ray's sockets).
+SESSION_TMP = tempfile.mkdtemp(prefix="gg-t-")
+os.environ["TMPDIR"] = SESSION_TMP
+tempfile.tempdir = SESSION_TMP
 
 APP_DIR = Path(__file__).resolve().parents[1]
 POLICIES = APP_DIR / "gradguard_federated" / "policies"
@@ -35,3 +44,7 @@ def global_params():
     import gradguard_fl
 
     return gradguard_fl.initial_parameters(0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
