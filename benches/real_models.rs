@@ -14,19 +14,26 @@
 //! does: with the default bound (50 steps) the guard renews estimates over budget rather than
 //! let them go stale, which would measure the bound, not the budget.
 //!
+//! - `cnn` and `mlp`: a CNN without batch norm (about 0.62M parameters) and an MLP (about
+//!   1.71M) on the same images: models whose samples do not interact.
+//!
 //! For each model: guarded / unguarded wall time (each run in its own child process of this
-//! binary, which also reports its peak RSS, VmHWM), estimates per 1,000 steps, one M1 estimate
-//! (K = 8, `Inspection::sensitivity`) and one M2 estimate (`Inspection::subspace` with the
-//! attribute labels) in mean training steps of the unguarded run.
+//! binary, which also reports its peak RSS, VmHWM), estimates per 1,000 steps, the largest M1
+//! age after step 100 and the M1 route the guard settled on (m, K), one M1 estimate (K = 8,
+//! `Inspection::sensitivity`) on the full batch and on sub-batches of n / 4 (with the largest
+//! gap between the two in combined standard errors, and the variance per probe of the
+//! sub-batch route against the full batch's), one M2 estimate (`Inspection::subspace` with the
+//! attribute labels) and one M6 estimate (`Inspection::sample_isolation`), in mean training
+//! steps of the unguarded run.
 //!
 //! First, per model, a guarded step that estimates M1, with `backward_step` (the user's forward,
 //! then the guard's own forward and backward for M1) and with `train_step` (one forward and
 //! backward for both), beside a plain step.
 //!
 //!     cargo bench --bench real_models -- [--device cpu|cuda] [--steps 300] [--large-steps N]
-//!         [--models resnet-1m,resnet-11m,transformer] [--repeats 3] [--estimate-step-only]
+//!         [--models resnet-1m,resnet-11m,cnn,mlp,transformer] [--repeats 3] [--estimate-step-only]
 use clap::Parser;
-use gradguard::guard::{EmbeddingSplit, Inspection, LayerMap, Metric, measure::{parse_device, SensitivitySettings, SubspaceSettings}, report::{JvpMethod, Sensitivity}};
+use gradguard::guard::{EmbeddingSplit, Inspection, LayerMap, Metric, measure::{parse_device, IsolationSettings, SensitivitySettings, SubspaceSettings}, report::Sensitivity};
 use gradguard::{Batch, GuardedOptimizer, LossFn, Settings};
 use std::time::Instant;
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Reduction, TchError, Tensor};
@@ -37,6 +44,10 @@ mod resnet_model;
 mod synthetic;
 
 use resnet_model::ResNet;
+
+#[path = "shared/plain_models.rs"]
+mod plain_models;
+use plain_models::{Mlp, PlainCnn};
 
 #[path = "shared/measure.rs"]
 mod measure;
@@ -53,7 +64,7 @@ struct Args {
     #[arg(long)]
     large_steps: Option<usize>,
     /// Which models, comma-separated.
-    #[arg(long, default_value = "resnet-1m,resnet-11m,transformer")]
+    #[arg(long, default_value = "resnet-1m,resnet-11m,cnn,mlp,transformer")]
     models: String,
     /// Timed repeats of each estimate (after a warm-up); the median is reported. The 11M model
     /// on CPU times one.
@@ -67,9 +78,10 @@ struct Args {
     /// Probes K of the guarded runs' M1 (the timed estimates report K = 8 and 4 whatever this).
     #[arg(long, default_value_t = 8)]
     probes: usize,
-    /// The guarded runs' `subspace_every_steps` (0: M2 at every estimate, the default).
-    #[arg(long, default_value_t = 0)]
-    subspace_every: u64,
+    /// The guarded runs' `subspace_every_steps` and `isolation_every_steps` (default: the
+    /// settings' defaults).
+    #[arg(long)]
+    subspace_every: Option<u64>,
     /// Only the estimate step (backward_step against train_step), not the timed runs.
     #[arg(long)]
     estimate_step_only: bool,
@@ -156,6 +168,8 @@ impl Transformer {
 
 enum Net {
     Image(ResNet),
+    Cnn(PlainCnn),
+    Mlp(Mlp),
     Text(Transformer),
 }
 
@@ -174,13 +188,15 @@ impl Net {
     fn split(&self) -> Option<&dyn EmbeddingSplit> {
         match self {
             Net::Text(t) => Some(t),
-            Net::Image(_) => None,
+            _ => None,
         }
     }
 
     fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
         match self {
             Net::Image(net) => net.loss(x, y),
+            Net::Cnn(net) => net.loss(x, y),
+            Net::Mlp(net) => net.loss(x, y),
             Net::Text(net) => net.loss(x, y),
         }
     }
@@ -204,12 +220,19 @@ impl Setup {
                 let base = if model == "resnet-1m" { 20 } else { 64 };
                 (batches, Box::new(move |p| Net::Image(ResNet::new(p, &[base, 2 * base, 4 * base, 8 * base], 2, synthetic::IMAGE_CLASSES))))
             }
+            "cnn" | "mlp" => {
+                tch::manual_seed(1);
+                let images = synthetic::Images::new()?;
+                let batches = (0..POOL).map(|_| images.batch(IMAGE_BATCH).map(to)).collect::<Result<_, _>>()?;
+                let cnn = model == "cnn";
+                (batches, Box::new(move |p| if cnn { Net::Cnn(PlainCnn::new(p, synthetic::IMAGE_CLASSES)) } else { Net::Mlp(Mlp::new(p, synthetic::IMAGE_CLASSES)) }))
+            }
             "transformer" => {
                 let (t, y, a) = synthetic::text(POOL * TEXT_BATCH, VOCAB, LENGTH, 1)?;
                 let batches = (0..POOL).map(|b| to((t.narrow(0, b * TEXT_BATCH, TEXT_BATCH), y.narrow(0, b * TEXT_BATCH, TEXT_BATCH), a.narrow(0, b * TEXT_BATCH, TEXT_BATCH)))).collect();
                 (batches, Box::new(|p| Net::Text(Transformer::new(p, VOCAB, LENGTH, 128, 4, 2, 512))))
             }
-            other => anyhow::bail!("unknown model {other:?} (resnet-1m, resnet-11m, transformer)"),
+            other => anyhow::bail!("unknown model {other:?} (resnet-1m, resnet-11m, cnn, mlp, transformer)"),
         };
         tch::manual_seed(0);
         let vs = nn::VarStore::new(device);
@@ -219,8 +242,8 @@ impl Setup {
 
     fn optimizer(&self) -> anyhow::Result<nn::Optimizer> {
         Ok(match self.net {
-            Net::Image(_) => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&self.vs, 0.05)?,
             Net::Text(_) => nn::Adam::default().build(&self.vs, 1e-3)?,
+            _ => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&self.vs, 0.05)?,
         })
     }
 
@@ -236,18 +259,27 @@ fn guarded_settings(args: &Args, steps: usize) -> Settings {
     Settings {
         max_estimate_age_steps: (steps as u64).max(Settings::default().estimate_every),
         probes: args.probes,
-        subspace_every_steps: args.subspace_every,
+        subspace_every_steps: args.subspace_every.unwrap_or(Settings::default().subspace_every_steps),
+        isolation_every_steps: args.subspace_every.unwrap_or(Settings::default().isolation_every_steps),
         ..Settings::default()
     }
 }
 
-fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> anyhow::Result<(f64, usize, usize, f64)> {
+/// What a guarded run saw: the largest M1 age after step 100 and the last M1's route
+/// (probe_samples m, probes K) in its first layer that M1 measured.
+#[derive(Default)]
+struct Seen {
+    max_age_after_100: u64,
+    route: Option<(usize, usize)>,
+}
+
+fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> anyhow::Result<(f64, usize, usize, f64, Seen)> {
     // Two plain steps first, in both modes: thread pools and allocator warm.
     let mut warm = s.optimizer()?;
     for (x, y, _) in s.batches.iter().take(2) {
         warm.backward_step(&s.net.loss(x, y)?);
     }
-    let (mut estimates, mut not_applied, mut share) = (0, 0, 0.0);
+    let (mut estimates, mut not_applied, mut share, mut seen) = (0, 0, 0.0, Seen::default());
     sync(device);
     let started = Instant::now();
     if let Some(settings) = guard {
@@ -256,8 +288,15 @@ fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> an
             let (x, y, a) = &s.batches[step % s.batches.len()];
             match guarded.train_step(&Batch::new(x, y).with_attribute(a)) {
                 Ok(r) if r.is_released() => {
-                    estimates += r.report().estimated as usize;
-                    share = r.report().health.spent_share;
+                    let report = r.report();
+                    estimates += report.estimated as usize;
+                    share = report.health.spent_share;
+                    if step >= 100 {
+                        seen.max_age_after_100 = seen.max_age_after_100.max(report.health.estimate_age_steps.unwrap_or(u64::MAX));
+                    }
+                    if let Some(m1) = report.layers.iter().find_map(|l| l.sensitivity.measured()) {
+                        seen.route = Some((m1.probe_samples.unwrap_or(m1.n), m1.probes.unwrap_or(0)));
+                    }
                 }
                 _ => not_applied += 1,
             }
@@ -270,7 +309,7 @@ fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> an
         }
     }
     sync(device);
-    Ok((started.elapsed().as_secs_f64(), estimates, not_applied, share))
+    Ok((started.elapsed().as_secs_f64(), estimates, not_applied, share, seen))
 }
 
 /// The model's optimizer wrapped by a guard with `settings` (the text model's embedding split
@@ -279,7 +318,7 @@ fn guarded_optimizer(s: &Setup, settings: Settings) -> anyhow::Result<GuardedOpt
     let builder = GuardedOptimizer::builder(&s.vs, s.optimizer()?).settings(settings).loss(|x: &Tensor, y: &Tensor| s.net.loss(x, y));
     let builder = match &s.net {
         Net::Text(t) => builder.embedding(|x: &Tensor| t.embed(x), |e: &Tensor, y: &Tensor| t.loss_from_embeddings(e, y)),
-        Net::Image(_) => builder,
+        _ => builder,
     };
     Ok(builder.build()?)
 }
@@ -326,18 +365,39 @@ fn estimate_steps(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<(
     Ok((median(by_backward), median(by_train), median(plain)))
 }
 
-/// A training run in a child process of this binary: (seconds, estimates, not applied, guard
-/// share, peak RSS KiB).
-fn child(model: &str, mode: &str, steps: usize, args: &Args) -> anyhow::Result<(f64, usize, usize, f64, u64)> {
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["--child", model, "--mode", mode, "--device", &args.device, "--steps", &steps.to_string()])
-        .args(["--probes", &args.probes.to_string(), "--subspace-every", &args.subspace_every.to_string()])
-        .output()?;
+/// What a child's training run printed.
+struct Run {
+    seconds: f64,
+    estimates: usize,
+    not_applied: usize,
+    share: f64,
+    peak_rss_kib: u64,
+    max_age_after_100: u64,
+    /// The last M1's (m, K); (0, 0) without one.
+    route: (usize, usize),
+}
+
+/// A training run in a child process of this binary.
+fn child(model: &str, mode: &str, steps: usize, args: &Args) -> anyhow::Result<Run> {
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command.args(["--child", model, "--mode", mode, "--device", &args.device, "--steps", &steps.to_string()]).args(["--probes", &args.probes.to_string()]);
+    if let Some(every) = args.subspace_every {
+        command.args(["--subspace-every", &every.to_string()]);
+    }
+    let out = command.output()?;
     anyhow::ensure!(out.status.success(), "child {model} {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout)?;
     let f: Vec<&str> = text.split_whitespace().collect();
-    anyhow::ensure!(f.len() == 5, "child {model} {mode} printed {text:?}");
-    Ok((f[0].parse()?, f[1].parse()?, f[2].parse()?, f[3].parse()?, f[4].parse()?))
+    anyhow::ensure!(f.len() == 8, "child {model} {mode} printed {text:?}");
+    Ok(Run {
+        seconds: f[0].parse()?,
+        estimates: f[1].parse()?,
+        not_applied: f[2].parse()?,
+        share: f[3].parse()?,
+        peak_rss_kib: f[4].parse()?,
+        max_age_after_100: f[5].parse()?,
+        route: (f[6].parse()?, f[7].parse()?),
+    })
 }
 
 /// Peak RSS (KiB) after three plain training steps, and after one M1 estimate (K = 8) on top:
@@ -374,17 +434,22 @@ fn inspection<'a>(layers: &'a LayerMap, loss: &'a dyn LossFn, split: Option<&'a 
 /// What one estimate costs on the first batch: medians over the timed repeats (after a
 /// warm-up of each), in seconds.
 struct Estimates {
-    /// M1 (K = 8) by the default double backward.
+    /// M1 (K = 8) on the full batch, the default double backward.
     m1: f64,
-    /// M1 with K = 4 probes (twice the variance of S_l^2's estimate).
-    m1_four: f64,
-    /// M1 with the same probes by central differences.
-    m1_central: f64,
-    /// The largest |S_l(central) - S_l(double backward)| / S_l(double backward) over layers.
-    central_gap: f64,
+    /// M1 (K = 8) on sub-batches of m = n / 4 (the trial the guard's calibration runs; a model
+    /// whose samples interact probes the full batch there).
+    m1_sub: f64,
+    /// m the sub-batch estimate ran on (n where the samples interact).
+    sub_m: usize,
+    /// The largest |S_l(sub) - S_l(full)| / sqrt(se_sub^2 + se_full^2) over layers and repeats.
+    sub_gap_se: f64,
+    /// The mean over layers of se(sub)^2 / se(full)^2 relative to S_l^2, over the repeats.
+    sub_variance_ratio: f64,
     m2: f64,
+    m6: f64,
     m1_layers: usize,
     m2_layers: usize,
+    m6_layers: usize,
     layers: usize,
 }
 
@@ -392,44 +457,67 @@ fn time_estimates(s: &Setup, device: Device, repeats: usize) -> anyhow::Result<E
     let layers = LayerMap::from_var_store(&s.vs)?;
     let loss = |x: &Tensor, y: &Tensor| s.net.loss(x, y);
     let (x, y, a) = &s.batches[0];
+    let n = x.size()[0] as usize;
     let split = s.net.split();
     let inspect = |batch, r| inspection(&layers, &loss, split, batch, r);
     let m1_settings = SensitivitySettings { probes: 8, ..Default::default() };
-    let central = SensitivitySettings { method: JvpMethod::CentralDifference, ..m1_settings.clone() };
-    let four = SensitivitySettings { probes: 4, ..m1_settings.clone() };
+    let sub = SensitivitySettings { probe_samples: Some(n / 4), ..m1_settings.clone() };
     let m2_settings = SubspaceSettings::default();
-    let timed = |f: &dyn Fn() -> anyhow::Result<Vec<Metric<Sensitivity>>>| -> anyhow::Result<(f64, Vec<Metric<Sensitivity>>)> {
+    let timed = |f: &dyn Fn() -> anyhow::Result<usize>| -> anyhow::Result<(f64, usize)> {
         sync(device);
         let t = Instant::now();
         let out = f()?;
         sync(device);
         Ok((t.elapsed().as_secs_f64(), out))
     };
-    let (mut m1, mut m1_four, mut m1_central, mut m2, mut gap, mut m1_layers, mut m2_layers) = (vec![], vec![], vec![], vec![], 0.0f64, 0, 0);
+    let measured = |m: &[Metric<Sensitivity>]| m.iter().filter(|m| m.measured().is_some()).count();
+    let (mut m1, mut m1_sub, mut m2, mut m6) = (vec![], vec![], vec![], vec![]);
+    let (mut gap, mut ratios, mut sub_m, mut counts) = (0.0f64, vec![], n, (0, 0, 0));
     for r in 0..=repeats {
-        let (t1, out) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sensitivity(&m1_settings)?))?;
-        let (t4, _) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sensitivity(&four)?))?;
-        let (tc, by_central) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sensitivity(&central)?))?;
-        sync(device);
-        let t = Instant::now();
-        let out2 = inspect(Batch::new(x, y).with_attribute(a), r as u64).subspace(&m2_settings)?;
-        sync(device);
-        let t2 = t.elapsed().as_secs_f64();
+        let full = inspect(Batch::new(x, y), r as u64).sensitivity(&m1_settings)?;
+        let (t1, _) = timed(&|| Ok(measured(&inspect(Batch::new(x, y), r as u64).sensitivity(&m1_settings)?)))?;
+        let by_sub = inspect(Batch::new(x, y), r as u64 + 1000).sensitivity(&sub)?;
+        let (ts, _) = timed(&|| Ok(measured(&inspect(Batch::new(x, y), r as u64 + 1000).sensitivity(&sub)?)))?;
+        let (t2, l2) = timed(&|| Ok(inspect(Batch::new(x, y).with_attribute(a), r as u64).subspace(&m2_settings)?.iter().filter(|m| m.measured().is_some()).count()))?;
+        let (t6, l6) = timed(&|| Ok(inspect(Batch::new(x, y), r as u64).sample_isolation(&IsolationSettings::default())?.iter().filter(|m| m.measured().is_some()).count()))?;
         if r > 0 {
             m1.push(t1);
-            m1_four.push(t4);
-            m1_central.push(tc);
+            m1_sub.push(ts);
             m2.push(t2);
+            m6.push(t6);
         }
-        for (d, c) in out.iter().zip(&by_central) {
-            if let (Some(d), Some(c)) = (d.measured(), c.measured()) {
-                gap = gap.max((c.sensitivity - d.sensitivity).abs() / d.sensitivity.max(f64::MIN_POSITIVE));
+        let mut layer_ratios = vec![];
+        for (f, b) in full.iter().zip(&by_sub) {
+            if let (Some(f), Some(b)) = (f.measured(), b.measured()) {
+                sub_m = b.probe_samples.unwrap_or(n);
+                let se = (f.sensitivity_se.powi(2) + b.sensitivity_se.powi(2)).sqrt();
+                if se > 0.0 {
+                    gap = gap.max((b.sensitivity - f.sensitivity).abs() / se);
+                }
+                if f.sensitivity_se > 0.0 && b.sensitivity > 0.0 {
+                    layer_ratios.push((b.sensitivity_se / b.sensitivity).powi(2) / (f.sensitivity_se / f.sensitivity).powi(2));
+                }
             }
         }
-        m1_layers = out.iter().filter(|m| m.measured().is_some()).count();
-        m2_layers = out2.iter().filter(|m| m.measured().is_some()).count();
+        if !layer_ratios.is_empty() {
+            ratios.push(layer_ratios.iter().sum::<f64>() / layer_ratios.len() as f64);
+        }
+        counts = (measured(&full), l2, l6);
     }
-    Ok(Estimates { m1: median(m1), m1_four: median(m1_four), m1_central: median(m1_central), central_gap: gap, m2: median(m2), m1_layers, m2_layers, layers: layers.layers().len() })
+    let sub_variance_ratio = if ratios.is_empty() { f64::NAN } else { ratios.iter().sum::<f64>() / ratios.len() as f64 };
+    Ok(Estimates {
+        m1: median(m1),
+        m1_sub: median(m1_sub),
+        sub_m,
+        sub_gap_se: gap,
+        sub_variance_ratio,
+        m2: median(m2),
+        m6: median(m6),
+        m1_layers: counts.0,
+        m2_layers: counts.1,
+        m6_layers: counts.2,
+        layers: layers.layers().len(),
+    })
 }
 
 fn met(ok: bool) -> &'static str {
@@ -450,16 +538,17 @@ fn main() -> anyhow::Result<()> {
             println!("{before} {after}");
             return Ok(());
         }
-        let (secs, estimates, not_applied, share) = train(&s, device, args.steps, (args.mode == "guarded").then(|| guarded_settings(&args, args.steps)))?;
-        println!("{secs} {estimates} {not_applied} {share} {}", peak_rss_kib());
+        let (secs, estimates, not_applied, share, seen) = train(&s, device, args.steps, (args.mode == "guarded").then(|| guarded_settings(&args, args.steps)))?;
+        let (m, k) = seen.route.unwrap_or((0, 0));
+        println!("{secs} {estimates} {not_applied} {share} {} {} {m} {k}", peak_rss_kib(), seen.max_age_after_100);
         return Ok(());
     }
     let large_steps = args.large_steps.unwrap_or(if device == Device::Cpu { 20 } else { args.steps });
     println!(
-        "gradguard real_models on {device:?}, {} libtorch threads; no policy, Settings::default() (budget 5%) with K = {} and subspace_every_steps = {} in the guarded runs, age bound lifted to the run\n",
+        "gradguard real_models on {device:?}, {} libtorch threads; no policy, Settings::default() (budget 5%) with K = {} and M2/M6 cadences {} in the guarded runs, age bound lifted to the run\n",
         tch::get_num_threads(),
         args.probes,
-        args.subspace_every
+        args.subspace_every.map_or("default".to_string(), |e| format!("{e} steps"))
     );
     let mut rows = Vec::new();
     for model in args.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
@@ -480,35 +569,58 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let steps = if large { large_steps } else { args.steps };
-        let (plain_s, _, _, _, plain_rss) = child(model, "unguarded", steps, &args)?;
-        let (guard_s, estimates, not_applied, share, guard_rss) = child(model, "guarded", steps, &args)?;
-        let step = plain_s / steps as f64;
+        let plain = child(model, "unguarded", steps, &args)?;
+        let guarded = child(model, "guarded", steps, &args)?;
+        let step = plain.seconds / steps as f64;
         let e = time_estimates(&s, device, repeats)?;
-        let (m1, m2, n_layers) = (e.m1, e.m2, e.layers);
-        let per_1000 = estimates as f64 * 1000.0 / steps as f64;
+        let n_layers = e.layers;
+        let per_1000 = guarded.estimates as f64 * 1000.0 / steps as f64;
+        let wall = guarded.seconds / plain.seconds;
+        let rss = guarded.peak_rss_kib as f64 / plain.peak_rss_kib as f64;
+        let coupled = e.sub_m == s.batches[0].0.size()[0] as usize;
+        let age_target = if coupled { 200 } else { 100 };
+        let age = if steps > 100 { guarded.max_age_after_100.to_string() } else { "-".into() };
         println!("{model}: {} parameters, {n_layers} layers, {steps} steps", s.params());
-        println!("  wall time   guarded {guard_s:.2} s / unguarded {plain_s:.2} s = {:.3}  target <= 1.05: {}", guard_s / plain_s, met(guard_s / plain_s <= 1.05));
-        println!("  estimates   {estimates} in {steps} steps = {per_1000:.1} per 1,000 steps; guard share {share:.3}; {not_applied} steps not applied");
-        println!("  M1 (K=8)    {:.1} ms = {:.2} training steps (step {:.1} ms; {}/{n_layers} layers measured)  target <= 18: {}, goal <= 8: {}", m1 * 1e3, m1 / step, step * 1e3, e.m1_layers, met(m1 / step <= 18.0), met(m1 / step <= 8.0));
-        println!("  M1 (K=4)    {:.1} ms = {:.2} training steps", e.m1_four * 1e3, e.m1_four / step);
-        println!("  M1 central  {:.1} ms = {:.2} training steps, same probes; largest relative gap in S_l to the double backward {:.2e}", e.m1_central * 1e3, e.m1_central / step, e.central_gap);
-        println!("  M2          {:.1} ms = {:.2} training steps ({}/{n_layers} layers measured)", m2 * 1e3, m2 / step, e.m2_layers);
+        println!("  wall time   guarded {:.2} s / unguarded {:.2} s = {wall:.3}  target <= 1.05: {}", guarded.seconds, plain.seconds, met(wall <= 1.05));
+        println!("  estimates   {} in {steps} steps = {per_1000:.1} per 1,000 steps; guard share {:.3}; {} steps not applied", guarded.estimates, guarded.share, guarded.not_applied);
+        println!("  M1 age      largest after step 100: {age} steps  target <= {age_target}: {}; the guard's last M1 probed m = {} samples with K = {}", met(steps > 100 && guarded.max_age_after_100 <= age_target), guarded.route.0, guarded.route.1);
+        println!("  M1 (K=8)    full batch {:.1} ms = {:.2} training steps (step {:.1} ms; {}/{n_layers} layers measured)", e.m1 * 1e3, e.m1 / step, step * 1e3, e.m1_layers);
+        println!(
+            "  M1 sub      m = {} (K=8): {:.1} ms = {:.2} training steps; vs the full batch: largest gap {:.2} combined se (<= 3: {}), variance per probe {:.2}x{}",
+            e.sub_m,
+            e.m1_sub * 1e3,
+            e.m1_sub / step,
+            e.sub_gap_se,
+            met(e.sub_gap_se <= 3.0),
+            e.sub_variance_ratio,
+            if coupled { " (the samples interact: the full batch)" } else { "" }
+        );
+        println!("  M2          {:.1} ms = {:.2} training steps ({}/{n_layers} layers measured)", e.m2 * 1e3, e.m2 / step, e.m2_layers);
+        println!("  M6          {:.1} ms = {:.2} training steps ({}/{n_layers} layers measured)", e.m6 * 1e3, e.m6 / step, e.m6_layers);
         let (trained, with_m1) = m1_memory_of_child(model, &args)?;
         let columns = 2 * SubspaceSettings::default().samples_per_group as u64 * s.params() as u64 * 4;
         println!("  memory      M1 (K=8) alone adds {} MiB to the peak after 3 plain steps ({} -> {} MiB); M2 keeps 2m = {} per-sample gradients of {} MiB each, {} MiB", (with_m1.saturating_sub(trained)) / 1024, trained / 1024, with_m1 / 1024, 2 * SubspaceSettings::default().samples_per_group, s.params() * 4 / (1 << 20), columns / (1 << 20));
-        println!("  peak RSS    guarded {} MiB / unguarded {} MiB = {:.3}  target <= 1.25: {}\n", guard_rss / 1024, plain_rss / 1024, guard_rss as f64 / plain_rss as f64, met(guard_rss as f64 / plain_rss as f64 <= 1.25));
-        rows.push((model.to_string(), s.params(), steps, guard_s / plain_s, per_1000, (m1 / step, e.m1_four / step, e.m1_central / step), m2 / step, guard_rss as f64 / plain_rss as f64));
-    }
-    println!("| model | parameters | steps | guarded / unguarded (<= 1.05) | estimates / 1,000 steps | M1 (K=8) in steps (<= 18, goal <= 8) | M1 K=4 / central differences K=8, in steps | M2 in steps | peak RSS ratio (<= 1.25) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for (model, params, steps, ratio, per_1000, (m1, m1_four, m1_central), m2, rss) in rows {
-        println!(
-            "| {model} | {params} | {steps} | {ratio:.3} ({}) | {per_1000:.1} | {m1:.1} ({}{}) | {m1_four:.1} / {m1_central:.1} | {m2:.1} | {rss:.3} ({}) |",
-            met(ratio <= 1.05),
-            met(m1 <= 18.0),
-            if m1 <= 8.0 { ", goal met" } else { "" },
+        println!("  peak RSS    guarded {} MiB / unguarded {} MiB = {rss:.3}  target <= 1.25: {}\n", guarded.peak_rss_kib / 1024, plain.peak_rss_kib / 1024, met(rss <= 1.25));
+        rows.push(format!(
+            "| {model} | {} | {steps} | {wall:.3} ({}) | {per_1000:.1} | {age} ({}) | m = {}, K = {} | {:.1} | {:.1} ({:.2} se, {:.2}x var) | {:.1} | {:.1} | {rss:.3} ({}) |",
+            s.params(),
+            met(wall <= 1.05),
+            met(steps > 100 && guarded.max_age_after_100 <= age_target),
+            guarded.route.0,
+            guarded.route.1,
+            e.m1 / step,
+            e.m1_sub / step,
+            e.sub_gap_se,
+            e.sub_variance_ratio,
+            e.m2 / step,
+            e.m6 / step,
             met(rss <= 1.25)
-        );
+        ));
+    }
+    println!("| model | parameters | steps | guarded / unguarded (<= 1.05) | estimates / 1,000 steps | largest M1 age after step 100 (<= 100; 200 with batch norm) | guard's M1 route | M1 K=8 full batch, in steps | M1 K=8 on m = n/4, in steps (gap to full; variance per probe) | M2 in steps | M6 in steps | peak RSS ratio (<= 1.25) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
     }
     Ok(())
 }

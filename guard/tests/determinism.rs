@@ -8,8 +8,9 @@ fn run(seed: u64) -> Vec<Report> {
     let vs = nn::VarStore::new(Device::Cpu);
     let mlp = common::Mlp::new(&vs.root(), &[10, 12, 3]);
     let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    // Inline M2 (no worker), so that each report holds its own step's results.
-    let settings = Settings { seed, estimate_every: 1, background_estimates: false, ..common::unbudgeted() };
+    // Inline M2 (no worker), so that each report holds its own step's results; M1's route
+    // pinned (unset, the third estimate's route is chosen by measured time).
+    let settings = Settings { seed, estimate_every: 1, background_estimates: false, probe_samples: Some(10), ..common::unbudgeted() };
     let mut guard = common::guard(&vs, settings);
     let x = common::gaussian(40, 10, 1, Kind::Float);
     let y = Tensor::from_slice(&(0..40).map(|i| i % 3).collect::<Vec<i64>>());

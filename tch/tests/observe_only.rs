@@ -40,7 +40,7 @@ fn guarded_step(opt: &mut GuardedOptimizer, run: Run, loss: impl FnOnce() -> Ten
 
 /// Estimates M1 and M2 before every release, inline.
 fn estimate_every_step() -> Settings {
-    Settings { estimate_every: 1, budget_share: 1.0, background_estimates: false, probes: 4, ..Default::default() }
+    Settings { estimate_every: 1, budget_share: 1.0, background_estimates: false, probes: 4, subspace_every_steps: 0, isolation_every_steps: 0, ..Default::default() }
 }
 
 /// conv-bn-relu, then a residual block (conv-bn-relu-conv-bn, plus the input), pooled, linear.

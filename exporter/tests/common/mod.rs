@@ -9,7 +9,7 @@ pub const LAYERS: [&str; 2] = ["fc1", "fc2"];
 /// Two guarded steps of a 2-layer MLP on random data with a binary attribute, estimating at
 /// every step, inline (no worker: deterministic): real reports with M1, M2 and gradient statistics.
 pub fn real_reports() -> Vec<Report> {
-    let settings = Settings { estimate_every: 1, background_estimates: false, budget_share: 1.0, ..Default::default() };
+    let settings = Settings { estimate_every: 1, background_estimates: false, budget_share: 1.0, subspace_every_steps: 0, isolation_every_steps: 0, ..Default::default() };
     reports_under(Policy::permissive_with(settings).expect("valid settings"))
 }
 

@@ -82,14 +82,21 @@ pub struct Settings {
     /// probes' error (0: the point estimate; METRICS.md, M5, estimated as S_l is). Version 2.
     pub calibration_margin_se: f64,
     /// Steps M2's last result may age before an estimate measures M2 again (0: every estimate
-    /// measures it). M2 costs 2m per-sample backward passes, so measuring it less often buys
-    /// more M1 estimates within the budget; the report's M2 then carries the step it was
-    /// measured at. Ignored while a rule reads M2 (`subspace_separation`): such a policy
-    /// measures M2 at every estimate. Version 2.
+    /// measures it; default 500). M2 costs 2m per-sample backward passes, so measuring it less
+    /// often buys more M1 estimates within the budget; the report's M2 then carries the step it
+    /// was measured at. Ignored while a rule reads M2 (`subspace_separation`): such a policy
+    /// measures M2 at every estimate. A value other than the default needs version 2.
     pub subspace_every_steps: u64,
+    /// Steps M6's last measurement may age before an estimate measures M6 again (0: every
+    /// estimate; default 500). M6 costs n passes of one sample, or n backward passes of the
+    /// whole batch where the samples interact (batch norm), several M1 estimates' worth; the
+    /// report's M6 carries the step it was measured at. Ignored while a rule reads M6
+    /// (`exposed_fraction`, `isolated_share`): such a policy measures M6 at every estimate.
+    /// Version 2.
+    pub isolation_every_steps: u64,
     /// How M6 (sample isolation) is measured (`[settings.isolation]`: `tau`, the share at
-    /// which a unit isolates its dominant sample). M6 is measured at every estimate and by
-    /// `Guard::vet_parameters`.
+    /// which a unit isolates its dominant sample). M6 is measured at estimates (see
+    /// `isolation_every_steps`) and by `Guard::vet_parameters`.
     pub isolation: IsolationSettings,
     /// What `Guard::vet_parameters` checks beside the policy's M6 rules (`[settings.vetting]`).
     pub vetting: VettingSettings,
@@ -129,7 +136,8 @@ impl Default for Settings {
             dataset_size: None,
             ledger_cap_bits: None,
             calibration_margin_se: 0.0,
-            subspace_every_steps: 0,
+            subspace_every_steps: SECONDARY_EVERY_STEPS,
+            isolation_every_steps: SECONDARY_EVERY_STEPS,
             isolation: IsolationSettings::default(),
             vetting: VettingSettings::default(),
         }
@@ -287,7 +295,7 @@ impl Policy {
         let needs_v2 = |what: &str| format!("{what} needs `version = 2` (this file declares version 1)");
         if file.version < 2 {
             let s = &file.settings;
-            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some()), ("calibration_margin_se", s.calibration_margin_se != 0.0), ("subspace_every_steps", s.subspace_every_steps != 0), ("probe_samples", s.probe_samples.is_some())] {
+            for (field, set) in [("prior_variance", s.prior_variance.is_some()), ("dataset_size", s.dataset_size.is_some()), ("ledger_cap_bits", s.ledger_cap_bits.is_some()), ("calibration_margin_se", s.calibration_margin_se != 0.0), ("subspace_every_steps", s.subspace_every_steps != SECONDARY_EVERY_STEPS), ("isolation_every_steps", s.isolation_every_steps != SECONDARY_EVERY_STEPS), ("probe_samples", s.probe_samples.is_some())] {
                 if set {
                     return Err(invalid(format!("settings.{field}"), needs_v2(field)));
                 }
@@ -542,6 +550,11 @@ fn validate_settings(s: &Settings) -> Result<(), (&'static str, String)> {
     }
     Ok(())
 }
+
+/// The default cadence of M2 and M6 between estimates (`subspace_every_steps`,
+/// `isolation_every_steps`): M1 renews at every estimate, these two, each costing several M1
+/// estimates, at most once per this many steps unless a rule reads them.
+const SECONDARY_EVERY_STEPS: u64 = 500;
 
 /// The text of the permissive policy (no settings, no rules).
 const PERMISSIVE: &str = "version = 1\n";

@@ -9,8 +9,14 @@ pub fn guard(vs: &nn::VarStore, settings: Settings) -> Guard {
 }
 
 /// The settings these tests measure with: every estimate the schedule allows, whatever it
-/// costs (the default budget is 5% of wall time, which makes estimates timing-dependent).
+/// costs (the default budget is 5% of wall time, which makes estimates timing-dependent), and
+/// M2 and M6 at every estimate (by default they run on cadences of their own).
 pub fn unbudgeted() -> Settings {
+    Settings { subspace_every_steps: 0, isolation_every_steps: 0, ..unbudgeted_with_cadences() }
+}
+
+/// [`unbudgeted`] with M2's and M6's default cadences.
+pub fn unbudgeted_with_cadences() -> Settings {
     Settings { budget_share: 1.0, ..Default::default() }
 }
 

@@ -3,6 +3,7 @@
 use crate::decide::policy::Policy;
 use crate::decide::protection::{Protection, ReleaseProbe};
 use crate::decide::schedule::Scheduler;
+use super::probe_route::ProbeRoute;
 use crate::decide::worker::Worker;
 use crate::error::{GuardError, Result};
 use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LayerFisher, LayerMap, LossFn, ReleaseSensitivity, StepGraph};
@@ -20,6 +21,10 @@ pub(super) struct Estimates {
     /// M2 results, written by the estimator's worker.
     pub(super) latent: Arc<Mutex<Option<LatentTable>>>,
     pub(super) estimate_step: Option<u64>,
+    /// The step of the last M6 measured at an estimate or a vetting.
+    pub(super) isolation_step: Option<u64>,
+    /// M1's route when the policy leaves `probe_samples` unset, calibrated on the model.
+    pub(super) probe_route: ProbeRoute,
     pub(super) estimate_seconds: Option<f64>,
     pub(super) scheduler: Scheduler,
     /// M2's linear algebra in the background; None when estimates run inline.
@@ -76,11 +81,13 @@ impl Estimates {
         }
         // M1 and M5 of the release are measured on the kept JVPs (no extra backward pass).
         let keep = protection.needs_jvps();
-        // M2 inline when forced (the decision needs this estimate), before the first result,
-        // or when the worker's last result (one estimate behind) could outlive the age bound
-        // before the next estimate lands.
+        // M2 inline when forced (the decision needs this estimate), or, while a rule reads M2,
+        // before the first result or when the worker's last result (one estimate behind) could
+        // outlive the age bound before the next estimate lands. Read by no rule, M2 is a report
+        // on its own cadence: its linear algebra stays off the training thread.
         let latent_age = self.latent.lock().as_ref().map(|t| step.saturating_sub(t.step));
-        let inline = forced || latent_age.is_none_or(|a| a.saturating_mul(2) > settings.max_estimate_age_steps);
+        let read = policy.rules().iter().any(|r| r.metric == LeakageMetric::SubspaceSeparation);
+        let inline = forced || (read && latent_age.is_none_or(|a| a.saturating_mul(2) > settings.max_estimate_age_steps));
         let started = self.scheduler.now();
         let measured = self.measure(layers, protection, Look { batch, loss_fn, step }, keep, inline);
         self.scheduler.record_estimate(self.scheduler.now() - started, !forced && !in_budget);
@@ -131,9 +138,12 @@ impl Estimates {
             // The training step's own forward and backward of this batch (Guard::train_step).
             look = look.with_graph(graph);
         }
+        let n = batch.validate()?;
+        let m1_settings = self.probe_route.settings(settings.sensitivity(), n);
+        let m1_started = self.scheduler.now();
         let mut kept = None;
         if keep_jvps {
-            match look.jvp_samples(&settings.sensitivity()) {
+            match look.jvp_samples(&m1_settings) {
                 Ok(samples) => {
                     self.sensitivity = samples.sensitivity(layers)?;
                     kept = Some(samples);
@@ -144,14 +154,19 @@ impl Estimates {
                 Err(e) => return Err(e),
             }
         } else {
-            self.sensitivity = look.sensitivity(&settings.sensitivity())?;
+            self.sensitivity = look.sensitivity(&m1_settings)?;
         }
-        if self.subspace_due(protection.policy(), step) {
+        self.probe_route.observe(&settings.sensitivity(), n, &self.sensitivity, self.scheduler.now() - m1_started);
+        let due = self.secondary_due(protection.policy(), step);
+        if due.subspace {
             self.measure_subspace(layers.len(), protection, &look, step, inline)?;
         }
-        // M6 on the release's batch: n passes of one sample (of the whole batch where the
-        // samples interact), whatever the rules read (METRICS.md: measured at estimates).
-        self.isolation = look.sample_isolation(&settings.isolation)?;
+        if due.isolation {
+            // M6 on the release's batch: n passes of one sample (of the whole batch where the
+            // samples interact).
+            self.isolation = look.sample_isolation(&settings.isolation)?;
+            self.isolation_step = Some(step);
+        }
         self.estimate_step = Some(step);
         self.estimate_seconds = Some(started.elapsed().as_secs_f64());
         Ok(kept)
@@ -185,14 +200,35 @@ impl Estimates {
         Ok(())
     }
 
-    /// Whether this estimate measures M2: always while a rule reads it, else when its last
-    /// result is at least `subspace_every_steps` old (or there is none).
-    fn subspace_due(&self, policy: &Policy, step: u64) -> bool {
-        let every = policy.settings().subspace_every_steps;
-        let read_by_a_rule = policy.rules().iter().any(|r| r.metric == LeakageMetric::SubspaceSeparation);
-        let last = self.latent.lock().as_ref().map(|t| t.step);
-        read_by_a_rule || every == 0 || last.is_none_or(|last| step.saturating_sub(last) >= every)
+    /// Which of M2 and M6 this estimate measures beside M1. One a rule reads, or whose cadence
+    /// is 0: at every estimate. Otherwise each on its own cadence (`subspace_every_steps`,
+    /// `isolation_every_steps`), and at most one of the two per estimate, the one measured
+    /// longer ago, none at the first estimate: each costs several M1 estimates, and an estimate
+    /// that ran all three at once would stall the training step that much (METRICS.md keeps
+    /// M1 the metric renewed most often).
+    fn secondary_due(&self, policy: &Policy, step: u64) -> SecondaryDue {
+        let settings = policy.settings();
+        let reads = |metrics: &[LeakageMetric]| policy.rules().iter().any(|r| metrics.contains(&r.metric));
+        let subspace_read = reads(&[LeakageMetric::SubspaceSeparation]);
+        let isolation_read = reads(&[LeakageMetric::ExposedFraction, LeakageMetric::IsolatedShare]);
+        let subspace_last = self.latent.lock().as_ref().map(|t| t.step);
+        let first = self.estimate_step.is_none();
+        let on_cadence = |last: Option<u64>, every: u64| !first && last.is_none_or(|last| step.saturating_sub(last) >= every);
+        let subspace = on_cadence(subspace_last, settings.subspace_every_steps);
+        let isolation = on_cadence(self.isolation_step, settings.isolation_every_steps);
+        // Both on cadence: the one measured longer ago (never measured counts as oldest).
+        let isolation_first = self.isolation_step.map_or(0, |s| s + 1) < subspace_last.map_or(0, |s| s + 1);
+        SecondaryDue {
+            subspace: subspace_read || settings.subspace_every_steps == 0 || (subspace && !(isolation && isolation_first)),
+            isolation: isolation_read || settings.isolation_every_steps == 0 || (isolation && (isolation_first || !subspace)),
+        }
     }
+}
+
+/// Which of M2 and M6 an estimate measures beside M1.
+struct SecondaryDue {
+    subspace: bool,
+    isolation: bool,
 }
 
 /// What the estimators look at: the batch, its loss and the step.

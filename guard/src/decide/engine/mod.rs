@@ -24,6 +24,7 @@ mod apply;
 mod decide;
 mod estimate;
 mod hold;
+mod probe_route;
 mod record;
 mod vet;
 
@@ -31,6 +32,7 @@ use apply::{Apply, Written};
 use decide::Decide;
 use estimate::{Estimate, Estimates, Look};
 use hold::Hold;
+use probe_route::ProbeRoute;
 use record::Record;
 
 /// Called with every report, on the fan-out worker thread (an exporter, a log).
@@ -69,6 +71,8 @@ impl Guard {
                 isolation: (0..l).map(|_| Metric::absent("not estimated yet")).collect(),
                 latent: Arc::new(Mutex::new(None)),
                 estimate_step: None,
+                isolation_step: None,
+                probe_route: ProbeRoute::Uncalibrated,
                 estimate_seconds: None,
                 scheduler: Scheduler::new(settings.budget_share, Box::new(SystemClock::default())),
                 worker: estimator,

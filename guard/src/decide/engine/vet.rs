@@ -106,6 +106,7 @@ impl Guard {
         }
         let attacks = analytic_attacks(&look)?;
         self.estimates.isolation = isolation.clone();
+        self.estimates.isolation_step = Some(self.step);
         // Parameters set from outside: the estimates of the old ones no longer describe them.
         self.estimates.estimate_step = None;
         Ok(Vetting {
