@@ -243,7 +243,9 @@ impl Setup {
     fn optimizer(&self) -> anyhow::Result<nn::Optimizer> {
         Ok(match self.net {
             Net::Text(_) => nn::Adam::default().build(&self.vs, 1e-3)?,
-            _ => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&self.vs, 0.05)?,
+            Net::Image(_) => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&self.vs, 0.05)?,
+            // Without batch norm, 0.05 diverges within a few steps on these images.
+            Net::Cnn(_) | Net::Mlp(_) => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&self.vs, 0.005)?,
         })
     }
 
@@ -298,7 +300,18 @@ fn train(s: &Setup, device: Device, steps: usize, guard: Option<Settings>) -> an
                         seen.route = Some((m1.probe_samples.unwrap_or(m1.n), m1.probes.unwrap_or(0)));
                     }
                 }
-                _ => not_applied += 1,
+                Ok(r) => {
+                    if not_applied == 0 {
+                        eprintln!("step {step}: not applied: {:?}", r.block_reason());
+                    }
+                    not_applied += 1;
+                }
+                Err(e) => {
+                    if not_applied == 0 {
+                        eprintln!("step {step}: {e}");
+                    }
+                    not_applied += 1;
+                }
             }
         }
     } else {

@@ -6,6 +6,10 @@
 //! only when the policy's age bound requires it, over budget and counted.
 use std::time::{Duration, Instant};
 
+/// The part of the budget M2 and M6 together may take at estimates when no rule reads them; M1,
+/// the metric renewed most often, keeps the rest.
+pub(crate) const SECONDARY_SHARE: f64 = 1.0 / 3.0;
+
 /// A monotonic clock; tests drive a synthetic one.
 // Public with the `testing` feature (decide::Clock), private without it.
 #[allow(unreachable_pub)]
@@ -42,7 +46,9 @@ pub(crate) struct Scheduler {
     guard: f64,
     /// Wall time in estimates.
     estimating: f64,
-    /// Cost of the last estimate, the guess for the next one.
+    /// Wall time in the estimates' M2 and M6 (part of `estimating`).
+    secondary: f64,
+    /// Cost of the last estimate short of its M2 and M6, the guess for the next one.
     estimate_cost: Option<f64>,
     /// Estimates run over budget to keep an estimate from going stale.
     over_budget: u64,
@@ -50,7 +56,7 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub(crate) fn new(share: f64, clock: Box<dyn Clock>) -> Self {
-        Self { share, clock, left_at: None, entered_at: None, training: 0.0, guard: 0.0, estimating: 0.0, estimate_cost: None, over_budget: 0 }
+        Self { share, clock, left_at: None, entered_at: None, training: 0.0, guard: 0.0, estimating: 0.0, secondary: 0.0, estimate_cost: None, over_budget: 0 }
     }
 
     pub(crate) fn set_share(&mut self, share: f64) {
@@ -80,11 +86,22 @@ impl Scheduler {
         self.clock.now().as_secs_f64()
     }
 
-    /// An estimate took `seconds`; `over_budget` when it ran only to keep an estimate fresh.
-    pub(crate) fn record_estimate(&mut self, seconds: f64, over_budget: bool) {
-        self.estimate_cost = Some(seconds);
+    /// An estimate took `seconds`, `secondary` of them in M2 and M6; `over_budget` when it ran
+    /// only to keep an estimate fresh.
+    pub(crate) fn record_estimate(&mut self, seconds: f64, secondary: f64, over_budget: bool) {
+        self.estimate_cost = Some((seconds - secondary).max(0.0));
         self.estimating += seconds;
+        self.secondary += secondary;
         self.over_budget += over_budget as u64;
+    }
+
+    /// Whether M2 or M6, expected to take `cost` (None: never measured), fits their part of the
+    /// budget, [`SECONDARY_SHARE`] of it: each costs several M1 estimates, and what they take
+    /// the next M1 estimates wait for. A budget of the whole wall time (1) bounds nothing.
+    pub(crate) fn secondary_fits(&self, cost: Option<f64>) -> bool {
+        let Some(cost) = cost.filter(|_| self.share < 1.0) else { return true };
+        let total = self.guard_so_far() + self.training + cost;
+        self.secondary + cost <= SECONDARY_SHARE * self.share * total
     }
 
     /// Whether one more estimate keeps the guard's share of wall time within the budget.
@@ -158,7 +175,7 @@ mod tests {
             clock.advance(1); // the guard's per-step work: 2.5% of wall time
             if scheduler.within_budget() {
                 clock.advance(80); // one estimate: 2 training steps' worth
-                scheduler.record_estimate(0.080, false);
+                scheduler.record_estimate(0.080, 0.0, false);
                 estimates += 1;
             }
             scheduler.leave();
@@ -180,12 +197,40 @@ mod tests {
             clock.advance(1);
             if scheduler.within_budget() {
                 clock.advance(40);
-                scheduler.record_estimate(0.040, false);
+                scheduler.record_estimate(0.040, 0.0, false);
                 estimates += 1;
             }
             scheduler.leave();
             clock.advance(10);
         }
         assert_eq!(estimates, 1, "per-step work over budget leaves no room for estimates");
+    }
+
+    #[test]
+    fn m2_and_m6_take_at_most_their_part_of_the_budget() {
+        let clock = ManualClock::default();
+        let mut scheduler = Scheduler::new(0.05, Box::new(clock.clone()));
+        let (mut m1, mut secondary) = (0, 0);
+        for _ in 0..20_000 {
+            scheduler.enter();
+            if scheduler.within_budget() {
+                clock.advance(40); // M1: 4 training steps
+                let mut extra = 0;
+                if scheduler.secondary_fits(Some(0.300)) {
+                    clock.advance(300); // M2 or M6: 30 training steps
+                    extra = 300;
+                    secondary += 1;
+                }
+                scheduler.record_estimate((40 + extra) as f64 / 1e3, extra as f64 / 1e3, false);
+                m1 += 1;
+            }
+            scheduler.leave();
+            clock.advance(10);
+        }
+        let total = 20_000.0 * 10.0 + m1 as f64 * 40.0 + secondary as f64 * 300.0;
+        let secondary_share = secondary as f64 * 300.0 / total;
+        assert!(secondary_share <= 0.05 / 3.0 + 1e-3 && secondary_share > 0.05 / 3.0 - 3e-3, "M2/M6 took {secondary_share:.4}");
+        // M1 gets the rest: (0.05 - 0.0167) x 200 s / 40 ms, about 166 estimates, one every 120 steps.
+        assert!(m1 > 150, "{m1} M1 estimates");
     }
 }

@@ -25,6 +25,8 @@ pub(super) struct Estimates {
     pub(super) isolation_step: Option<u64>,
     /// M1's route when the policy leaves `probe_samples` unset, calibrated on the model.
     pub(super) probe_route: ProbeRoute,
+    /// The last M2 and M6 measurements' times at an estimate (seconds), the guesses for the next.
+    pub(super) secondary_costs: SecondaryCosts,
     pub(super) estimate_seconds: Option<f64>,
     pub(super) scheduler: Scheduler,
     /// M2's linear algebra in the background; None when estimates run inline.
@@ -90,7 +92,8 @@ impl Estimates {
         let inline = forced || (read && latent_age.is_none_or(|a| a.saturating_mul(2) > settings.max_estimate_age_steps));
         let started = self.scheduler.now();
         let measured = self.measure(layers, protection, Look { batch, loss_fn, step }, keep, inline);
-        self.scheduler.record_estimate(self.scheduler.now() - started, !forced && !in_budget);
+        let secondary = self.secondary_costs.this_estimate;
+        self.scheduler.record_estimate(self.scheduler.now() - started, secondary, !forced && !in_budget);
         let jvps = match measured {
             Ok(kept) => kept,
             Err(e) if has_rules => return Ok(Estimate::Failed { what: format!("the estimate failed: {e}"), estimated: true }),
@@ -158,14 +161,19 @@ impl Estimates {
         }
         self.probe_route.observe(&settings.sensitivity(), n, &self.sensitivity, self.scheduler.now() - m1_started);
         let due = self.secondary_due(protection.policy(), step);
+        self.secondary_costs.this_estimate = 0.0;
         if due.subspace {
+            let started = self.scheduler.now();
             self.measure_subspace(layers.len(), protection, &look, step, inline)?;
+            self.secondary_costs.subspace = Some(self.secondary_costs.add(self.scheduler.now() - started));
         }
         if due.isolation {
             // M6 on the release's batch: n passes of one sample (of the whole batch where the
             // samples interact).
+            let started = self.scheduler.now();
             self.isolation = look.sample_isolation(&settings.isolation)?;
             self.isolation_step = Some(step);
+            self.secondary_costs.isolation = Some(self.secondary_costs.add(self.scheduler.now() - started));
         }
         self.estimate_step = Some(step);
         self.estimate_seconds = Some(started.elapsed().as_secs_f64());
@@ -202,7 +210,8 @@ impl Estimates {
 
     /// Which of M2 and M6 this estimate measures beside M1. One a rule reads, or whose cadence
     /// is 0: at every estimate. Otherwise each on its own cadence (`subspace_every_steps`,
-    /// `isolation_every_steps`), and at most one of the two per estimate, the one measured
+    /// `isolation_every_steps`) where its last cost fits their part of the budget
+    /// (`Scheduler::secondary_fits`), and at most one of the two per estimate, the one measured
     /// longer ago, none at the first estimate: each costs several M1 estimates, and an estimate
     /// that ran all three at once would stall the training step that much (METRICS.md keeps
     /// M1 the metric renewed most often).
@@ -213,15 +222,33 @@ impl Estimates {
         let isolation_read = reads(&[LeakageMetric::ExposedFraction, LeakageMetric::IsolatedShare]);
         let subspace_last = self.latent.lock().as_ref().map(|t| t.step);
         let first = self.estimate_step.is_none();
-        let on_cadence = |last: Option<u64>, every: u64| !first && last.is_none_or(|last| step.saturating_sub(last) >= every);
-        let subspace = on_cadence(subspace_last, settings.subspace_every_steps);
-        let isolation = on_cadence(self.isolation_step, settings.isolation_every_steps);
+        let on_cadence = |last: Option<u64>, every: u64, cost: Option<f64>| !first && last.is_none_or(|last| step.saturating_sub(last) >= every) && self.scheduler.secondary_fits(cost);
+        let costs = &self.secondary_costs;
+        let subspace = on_cadence(subspace_last, settings.subspace_every_steps, costs.subspace);
+        let isolation = on_cadence(self.isolation_step, settings.isolation_every_steps, costs.isolation);
         // Both on cadence: the one measured longer ago (never measured counts as oldest).
         let isolation_first = self.isolation_step.map_or(0, |s| s + 1) < subspace_last.map_or(0, |s| s + 1);
         SecondaryDue {
             subspace: subspace_read || settings.subspace_every_steps == 0 || (subspace && !(isolation && isolation_first)),
             isolation: isolation_read || settings.isolation_every_steps == 0 || (isolation && (isolation_first || !subspace)),
         }
+    }
+}
+
+/// What M2 and M6 cost at estimates.
+#[derive(Default)]
+pub(super) struct SecondaryCosts {
+    subspace: Option<f64>,
+    isolation: Option<f64>,
+    /// Seconds in M2 and M6 at the estimate in progress.
+    this_estimate: f64,
+}
+
+impl SecondaryCosts {
+    /// Counts `seconds` to the estimate in progress; returns them.
+    fn add(&mut self, seconds: f64) -> f64 {
+        self.this_estimate += seconds;
+        seconds
     }
 }
 

@@ -73,6 +73,7 @@ impl Guard {
                 estimate_step: None,
                 isolation_step: None,
                 probe_route: ProbeRoute::Uncalibrated,
+                secondary_costs: Default::default(),
                 estimate_seconds: None,
                 scheduler: Scheduler::new(settings.budget_share, Box::new(SystemClock::default())),
                 worker: estimator,
