@@ -41,15 +41,9 @@ pub(crate) fn check_tensor(grad: &Tensor, what: &dyn Fn() -> String) -> Result<K
     Ok(kind)
 }
 
-/// Number of entries of `t` that are NaN or infinite, as a 0-dim i64 tensor on `t`'s device
-/// (no host synchronisation).
-pub(crate) fn non_finite_count(t: &Tensor) -> Result<Tensor> {
-    Ok(t.f_isfinite()?.f_logical_not()?.f_sum(Kind::Int64)?)
-}
-
 /// Number of entries of `t` that are NaN or infinite (one host synchronisation).
 pub(crate) fn count_non_finite(t: &Tensor) -> Result<i64> {
-    Ok(non_finite_count(t)?.f_int64_value(&[])?)
+    Ok(t.f_isfinite()?.f_logical_not()?.f_sum(Kind::Int64)?.f_int64_value(&[])?)
 }
 
 /// Number of entries, as i64 (libtorch's own count type), without panicking.

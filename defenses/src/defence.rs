@@ -176,7 +176,8 @@ impl Defence {
     }
 
     /// [`Defence::apply`] without validation and without reading anything back: the input's
-    /// finiteness (when `check_input`) and the output's are recorded in `checks`.
+    /// finiteness (when `check_input`) and the output's are recorded in `checks`. An empty
+    /// gradient has nothing to check.
     fn apply_unchecked(&self, grad: &Tensor, seed: u64, check_input: bool, checks: &mut FiniteChecks) -> Result<Option<Tensor>> {
         if *self == Defence::Withhold {
             return Ok(None);
@@ -184,23 +185,40 @@ impl Defence {
         let what = || self.to_string();
         let kind = check_tensor(grad, &what)?;
         let grad = grad.f_detach()?;
-        if check_input {
-            checks.input(&grad, what())?;
-        }
         if numel(&grad) == 0 {
             return Ok(Some(deep_copy(&grad)?));
         }
-        let out = match *self {
+        // Each defence's output, and a scalar that is not finite when an input entry is not (a
+        // norm or a max the defence computes anyway; None: the input's sum is taken). Only
+        // noise can make a finite input's output non-finite (its std may overflow the dtype):
+        // clip scales by at most 1, sparsify selects entries, and quantize's levels lie in
+        // [-m, m] with m = max|g| an entry of the input's dtype, so their outputs are finite
+        // whenever their input is, and are not checked again.
+        let (out, input_scalar, check_output) = match *self {
             Defence::Withhold => return Ok(None),
-            Defence::Clip { max_norm } => clip(&grad, max_norm)?,
+            Defence::Clip { max_norm } => {
+                let (out, norm) = clip(&grad, max_norm)?;
+                (out, Some(norm), false)
+            }
             Defence::Noise {
                 clip_norm,
                 multiplier,
-            } => clip_and_noise(&grad, kind, clip_norm, multiplier, seed)?,
-            Defence::Sparsify { keep_fraction } => sparsify(&grad, keep_fraction)?,
-            Defence::Quantize { bits } => quantize(&grad, kind, bits)?,
+            } => {
+                let (out, norm) = clip_and_noise(&grad, kind, clip_norm, multiplier, seed)?;
+                (out, Some(norm), true)
+            }
+            Defence::Sparsify { keep_fraction } => (sparsify(&grad, keep_fraction)?, None, false),
+            Defence::Quantize { bits } => {
+                let (out, m) = quantize(&grad, kind, bits)?;
+                (out, Some(m), false)
+            }
         };
-        checks.output(&out, what())?;
+        if check_input {
+            checks.push(&grad, input_scalar, what(), false)?;
+        }
+        if check_output {
+            checks.push(&out, None, what(), true)?;
+        }
         Ok(Some(out))
     }
 }
@@ -264,7 +282,7 @@ pub fn apply_all_deferred(defences: &[Defence], grad: &Tensor, seed: u64, checks
         let what = || "an empty defence chain".to_string();
         check_tensor(grad, &what)?;
         let copy = deep_copy(grad)?;
-        checks.input(&copy, what())?;
+        checks.push(&copy, None, what(), false)?;
         return Ok(Some(copy));
     }
     let mut current: Option<Tensor> = None;

@@ -1,21 +1,25 @@
 //! Finiteness checks kept on the device and read once. Every defence refuses a non-finite
 //! input and never returns a non-finite output; checking each with a host read would make a
-//! release of L layers wait for the device 2L or more times. [`FiniteChecks`] keeps each
-//! check's count of non-finite entries as a device tensor and reads them all in one transfer
-//! per device ([`FiniteChecks::verify`]), which fails with the first failing check's typed
-//! error, naming its defence (and the context the caller set, e.g. the layer).
+//! release of L layers wait for the device 2L or more times. [`FiniteChecks`] keeps, per
+//! check, one scalar on the tensor's device that is non-finite whenever an entry is (its sum,
+//! or a norm the defence computed anyway: a NaN or an infinity propagates into both), and
+//! reads them all in one transfer per device ([`FiniteChecks::verify`]). A sum or norm can
+//! also overflow on finite entries, so a non-finite scalar is confirmed by counting the
+//! entries (one more read, on that rare path only) before it fails, with the first failing
+//! check's typed error naming its defence (and the context the caller set, e.g. the layer).
 use tch::{Device, Kind, Tensor};
 
-use crate::checks::{non_finite_count, numel};
+use crate::checks::{count_non_finite, numel};
 use crate::error::{DefenceError, Result};
 
-/// One pending check: what it is about, and its count on the tensor's device.
+/// One pending check: what it is about, the tensor, and its scalar on the tensor's device.
 struct Pending {
     what: String,
     /// An output check (`NonFiniteOutput`) rather than an input check (`NonFinite`).
     output: bool,
-    numel: i64,
-    count: Tensor,
+    tensor: Tensor,
+    /// Finite when every entry of `tensor` is (f64, 0-dim).
+    scalar: Tensor,
 }
 
 /// The finiteness checks of one or more defence applications, not yet read (see the module
@@ -49,52 +53,57 @@ impl FiniteChecks {
         self.pending.is_empty()
     }
 
-    fn push(&mut self, t: &Tensor, what: String, output: bool) -> Result<()> {
+    /// Records that `t` must be finite, with `scalar` (None: `t`'s sum is taken) a 0-dim
+    /// tensor on `t`'s device that is NaN or infinite when an entry of `t` is.
+    pub(crate) fn push(&mut self, t: &Tensor, scalar: Option<Tensor>, what: String, output: bool) -> Result<()> {
         let what = match &self.context {
             Some(context) => format!("{context}: {what}"),
             None => what,
         };
-        let count = non_finite_count(t)?;
-        self.pending.push(Pending { what, output, numel: numel(t), count });
+        let scalar = match scalar {
+            Some(s) => s,
+            // One pass, accumulated in f32 at least (an f16 sum of many entries overflows).
+            None => match t.f_kind()? {
+                Kind::Double => t.f_sum(Kind::Double)?,
+                _ => t.f_sum(Kind::Float)?,
+            },
+        };
+        let scalar = scalar.f_to_kind(Kind::Double)?;
+        self.pending.push(Pending { what, output, tensor: t.shallow_clone(), scalar });
         Ok(())
     }
 
-    /// Records that `t`, a defence's input, must be finite.
-    pub(crate) fn input(&mut self, t: &Tensor, what: String) -> Result<()> {
-        self.push(t, what, false)
-    }
-
-    /// Records that `t`, a defence's output, must be finite.
-    pub(crate) fn output(&mut self, t: &Tensor, what: String) -> Result<()> {
-        self.push(t, what, true)
-    }
-
-    /// Reads every count (one transfer per device the checked tensors live on) and fails with
-    /// the first check, in the order recorded, that found a NaN or infinite entry:
-    /// [`DefenceError::NonFinite`] for an input, [`DefenceError::NonFiniteOutput`] for an
-    /// output.
+    /// Reads every check's scalar (one transfer per device the checked tensors live on) and
+    /// fails with the first check, in the order recorded, whose tensor holds a NaN or infinite
+    /// entry: [`DefenceError::NonFinite`] for an input, [`DefenceError::NonFiniteOutput`] for
+    /// an output.
     pub fn verify(self) -> Result<()> {
-        let mut counts = vec![0i64; self.pending.len()];
+        let mut scalars = vec![0.0f64; self.pending.len()];
         let mut devices: Vec<Device> = Vec::new();
         for p in &self.pending {
-            let d = p.count.device();
+            let d = p.scalar.device();
             if !devices.contains(&d) {
                 devices.push(d);
             }
         }
         for device in devices {
-            let at: Vec<usize> = (0..self.pending.len()).filter(|&i| self.pending[i].count.device() == device).collect();
-            let stacked = Tensor::f_stack(&at.iter().map(|&i| self.pending[i].count.shallow_clone()).collect::<Vec<_>>(), 0)?
-                .f_to_device(Device::Cpu)?
-                .f_to_kind(Kind::Int64)?;
-            let read = Vec::<i64>::try_from(&stacked)?;
-            for (&i, c) in at.iter().zip(read) {
-                counts[i] = c;
+            let at: Vec<usize> = (0..self.pending.len()).filter(|&i| self.pending[i].scalar.device() == device).collect();
+            let stacked = Tensor::f_stack(&at.iter().map(|&i| self.pending[i].scalar.shallow_clone()).collect::<Vec<_>>(), 0)?.f_to_device(Device::Cpu)?;
+            for (&i, v) in at.iter().zip(Vec::<f64>::try_from(&stacked)?) {
+                scalars[i] = v;
             }
         }
-        let Some(i) = counts.iter().position(|&c| c > 0) else { return Ok(()) };
-        let p = &self.pending[i];
-        let (what, count, numel) = (p.what.clone(), counts[i], p.numel);
-        Err(if p.output { DefenceError::NonFiniteOutput { what, count, numel } } else { DefenceError::NonFinite { what, count, numel } })
+        for (p, v) in self.pending.iter().zip(scalars) {
+            if v.is_finite() {
+                continue;
+            }
+            // The scalar overflowed or an entry is not finite: count to tell which.
+            let count = count_non_finite(&p.tensor)?;
+            if count > 0 {
+                let (what, numel) = (p.what.clone(), numel(&p.tensor));
+                return Err(if p.output { DefenceError::NonFiniteOutput { what, count, numel } } else { DefenceError::NonFinite { what, count, numel } });
+            }
+        }
+        Ok(())
     }
 }

@@ -55,4 +55,5 @@ mod sparsify;
 pub use accumulate::GradientAccumulator;
 pub use defence::{apply_all, apply_all_deferred, derive_seed, Defence};
 pub use finite::FiniteChecks;
+pub use noise::{draw_noise, NoiseSource};
 pub use error::{DefenceError, Result};

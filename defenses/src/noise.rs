@@ -32,25 +32,52 @@ use crate::clip::clip;
 use crate::device_rng::device_normal;
 use crate::error::Result;
 
-/// Clips `grad` to `clip_norm`, then adds i.i.d. N(0, (multiplier * clip_norm)^2) noise.
-/// Parameters are validated by the caller; a std that overflows the dtype shows up as a
-/// non-finite output, which the caller refuses. Nothing is read back from the device.
-pub(crate) fn clip_and_noise(grad: &Tensor, kind: Kind, clip_norm: f64, multiplier: f64, seed: u64) -> Result<Tensor> {
-    let clipped = clip(grad, clip_norm)?;
+/// Clips `grad` to `clip_norm`, then adds i.i.d. N(0, (multiplier * clip_norm)^2) noise;
+/// returns the release and the clip's norm (see [`clip`]). Parameters are validated by the
+/// caller; a std that overflows the dtype shows up as a non-finite output, which the caller
+/// refuses. Nothing is read back from the device.
+pub(crate) fn clip_and_noise(grad: &Tensor, kind: Kind, clip_norm: f64, multiplier: f64, seed: u64) -> Result<(Tensor, Tensor)> {
+    let (clipped, norm) = clip(grad, clip_norm)?;
     let std = multiplier * clip_norm;
     if std == 0.0 {
-        return Ok(clipped);
+        return Ok((clipped, norm));
     }
-    let noise = noise_like(grad, std, kind, seed)?.f_to_kind(kind)?;
-    Ok(clipped.f_add(&noise)?)
+    let noise = draw_noise(grad, std, seed, NoiseSource::of(grad.device()))?.f_to_kind(kind)?;
+    Ok((clipped.f_add(&noise)?, norm))
 }
 
-/// N(0, std^2) noise with `grad`'s shape on `grad`'s device (f64 for an f64 gradient, f32
-/// otherwise), drawn where `grad` lives: see the module docs.
-pub(crate) fn noise_like(grad: &Tensor, std: f64, kind: Kind, seed: u64) -> Result<Tensor> {
-    match grad.device() {
-        Device::Cpu => Ok(host_noise(numel(grad), std, kind, seed)?.f_reshape(grad.size())?),
-        _ => device_normal(grad, std, kind, seed),
+/// Which generator draws a noise defence's samples (see [`Defence::Noise`](crate::Defence)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoiseSource {
+    /// ChaCha8 on the host, keyed by the whole 64-bit seed; copied to the gradient's device
+    /// when that is not the host. What a CPU gradient gets.
+    Host,
+    /// libtorch's generator of the gradient's device (CUDA: Philox), a private clone seeded
+    /// with the seed: drawn on the device. What any other gradient gets.
+    Device,
+}
+
+impl NoiseSource {
+    /// The source a noise defence uses for a gradient on `device`.
+    pub fn of(device: Device) -> Self {
+        if device == Device::Cpu {
+            NoiseSource::Host
+        } else {
+            NoiseSource::Device
+        }
+    }
+}
+
+/// The N(0, std^2) samples a noise defence with this `std` and `seed` adds to a gradient shaped
+/// like `like` when it draws from `source` (`NoiseSource::of(like.device())` is what it does):
+/// on `like`'s device, in f64 for an f64 `like` and f32 otherwise. For audits that regenerate a
+/// release's noise from its key, and for measuring the sources side by side; `std` must be
+/// finite and >= 0 (a defence validates it before drawing).
+pub fn draw_noise(like: &Tensor, std: f64, seed: u64, source: NoiseSource) -> Result<Tensor> {
+    let kind = if like.f_kind()? == Kind::Double { Kind::Double } else { Kind::Float };
+    match source {
+        NoiseSource::Host => Ok(host_noise(numel(like), std, kind, seed)?.f_reshape(like.size())?.f_to_device(like.device())?),
+        NoiseSource::Device => device_normal(like, std, kind, seed),
     }
 }
 

@@ -13,8 +13,9 @@ use crate::error::Result;
 /// the even index (libtorch's `round`), so the result is deterministic and the error per entry
 /// is at most half a step `m / (L - 1)`. The arithmetic runs in f64 and the result is cast
 /// back to `kind` (the cast rounds each level to the dtype). An all-zero gradient stays zero.
-/// `m` stays on the gradient's device: nothing is read back.
-pub(crate) fn quantize(grad: &Tensor, kind: Kind, bits: u32) -> Result<Tensor> {
+/// `m` stays on the gradient's device: nothing is read back. Also returns `m` (0-dim f64),
+/// which is NaN or infinite when an entry of `grad` is (the input's finiteness check).
+pub(crate) fn quantize(grad: &Tensor, kind: Kind, bits: u32) -> Result<(Tensor, Tensor)> {
     // max|g| is exact in every dtype, so computing it before the cast to f64 loses nothing.
     let m = grad.f_abs()?.f_max()?.f_to_kind(Kind::Double)?;
     let top = ((1u64 << bits) - 1) as f64; // L - 1
@@ -29,5 +30,5 @@ pub(crate) fn quantize(grad: &Tensor, kind: Kind, bits: u32) -> Result<Tensor> {
     let levels = index.f_mul_scalar(2.0 / top)?.f_sub_scalar(1.0)?.f_mul(&m)?;
     // m = 0 (an all-zero gradient) made every index 0/0 = NaN: the release is zero instead.
     let all_zero = m.f_eq(0.0)?;
-    Ok(levels.f_masked_fill(&all_zero, 0.0)?.f_to_kind(kind)?)
+    Ok((levels.f_masked_fill(&all_zero, 0.0)?.f_to_kind(kind)?, m))
 }
