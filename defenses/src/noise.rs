@@ -8,9 +8,11 @@
 //!
 //! - a host (CPU) gradient: a ChaCha8 RNG (the full 64-bit seed is its key), Ziggurat
 //!   normals in f64, 6.5 ns per sample (1M samples; ChaCha20 took 15.6 ns). libtorch's own
-//!   CPU generator is not used: its Mersenne Twister keeps only the low 32 bits of a seed, and
-//!   a key one can search (2^32 seeds) would let whoever knows the policy find the noise
-//!   and subtract it; it is not faster either (3.3-6.2 ns per f32 sample, 22 ns per f64);
+//!   CPU generator is not used: its Mersenne Twister keeps only the low 32 bits of a seed (a
+//!   test pins this), and a key one can search (2^32 seeds) would let whoever knows the policy
+//!   find the noise and subtract it. Nor is it much faster: on the shared 2-core machine,
+//!   one thread, 3.3-6.2 ns per f32 sample and 22 ns per f64 (`benches/protection_cost.rs`
+//!   prints both sources side by side);
 //! - any other device (CUDA): libtorch's generator for that device (CUDA: Philox, counter-based,
 //!   a 64-bit key), as a private clone reseeded with the seed ([`device_normal`]): one kernel
 //!   on the device, nothing drawn on the host or copied over.
