@@ -13,6 +13,7 @@ use crate::checks::{count_non_finite, numel};
 use crate::error::{DefenceError, Result};
 
 /// One pending check: what it is about, the tensor, and its scalar on the tensor's device.
+#[derive(Debug)]
 struct Pending {
     what: String,
     /// An output check (`NonFiniteOutput`) rather than an input check (`NonFinite`).
@@ -25,7 +26,7 @@ struct Pending {
 /// The finiteness checks of one or more defence applications, not yet read (see the module
 /// docs). Filled by [`crate::apply_all_deferred`]; nothing it checked may be released before
 /// [`FiniteChecks::verify`] returns `Ok`. Dropping it unverified vouches for nothing.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct FiniteChecks {
     context: Option<String>,
     pending: Vec<Pending>,

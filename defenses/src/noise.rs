@@ -83,23 +83,60 @@ pub fn draw_noise(like: &Tensor, std: f64, seed: u64, source: NoiseSource) -> Re
     }
 }
 
+/// Entries per ChaCha8 stream of a host draw: entry `i` comes from stream `i / HOST_CHUNK` of
+/// the seed's key, at position `i % HOST_CHUNK`. The streams are independent (ChaCha's nonce),
+/// so chunks can be drawn on several threads with the same result whatever their number; a
+/// draw of up to one chunk is the seed's stream 0, `ChaCha8Rng::seed_from_u64(seed)` as is.
+pub(crate) const HOST_CHUNK: usize = 1 << 16;
+
 /// `n` samples of N(0, std^2), generated in f64 (the same stream for every dtype) and stored
-/// as f64 for f64 gradients, f32 otherwise (halves host memory for the common case).
+/// as f64 for f64 gradients, f32 otherwise (halves host memory for the common case), chunk by
+/// chunk ([`HOST_CHUNK`]) on up to libtorch's intra-op thread count (idle meanwhile).
 fn host_noise(n: i64, std: f64, kind: Kind, seed: u64) -> Result<Tensor> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut sample = move || -> f64 {
-        let z: f64 = StandardNormal.sample(&mut rng);
-        std * z
-    };
     let n = usize::try_from(n).unwrap_or(0);
-    let t = if kind == Kind::Double {
-        let v: Vec<f64> = (0..n).map(|_| sample()).collect();
-        Tensor::f_from_slice(&v)?
+    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).clamp(1, n.div_ceil(HOST_CHUNK).max(1));
+    if kind == Kind::Double {
+        let mut v = vec![0f64; n];
+        fill_parallel(&mut v, threads, |chunk, out| fill_chunk(out, chunk, std, seed, |x| x));
+        Ok(Tensor::f_from_slice(&v)?)
     } else {
-        let v: Vec<f32> = (0..n).map(|_| sample() as f32).collect();
-        Tensor::f_from_slice(&v)?
+        let mut v = vec![0f32; n];
+        fill_parallel(&mut v, threads, |chunk, out| fill_chunk(out, chunk, std, seed, |x| x as f32));
+        Ok(Tensor::f_from_slice(&v)?)
+    }
+}
+
+/// Fills `out` (chunk number `chunk` of a draw) from that chunk's stream.
+fn fill_chunk<T>(out: &mut [T], chunk: usize, std: f64, seed: u64, cast: impl Fn(f64) -> T) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(chunk as u64);
+    for x in out {
+        let z: f64 = StandardNormal.sample(&mut rng);
+        *x = cast(std * z);
+    }
+}
+
+/// Calls `fill(chunk, slice)` for every [`HOST_CHUNK`]-sized chunk of `v`, the chunks split in
+/// contiguous runs over `threads` scoped threads (this one included).
+fn fill_parallel<T: Send>(v: &mut [T], threads: usize, fill: impl Fn(usize, &mut [T]) + Sync) {
+    let chunks = v.len().div_ceil(HOST_CHUNK);
+    let per_thread = chunks.div_ceil(threads.max(1)).max(1);
+    let run = |first: usize, part: &mut [T]| {
+        for (k, out) in part.chunks_mut(HOST_CHUNK).enumerate() {
+            fill(first + k, out);
+        }
     };
-    Ok(t)
+    std::thread::scope(|scope| {
+        let mut parts = v.chunks_mut(per_thread * HOST_CHUNK).enumerate();
+        let own = parts.next();
+        for (t, part) in parts {
+            let run = &run;
+            scope.spawn(move || run(t * per_thread, part));
+        }
+        if let Some((_, part)) = own {
+            run(0, part);
+        }
+    });
 }
 
 #[cfg(test)]
