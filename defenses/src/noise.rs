@@ -6,8 +6,9 @@
 //! seed alone, so it is independent of libtorch's default generators (which training code
 //! reseeds and draws from at will) and never advances them:
 //!
-//! - a host (CPU) gradient: a ChaCha8 RNG (the full 64-bit seed is its key), Ziggurat
-//!   normals in f64, 6.5 ns per sample (1M samples; ChaCha20 took 15.6 ns). libtorch's own
+//! - a host (CPU) gradient: ChaCha8 (the full 64-bit seed is its key), Ziggurat normals in
+//!   f64, 6.5 ns per sample on one thread (1M samples; ChaCha20 took 15.6 ns), drawn in chunks
+//!   of [`HOST_CHUNK`] entries, one ChaCha stream each, on libtorch's intra-op threads. libtorch's own
 //!   CPU generator is not used: its Mersenne Twister keeps only the low 32 bits of a seed (a
 //!   test pins this), and a key one can search (2^32 seeds) would let whoever knows the policy
 //!   find the noise and subtract it. Nor is it much faster: on the shared 2-core machine,
