@@ -25,7 +25,9 @@ struct Pending {
 
 /// The finiteness checks of one or more defence applications, not yet read (see the module
 /// docs). Filled by [`crate::apply_all_deferred`]; nothing it checked may be released before
-/// [`FiniteChecks::verify`] returns `Ok`. Dropping it unverified vouches for nothing.
+/// [`FiniteChecks::verify`] returns `Ok`. Dropping it unverified vouches for nothing. It holds
+/// (shallow) the tensors it checks, counted again on a failing check's path: do not edit them
+/// in place before `verify`.
 #[derive(Debug, Default)]
 pub struct FiniteChecks {
     context: Option<String>,
