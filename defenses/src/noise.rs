@@ -6,14 +6,15 @@
 //! seed alone, so it is independent of libtorch's default generators (which training code
 //! reseeds and draws from at will) and never advances them:
 //!
-//! - a host (CPU) gradient: ChaCha8 (the full 64-bit seed is its key), Ziggurat normals in
-//!   f64, 6.5 ns per sample on one thread (1M samples; ChaCha20 took 15.6 ns), drawn in chunks
-//!   of [`HOST_CHUNK`] entries, one ChaCha stream each, on libtorch's intra-op threads. libtorch's own
+//! - a host (CPU) gradient: a ChaCha8 RNG (the full 64-bit seed is its key), Ziggurat
+//!   normals in f64, 6.5 ns per sample (1M samples; ChaCha20 took 15.6 ns). libtorch's own
 //!   CPU generator is not used: its Mersenne Twister keeps only the low 32 bits of a seed (a
 //!   test pins this), and a key one can search (2^32 seeds) would let whoever knows the policy
 //!   find the noise and subtract it. Nor is it much faster: on the shared 2-core machine,
 //!   one thread, 3.3-6.2 ns per f32 sample and 22 ns per f64 (`benches/protection_cost.rs`
-//!   prints both sources side by side);
+//!   prints both sources side by side). One thread: drawing 64K-entry chunks (one ChaCha
+//!   stream each) on two threads was slower on the shared machine, whose other load and
+//!   libtorch's spinning intra-op threads leave the second core busy;
 //! - any other device (CUDA): libtorch's generator for that device (CUDA: Philox, counter-based,
 //!   a 64-bit key), as a private clone reseeded with the seed ([`device_normal`]): one kernel
 //!   on the device, nothing drawn on the host or copied over.
@@ -84,60 +85,23 @@ pub fn draw_noise(like: &Tensor, std: f64, seed: u64, source: NoiseSource) -> Re
     }
 }
 
-/// Entries per ChaCha8 stream of a host draw: entry `i` comes from stream `i / HOST_CHUNK` of
-/// the seed's key, at position `i % HOST_CHUNK`. The streams are independent (ChaCha's nonce),
-/// so chunks can be drawn on several threads with the same result whatever their number; a
-/// draw of up to one chunk is the seed's stream 0, `ChaCha8Rng::seed_from_u64(seed)` as is.
-pub(crate) const HOST_CHUNK: usize = 1 << 16;
-
 /// `n` samples of N(0, std^2), generated in f64 (the same stream for every dtype) and stored
-/// as f64 for f64 gradients, f32 otherwise (halves host memory for the common case), chunk by
-/// chunk ([`HOST_CHUNK`]) on up to libtorch's intra-op thread count (idle meanwhile).
+/// as f64 for f64 gradients, f32 otherwise (halves host memory for the common case).
 fn host_noise(n: i64, std: f64, kind: Kind, seed: u64) -> Result<Tensor> {
-    let n = usize::try_from(n).unwrap_or(0);
-    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).clamp(1, n.div_ceil(HOST_CHUNK).max(1));
-    if kind == Kind::Double {
-        let mut v = vec![0f64; n];
-        fill_parallel(&mut v, threads, |chunk, out| fill_chunk(out, chunk, std, seed, |x| x));
-        Ok(Tensor::f_from_slice(&v)?)
-    } else {
-        let mut v = vec![0f32; n];
-        fill_parallel(&mut v, threads, |chunk, out| fill_chunk(out, chunk, std, seed, |x| x as f32));
-        Ok(Tensor::f_from_slice(&v)?)
-    }
-}
-
-/// Fills `out` (chunk number `chunk` of a draw) from that chunk's stream.
-fn fill_chunk<T>(out: &mut [T], chunk: usize, std: f64, seed: u64, cast: impl Fn(f64) -> T) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(chunk as u64);
-    for x in out {
+    let mut sample = move || -> f64 {
         let z: f64 = StandardNormal.sample(&mut rng);
-        *x = cast(std * z);
-    }
-}
-
-/// Calls `fill(chunk, slice)` for every [`HOST_CHUNK`]-sized chunk of `v`, the chunks split in
-/// contiguous runs over `threads` scoped threads (this one included).
-fn fill_parallel<T: Send>(v: &mut [T], threads: usize, fill: impl Fn(usize, &mut [T]) + Sync) {
-    let chunks = v.len().div_ceil(HOST_CHUNK);
-    let per_thread = chunks.div_ceil(threads.max(1)).max(1);
-    let run = |first: usize, part: &mut [T]| {
-        for (k, out) in part.chunks_mut(HOST_CHUNK).enumerate() {
-            fill(first + k, out);
-        }
+        std * z
     };
-    std::thread::scope(|scope| {
-        let mut parts = v.chunks_mut(per_thread * HOST_CHUNK).enumerate();
-        let own = parts.next();
-        for (t, part) in parts {
-            let run = &run;
-            scope.spawn(move || run(t * per_thread, part));
-        }
-        if let Some((_, part)) = own {
-            run(0, part);
-        }
-    });
+    let n = usize::try_from(n).unwrap_or(0);
+    let t = if kind == Kind::Double {
+        let v: Vec<f64> = (0..n).map(|_| sample()).collect();
+        Tensor::f_from_slice(&v)?
+    } else {
+        let v: Vec<f32> = (0..n).map(|_| sample() as f32).collect();
+        Tensor::f_from_slice(&v)?
+    };
+    Ok(t)
 }
 
 #[cfg(test)]
