@@ -43,10 +43,7 @@ pub(crate) fn check_tensor(grad: &Tensor, what: &dyn Fn() -> String) -> Result<K
 
 /// Number of entries of `t` that are NaN or infinite (one host synchronisation).
 pub(crate) fn count_non_finite(t: &Tensor) -> Result<i64> {
-    Ok(t.f_isfinite()?
-        .f_logical_not()?
-        .f_sum(Kind::Int64)?
-        .f_int64_value(&[])?)
+    Ok(t.f_isfinite()?.f_logical_not()?.f_sum(Kind::Int64)?.f_int64_value(&[])?)
 }
 
 /// Number of entries, as i64 (libtorch's own count type), without panicking.
@@ -87,16 +84,4 @@ pub(crate) fn deep_copy(t: &Tensor) -> Result<Tensor> {
     let mut out = src.f_zeros_like()?;
     out.f_copy_(&src)?;
     Ok(out)
-}
-
-/// L2 norm of all entries, accumulated in f64 so large f16/f32 layers do not overflow or
-/// lose precision.
-pub(crate) fn l2_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.f_norm_scalaropt_dtype(2.0, Kind::Double)?
-        .f_double_value(&[])?)
-}
-
-/// Largest absolute entry (exact in every dtype). `t` must not be empty.
-pub(crate) fn max_abs(t: &Tensor) -> Result<f64> {
-    Ok(t.f_abs()?.f_max()?.f_double_value(&[])?)
 }

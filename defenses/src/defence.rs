@@ -6,9 +6,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::checks::{check_finite_input, check_finite_output, check_tensor, deep_copy, numel};
+use crate::checks::{check_tensor, deep_copy, numel};
 use crate::clip::clip;
 use crate::error::{DefenceError, Result};
+use crate::finite::FiniteChecks;
 use crate::noise::clip_and_noise;
 use crate::quantize::quantize;
 use crate::sparsify::sparsify;
@@ -29,8 +30,10 @@ pub enum Defence {
         max_norm: f64,
     },
     /// Clip to `clip_norm`, then add i.i.d. Gaussian noise with std `multiplier * clip_norm`,
-    /// drawn from a ChaCha8 RNG seeded by `apply`'s seed (bit-identical for the same seed,
-    /// independent of libtorch's global RNG).
+    /// drawn on the gradient's device from a generator seeded by `apply`'s seed alone
+    /// (bit-identical for the same seed on the same device type, independent of libtorch's
+    /// default generators, which it never advances): ChaCha8 on the host, libtorch's own
+    /// generator (Philox on CUDA) elsewhere.
     ///
     /// This is NOT differential privacy: the clip bounds the whole (batch-mean) layer
     /// gradient, not each sample's contribution, and nothing accounts for the privacy loss
@@ -158,31 +161,65 @@ impl Defence {
     ///
     /// `Withhold` validates nothing about the tensor and never reads it (no host
     /// synchronisation): withholding is also the safe response to a broken gradient.
-    /// Every other defence reads the tensor a few times (finiteness, norm or max, output
-    /// finiteness), each a host synchronisation on a GPU.
+    /// Every other defence computes on the device and reads back once: its input's and
+    /// output's finiteness, together ([`FiniteChecks`]; [`apply_all_deferred`] leaves even that
+    /// read to the caller, for a whole release).
     pub fn apply(&self, grad: &Tensor, seed: u64) -> Result<Option<Tensor>> {
         self.validate()?;
+        if *self == Defence::Withhold {
+            return Ok(None);
+        }
+        let mut checks = FiniteChecks::new();
+        let out = self.apply_unchecked(grad, seed, true, &mut checks)?;
+        checks.verify()?;
+        Ok(out)
+    }
+
+    /// [`Defence::apply`] without validation and without reading anything back: the input's
+    /// finiteness (when `check_input`) and the output's are recorded in `checks`. An empty
+    /// gradient has nothing to check.
+    fn apply_unchecked(&self, grad: &Tensor, seed: u64, check_input: bool, checks: &mut FiniteChecks) -> Result<Option<Tensor>> {
         if *self == Defence::Withhold {
             return Ok(None);
         }
         let what = || self.to_string();
         let kind = check_tensor(grad, &what)?;
         let grad = grad.f_detach()?;
-        check_finite_input(&grad, &what)?;
         if numel(&grad) == 0 {
             return Ok(Some(deep_copy(&grad)?));
         }
-        let out = match *self {
+        // Each defence's output, and a scalar that is not finite when an input entry is not (a
+        // norm or a max the defence computes anyway; None: the input's sum is taken). Only
+        // noise can make a finite input's output non-finite (its std may overflow the dtype):
+        // clip scales by at most 1, sparsify selects entries, and quantize's levels lie in
+        // [-m, m] with m = max|g| an entry of the input's dtype, so their outputs are finite
+        // whenever their input is, and are not checked again.
+        let (out, input_scalar, check_output) = match *self {
             Defence::Withhold => return Ok(None),
-            Defence::Clip { max_norm } => clip(&grad, max_norm)?,
+            Defence::Clip { max_norm } => {
+                let (out, norm) = clip(&grad, max_norm)?;
+                (out, Some(norm), false)
+            }
             Defence::Noise {
                 clip_norm,
                 multiplier,
-            } => clip_and_noise(&grad, kind, clip_norm, multiplier, seed)?,
-            Defence::Sparsify { keep_fraction } => sparsify(&grad, keep_fraction)?,
-            Defence::Quantize { bits } => quantize(&grad, kind, bits)?,
+            } => {
+                let (out, norm) = clip_and_noise(&grad, kind, clip_norm, multiplier, seed)?;
+                (out, Some(norm), true)
+            }
+            Defence::Sparsify { keep_fraction } => (sparsify(&grad, keep_fraction)?, None, false),
+            Defence::Quantize { bits } => {
+                let (out, m) = quantize(&grad, kind, bits)?;
+                (out, Some(m), false)
+            }
         };
-        Ok(Some(check_finite_output(out, &what)?))
+        if check_input {
+            checks.push(&grad, input_scalar, what(), false)?;
+        }
+        if check_output {
+            checks.push(&out, None, what(), true)?;
+        }
+        Ok(Some(out))
     }
 }
 
@@ -223,8 +260,21 @@ pub fn derive_seed(seed: u64, position: usize) -> u64 {
 /// Applies `defences` in order, the defence at position `i` with `derive_seed(seed, i)`.
 /// Every defence is validated first, so a bad parameter is reported even when an earlier
 /// `Withhold` would end the chain. `Withhold` then short-circuits to `None`. An empty chain
-/// returns a deep copy of `grad` after the same tensor checks as `apply`.
+/// returns a deep copy of `grad` after the same tensor checks as `apply`. The chain computes
+/// on the device and reads back once (the finiteness of its input and of every output).
 pub fn apply_all(defences: &[Defence], grad: &Tensor, seed: u64) -> Result<Option<Tensor>> {
+    let mut checks = FiniteChecks::new();
+    let out = apply_all_deferred(defences, grad, seed, &mut checks)?;
+    checks.verify()?;
+    Ok(out)
+}
+
+/// [`apply_all`] without any host read: the finiteness of the chain's input and of each
+/// defence's output is recorded in `checks`, so that a release of many layers reads once
+/// ([`FiniteChecks::verify`]). The returned tensor must not be released before `verify`
+/// returns `Ok`. A non-finite input fails there with [`DefenceError::NonFinite`] naming the
+/// chain's first defence, as `apply_all` would.
+pub fn apply_all_deferred(defences: &[Defence], grad: &Tensor, seed: u64, checks: &mut FiniteChecks) -> Result<Option<Tensor>> {
     for d in defences {
         d.validate()?;
     }
@@ -232,13 +282,14 @@ pub fn apply_all(defences: &[Defence], grad: &Tensor, seed: u64) -> Result<Optio
         let what = || "an empty defence chain".to_string();
         check_tensor(grad, &what)?;
         let copy = deep_copy(grad)?;
-        check_finite_input(&copy, &what)?;
+        checks.push(&copy, None, what(), false)?;
         return Ok(Some(copy));
     }
     let mut current: Option<Tensor> = None;
     for (i, d) in defences.iter().enumerate() {
         let input = current.as_ref().unwrap_or(grad);
-        match d.apply(input, derive_seed(seed, i))? {
+        // The chain's input is checked once; every later input is an output checked already.
+        match d.apply_unchecked(input, derive_seed(seed, i), i == 0, checks)? {
             Some(out) => current = Some(out),
             None => return Ok(None),
         }

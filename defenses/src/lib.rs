@@ -10,7 +10,10 @@
 //!   enough samples.
 //!
 //! Every function returns [`DefenceError`] instead of panicking on bad input, never edits the
-//! caller's tensors, and never returns a non-finite tensor.
+//! caller's tensors, and never returns a non-finite tensor. The defences compute on the
+//! gradient's device (noise included) and read nothing back but their finiteness checks, once
+//! per chain; [`apply_all_deferred`] and [`FiniteChecks`] let a release of many layers read
+//! once in all.
 //!
 //! A chain as a policy would name it: clip, add seeded noise, keep the top 10 % of entries.
 //!
@@ -41,12 +44,16 @@ mod accumulate;
 mod checks;
 mod clip;
 mod defence;
+mod device_rng;
 mod error;
+mod finite;
 mod noise;
 mod parse;
 mod quantize;
 mod sparsify;
 
 pub use accumulate::GradientAccumulator;
-pub use defence::{apply_all, derive_seed, Defence};
+pub use defence::{apply_all, apply_all_deferred, derive_seed, Defence};
+pub use finite::FiniteChecks;
+pub use noise::{draw_noise, NoiseSource};
 pub use error::{DefenceError, Result};

@@ -3,7 +3,6 @@
 
 use tch::{Kind, Tensor};
 
-use crate::checks::max_abs;
 use crate::error::Result;
 
 /// Maps every entry to the nearest of the `L = 2^bits` levels
@@ -14,23 +13,22 @@ use crate::error::Result;
 /// the even index (libtorch's `round`), so the result is deterministic and the error per entry
 /// is at most half a step `m / (L - 1)`. The arithmetic runs in f64 and the result is cast
 /// back to `kind` (the cast rounds each level to the dtype). An all-zero gradient stays zero.
-pub(crate) fn quantize(grad: &Tensor, kind: Kind, bits: u32) -> Result<Tensor> {
-    let m = max_abs(grad)?;
-    if m == 0.0 {
-        return Ok(grad.f_zeros_like()?);
-    }
+/// `m` stays on the gradient's device: nothing is read back. Also returns `m` (0-dim f64),
+/// which is NaN or infinite when an entry of `grad` is (the input's finiteness check).
+pub(crate) fn quantize(grad: &Tensor, kind: Kind, bits: u32) -> Result<(Tensor, Tensor)> {
+    // max|g| is exact in every dtype, so computing it before the cast to f64 loses nothing.
+    let m = grad.f_abs()?.f_max()?.f_to_kind(Kind::Double)?;
     let top = ((1u64 << bits) - 1) as f64; // L - 1
-                                           // i = round((g/m + 1) * (L-1) / 2): g/m is in [-1, 1], so nothing overflows.
+    // i = round((g/m + 1) * (L-1) / 2): g/m is in [-1, 1], so nothing overflows.
     let index = grad
         .f_to_kind(Kind::Double)?
-        .f_div_scalar(m)?
+        .f_div(&m)?
         .f_add_scalar(1.0)?
         .f_mul_scalar(top / 2.0)?
         .f_round()?
         .f_clamp(0.0, top)?;
-    let levels = index
-        .f_mul_scalar(2.0 / top)?
-        .f_sub_scalar(1.0)?
-        .f_mul_scalar(m)?;
-    Ok(levels.f_to_kind(kind)?)
+    let levels = index.f_mul_scalar(2.0 / top)?.f_sub_scalar(1.0)?.f_mul(&m)?;
+    // m = 0 (an all-zero gradient) made every index 0/0 = NaN: the release is zero instead.
+    let all_zero = m.f_eq(0.0)?;
+    Ok((levels.f_masked_fill(&all_zero, 0.0)?.f_to_kind(kind)?, m))
 }

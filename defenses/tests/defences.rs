@@ -3,7 +3,7 @@
 mod common;
 
 use common::{identical, norm, randn, values};
-use gradguard_defenses::{apply_all, derive_seed, Defence, DefenceError};
+use gradguard_defenses::{apply_all, apply_all_deferred, derive_seed, Defence, DefenceError, FiniteChecks};
 use tch::{Kind, Tensor};
 
 fn some(d: &Defence, g: &Tensor, seed: u64) -> Tensor {
@@ -566,4 +566,87 @@ fn names_display_and_serde() {
     assert!(serde_json::from_str::<Defence>(r#"{"action":"clip","max_norm":1,"typo":2}"#).is_err());
     assert!(serde_json::from_str::<Defence>(r#"{"action":"blur"}"#).is_err());
     assert!(serde_json::from_str::<Defence>(r#"{"action":"noise","clip_norm":1}"#).is_err());
+}
+
+// ---------------------------------------------------------------- deferred checks
+
+#[test]
+fn deferred_chains_release_what_apply_all_releases() {
+    let chain = [
+        Defence::Clip { max_norm: 1.0 },
+        Defence::Noise { clip_norm: 0.5, multiplier: 0.2 },
+        Defence::Quantize { bits: 6 },
+    ];
+    let mut checks = FiniteChecks::new();
+    let layers: Vec<Tensor> = (0..3).map(|l| randn(&[40, 7], Kind::Float, 100 + l)).collect();
+    let deferred: Vec<Tensor> = layers
+        .iter()
+        .enumerate()
+        .map(|(l, g)| apply_all_deferred(&chain, g, l as u64, &mut checks).unwrap().unwrap())
+        .collect();
+    // Per chain, its input and the noise's output: clip and quantize keep a finite input
+    // finite (their outputs are not checked again); all six read together.
+    assert_eq!(checks.len(), 3 * 2);
+    checks.verify().unwrap();
+    for (l, (g, out)) in layers.iter().zip(&deferred).enumerate() {
+        assert!(identical(out, &apply_all(&chain, g, l as u64).unwrap().unwrap()), "layer {l}");
+    }
+}
+
+#[test]
+fn deferred_checks_fail_with_the_first_failing_layer_and_defence() {
+    let clip = [Defence::Clip { max_norm: 1.0 }];
+    let loud = [Defence::Noise { clip_norm: 1.0, multiplier: 1e6 }];
+    let fine = randn(&[64], Kind::Half, 21);
+    let nan = Tensor::from_slice(&[1.0f32, f32::NAN, f32::INFINITY]);
+    let mut checks = FiniteChecks::new();
+    for (name, chain, g) in [("ok", &clip[..], &fine), ("loud", &loud[..], &fine), ("broken", &clip[..], &nan)] {
+        checks.set_context(format!("layer {name}"));
+        // Nothing is refused before the checks are read.
+        assert!(apply_all_deferred(chain, g, 0, &mut checks).unwrap().is_some());
+    }
+    match checks.verify() {
+        Err(DefenceError::NonFiniteOutput { what, numel: 64, .. }) => {
+            assert_eq!(what, "layer loud: noise(clip_norm=1, multiplier=1000000)")
+        }
+        other => panic!("expected the loud layer's output refused, got {other:?}"),
+    }
+    let mut checks = FiniteChecks::new();
+    checks.set_context("layer broken");
+    let _ = apply_all_deferred(&clip, &nan, 0, &mut checks).unwrap();
+    match checks.verify() {
+        Err(DefenceError::NonFinite { what, count: 2, numel: 3 }) => assert_eq!(what, "layer broken: clip(max_norm=1)"),
+        other => panic!("expected the broken input named, got {other:?}"),
+    }
+    assert!(FiniteChecks::new().verify().is_ok(), "no checks, nothing to refuse");
+}
+
+#[test]
+fn clip_scales_on_the_device_exactly_as_the_norm_says() {
+    // Below the bound the scale is exactly 1 (bit-identical); a zero gradient stays zero.
+    let g = randn(&[30], Kind::Double, 22);
+    assert!(identical(&some(&Defence::Clip { max_norm: 1e3 }, &g, 0), &g));
+    let zero = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu));
+    assert!(identical(&some(&Defence::Clip { max_norm: 1.0 }, &zero, 0), &zero));
+    // Above it, bit for bit what the host computed when it read the norm (f64) to scale.
+    for kind in [Kind::Float, Kind::Double, Kind::Half] {
+        let g = randn(&[300], kind, 23);
+        let read = g.norm_scalaropt_dtype(2.0, Kind::Double).double_value(&[]);
+        let out = some(&Defence::Clip { max_norm: 0.5 }, &g, 0);
+        assert!(identical(&out, &g.f_mul_scalar(0.5 / read).unwrap()), "{kind:?}");
+    }
+}
+
+#[test]
+fn a_check_whose_sum_overflows_on_finite_entries_passes() {
+    // The deferred check reads a sum (or a norm); 3e38 + 3e38 overflows f32 but no entry is
+    // infinite, which the count on that path confirms.
+    let g = Tensor::from_slice(&[3e38f32, 3e38, -1.0]);
+    let kept = apply_all(&[Defence::Sparsify { keep_fraction: 1.0 }], &g, 0).unwrap().unwrap();
+    assert!(identical(&kept, &g));
+    assert!(identical(&apply_all(&[], &g, 0).unwrap().unwrap(), &g));
+    // f64 entries whose squares overflow the norm: finite, so clipped (to zero: the scale
+    // max_norm / inf is 0, as when the host read the norm).
+    let big = Tensor::from_slice(&[1e200f64, -1e200]);
+    assert_eq!(values(&some(&Defence::Clip { max_norm: 1.0 }, &big, 0)), vec![0.0, 0.0]);
 }

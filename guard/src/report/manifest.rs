@@ -65,7 +65,9 @@ pub struct LayerManifest {
     pub noise_std: Option<f64>,
     /// The seed the layer's chain was applied with: `apply_all(actions, gradient, seed)` (the
     /// layer's parameters flattened and joined in the layer map's order) reproduces the released
-    /// tensors bit for bit. Set for every released layer of a released manifest, None otherwise.
+    /// tensors bit for bit on the device type the release was made on (noise is drawn there:
+    /// ChaCha8 on the host, libtorch's generator elsewhere; see `gradguard_defenses::NoiseSource`).
+    /// Set for every released layer of a released manifest, None otherwise.
     /// It is derived from the policy's `seed`, the step and the guard's secret noise key
     /// (`Guard::new` draws it from the operating system), and it is never serialised: whoever
     /// knew it could regenerate the layer's noise and subtract it, so it stays in the process

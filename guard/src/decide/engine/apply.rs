@@ -5,7 +5,7 @@ use crate::decide::protection::Decision;
 use crate::error::{GuardError, Result, TorchContext};
 use crate::measure::LayerMap;
 use crate::report::ReleaseOutcome;
-use gradguard_defenses::{apply_all, derive_seed};
+use gradguard_defenses::{apply_all_deferred, derive_seed, FiniteChecks};
 use tch::Tensor;
 
 /// The apply stage's state: the secret that enters every release's noise seed.
@@ -40,12 +40,17 @@ impl Apply {
         (0..layers).map(|l| derive_seed(seed ^ step.rotate_left(20), l)).collect()
     }
 
-    /// Applies each layer's chain to its joined gradient.
+    /// Applies each layer's chain to its joined gradient. Nothing is read back per layer or per
+    /// defence: the chains' finiteness checks are read once, after the last layer, and a
+    /// non-finite output fails the release with the error of the first one (naming its layer
+    /// and defence), before anything is released.
     pub(super) fn protect(&self, layers: &LayerMap, grads: &[Vec<Tensor>], decision: &Decision, seeds: &[u64]) -> Result<Vec<LayerRelease>> {
         if let ReleaseOutcome::Blocked { .. } = decision.outcome {
             return Ok((0..layers.len()).map(|_| LayerRelease::Withheld).collect());
         }
         let mut out = Vec::new();
+        let mut checks = FiniteChecks::new();
+        let names = layers.names();
         for (l, chain) in decision.chains.iter().enumerate() {
             match chain {
                 None => out.push(LayerRelease::Withheld),
@@ -53,13 +58,17 @@ impl Apply {
                 Some(chain) if chain.is_empty() => out.push(LayerRelease::Unchanged),
                 Some(chain) => match layers.join(l, &grads[l])? {
                     None => out.push(LayerRelease::Unchanged),
-                    Some(joined) => match apply_all(chain, &joined, seeds[l])? {
-                        None => out.push(LayerRelease::Withheld),
-                        Some(released) => out.push(LayerRelease::Replaced(layers.split(l, &released)?)),
-                    },
+                    Some(joined) => {
+                        checks.set_context(format!("layer {}", names[l]));
+                        match apply_all_deferred(chain, &joined, seeds[l], &mut checks)? {
+                            None => out.push(LayerRelease::Withheld),
+                            Some(released) => out.push(LayerRelease::Replaced(layers.split(l, &released)?)),
+                        }
+                    }
                 },
             }
         }
+        checks.verify()?;
         Ok(out)
     }
 }
@@ -146,4 +155,38 @@ fn find_param(layers: &LayerMap, name: &str) -> Option<(usize, usize)> {
 
 fn param_names(layers: &LayerMap) -> Vec<String> {
     layers.layers().iter().flat_map(|l| l.params.iter().map(|p| p.name.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::policy::Policy;
+    use gradguard_defenses::Defence;
+    use tch::{Device, Kind};
+
+    /// The noise of the seeds the guard derives: two layers of one release and one layer at
+    /// two consecutive steps carry uncorrelated noise, and every (step, layer) its own seed.
+    #[test]
+    fn noise_of_two_layers_and_two_steps_is_uncorrelated() {
+        let apply = Apply { noise_key: 0x0123_4567_89ab_cdef };
+        let policy = Policy::permissive();
+        let (now, next) = (apply.seeds(policy.settings(), 2, 41), apply.seeds(policy.settings(), 2, 42));
+        let mut all = [now.clone(), next.clone()].concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 4, "two (step, layer) pairs share a seed: {now:?} {next:?}");
+        let n = 100_000;
+        let noise = |seed| {
+            let zero = Tensor::zeros([n], (Kind::Float, Device::Cpu));
+            let out = Defence::Noise { clip_norm: 1.0, multiplier: 1.0 }.apply(&zero, seed).unwrap().unwrap();
+            Vec::<f64>::try_from(&out.to_kind(Kind::Double)).unwrap()
+        };
+        let base = noise(now[0]);
+        for (what, seed) in [("layer 1, same step", now[1]), ("layer 0, next step", next[0]), ("layer 1, next step", next[1])] {
+            let other = noise(seed);
+            let r = base.iter().zip(&other).map(|(a, b)| a * b).sum::<f64>() / n as f64;
+            // Unit variance and zero mean: the mean product is the correlation, se 1/sqrt(n).
+            assert!(r.abs() < 4.0 / (n as f64).sqrt(), "{what}: correlation {r}");
+        }
+    }
 }
