@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use tch::Tensor;
 
 /// What `train` returns: the protected update or the block, with the manifest and the report.
-#[pyclass(frozen, module = "gradguard_fl")]
+#[pyclass(frozen, module = "gradguard.fl")]
 pub(crate) struct TrainResult {
     /// True when the guard refused the whole release: `update` is then empty.
     #[pyo3(get)]
