@@ -28,6 +28,7 @@ test: venv test-deps
 	$(ENV) cargo bench --workspace --exclude gradguard-py --no-run
 	scripts/user-crate.sh
 	scripts/federated-setup.sh
+	$(ENV) PYTHONDONTWRITEBYTECODE=1 python -m pytest -q -p no:cacheprovider python/tests
 	$(ENV) PYTHONDONTWRITEBYTECODE=1 python -m pytest -q -p no:cacheprovider federated/tests
 
 # The cost benchmarks (docs/PERFORMANCE.md).

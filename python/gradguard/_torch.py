@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _native
 from ._native import InputError, PolicyError
@@ -57,8 +58,30 @@ class Release:
 
 
 def _release(decided) -> Release:
-    kind, reason, report, update = decided
-    return Release(kind, reason, json.loads(report), dict(update))
+    """The Release; an InputError (carrying it as ``.release``) when it was blocked for
+    non-finite gradients: a NaN or infinite loss is a bug of the loop, not a decision to go on
+    from. The block was decided (audit log, metrics) before the exception."""
+    kind, reason, non_finite, report, update = decided
+    release = Release(kind, reason, json.loads(report), dict(update))
+    if non_finite:
+        err = InputError(f"the gradient is not finite (a NaN or infinite loss or input?): {reason}; the release was blocked, p.grad zeroed, the optimizer not stepped")
+        err.release = release
+        raise err
+    return release
+
+
+def _twice_differentiable(f: Callable) -> Callable:
+    """``f`` run with PyTorch's math attention: M1 differentiates the gradient again, and the fused
+    scaled-dot-product kernels (flash, memory-efficient) have no second derivative
+    (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented``). The math kernel computes the same function; it is used for every call the
+    guard makes, so ``train_step``'s training forward runs on it too."""
+
+    def call(*args):
+        with sdpa_kernel(SDPBackend.MATH):
+            return f(*args)
+
+    return call
 
 
 def _is_batch_norm(m: torch.nn.Module) -> bool:
@@ -205,7 +228,7 @@ def wrap(
     if embedding is not None:
         if len(embedding) != 2 or not all(callable(f) for f in embedding):
             raise InputError("embedding must be (embed_fn, loss_from_embeddings_fn)")
-        embedding = tuple(embedding)
+        embedding = tuple(_twice_differentiable(f) for f in embedding)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise InputError("the model has no trainable parameters")
@@ -222,7 +245,7 @@ def wrap(
         buffers,
         coupled,
         optimizer,
-        loss_fn,
+        _twice_differentiable(loss_fn),
         embedding,
         _policy_text(policy),
         None if settings is None else json.dumps(settings),

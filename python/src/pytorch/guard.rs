@@ -5,7 +5,7 @@ use super::policy::policy_with;
 use super::tensors::{unpack, unpack_named, wrap};
 use crate::errors::{AuditError, ConfigError, InputError, InternalError};
 use gradguard_guard::decide::{LogOptions, DEFAULT_CHECKPOINT_EVERY};
-use gradguard_guard::{AuditLog, Batch, Guard, GuardError, LayerMap, Release};
+use gradguard_guard::{AuditLog, Batch, BlockReason, Guard, GuardError, LayerMap, Release};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,8 +24,9 @@ pub(crate) struct TorchGuard {
 }
 
 /// A decided release for Python: its kind (`released`, `held`, `blocked`), the block's reason,
-/// the report (JSON) and, for the explicit form, the protected update.
-type Decided<'py> = (&'static str, Option<String>, String, Vec<(String, Bound<'py, PyAny>)>);
+/// whether it was blocked for non-finite gradients, the report (JSON) and, for the explicit
+/// form, the protected update.
+type Decided<'py> = (&'static str, Option<String>, bool, String, Vec<(String, Bound<'py, PyAny>)>);
 
 /// The batch's tensors, owned (a `Batch` borrows them; tensors are `Send`, borrows are not, so
 /// the batch is put together on the engine's side of the GIL release).
@@ -92,16 +93,16 @@ impl TorchGuard {
     /// The release for Python; the optimizer steps when it is released and `step` says so.
     fn decided<'py>(&self, py: Python<'py>, release: Release, step: bool) -> PyResult<Decided<'py>> {
         let report = serde_json::to_string(release.report()).map_err(|e| InternalError::new_err(format!("writing the report: {e}")))?;
-        let (kind, reason, update) = match release {
-            Release::Released { update, .. } => ("released", None, update),
-            Release::Held { .. } => ("held", None, Vec::new()),
-            Release::Blocked { reason, .. } => ("blocked", Some(reason.to_string()), Vec::new()),
+        let (kind, reason, non_finite, update) = match release {
+            Release::Released { update, .. } => ("released", None, false, update),
+            Release::Held { .. } => ("held", None, false, Vec::new()),
+            Release::Blocked { reason, .. } => ("blocked", Some(reason.to_string()), matches!(reason, BlockReason::NonFinite { .. }), Vec::new()),
         };
         if step && kind == "released" {
             self.optimizer.bind(py).call_method0("step")?;
         }
         let update = update.iter().map(|(n, t)| Ok((n.clone(), wrap(py, t)?))).collect::<PyResult<_>>()?;
-        Ok((kind, reason, report, update))
+        Ok((kind, reason, non_finite, report, update))
     }
 }
 
