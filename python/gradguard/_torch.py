@@ -170,6 +170,11 @@ class Guard:
         return json.loads(self._native.settings())
 
     @property
+    def metrics_address(self) -> Optional[str]:
+        """``host:port`` of the Prometheus endpoint (``metrics=``; port 0 picks a free one)."""
+        return self._native.metrics_address()
+
+    @property
     def steps(self) -> int:
         """Steps decided so far."""
         return self._native.steps()

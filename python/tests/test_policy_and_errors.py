@@ -209,3 +209,25 @@ def test_layers_are_module_paths():
     model = made(GruTokens)
     guard = gradguard.wrap(model, torch.optim.SGD(model.parameters(), 0.1), lambda t, y: F.cross_entropy(model(t), y))
     assert guard.layer_names == ["emb", "gru", "head"]
+
+
+def test_audit_log_and_metrics_endpoint(tmp_path):
+    import json
+    import urllib.request
+
+    log = tmp_path / "out" / "audit.jsonl"
+    model, opt, loss_fn, guard = setup(POLICIES / "block-all.toml", metrics="127.0.0.1:0", audit_log=log)
+    x, y = cnn_batch(dtype=torch.float32)
+    assert guard.train_step(x, y).blocked
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records and any("block" in json.dumps(r) for r in records)
+    assert guard.metrics_address.startswith("127.0.0.1:") and not guard.metrics_address.endswith(":0")
+    import time
+
+    deadline = time.time() + 10
+    while True:  # the report reaches the exporter on the guard's fan-out worker
+        body = urllib.request.urlopen(f"http://{guard.metrics_address}/metrics", timeout=5).read().decode()
+        if 'gradguard_layer_leakage{' in body or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert 'layer="conv1"' in body and "gradguard_layer_leakage{" in body

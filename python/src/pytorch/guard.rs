@@ -211,6 +211,12 @@ impl TorchGuard {
         serde_json::to_string(self.lock()?.policy().settings()).map_err(|e| InternalError::new_err(e.to_string()))
     }
 
+    /// Where the metrics endpoint listens (`host:port`; the port chosen when `metrics` asked
+    /// for port 0), or None without one.
+    fn metrics_address(&self) -> Option<String> {
+        self._metrics.as_ref().map(|m| m.local_addr().to_string())
+    }
+
     /// Steps decided so far.
     fn steps(&self) -> PyResult<u64> {
         Ok(self.lock()?.step())
