@@ -183,6 +183,12 @@ class Guard:
         """The guard's state (protection levels, step count, run ledger)."""
         return json.loads(self._native.state())
 
+    def restore_state(self, state: dict) -> None:
+        """Goes on from ``state()`` saved earlier (another process, a federated round): the
+        levels, the step count and the ledger. ``StateError`` for a state of another policy or
+        other layers; nothing changes then."""
+        self._native.restore_state(json.dumps(state))
+
     def table(self, release: Release) -> str:
         """The per-layer table of a release's report, with this guard's thresholds."""
         return self._native.table(json.dumps(release.report))

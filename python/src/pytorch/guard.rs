@@ -3,7 +3,7 @@ use super::errors::to_py;
 use super::loss::PyLoss;
 use super::policy::policy_with;
 use super::tensors::{unpack, unpack_named, wrap};
-use crate::errors::{AuditError, ConfigError, InputError, InternalError};
+use crate::errors::{AuditError, ConfigError, InputError, InternalError, StateError};
 use gradguard_guard::decide::{LogOptions, DEFAULT_CHECKPOINT_EVERY};
 use gradguard_guard::{AuditLog, Batch, BlockReason, Guard, GuardError, LayerMap, Release};
 use pyo3::prelude::*;
@@ -225,6 +225,14 @@ impl TorchGuard {
     /// The guard's state (JSON: levels, step count, ledger), to go on in another process.
     fn state(&self) -> PyResult<String> {
         serde_json::to_string(&self.lock()?.state()).map_err(|e| InternalError::new_err(e.to_string()))
+    }
+
+    /// Goes on from a saved state (`state()`'s JSON): the protection levels, the step count and
+    /// the ledger. A state of another policy or of other layers is a `StateError`; on an error
+    /// nothing changes.
+    fn restore_state(&self, state: &str) -> PyResult<()> {
+        let state: gradguard_guard::GuardState = serde_json::from_str(state).map_err(|e| StateError::new_err(format!("unreadable guard state: {e}")))?;
+        self.lock()?.restore_state(&state).map_err(|e| StateError::new_err(format!("restoring the guard state: {e}")))
     }
 
     /// The per-layer table of a report (JSON) with this guard's thresholds.
