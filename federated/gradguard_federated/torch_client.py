@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from .task import ARRAYS_KEY, GUARD_KEY, METRICS_KEY, STATE_KEY, to_record
@@ -41,15 +40,6 @@ def local_training(model, x, y, lr: float, steps: int, batch_size: int, seed: in
         used.append(idx)
         total += float(loss)
     return torch.unique(torch.cat(used)), total / steps
-
-
-def _shared(report: dict, released: list[str]) -> str:
-    """The report without the gradient statistics of the layers that are not released."""
-    report = copy.deepcopy(report)
-    for layer in report.get("layers", []):
-        if layer.get("name") not in released:
-            layer["gradient"] = {"status": "absent", "reason": "layer not released: its gradient statistics stay on the client"}
-    return json.dumps(report)
 
 
 def train(msg: Message, context: Context, settings, params: dict, config: dict) -> Message:
@@ -114,7 +104,7 @@ def train(msg: Message, context: Context, settings, params: dict, config: dict) 
     if release.blocked:
         gradguard_record["reason"] = release.reason
         return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), GUARD_KEY: ConfigRecord(gradguard_record)}), reply_to=msg)
-    gradguard_record["report"] = _shared(release.report, released)
+    gradguard_record["report"] = gradguard.fl.shared_report(json.dumps(release.report), released)
     arrays = {n: t.detach().cpu().numpy() for n, t in release.update.items()}
     content = RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord(metrics), GUARD_KEY: ConfigRecord(gradguard_record)})
     return Message(content, reply_to=msg)

@@ -29,6 +29,7 @@ from ._native import (
     parameter_shapes,
     release_kind,
     serve_metrics,
+    shared_report,
     train,
 )
 
@@ -57,5 +58,6 @@ __all__ = [
     "parameter_shapes",
     "release_kind",
     "serve_metrics",
+    "shared_report",
     "train",
 ]

@@ -217,6 +217,14 @@ fn release_kind(manifest: &str) -> PyResult<&'static str> {
     Ok(gradguard_guard::ReleaseKind::of(&m.outcome, m.layers.iter().any(|l| !l.actions.is_empty())).name())
 }
 
+/// The report (JSON) as a client shares it: the gradient statistics of the layers not in
+/// `released` replaced by an absent metric with the reason (they stay on the client).
+#[pyfunction]
+fn shared_report(report: &str, released: Vec<String>) -> PyResult<String> {
+    let report: gradguard_guard::Report = serde_json::from_str(report).map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("unreadable report: {e}")))?;
+    Ok(train::shared(&report, &released)?)
+}
+
 /// Validates a policy (TOML text) against the model: `{"hash", "version", "rules", "floor"}`,
 /// or a PolicyError naming what is wrong.
 #[pyfunction]
@@ -266,6 +274,7 @@ fn gradguard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_layers, m)?)?;
     m.add_function(wrap_pyfunction!(release_kind, m)?)?;
     m.add_function(wrap_pyfunction!(check_policy, m)?)?;
+    m.add_function(wrap_pyfunction!(shared_report, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_sidecar::serve_metrics, m)?)?;
     Ok(())
 }
