@@ -23,11 +23,12 @@ demo: venv
 # process, the tests seed it, and the guard puts it back after its own passes (observe-only with
 # dropout), which would undo another test thread's draws made meanwhile.
 test: venv test-deps
-	$(ENV) cargo test --release --workspace --lib --bins --tests --examples -- --test-threads=1
-	$(ENV) cargo test --release --workspace --doc
-	$(ENV) cargo bench --workspace --no-run
+	$(ENV) cargo test --release --workspace --exclude gradguard-py --lib --bins --tests --examples -- --test-threads=1
+	$(ENV) cargo test --release --workspace --exclude gradguard-py --doc
+	$(ENV) cargo bench --workspace --exclude gradguard-py --no-run
 	scripts/user-crate.sh
 	scripts/federated-setup.sh
+	$(ENV) PYTHONDONTWRITEBYTECODE=1 python -m pytest -q -p no:cacheprovider python/tests
 	$(ENV) PYTHONDONTWRITEBYTECODE=1 python -m pytest -q -p no:cacheprovider federated/tests
 
 # The cost benchmarks (docs/PERFORMANCE.md).

@@ -2,8 +2,9 @@
 # The Flower side of gradguard (docs/FEDERATED.md): installs flwr with its Simulation Engine
 # (flwr[simulation]: Ray, pinned by flwr to ray 2.55.1), maturin, prometheus-client
 # and pytest into the project venv (.venv, with libtorch 2.11.0 from scripts/setup-venv.sh),
-# then builds the `gradguard_fl` extension module (python/, PyO3) with maturin against that
-# same libtorch and installs it into the venv. Idempotent: the pip step runs once per set of
+# then builds the Python package `gradguard` (python/: PyTorch loops with gradguard.wrap, the
+# Flower client's gradguard.fl, alias gradguard_fl; its native module gradguard._native, PyO3)
+# with maturin against that same libtorch and installs it into the venv. Idempotent: the pip step runs once per set of
 # pinned versions; the build is cargo's incremental release build (seconds when nothing
 # changed) and reinstalls the extension.
 set -euo pipefail
@@ -31,9 +32,15 @@ fi
 # LIBTORCH_USE_PYTORCH=1 (scripts/env.sh): torch-sys links the venv's torch/lib; the crate's
 # build script (build-support/link_libtorch.rs) adds its rpath, so the module loads without
 # LD_LIBRARY_PATH and without importing torch first.
+# The package was called gradguard-fl (the module gradguard_fl alone) before it grew into
+# gradguard: an old install would shadow the alias package.
+if python -m pip show --quiet gradguard-fl 2>/dev/null; then
+  python -m pip uninstall --quiet --yes gradguard-fl
+fi
 maturin develop --release --manifest-path python/Cargo.toml
 
-# The module must load on its own and after `import torch` (same libtorch either way).
+# Both names load (gradguard imports torch first: its native module needs torch's Python
+# bindings; the same libtorch either way).
 python -c "import gradguard_fl; assert gradguard_fl.layer_names() == ['conv1', 'conv2', 'fc1', 'fc2']"
-python -c "import torch, gradguard_fl; gradguard_fl.initial_parameters(0)"
-echo "gradguard_fl $(python -c 'import gradguard_fl; print(gradguard_fl.__version__)') installed in $VIRTUAL_ENV (flwr $FLWR_VERSION)"
+python -c "import gradguard, torch; m = torch.nn.Sequential(torch.nn.Linear(2, 1)); g = gradguard.wrap(m, torch.optim.SGD(m.parameters(), 0.1), lambda x, y: ((m(x) - y) ** 2).mean()); assert g.layer_names == ['0'], g.layer_names"
+echo "gradguard $(python -c 'import gradguard; print(gradguard.__version__)') installed in $VIRTUAL_ENV (flwr $FLWR_VERSION)"

@@ -1,5 +1,6 @@
-"""The ClientApp: a client trains the run's model (the digits CNN, or the TorchScript file of
-run config `model-path`) on its own data (node config `data-dir`, else its digits partition)
+"""The ClientApp: a client trains the run's model (the digits CNN, the TorchScript file of run
+config `model-path`, or the user's own PyTorch module of run config `torch-model`, trained with
+torch: torch_client.py) on its own data (node config `data-dir`, else its digits partition)
 and releases only what its privacy policy allows, decided by gradguard's `Guard::release`
 inside the Rust extension. The guard remembers across rounds and restarts: its state
 (protection levels, step count, M5 ledger) is kept in `Context.state` and on disk beside the
@@ -33,6 +34,7 @@ from flwr.clientapp import ClientApp
 
 import gradguard_fl
 
+from . import torch_client
 from .task import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -89,6 +91,9 @@ def train(msg: Message, context: Context) -> Message:
             )
         if "model-path" in config or "loss" in config:
             raise gradguard_fl.ConfigError("the model comes from the run config (model-path, loss), not the round's config")
+        if context.run_config.get("torch-model"):
+            # The user's own nn.Module, trained with torch and released through gradguard.wrap.
+            return torch_client.train(msg, context, settings, params, config)
         config["policy-path"] = settings.policy_path
         config.update(model_config(context.run_config))
         server_round = int(config.get("server-round", 0))
@@ -171,6 +176,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         settings = node_settings(context.node_config, context.run_config, context.node_id, context.run_id)
         params, _ = _inputs(msg)
+        if context.run_config.get("torch-model"):
+            return torch_client.evaluate(msg, context, settings, params)
         model = model_config(context.run_config)
         scores = gradguard_fl.evaluate(params, settings.data(), model_path=model["model-path"], loss=model["loss"])
     except (gradguard_fl.GradguardError, NodeConfigError, BadMessage) as error:

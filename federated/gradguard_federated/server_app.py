@@ -10,7 +10,8 @@
   releases exactly the arrays present, with the model's shapes and finite values). Blocked
   replies, error replies, missing replies and rejected ones (counted by reason in
   `gradguard_server_rejected_total`) are never aggregated.
-- The model is the run's `model-path` (a TorchScript file; the server starts from its
+- The model is the run's `torch-model` (the user's PyTorch module, torch_task.py) or
+  `model-path` (a TorchScript file; the server starts from its
   parameters) or the digits CNN.
 - What clients release is the round's mean gradient (see gradguard_fl), so the new global model
   is `w - lr * local_steps * mean(update)`.
@@ -259,7 +260,7 @@ class GuardedFedAvg(FedAvg):
         model (`model-path`: the server holds no data), the clients' accuracy on their
         held-out shares weighted by their size; closes the round's record."""
         params = to_numpy(arrays)
-        if self.settings.model_path:
+        if self.settings.model_path or self.settings.torch_model:
             scores = {"accuracy": None, "loss": None}
         else:
             scores = gradguard_fl.evaluate(params)
@@ -292,6 +293,16 @@ class GuardedFedAvg(FedAvg):
         for line in lines:
             LOG.info("gradguard: %s", line)
             self.recorder.text(name, line)
+
+
+def initial_parameters(settings: ServerSettings) -> dict[str, np.ndarray]:
+    """The run's starting point: the user's PyTorch model (`torch-model`, seeded), the
+    TorchScript file's parameters (`model-path`) or the seeded digits CNN."""
+    if settings.torch_model:
+        from .torch_task import load_model, parameters
+
+        return parameters(load_model(settings.torch_model, settings.seed))
+    return gradguard_fl.initial_parameters(settings.seed, model_path=settings.model_path or None)
 
 
 @app.main()
@@ -333,7 +344,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=to_record(gradguard_fl.initial_parameters(settings.seed, model_path=settings.model_path or None)),
+            initial_arrays=to_record(initial_parameters(settings)),
             num_rounds=settings.num_rounds,
             timeout=settings.round_timeout,
             train_config=train_config,

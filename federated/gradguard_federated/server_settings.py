@@ -30,6 +30,8 @@ class ServerSettings:
     required: RequiredPolicies = RequiredPolicies()
     model_path: str = ""
     loss: str = "cross-entropy"
+    # The user's own PyTorch model (`package.module:function`, torch_task.py); "" for none.
+    torch_model: str = ""
     # A malicious server, for testing the nodes' vetting and for the validation study: in round
     # `adversary-round` it sends the parameters of the TorchScript file `adversary-model` (same
     # architecture) instead of the global model. Off unless both are set.
@@ -61,7 +63,8 @@ class ServerSettings:
             fraction_evaluate=num("fraction-evaluate", float, 0.0, 1.0),
             metrics_port=num("metrics-port", int, 0, 65535),
             out_dir=Path(out) if out else None,
-            required=RequiredPolicies.parse(required_policies(cfg), str(cfg.get("model-path", ""))),
+            required=RequiredPolicies.parse(required_policies(cfg), str(cfg.get("model-path", "")), str(cfg.get("torch-model", ""))),
+            torch_model=str(cfg.get("torch-model", "")),
             model_path=str(cfg.get("model-path", "")),
             loss=str(cfg.get("loss", "cross-entropy")),
             adversary_model=str(cfg.get("adversary-model", "")),

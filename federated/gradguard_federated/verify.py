@@ -55,7 +55,7 @@ class RequiredPolicies:
     rules: dict[str, frozenset[str] | None] = field(default_factory=dict)
 
     @staticmethod
-    def parse(value: str, model_path: str = "") -> "RequiredPolicies":
+    def parse(value: str, model_path: str = "", torch_model: str = "") -> "RequiredPolicies":
         rules: dict[str, frozenset[str] | None] = {}
         for entry in re.split(r"[\s,]+", str(value).strip()):
             if not entry:
@@ -65,9 +65,14 @@ class RequiredPolicies:
                 continue
             path = Path(resolve_policy(entry))
             text = path.read_text()
-            checked = gradguard_fl.check_policy(text, str(path), model_path=model_path or None)
+            if torch_model:
+                from .torch_task import policy_hash
+
+                checked_hash = policy_hash(torch_model, str(path))
+            else:
+                checked_hash = gradguard_fl.check_policy(text, str(path), model_path=model_path or None)["hash"]
             names = frozenset(r["name"] for r in tomllib.loads(text).get("rule", []))
-            rules[checked["hash"]] = names
+            rules[checked_hash] = names
         return RequiredPolicies(rules)
 
     def describe(self) -> str:

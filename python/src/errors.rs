@@ -6,23 +6,30 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-create_exception!(gradguard_fl, GradguardError, PyException, "Base class of every gradguard_fl error.");
-create_exception!(gradguard_fl, ConfigError, GradguardError, "The round's config has an unknown key or a bad value.");
+create_exception!(gradguard, GradguardError, PyException, "Base class of every gradguard error.");
+create_exception!(gradguard, ConfigError, GradguardError, "A setting has an unknown key or a bad value (a round's config, a metrics address).");
 create_exception!(
     gradguard_fl,
     ParameterError,
     GradguardError,
     "The given parameters do not match the local model (names, shapes, dtypes, values)."
 );
-create_exception!(gradguard_fl, DataError, GradguardError, "The client's data partition cannot be used (empty, bad spec).");
-create_exception!(gradguard_fl, PolicyError, GradguardError, "The privacy policy is invalid or does not fit the model.");
+create_exception!(gradguard, DataError, GradguardError, "The client's data partition cannot be used (empty, bad spec).");
+create_exception!(gradguard, PolicyError, GradguardError, "The privacy policy is invalid or does not fit the model.");
 create_exception!(
     gradguard_fl,
     ModelError,
     GradguardError,
     "The model file cannot be used (missing, not TorchScript, does not fit the data); the message names the file."
 );
-create_exception!(gradguard_fl, InternalError, GradguardError, "A libtorch failure or a caught panic inside the extension.");
+create_exception!(
+    gradguard,
+    InputError,
+    GradguardError,
+    "A batch the guard cannot use (shapes, dtypes, devices, labels), or a loss function that raised or returned no finite scalar; the model is left as it was."
+);
+create_exception!(gradguard, AuditError, GradguardError, "The audit log cannot be opened or written; the message names the file.");
+create_exception!(gradguard, InternalError, GradguardError, "A libtorch failure or a caught panic inside the extension.");
 create_exception!(
     gradguard_fl,
     StateError,

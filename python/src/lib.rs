@@ -1,5 +1,10 @@
-//! `gradguard_fl`: gradguard's guarded local training step as a Python extension module, for
-//! federated clients (the Flower app in `federated/`, docs in `docs/FEDERATED.md`).
+//! `gradguard._native`: the native half of the Python package `gradguard` (its Python half is
+//! `python/gradguard/`, which checks the torch version before loading this module).
+//!
+//! Two front ends share it. The PyTorch one (`pytorch`, `gradguard.wrap`) guards a user's own
+//! PyTorch loop with the engine's step. The federated one (`gradguard.fl`, also importable as
+//! `gradguard_fl`) is the guarded local training step of the Flower app in `federated/` (docs
+//! in `docs/FEDERATED.md`), described below.
 //!
 //! Everything that decides what leaves a client stays in Rust: local training with tch on the
 //! client's partition of the digits data, the leakage metrics, the policy and the defences
@@ -15,12 +20,13 @@
 //! `w <- w - lr * local_steps * mean(released mean gradients)`.
 //!
 //! No panic crosses into Python: every entry point runs under `catch_unwind`, and every error
-//! is a subclass of `gradguard_fl.GradguardError` carrying the message.
+//! is a subclass of `gradguard.GradguardError` carrying the message.
 //!
 //! Modules: `errors` (the exception classes, panics caught), `params` (numpy <-> tch),
 //! `model` (the digits CNN or a TorchScript file, with the run's loss), `partition` (the
 //! shipped digits, dealt non-IID), `node_data` (a node's own .npy folder), `config` (the
-//! round's config), `train` (the guarded local step), `metrics_sidecar` (a node's /metrics).
+//! round's config), `train` (the guarded local step), `metrics_sidecar` (a node's /metrics);
+//! `pytorch` (the PyTorch front end).
 mod config;
 mod errors;
 mod metrics_sidecar;
@@ -28,12 +34,13 @@ mod model;
 mod node_data;
 mod params;
 mod partition;
+mod pytorch;
 mod train;
 
 pub(crate) use errors::{FlError, FlResult, InternalError};
 
 use config::{read_config, TrainConfig, CONFIG_KEYS};
-use errors::{guarded, ConfigError, DataError, GradguardError, ModelError, ParameterError, PolicyError, StateError};
+use errors::{guarded, AuditError, ConfigError, InputError, DataError, GradguardError, ModelError, ParameterError, PolicyError, StateError};
 use gradguard_guard::{Guard, Policy};
 use model::{LocalModel, ModelSpec, MODEL_SEED};
 use node_data::{score, DataDir, Source};
@@ -53,7 +60,7 @@ fn source_of(data: &Bound<'_, PyAny>) -> PyResult<Source> {
     if let Ok(d) = data.cast::<DataDir>() {
         return Ok(Source::Files(d.get().clone()));
     }
-    Err(pyo3::exceptions::PyTypeError::new_err(format!("the node's data must be a gradguard_fl.Partition or gradguard_fl.DataDir, got {}", type_name(data))))
+    Err(pyo3::exceptions::PyTypeError::new_err(format!("the node's data must be a gradguard.fl.Partition or gradguard.fl.DataDir, got {}", type_name(data))))
 }
 
 /// The guarded local training step of one federated round.
@@ -210,6 +217,14 @@ fn release_kind(manifest: &str) -> PyResult<&'static str> {
     Ok(gradguard_guard::ReleaseKind::of(&m.outcome, m.layers.iter().any(|l| !l.actions.is_empty())).name())
 }
 
+/// The report (JSON) as a client shares it: the gradient statistics of the layers not in
+/// `released` replaced by an absent metric with the reason (they stay on the client).
+#[pyfunction]
+fn shared_report(report: &str, released: Vec<String>) -> PyResult<String> {
+    let report: gradguard_guard::Report = serde_json::from_str(report).map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("unreadable report: {e}")))?;
+    Ok(train::shared(&report, &released)?)
+}
+
 /// Validates a policy (TOML text) against the model: `{"hash", "version", "rules", "floor"}`,
 /// or a PolicyError naming what is wrong.
 #[pyfunction]
@@ -231,7 +246,8 @@ fn check_policy<'py>(py: Python<'py>, text: String, origin: String, model_path: 
 }
 
 #[pymodule]
-fn gradguard_fl(m: &Bound<'_, PyModule>) -> PyResult<()> {
+#[pyo3(name = "_native")]
+fn gradguard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("GradguardError", py.get_type::<GradguardError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
@@ -241,6 +257,9 @@ fn gradguard_fl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ModelError", py.get_type::<ModelError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
     m.add("StateError", py.get_type::<StateError>())?;
+    m.add("InputError", py.get_type::<InputError>())?;
+    m.add("AuditError", py.get_type::<AuditError>())?;
+    m.add_class::<pytorch::TorchGuard>()?;
     m.add("CONFIG_KEYS", CONFIG_KEYS.iter().map(|k| k.replace('_', "-")).collect::<Vec<_>>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Partition>()?;
@@ -255,6 +274,7 @@ fn gradguard_fl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_layers, m)?)?;
     m.add_function(wrap_pyfunction!(release_kind, m)?)?;
     m.add_function(wrap_pyfunction!(check_policy, m)?)?;
+    m.add_function(wrap_pyfunction!(shared_report, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_sidecar::serve_metrics, m)?)?;
     Ok(())
 }

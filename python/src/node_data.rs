@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 /// A node's data folder (checked for `x.npy` and `y.npy` when built; the arrays are read,
 /// and checked against the model, by `train` and `evaluate`).
-#[pyclass(frozen, module = "gradguard_fl")]
+#[pyclass(frozen, module = "gradguard.fl")]
 #[derive(Debug, Clone)]
 pub(crate) struct DataDir {
     #[pyo3(get)]

@@ -19,7 +19,7 @@ pub(crate) fn digits() -> FlResult<&'static Digits> {
 /// whole test part: held-out digits no client trains on). Each sample of digit `c` goes to
 /// partition `c mod num_partitions` with probability `label_skew`, else to a partition drawn
 /// uniformly: `label_skew = 0` is IID, `1` gives each partition only its own digits.
-#[pyclass(frozen, module = "gradguard_fl")]
+#[pyclass(frozen, module = "gradguard.fl")]
 #[derive(Debug, Clone)]
 pub(crate) struct Partition {
     #[pyo3(get)]

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use tch::Tensor;
 
 /// What `train` returns: the protected update or the block, with the manifest and the report.
-#[pyclass(frozen, module = "gradguard_fl")]
+#[pyclass(frozen, module = "gradguard.fl")]
 pub(crate) struct TrainResult {
     /// True when the guard refused the whole release: `update` is then empty.
     #[pyo3(get)]
@@ -328,7 +328,7 @@ impl TrainResult {
 }
 
 /// The report without the gradient statistics of the layers that are not released.
-fn shared(report: &gradguard_guard::Report, released: &[String]) -> FlResult<String> {
+pub(crate) fn shared(report: &gradguard_guard::Report, released: &[String]) -> FlResult<String> {
     let mut value = serde_json::to_value(report).map_err(|e| FlError::Internal(e.to_string()))?;
     if let Some(layers) = value.get_mut("layers").and_then(|l| l.as_array_mut()) {
         for layer in layers {

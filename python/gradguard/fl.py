@@ -1,0 +1,63 @@
+"""gradguard for federated clients: the guarded local training step of the Flower app in
+``federated/`` (docs/FEDERATED.md), trained in Rust on a TorchScript model or the digits CNN.
+``gradguard_fl`` is the same module under its earlier name."""
+
+from __future__ import annotations
+
+from ._native import (
+    CONFIG_KEYS,
+    AuditError,
+    ConfigError,
+    DataDir,
+    DataError,
+    GradguardError,
+    InputError,
+    InternalError,
+    ModelError,
+    ParameterError,
+    Partition,
+    PolicyError,
+    StateError,
+    TrainResult,
+    __version__,
+    check_policy,
+    evaluate,
+    group_layers,
+    initial_parameters,
+    layer_names,
+    layer_of,
+    parameter_shapes,
+    release_kind,
+    serve_metrics,
+    shared_report,
+    train,
+)
+
+__all__ = [
+    "CONFIG_KEYS",
+    "AuditError",
+    "ConfigError",
+    "DataDir",
+    "DataError",
+    "GradguardError",
+    "InputError",
+    "InternalError",
+    "ModelError",
+    "ParameterError",
+    "Partition",
+    "PolicyError",
+    "StateError",
+    "TrainResult",
+    "__version__",
+    "check_policy",
+    "evaluate",
+    "group_layers",
+    "initial_parameters",
+    "layer_names",
+    "layer_of",
+    "parameter_shapes",
+    "release_kind",
+    "serve_metrics",
+    "shared_report",
+    "train",
+]
