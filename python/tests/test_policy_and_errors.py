@@ -231,3 +231,28 @@ def test_audit_log_and_metrics_endpoint(tmp_path):
             break
         time.sleep(0.1)
     assert 'layer="conv1"' in body and "gradguard_layer_leakage{" in body
+
+
+def test_the_live_page_and_the_run_report_of_a_python_run(tmp_path):
+    """The live page is the exporter's, as for a Rust run; the run report is rendered from the
+    run's folder (audit.jsonl, and report.json where the loop writes its last report) by the
+    same `gradguard report` a Rust run uses."""
+    import json
+    import subprocess
+    import urllib.request
+
+    out = tmp_path / "out"
+    model, opt, loss_fn, guard = setup(POLICIES / "noise-all.toml", metrics="127.0.0.1:0", audit_log=out / "audit.jsonl")
+    x, y = cnn_batch(dtype=torch.float32)
+    for _ in range(3):
+        release = guard.train_step(x, y)
+        assert release.released
+    page = urllib.request.urlopen(f"http://{guard.metrics_address}/", timeout=5).read().decode()
+    assert "<html" in page.lower() and "/report" in page
+    (out / "report.json").write_text(json.dumps(release.report))
+    cli = Path(__file__).resolve().parents[2] / "target" / "release" / "gradguard"
+    assert cli.exists(), f"{cli}: built by make test's cargo step (cargo build --release --bin gradguard)"
+    done = subprocess.run([str(cli), "report", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    html = (out / "report.html").read_text()
+    assert "conv1" in html and "records verified" in html and "noise" in html
