@@ -106,3 +106,11 @@ fn version_1_policies_cannot_set_them() {
         assert!(err.contains(field), "{err}");
     }
 }
+
+#[test]
+fn a_policy_that_estimates_before_every_release_measures_both_every_time() {
+    // A federated round: the guard is restored each round, so every estimate is its first.
+    let settings = Settings { estimate_before_release: true, ..settings(500, 500) };
+    let reports = run(|vs| common::guard(vs, settings), 3);
+    assert_eq!(steps_measured(&reports), (0..3).map(|s| (s, Some(s), Some(s))).collect::<Vec<_>>());
+}

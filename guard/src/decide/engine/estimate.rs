@@ -209,7 +209,7 @@ impl Estimates {
     }
 
     /// Which of M2 and M6 this estimate measures beside M1. One a rule reads, or whose cadence
-    /// is 0: at every estimate. Otherwise each on its own cadence (`subspace_every_steps`,
+    /// is 0, or under a policy that estimates before every release: at every estimate. Otherwise each on its own cadence (`subspace_every_steps`,
     /// `isolation_every_steps`) where its last cost fits their part of the budget
     /// (`Scheduler::secondary_fits`), and at most one of the two per estimate, the one measured
     /// longer ago, none at the first estimate: each costs several M1 estimates, and an estimate
@@ -221,6 +221,12 @@ impl Estimates {
         let subspace_read = reads(&[LeakageMetric::SubspaceSeparation]);
         let isolation_read = reads(&[LeakageMetric::ExposedFraction, LeakageMetric::IsolatedShare]);
         let subspace_last = self.latent.lock().as_ref().map(|t| t.step);
+        // A policy that estimates before every release (a federated round: the guard is
+        // restored from its state each round and is at its first estimate every time) measures
+        // both at every estimate, as its release needs them.
+        if settings.estimate_before_release {
+            return SecondaryDue { subspace: true, isolation: true };
+        }
         let first = self.estimate_step.is_none();
         let on_cadence = |last: Option<u64>, every: u64, cost: Option<f64>| !first && last.is_none_or(|last| step.saturating_sub(last) >= every) && self.scheduler.secondary_fits(cost);
         let costs = &self.secondary_costs;
