@@ -84,3 +84,17 @@ def layer_decisions(log_path: Path, layer: str, step: int) -> list[dict]:
             for outcome in ("released", "protected", "withheld"):
                 out += [{"step": step, "layer": layer, "outcome": outcome, "level": t["level"], "tally": True}] * t[outcome]
     return out
+
+
+def assert_rounds_released_with_fc1_withheld_on_p2(per_round: dict, rounds: range) -> None:
+    """Every round of a BYO deployment under mlp-observe (p0, p1) and mlp-tight (p2): all three
+    nodes compliant and released, p2 withholding fc1, and the guard's step going on across rounds
+    (a fresh guard would report 0 every round)."""
+    for r in rounds:
+        record = per_round[r]
+        clients = {c["partition"]: c for c in record["clients"]}
+        assert record["aggregated"] and record["compliant"] == 3, record
+        assert {c["status"] for c in clients.values()} == {"released"}
+        assert clients["p2"]["withheld"] == ["fc1"] and clients["p0"]["withheld"] == []
+        assert record["contributors"] == {"fc1": ["p0", "p1"], "fc2": ["p0", "p1", "p2"]}
+        assert {c["step"] for c in clients.values()} == {r - 1}

@@ -10,7 +10,7 @@ import json
 
 import gradguard_fl
 
-from byo import CHANCE, POLICIES, layer_decisions, save_mlp, write_node
+from byo import assert_rounds_released_with_fc1_withheld_on_p2, CHANCE, POLICIES, layer_decisions, save_mlp, write_node
 from test_deployment import Deployment, deployment, rounds  # noqa: F401 - the fixture
 
 # Chance is 0.25 on the balanced held-out data; three rounds of 20 local steps reach about
@@ -41,15 +41,7 @@ def test_torchscript_model_on_own_data_three_nodes(deployment: Deployment, tmp_p
 
     per_round = rounds(d)
     assert sorted(per_round) == [0, 1, 2, 3]
-    for r in (1, 2, 3):
-        record = per_round[r]
-        clients = {c["partition"]: c for c in record["clients"]}
-        assert record["aggregated"] and record["compliant"] == 3, record
-        assert {c["status"] for c in clients.values()} == {"released"}
-        assert clients["p2"]["withheld"] == ["fc1"] and clients["p0"]["withheld"] == []
-        assert record["contributors"] == {"fc1": ["p0", "p1"], "fc2": ["p0", "p1", "p2"]}
-        # The guard's step goes on across rounds (a fresh guard would report 0 every round).
-        assert {c["step"] for c in clients.values()} == {r - 1}
+    assert_rounds_released_with_fc1_withheld_on_p2(per_round, range(1, 4))
     # Held-out accuracy of the aggregated model, on the nodes' own held-out shares.
     accuracy = per_round[3]["federated_accuracy"]
     assert accuracy >= CHANCE + MARGIN, per_round[3]
