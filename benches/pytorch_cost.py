@@ -132,7 +132,7 @@ def timed_run(model_name, mode, batches):
                 continue
             release = guard.step(x, y)
         estimated += release.estimated
-        guard_seconds += release.report.get("estimate_seconds") or 0.0
+        guard_seconds += release.estimate_seconds or 0.0
     return time.perf_counter() - start, (estimated, round(guard_seconds, 2))
 
 

@@ -33,7 +33,7 @@ from ._native import (  # noqa: E402
     PolicyError,
     StateError,
 )
-from ._torch import Guard, Release, wrap  # noqa: E402
+from ._torch import Guard, Release, Vetting, wrap  # noqa: E402
 
 __version__ = _native.__version__
 
@@ -51,5 +51,6 @@ __all__ = [
     "Release",
     "StateError",
     "TORCH_VERSION",
+    "Vetting",
     "wrap",
 ]

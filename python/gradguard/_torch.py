@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -30,14 +31,20 @@ class Release:
     ``released``: ``p.grad`` holds the protected gradient (the optimizer stepped, for
     ``step``/``train_step``). ``held``: the batch was held back for the aggregation floor
     (``p.grad`` zeroed, no step). ``blocked``: refused, ``reason`` says why (``p.grad`` zeroed,
-    no step). ``report``: the step's report (a dict, the report JSON of the Rust engine).
-    ``update``: for ``Guard.release`` only, the protected tensors of the released layers.
+    no step). ``report``: the step's report (a dict, the report JSON of the Rust engine, made on
+    first use: most steps' reports are never read). ``update``: for ``Guard.release`` only, the
+    protected tensors of the released layers.
     """
 
     kind: str
     reason: Optional[str]
-    report: dict
+    native_report: Any = field(repr=False)
     update: dict = field(default_factory=dict)
+
+    @cached_property
+    def report(self) -> dict:
+        """The step's report (the report JSON of the Rust engine, parsed once)."""
+        return json.loads(self.native_report.json())
 
     @property
     def released(self) -> bool:
@@ -54,7 +61,26 @@ class Release:
     @property
     def estimated(self) -> bool:
         """Whether the leakage was estimated on this step (M1 and the rest in ``report``)."""
-        return bool(self.report.get("estimated"))
+        return self.native_report.estimated
+
+    @property
+    def estimate_seconds(self) -> Optional[float]:
+        """Wall time of this step's estimate, None when none ran."""
+        return self.native_report.estimate_seconds
+
+
+@dataclass(frozen=True)
+class Vetting:
+    """The vetting of parameters set from outside (``Guard.vet``): ``accepted`` or refused with
+    ``reason``; ``report``: per layer the sample isolation (M6) and the analytic attacks' results
+    (a dict, the vetting JSON of the Rust engine)."""
+
+    reason: Optional[str]
+    report: dict
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
 
 
 def _release(decided) -> Release:
@@ -62,7 +88,7 @@ def _release(decided) -> Release:
     non-finite gradients: a NaN or infinite loss is a bug of the loop, not a decision to go on
     from. The block was decided (audit log, metrics) before the exception."""
     kind, reason, non_finite, report, update = decided
-    release = Release(kind, reason, json.loads(report), dict(update))
+    release = Release(kind, reason, report, dict(update))
     if non_finite:
         err = InputError(f"the gradient is not finite (a NaN or infinite loss or input?): {reason}; the release was blocked, p.grad zeroed, the optimizer not stepped")
         err.release = release
@@ -155,6 +181,42 @@ class Guard:
         self._check(x, y, attribute, None)
         return json.loads(self._native.estimate(x, y, attribute))
 
+    def vet(self, x, y) -> Vetting:
+        """Vets the parameters as they are now, on a batch the caller would train on, before
+        training on them: what a federated client calls on the round's global model, which a
+        malicious server may have chosen so that its units each carry one sample of the next
+        batch (trap weights). Refused when a parameter is not finite, a sample isolation rule
+        of the policy fails, or the analytic attacks recover more than the policy's
+        ``vetting.max_recovered_fraction``; the refusal is logged. Nothing is trained or
+        stepped; buffers and the random stream are left as they were."""
+        self._check(x, y, None, None)
+        reason, vetting = self._native.vet(x, y)
+        return Vetting(reason, json.loads(vetting))
+
+    @property
+    def state_origin(self) -> str:
+        """Where the guard went on from when it was built: ``fresh``, ``restored (step N)``
+        (``state=``), ``restored from <log>.state.json (step N)`` (a restart), or fresh for a
+        state of another policy (saying so)."""
+        return self._native.state_origin()
+
+    def save_state(self) -> Optional[str]:
+        """Saves the state beside the audit log (``<audit_log>.state.json``, its SHA-256 in the
+        log): a guard built later on the same log goes on from it, checked against the log.
+        Returns the hash; None without an audit log."""
+        return self._native.save_state()
+
+    def close(self) -> None:
+        """Ends the audit log with a checkpoint and a ``closed`` record (the next writer of the
+        log continues a verified chain). Dropping the guard does the same."""
+        self._native.close()
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def layer_names(self) -> list:
         """The layers as the guard names them (module paths), in module order."""
@@ -191,7 +253,7 @@ class Guard:
 
     def table(self, release: Release) -> str:
         """The per-layer table of a release's report, with this guard's thresholds."""
-        return self._native.table(json.dumps(release.report))
+        return self._native.table(release.native_report)
 
 
 def _policy_text(policy) -> Optional[tuple]:
@@ -216,6 +278,7 @@ def wrap(
     metrics: Optional[str] = None,
     audit_log=None,
     embedding: Optional[Sequence[Callable]] = None,
+    state: Optional[dict] = None,
     noise_key: Optional[int] = None,
 ) -> Guard:
     """Guards a PyTorch training loop.
@@ -225,7 +288,13 @@ def wrap(
     - ``policy``: a policy file (TOML); without one the guard measures and releases what is
       finite. ``settings``: keys of the policy's ``[settings]`` table laid over it.
     - ``metrics``: ``"host:port"`` of a Prometheus endpoint for the guard's series.
-    - ``audit_log``: the hash-chained JSON-lines log of every change of state.
+    - ``audit_log``: the hash-chained JSON-lines log of every change of state. When a state
+      was saved beside it (``Guard.save_state``), the guard goes on from that state, checked
+      against the log (a ``restarted`` record); one that cannot be vouched for (missing after a
+      logged save, rolled back, unreadable) is a ``StateError`` until an operator runs
+      ``gradguard log reset-state``.
+    - ``state``: a state kept by the caller (``Guard.state()``, e.g. in Flower's
+      ``Context.state``) to go on from; the one saved beside the audit log wins.
     - ``embedding``: ``(embed_fn, loss_from_embeddings_fn)`` for a model on token ids, with
       ``loss_from_embeddings_fn(embed_fn(tokens), y) == loss_fn(tokens, y)``: M1 is measured on
       the embeddings.
@@ -262,6 +331,7 @@ def wrap(
         None if settings is None else json.dumps(settings),
         metrics,
         None if audit_log is None else os.fspath(audit_log),
+        None if state is None else json.dumps(state),
         noise_key,
     )
     return Guard(model, optimizer, native, embedding is not None)

@@ -35,6 +35,7 @@ mod node_data;
 mod params;
 mod partition;
 mod pytorch;
+mod resume;
 mod train;
 
 pub(crate) use errors::{FlError, FlResult, InternalError};
@@ -260,6 +261,7 @@ fn gradguard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InputError", py.get_type::<InputError>())?;
     m.add("AuditError", py.get_type::<AuditError>())?;
     m.add_class::<pytorch::TorchGuard>()?;
+    m.add_class::<pytorch::StepReport>()?;
     m.add("CONFIG_KEYS", CONFIG_KEYS.iter().map(|k| k.replace('_', "-")).collect::<Vec<_>>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Partition>()?;

@@ -6,9 +6,8 @@ use crate::errors::{FlError, FlResult};
 use crate::model::LocalModel;
 use crate::node_data::Source;
 use crate::params::{params_to_dict, HostArray};
-use gradguard_guard::decide::{load_state, state_path, SavedState};
-use gradguard_guard::{AuditLog, Batch, Guard, GuardState, Policy, Release};
-use std::path::Path;
+use crate::resume::go_on;
+use gradguard_guard::{AuditLog, Batch, Guard, Policy, Release};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rand::seq::SliceRandom;
@@ -121,37 +120,6 @@ fn path_seed(path: &str) -> u64 {
     path.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// Where the guard starts: a saved state of the same policy (restored), or fresh. A state of
-/// another policy is not used (a new policy starts from level 0, as `Guard::reload_policy`
-/// does); one that cannot be read is an error, never silently dropped.
-fn restore(guard: &mut Guard, saved: Option<&str>) -> FlResult<String> {
-    let Some(text) = saved.filter(|t| !t.trim().is_empty()) else { return Ok("fresh".into()) };
-    let state: GuardState = serde_json::from_str(text).map_err(|e| FlError::Config(format!("the saved guard state is not readable: {e}")))?;
-    go_on_from(guard, &state, "", FlError::Config)
-}
-
-/// Goes on from the state kept beside the audit log (checked against it by `load_state`): the
-/// file wins over a state the caller kept in memory. `restarted`: the caller kept none (a new
-/// process), said in the origin.
-fn restore_kept(guard: &mut Guard, kept: &SavedState, log: &str, restarted: bool) -> FlResult<String> {
-    let path = state_path(Path::new(log));
-    let from = if restarted { format!(" from {}", path.display()) } else { String::new() };
-    go_on_from(guard, &kept.state, &from, |e| FlError::State(format!("{}: {e}", path.display())))
-}
-
-/// Restores `state` into the guard: "restored{from} (step N)", or fresh when it belongs to
-/// another policy (a new policy starts from level 0, as `Guard::reload_policy` does); any other
-/// mismatch is an error typed by `fail`.
-fn go_on_from(guard: &mut Guard, state: &GuardState, from: &str, fail: impl Fn(String) -> FlError) -> FlResult<String> {
-    match guard.restore_state(state) {
-        Ok(()) => Ok(format!("restored{from} (step {})", state.step)),
-        Err(gradguard_guard::decide::StateError::OtherPolicy { saved, current }) => {
-            Ok(format!("fresh: the saved state belongs to policy {saved}, the node now enforces {current}"))
-        }
-        Err(e) => Err(fail(e.to_string())),
-    }
-}
-
 pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source, saved: Option<&str>, audit_log: Option<&str>) -> FlResult<TrainResult> {
     let policy = Policy::from_toml_str(&cfg.policy_text, &cfg.policy_origin).map_err(|e| FlError::Policy(e.to_string()))?;
     tch::set_num_threads(cfg.threads);
@@ -170,13 +138,7 @@ pub(crate) fn train_impl(given: &[HostArray], cfg: &TrainConfig, source: &Source
     // The guard is built (and the policy checked against the model) before any training.
     let mut guard = Guard::new(model.layer_map()?, policy)?;
     let audit_log = audit_log.filter(|p| !p.trim().is_empty());
-    // The state kept beside the audit log survives the process; it is checked against the log
-    // and, when it cannot be vouched for, nothing goes further.
-    let durable = audit_log.map(|p| load_state(Path::new(p))).transpose().map_err(|e| FlError::State(e.to_string()))?.flatten();
-    let (state_origin, restarted) = match &durable {
-        Some(kept) => (restore_kept(&mut guard, kept, audit_log.unwrap_or_default(), saved.is_none())?, saved.is_none()),
-        None => (restore(&mut guard, saved)?, false),
-    };
+    let (state_origin, restarted) = go_on(&mut guard, saved, audit_log)?;
     if let Some(path) = audit_log {
         let log = AuditLog::open(path).map_err(|e| FlError::Config(format!("audit-log {path}: {e}")))?;
         guard.set_audit_log(log).map_err(|e| FlError::Config(format!("audit-log {path}: {e}")))?;

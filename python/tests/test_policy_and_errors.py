@@ -256,3 +256,4 @@ def test_the_live_page_and_the_run_report_of_a_python_run(tmp_path):
     assert done.returncode == 0, done.stderr
     html = (out / "report.html").read_text()
     assert "conv1" in html and "records verified" in html and "noise" in html
+

@@ -2,8 +2,10 @@
 use super::errors::to_py;
 use super::loss::PyLoss;
 use super::policy::policy_with;
+use super::report::StepReport;
 use super::tensors::{unpack, unpack_named, wrap};
 use crate::errors::{AuditError, ConfigError, InputError, InternalError, StateError};
+use crate::resume::go_on;
 use gradguard_guard::decide::{LogOptions, DEFAULT_CHECKPOINT_EVERY};
 use gradguard_guard::{AuditLog, Batch, BlockReason, Guard, GuardError, LayerMap, Release};
 use pyo3::prelude::*;
@@ -21,12 +23,14 @@ pub(crate) struct TorchGuard {
     optimizer: Py<PyAny>,
     /// The exporter's server (`metrics=`), stopped when the guard is dropped.
     _metrics: Option<gradguard_exporter::MetricsServer>,
+    /// Where the guard went on from ("fresh", "restored (step N)", ...).
+    origin: String,
 }
 
 /// A decided release for Python: its kind (`released`, `held`, `blocked`), the block's reason,
-/// whether it was blocked for non-finite gradients, the report (JSON) and, for the explicit
-/// form, the protected update.
-type Decided<'py> = (&'static str, Option<String>, bool, String, Vec<(String, Bound<'py, PyAny>)>);
+/// whether it was blocked for non-finite gradients, the report and, for the explicit form, the
+/// protected update.
+type Decided<'py> = (&'static str, Option<String>, bool, StepReport, Vec<(String, Bound<'py, PyAny>)>);
 
 /// The batch's tensors, owned (a `Batch` borrows them; tensors are `Send`, borrows are not, so
 /// the batch is put together on the engine's side of the GIL release).
@@ -92,17 +96,16 @@ impl TorchGuard {
 
     /// The release for Python; the optimizer steps when it is released and `step` says so.
     fn decided<'py>(&self, py: Python<'py>, release: Release, step: bool) -> PyResult<Decided<'py>> {
-        let report = serde_json::to_string(release.report()).map_err(|e| InternalError::new_err(format!("writing the report: {e}")))?;
-        let (kind, reason, non_finite, update) = match release {
-            Release::Released { update, .. } => ("released", None, false, update),
-            Release::Held { .. } => ("held", None, false, Vec::new()),
-            Release::Blocked { reason, .. } => ("blocked", Some(reason.to_string()), matches!(reason, BlockReason::NonFinite { .. }), Vec::new()),
+        let (kind, reason, non_finite, update, report) = match release {
+            Release::Released { update, report } => ("released", None, false, update, report),
+            Release::Held { report } => ("held", None, false, Vec::new(), report),
+            Release::Blocked { reason, report } => ("blocked", Some(reason.to_string()), matches!(reason, BlockReason::NonFinite { .. }), Vec::new(), report),
         };
         if step && kind == "released" {
             self.optimizer.bind(py).call_method0("step")?;
         }
         let update = update.iter().map(|(n, t)| Ok((n.clone(), wrap(py, t)?))).collect::<PyResult<_>>()?;
-        Ok((kind, reason, non_finite, report, update))
+        Ok((kind, reason, non_finite, StepReport(report), update))
     }
 }
 
@@ -111,10 +114,11 @@ impl TorchGuard {
     /// Built by `gradguard.wrap` (see there): the parameters and buffers in module order with
     /// their dotted names, whether the model mixes the samples of a batch (batch norm in
     /// training mode), the optimizer, the loss and its embedding split, the policy text and
-    /// its origin, the settings (JSON), the metrics address, the audit log and, for tests and
-    /// audits only, the noise key.
+    /// its origin, the settings (JSON), the metrics address, the audit log, a state kept by the
+    /// caller (JSON; the one saved beside the audit log wins) and, for tests and audits only,
+    /// the noise key.
     #[new]
-    #[pyo3(signature = (params, buffers, coupled, optimizer, loss_fn, embedding, policy, settings, metrics, audit_log, noise_key))]
+    #[pyo3(signature = (params, buffers, coupled, optimizer, loss_fn, embedding, policy, settings, metrics, audit_log, state, noise_key))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -128,6 +132,7 @@ impl TorchGuard {
         settings: Option<String>,
         metrics: Option<String>,
         audit_log: Option<String>,
+        state: Option<String>,
         noise_key: Option<u64>,
     ) -> PyResult<Self> {
         let params = unpack_named(&params, "parameter")?;
@@ -139,15 +144,21 @@ impl TorchGuard {
         if let Some(key) = noise_key {
             guard.set_noise_key(key);
         }
+        // Before the log is opened: its `started` record carries the step the guard goes on from.
+        let (origin, restarted) = go_on(&mut guard, state.as_deref(), audit_log.as_deref())?;
         if let Some(path) = audit_log {
             let log = AuditLog::open_options(&path, LogOptions::default()).map_err(|e| AuditError::new_err(e.to_string()))?;
             guard.set_audit_log_every(log, DEFAULT_CHECKPOINT_EVERY).map_err(|e| to_py(py, "opening the audit log", e, None))?;
+            if restarted {
+                // This process did not save the state it goes on from: a restart, on the record.
+                guard.record_restart(format!("went on from the state saved beside the log: {origin}")).map_err(|e| to_py(py, "recording the restart", e, None))?;
+            }
         }
         let metrics = match metrics {
             Some(addr) => Some(gradguard_exporter::attach(&mut guard, addr.as_str()).map_err(|e| ConfigError::new_err(format!("metrics: {e}")))?),
             None => None,
         };
-        Ok(Self { guard: Mutex::new(guard), loss: PyLoss::new(loss_fn, embedding), optimizer, _metrics: metrics })
+        Ok(Self { guard: Mutex::new(guard), loss: PyLoss::new(loss_fn, embedding), optimizer, _metrics: metrics, origin })
     }
 
     /// After the user's backward: measure when due, protect `.grad` in place, step the
@@ -196,6 +207,34 @@ impl TorchGuard {
         serde_json::to_string(&report).map_err(|e| InternalError::new_err(format!("writing the report: {e}")))
     }
 
+    /// Vets the parameters as they are now (set from outside: a federated round's global model)
+    /// on a batch the caller would train on: the refusal's reason (None: accepted) and the
+    /// vetting (JSON). Nothing is trained or stepped; a refusal is logged before it returns.
+    #[pyo3(signature = (x, y))]
+    fn vet(&self, py: Python<'_>, x: &Bound<'_, PyAny>, y: &Bound<'_, PyAny>) -> PyResult<(Option<String>, String)> {
+        let owned = Owned::read(x, y, None, None)?;
+        let vetting = self.engine(py, "vetting the parameters", move |guard, loss| guard.vet_parameters(&owned.batch(), loss))?;
+        let json = serde_json::to_string(&vetting).map_err(|e| InternalError::new_err(format!("writing the vetting: {e}")))?;
+        Ok((vetting.refusal(), json))
+    }
+
+    /// Where the guard went on from when it was built.
+    fn state_origin(&self) -> String {
+        self.origin.clone()
+    }
+
+    /// Saves the state beside the audit log (its hash in the log): the next guard built on this
+    /// log goes on from here. The file's SHA-256; None without an audit log.
+    fn save_state(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        self.lock()?.save_state().map_err(|e| to_py(py, "saving the guard state", e, None))
+    }
+
+    /// Ends the audit log (a last checkpoint and a `closed` record); the guard logs nothing
+    /// after. Dropping the guard does the same.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.lock()?.close_audit_log().map_err(|e| to_py(py, "closing the audit log", e, None))
+    }
+
     /// The layers as the guard names them, in module order.
     fn layer_names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         PyList::new(py, self.lock()?.layers().names())
@@ -235,9 +274,8 @@ impl TorchGuard {
         self.lock()?.restore_state(&state).map_err(|e| StateError::new_err(format!("restoring the guard state: {e}")))
     }
 
-    /// The per-layer table of a report (JSON) with this guard's thresholds.
-    fn table(&self, report: &str) -> PyResult<String> {
-        let report = serde_json::from_str(report).map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("unreadable report: {e}")))?;
-        Ok(self.lock()?.table(&report))
+    /// The per-layer table of a step's report with this guard's thresholds.
+    fn table(&self, report: &StepReport) -> PyResult<String> {
+        Ok(self.lock()?.table(&report.0))
     }
 }

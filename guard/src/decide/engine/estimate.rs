@@ -5,7 +5,7 @@ use crate::decide::protection::{Protection, ReleaseProbe};
 use crate::decide::schedule::Scheduler;
 use super::probe_route::ProbeRoute;
 use crate::decide::worker::Worker;
-use crate::error::{GuardError, Result};
+use crate::error::{torch_message, GuardError, Result};
 use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LayerFisher, LayerMap, LossFn, ReleaseSensitivity, StepGraph};
 use crate::report::{LeakageMetric, Metric, PriorSource, ReconstructionBound, SampleIsolation, Sensitivity};
 use gradguard_defenses::Defence;
@@ -96,7 +96,9 @@ impl Estimates {
         self.scheduler.record_estimate(self.scheduler.now() - started, secondary, !forced && !in_budget);
         let jvps = match measured {
             Ok(kept) => kept,
-            Err(e) if has_rules => return Ok(Estimate::Failed { what: format!("the estimate failed: {e}"), estimated: true }),
+            // The reason reaches reports, the audit log and users: libtorch's informative line,
+            // never its C++ backtrace.
+            Err(e) if has_rules => return Ok(Estimate::Failed { what: format!("the estimate failed: {}", torch_message(&e.to_string())), estimated: true }),
             Err(e) => return Err(e),
         };
         let latent = self.latent.lock().clone();
