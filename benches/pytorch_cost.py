@@ -108,17 +108,33 @@ def build(model_name):
 
 
 def timed_run(model_name, mode, batches):
-    """Wall seconds of the loop, and the number of steps that estimated."""
+    """Wall seconds of the loop; the steps that estimated and the seconds their reports give; the
+    guard's own share of the run: for `step`, the time inside `guard.step` less the optimizer's
+    step it calls (what the same loop spends anyway), measured in this run; for both modes, the
+    engine's `spent_share` (its time over the run's, the budget's measure) from the last report.
+    Measured within one run, the shares do not move with the machine's load as the ratio of two
+    runs' wall times does."""
     model = build(model_name)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = lambda x, y: F.cross_entropy(model(x), y)
     guard = None
+    stepping = [0.0]
     if mode != "unguarded":
         embedding = None
         if model_name == "transformer":
             embedding = (model.embed, lambda e, y: F.cross_entropy(model.forward_embedded(e), y))
         guard = gradguard.wrap(model, opt, loss_fn, settings={"max_estimate_age_steps": max(len(batches) + 1, 10)}, embedding=embedding)
-    estimated, guard_seconds = 0, 0.0
+        plain_step = opt.step
+
+        def timed_step(*args, **kw):  # the engine calls optimizer.step() by name: this one
+            t = time.perf_counter()
+            out = plain_step(*args, **kw)
+            stepping[0] += time.perf_counter() - t
+            return out
+
+        opt.step = timed_step
+    estimated, guard_seconds, inside = 0, 0.0, 0.0
+    release = None
     torch.manual_seed(1)
     start = time.perf_counter()
     for x, y in batches:
@@ -130,10 +146,18 @@ def timed_run(model_name, mode, batches):
             if guard is None:
                 opt.step()
                 continue
+            t = time.perf_counter()
             release = guard.step(x, y)
+            inside += time.perf_counter() - t
         estimated += release.estimated
         guard_seconds += release.estimate_seconds or 0.0
-    return time.perf_counter() - start, (estimated, round(guard_seconds, 2))
+    wall = time.perf_counter() - start
+    shares = {}
+    if release is not None:
+        shares["engine"] = release.report["health"]["spent_share"]
+        if mode == "step":
+            shares["python"] = (inside - stepping[0]) / wall
+    return wall, (estimated, round(guard_seconds, 2)), shares
 
 
 def cost(model_name, steps, repeats, batch):
@@ -141,13 +165,16 @@ def cost(model_name, steps, repeats, batch):
     timed_run(model_name, "unguarded", batches[:3])  # warm-up: allocator, kernels
     times = {"unguarded": [], "step": [], "train_step": []}
     estimates = {"step": [], "train_step": []}
+    shares = {"step": [], "train_step": []}
     for _ in range(repeats):
         for mode in times:
-            seconds, n = timed_run(model_name, mode, batches)
+            seconds, n, share = timed_run(model_name, mode, batches)
             times[mode].append(seconds)
             if mode in estimates:
                 estimates[mode].append(n)
+                shares[mode].append(share)
     median = {m: statistics.median(t) for m, t in times.items()}
+    in_run = lambda mode, key: statistics.median(s[key] for s in shares[mode])
     return {
         "model": model_name,
         "steps": steps,
@@ -155,8 +182,13 @@ def cost(model_name, steps, repeats, batch):
         "repeats": repeats,
         "seconds": times,
         "estimates": estimates,
+        "shares": shares,
         "ratio_step": median["step"] / median["unguarded"],
         "ratio_train_step": median["train_step"] / median["unguarded"],
+        # guarded / unguarded as one run sees it: 1 / (1 - the guard's share of the run)
+        "in_run_step": 1.0 / (1.0 - in_run("step", "python")),
+        "engine_step": 1.0 / (1.0 - in_run("step", "engine")),
+        "engine_train_step": 1.0 / (1.0 - in_run("train_step", "engine")),
     }
 
 
@@ -206,12 +238,15 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps x {args.repeats} repeats, batch {args.batch}")
     print("estimates: (count, seconds the reports give) per repeat, step / train_step; the first estimate is due at step 0,")
     print("so a short run measures mostly it: the 5% budget shows only over hundreds of steps (docs/PERFORMANCE.md)")
-    print(f"{'model':12} {'unguarded s':>12} {'step s':>9} {'train_step s':>13} {'step/ung':>9} {'train/ung':>10}  estimates")
+    print("in-run: 1 / (1 - the guard's share of its own run): for step, the time inside guard.step less the optimizer's step;")
+    print("engine: the same from the engine's own clock (its report's spent_share), which leaves out the Python wrapper")
+    print(f"{'model':12} {'unguarded s':>12} {'step s':>9} {'train_step s':>13} {'step/ung':>9} {'train/ung':>10} {'step in-run':>12} {'step engine':>12} {'train engine':>13}  estimates")
     for name in args.models.split(","):
         c = cost(name, args.steps, args.repeats, args.batch)
         results["cost"].append(c)
         med = {m: statistics.median(t) for m, t in c["seconds"].items()}
-        print(f"{name:12} {med['unguarded']:12.2f} {med['step']:9.2f} {med['train_step']:13.2f} {c['ratio_step']:9.3f} {c['ratio_train_step']:10.3f}  {c['estimates']['step']} / {c['estimates']['train_step']}")
+        print(f"{name:12} {med['unguarded']:12.2f} {med['step']:9.2f} {med['train_step']:13.2f} {c['ratio_step']:9.3f} {c['ratio_train_step']:10.3f} "
+              f"{c['in_run_step']:12.3f} {c['engine_step']:12.3f} {c['engine_train_step']:13.3f}  {c['estimates']['step']} / {c['estimates']['train_step']}")
     rows = m1_against_rust(args.gradguard, args.probes, args.batch)
     results["m1"] = rows
     print(f"\nM1 on the ResNet (eval mode, batch {args.batch}, K = {args.probes}): Python guard.estimate vs gradguard audit on its TorchScript")

@@ -14,6 +14,7 @@ use super::graph::{used_layers, GradientGraph, Point, StepGraph};
 use super::inspection::Inspection;
 use super::layers::LayerMap;
 use super::loss::{parameter_grads, LossFn};
+use super::rng::RngSnapshot;
 use super::sub_batch::{gradients_with_input, samples_per_probe, SubBatches};
 use super::tensors::{gaussian_probes, rng_for, sum_sq, to_f64_vec};
 use crate::error::{GuardError, Result, TorchContext};
@@ -289,10 +290,15 @@ fn difference_step(point: &Point) -> Result<f64> {
 }
 
 /// (G(x + dv) - G(x - dv)) / 2 eps per parameter, G the loss's gradient on `targets`
-/// (undefined where either side is).
+/// (undefined where either side is). Both sides start from the same state of the random
+/// stream, which is put back after them: a model with dropout is differenced under one set of
+/// masks, not two.
 pub(super) fn gradient_difference(loss: &dyn LossFn, x: &Tensor, dv: &Tensor, targets: &Tensor, params: &[Tensor], step: u64, eps: f64) -> Result<Vec<Tensor>> {
+    let random = RngSnapshot::take(x.device())?;
     let plus = parameter_grads(loss, &x.f_add(dv).during("perturbing inputs")?, targets, params, step, false)?;
+    random.restore()?;
     let minus = parameter_grads(loss, &x.f_sub(dv).during("perturbing inputs")?, targets, params, step, false)?;
+    random.restore()?;
     plus.iter()
         .zip(&minus)
         .map(|(p, m)| {

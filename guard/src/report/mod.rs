@@ -252,6 +252,24 @@ pub struct GuardHealth {
     /// Policy reloads rejected so far (the policy in force stayed).
     #[serde(default)]
     pub policy_reload_failures: u64,
+    /// The check of M1's double backward against a central difference, made at the first
+    /// estimate (None before it, or where M1 is absent or measured by central differences from
+    /// the start).
+    #[serde(default)]
+    pub autograd_check: Option<AutogradCheck>,
+}
+
+/// What the guard found when it checked, at its first estimate, that the model's autograd graph
+/// carries the whole dependence of the released gradient on the inputs (M1's double backward
+/// sees nothing else).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AutogradCheck {
+    /// The step of the check.
+    pub step: u64,
+    /// Layers whose gradient moves with the inputs along a path autograd did not record (a
+    /// `.detach()`, `torch.no_grad`, a once-differentiable function): where any is, every M1
+    /// from the check on is measured by central differences, which re-run the forward.
+    pub cut_layers: Vec<String>,
 }
 
 /// The guard's report for one training step.

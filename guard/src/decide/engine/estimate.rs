@@ -6,8 +6,8 @@ use crate::decide::schedule::Scheduler;
 use super::probe_route::ProbeRoute;
 use crate::decide::worker::Worker;
 use crate::error::{torch_message, GuardError, Result};
-use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LayerFisher, LayerMap, LossFn, ReleaseSensitivity, StepGraph};
-use crate::report::{LeakageMetric, Metric, PriorSource, ReconstructionBound, SampleIsolation, Sensitivity};
+use crate::measure::{Batch, Inspection, JvpSamples, LatentTable, LayerFisher, LayerMap, LossFn, ReleaseSensitivity, SensitivitySettings, StepGraph};
+use crate::report::{AutogradCheck, JvpMethod, LeakageMetric, Metric, PriorSource, ReconstructionBound, SampleIsolation, Sensitivity};
 use gradguard_defenses::Defence;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -25,6 +25,9 @@ pub(super) struct Estimates {
     pub(super) isolation_step: Option<u64>,
     /// M1's route when the policy leaves `probe_samples` unset, calibrated on the model.
     pub(super) probe_route: ProbeRoute,
+    /// Whether the model's autograd graph carries the gradient's whole dependence on the
+    /// inputs, checked at the first estimate (`Inspection::graph_check`).
+    pub(super) autograd_check: Option<AutogradCheck>,
     /// The last M2 and M6 measurements' times at an estimate (seconds), the guesses for the next.
     pub(super) secondary_costs: SecondaryCosts,
     pub(super) estimate_seconds: Option<f64>,
@@ -144,23 +147,22 @@ impl Estimates {
             look = look.with_graph(graph);
         }
         let n = batch.validate()?;
-        let m1_settings = self.probe_route.settings(settings.sensitivity(), n);
+        let mut m1_settings = self.probe_route.settings(settings.sensitivity(), n);
         let m1_started = self.scheduler.now();
-        let mut kept = None;
-        if keep_jvps {
-            match look.jvp_samples(&m1_settings) {
-                Ok(samples) => {
-                    self.sensitivity = samples.sensitivity(layers)?;
-                    kept = Some(samples);
-                }
-                Err(e @ GuardError::DiscreteInputs { .. }) => {
-                    self.sensitivity = (0..layers.len()).map(|_| Metric::absent(e.to_string())).collect();
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            self.sensitivity = look.sensitivity(&m1_settings)?;
+        if self.graph_is_cut() {
+            m1_settings = by_differences(m1_settings);
         }
+        let (mut sensitivity, mut kept) = measure_m1(layers, &look, &m1_settings, keep_jvps)?;
+        if m1_settings.method == JvpMethod::DoubleBackward && self.autograd_check.is_none() {
+            // After M1, whose double backward consumed the training step's graph: the check's
+            // own forward (batch norm updating its running statistics) would invalidate it.
+            check_graph(&mut self.autograd_check, &look, step)?;
+            if self.graph_is_cut() {
+                m1_settings = by_differences(m1_settings);
+                (sensitivity, kept) = measure_m1(layers, &look, &m1_settings, keep_jvps)?;
+            }
+        }
+        self.sensitivity = sensitivity;
         self.probe_route.observe(&settings.sensitivity(), n, &self.sensitivity, self.scheduler.now() - m1_started);
         let due = self.secondary_due(protection.policy(), step);
         self.secondary_costs.this_estimate = 0.0;
@@ -180,6 +182,11 @@ impl Estimates {
         self.estimate_step = Some(step);
         self.estimate_seconds = Some(started.elapsed().as_secs_f64());
         Ok(kept)
+    }
+
+    /// Whether the check found a layer whose dependence on the inputs autograd does not carry.
+    pub(super) fn graph_is_cut(&self) -> bool {
+        self.autograd_check.as_ref().is_some_and(|c| !c.cut_layers.is_empty())
     }
 
     /// M2: the per-sample gradients here (they need the graph), the linear algebra here too
@@ -295,5 +302,42 @@ impl ReleaseProbe for JvpSamples {
 
     fn input_dims(&self) -> usize {
         self.input_dims
+    }
+}
+
+/// At the first estimate that reaches M1: whether its double backward sees the whole dependence
+/// of the gradient on the inputs. Integer inputs without a split (M1 absent) leave it unchecked.
+fn check_graph(checked: &mut Option<AutogradCheck>, look: &Inspection, step: u64) -> Result<()> {
+    if checked.is_some() {
+        return Ok(());
+    }
+    match look.graph_check() {
+        Ok(check) => {
+            *checked = Some(AutogradCheck { step, cut_layers: check.cut_layers });
+            Ok(())
+        }
+        Err(GuardError::DiscreteInputs { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// M1's settings for a model whose autograd record misses part of the gradient's dependence on
+/// the inputs: central differences, which re-run the forward (the double backward would
+/// measure too little, 0 for a head on a no_grad backbone); exact mode differentiates the same
+/// record, so probes replace it.
+fn by_differences(settings: SensitivitySettings) -> SensitivitySettings {
+    SensitivitySettings { method: JvpMethod::CentralDifference, exact: false, ..settings }
+}
+
+/// M1 of every layer, and the probe JVPs too when `keep_jvps` (none for integer inputs without
+/// a split, whose M1 is absent with the reason).
+fn measure_m1(layers: &LayerMap, look: &Inspection, settings: &SensitivitySettings, keep_jvps: bool) -> Result<(Vec<Metric<Sensitivity>>, Option<JvpSamples>)> {
+    if !keep_jvps {
+        return Ok((look.sensitivity(settings)?, None));
+    }
+    match look.jvp_samples(settings) {
+        Ok(samples) => Ok((samples.sensitivity(layers)?, Some(samples))),
+        Err(e @ GuardError::DiscreteInputs { .. }) => Ok(((0..layers.len()).map(|_| Metric::absent(e.to_string())).collect(), None)),
+        Err(e) => Err(e),
     }
 }

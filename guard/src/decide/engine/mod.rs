@@ -73,6 +73,7 @@ impl Guard {
                 estimate_step: None,
                 isolation_step: None,
                 probe_route: ProbeRoute::Uncalibrated,
+                autograd_check: None,
                 secondary_costs: Default::default(),
                 estimate_seconds: None,
                 scheduler: Scheduler::new(settings.budget_share, Box::new(SystemClock::default())),
@@ -237,7 +238,7 @@ impl Guard {
     fn shares_graph(&self, batch: &Batch) -> Result<bool> {
         let n = batch.validate()?;
         let alone = !self.hold.is_holding() && n >= self.decide.protection.floor();
-        let double_backward = self.policy().settings().sensitivity().method == JvpMethod::DoubleBackward;
+        let double_backward = self.policy().settings().sensitivity().method == JvpMethod::DoubleBackward && !self.estimates.graph_is_cut();
         Ok(alone && double_backward && self.estimates.due(self.policy(), self.step).0)
     }
 

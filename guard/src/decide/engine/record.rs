@@ -114,6 +114,7 @@ impl Guard {
                 worker_failures: self.workers().map(|w| w.failures()).sum(),
                 worker_error: self.worker_error(),
                 policy_reload_failures: self.record.reload_failures,
+                autograd_check: estimates.autograd_check.clone(),
             },
             release_reconstruction_bound: bounds.release.clone(),
             release_reconstruction_bound_bits: bounds.release.measured().and_then(|b| b.reconstruction_bound_bits),

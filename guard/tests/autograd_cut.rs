@@ -1,0 +1,79 @@
+//! A layer whose gradient moves with the inputs along a path autograd did not record (here a
+//! `.detach()` of frozen features; in PyTorch also `torch.no_grad` or a once-differentiable
+//! function) is measured, not reported "safe": the double backward would give its M1 as exactly
+//! 0 (it differentiates the record), so the guard checks at its first estimate which layers the
+//! record connects to the inputs, names the others in the report's health and measures M1 by
+//! central differences from then on. Its numbers equal those of the same function with the
+//! record intact. A model with nothing cut keeps the double backward.
+mod common;
+
+use common::{cross_entropy, unbudgeted};
+use gradguard_guard::report::{JvpMethod, Report};
+use gradguard_guard::{Batch, Guard, LayerMap, Policy, Settings};
+use tch::{nn, Device, Kind, TchError, Tensor};
+
+/// A frozen feature extractor (tanh(x W0), not a parameter) and a trainable linear head.
+struct Probe {
+    w0: Tensor,
+    head: nn::Linear,
+}
+
+impl Probe {
+    fn loss(&self, x: &Tensor, y: &Tensor, detach: bool) -> Result<Tensor, TchError> {
+        let features = x.f_mm(&self.w0)?.f_tanh()?;
+        let features = if detach { features.f_detach()? } else { features };
+        cross_entropy(&features.f_linear(&self.head.ws, self.head.bs.as_ref())?, y)
+    }
+}
+
+/// Tests in this binary may run on parallel threads and libtorch's generator is global:
+/// seeding and drawing under one lock gives every call the same model and batch.
+static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn setup() -> (nn::VarStore, Probe, Tensor, Tensor) {
+    let _draws = DRAWS.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(3);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let head = nn::linear(vs.root() / "head", 12, 3, Default::default());
+    vs.double();
+    let w0 = Tensor::randn([6, 12], (Kind::Double, Device::Cpu));
+    let x = Tensor::randn([16, 6], (Kind::Double, Device::Cpu));
+    let y = Tensor::randint(3, [16], (Kind::Int64, Device::Cpu));
+    (vs, Probe { w0, head }, x, y)
+}
+
+fn audit(detach: bool, settings: Settings) -> Report {
+    let (vs, net, x, y) = setup();
+    let mut guard = Guard::new(LayerMap::from_var_store(&vs).unwrap(), Policy::permissive_with(settings).unwrap()).unwrap();
+    let loss = |x: &Tensor, y: &Tensor| net.loss(x, y, detach);
+    guard.estimate(&Batch::new(&x, &y), &loss).unwrap()
+}
+
+fn settings() -> Settings {
+    Settings { probes: 16, ..unbudgeted() }
+}
+
+#[test]
+fn a_head_on_detached_features_is_measured_by_central_differences_and_named() {
+    let cut = audit(true, settings());
+    let check = cut.health.autograd_check.as_ref().expect("checked at the first estimate");
+    assert_eq!(check.cut_layers, vec!["head".to_string()]);
+    let s = cut.layer("head").unwrap().sensitivity.measured().expect("measured").clone();
+    assert_eq!(s.method, JvpMethod::CentralDifference);
+    // The same function with the record intact, by the double backward, with the same probes.
+    let whole = audit(false, settings());
+    assert_eq!(whole.health.autograd_check.as_ref().unwrap().cut_layers, Vec::<String>::new());
+    let reference = whole.layer("head").unwrap().sensitivity.measured().expect("measured").clone();
+    assert_eq!(reference.method, JvpMethod::DoubleBackward);
+    assert!(s.sensitivity > 0.0);
+    // f64 central differences with the same probe directions: the same number to rounding.
+    let gap = (s.sensitivity - reference.sensitivity).abs();
+    assert!(gap <= 1e-5 * reference.sensitivity, "{s:?} vs {reference:?}");
+}
+
+#[test]
+fn exact_mode_on_a_cut_model_falls_back_to_probes_and_says_so() {
+    let cut = audit(true, Settings { exact_sensitivity: true, ..settings() });
+    let s = cut.layer("head").unwrap().sensitivity.measured().expect("measured").clone();
+    assert!(!s.exact && s.method == JvpMethod::CentralDifference && s.sensitivity > 0.0, "{s:?}");
+}
