@@ -3,7 +3,8 @@ not reported "safe": a linear probe on a backbone run under ``torch.no_grad`` (i
 come back from the head's gradient, while a double backward would measure the head's M1 as
 exactly 0) and a bias behind a once-differentiable function. The guard names the cut layers in
 the report's health and measures M1 by central differences; the numbers equal those of the
-same function with the record intact (f64, the same probes)."""
+same function with the record intact (f64, the same probes), and the attack agrees: the head's
+gradient of one sample gives its features back."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def test_a_linear_probe_on_a_no_grad_backbone():
         with torch.no_grad():
             features = model.backbone(x)
         return F.cross_entropy(model.head(features), y)
+
+    # What the number must agree with: one sample's head gradient gives its features back
+    # exactly (row i of dL/dW over dL/db_i), so the head leaks whatever the backbone keeps.
+    x, y = batch()
+    model.zero_grad()
+    frozen(x[:1], y[:1]).backward()
+    i = model.head.bias.grad.abs().argmax()
+    recovered = model.head.weight.grad[i] / model.head.bias.grad[i]
+    assert torch.allclose(recovered, model.backbone(x[:1])[0], rtol=1e-9, atol=0)
+    model.zero_grad()
 
     cut = audit(model, frozen)
     assert cut["health"]["autograd_check"]["cut_layers"] == ["head"]
