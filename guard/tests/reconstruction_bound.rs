@@ -80,6 +80,7 @@ fn exact_samples(case: &Case) -> JvpSamples {
         probes: n * d,
         probe_samples: n,
         method: JvpMethod::DoubleBackward,
+        graph_cut: vec![false; 2],
         layers,
         seed: 0,
         step: 0,

@@ -128,8 +128,8 @@ impl GradientGraph {
         Ok((Self { x, grads, input_grad, params, owner, used, grad_norms }, loss))
     }
 
-    pub(super) fn squares(self, per_probe: Vec<Vec<f64>>, probe_samples: usize) -> JacobianSquares {
-        JacobianSquares { per_probe, grad_norms: self.grad_norms, used: self.used, probe_samples }
+    pub(super) fn squares(self, per_probe: Vec<Vec<f64>>, probe_samples: usize, cut: Vec<bool>) -> JacobianSquares {
+        JacobianSquares { per_probe, grad_norms: self.grad_norms, used: self.used, probe_samples, cut }
     }
 
     /// dL/dx with its graph; None when no gradient moves with the inputs.

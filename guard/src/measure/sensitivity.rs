@@ -64,6 +64,15 @@ impl SensitivitySettings {
     }
 }
 
+impl SensitivitySettings {
+    /// These settings with central differences, which re-run the forward: what M1 falls back to
+    /// where the autograd record does not connect a layer's gradient to the inputs (exact mode
+    /// differentiates the same record, so probes replace it).
+    pub fn by_differences(&self) -> Self {
+        Self { method: JvpMethod::CentralDifference, exact: false, ..self.clone() }
+    }
+}
+
 /// The stream of the seeded generator the probes v are drawn from ([`rng_for`]'s purpose).
 pub(super) const PROBE_STREAM: u64 = 1;
 
@@ -75,6 +84,8 @@ pub(super) struct JacobianSquares {
     pub(super) used: Vec<bool>,
     /// m: samples per probe (n for the full batch and exact mode).
     pub(super) probe_samples: usize,
+    /// Per layer: cut off from the inputs' autograd record ([`cut_layers`]).
+    pub(super) cut: Vec<bool>,
 }
 
 /// Estimates M1 for every layer on one batch; the inspection's seed and step pick the probes.
@@ -88,11 +99,34 @@ fn estimate_sensitivity(ins: &Inspection, settings: &SensitivitySettings) -> Res
         Err(e) => return Err(e),
     };
     let squares = if settings.exact { exact_squares(ins, &point, n)? } else { probe_squares(ins, &point, settings, n)? };
-    Ok(summarise(ins, &squares, n, settings, point.representation))
+    if !squares.cut.contains(&true) {
+        return Ok(summarise(ins, &squares, n, settings, point.representation));
+    }
+    let settings = settings.by_differences();
+    let again = JacobianSquares { cut: squares.cut, ..probe_squares(ins, &point, &settings, n)? };
+    Ok(summarise(ins, &again, n, &settings, point.representation))
+}
+
+/// Per layer: a parameter whose gradient is nonzero but which no JVP of the double backward
+/// reached (`reached`, per parameter in `flat_params` order). Whether the record connects a
+/// parameter to the inputs does not depend on the direction, so any JVP tells. Such a layer's
+/// gradient still moves with the inputs (a head on a no_grad backbone gives its features
+/// back), and the double backward would measure 0 there.
+fn cut_layers(layers: &LayerMap, grads: &[Tensor], reached: &[bool]) -> Result<Vec<bool>> {
+    let mut cut = vec![false; layers.len()];
+    if grads.iter().zip(reached).all(|(g, r)| *r || !g.defined()) {
+        return Ok(cut);
+    }
+    let norms = to_f64_vec(&layers.param_norms(grads)?)?;
+    let (_, owner) = layers.flat_params();
+    for (((g, r), &l), norm) in grads.iter().zip(reached).zip(&owner).zip(norms) {
+        cut[l] |= g.defined() && !r && norm > 0.0;
+    }
+    Ok(cut)
 }
 
 /// M1 of one layer from its per-probe estimates of S_l^2 (kept JVPs).
-fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &JvpSamples) -> Metric<Sensitivity> {
+fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &JvpSamples, graph_cut: bool) -> Metric<Sensitivity> {
     let (s2, se2) = mean_and_standard_error(per);
     if !s2.is_finite() {
         return Metric::absent("non-finite Jacobian estimate (the loss or its gradient overflowed)");
@@ -112,6 +146,7 @@ fn summarise_layer(per: &[f64], norm: f64, params: usize, samples: &JvpSamples) 
         params,
         representation: samples.representation,
         probe_samples: Some(samples.probe_samples),
+        graph_cut,
     })
 }
 
@@ -153,6 +188,7 @@ fn summarise(ins: &Inspection, sq: &JacobianSquares, n: usize, settings: &Sensit
                 params,
                 representation,
                 probe_samples: Some(sq.probe_samples),
+                graph_cut: sq.cut[l],
             })
         })
         .collect()
@@ -183,6 +219,8 @@ fn read_rows(layers: &LayerMap, rows: Vec<Tensor>) -> Result<Vec<Vec<f64>>> {
 /// released gradient per parameter (detached), all of the whole batch; and the samples per probe.
 struct ProbeContext {
     used: Vec<bool>,
+    /// Per parameter: whether any probe's JVP was defined.
+    reached: Vec<bool>,
     grad_norms: Vec<f64>,
     grads: Vec<Tensor>,
     probe_samples: usize,
@@ -192,7 +230,7 @@ impl ProbeContext {
     /// The whole batch's part of `graph` (whose gradients are detached); the rest of the graph
     /// is freed.
     fn of_graph(graph: GradientGraph, probe_samples: usize) -> Self {
-        Self { used: graph.used, grad_norms: graph.grad_norms, grads: graph.grads, probe_samples }
+        Self { used: graph.used, reached: Vec::new(), grad_norms: graph.grad_norms, grads: graph.grads, probe_samples }
     }
 
     /// The context of the whole batch's gradients `grads` (detached, in `flat_params` order).
@@ -200,7 +238,7 @@ impl ProbeContext {
         let (_, owner) = layers.flat_params();
         let used = used_layers(&grads, &owner, layers.len());
         let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
-        Ok(Self { used, grad_norms, grads, probe_samples })
+        Ok(Self { used, reached: Vec::new(), grad_norms, grads, probe_samples })
     }
 }
 
@@ -215,9 +253,25 @@ fn detached(grads: &[Tensor]) -> Result<Vec<Tensor>> {
 /// estimates S_l^2 (`sub_batch.rs`).
 fn probe_jvps(ins: &Inspection, point: &Point, settings: &SensitivitySettings, n: usize, sink: &mut dyn FnMut(Vec<Tensor>) -> Result<()>) -> Result<ProbeContext> {
     let samples = (n, samples_per_probe(ins, settings, n));
-    match settings.method {
-        JvpMethod::DoubleBackward => double_backward_jvps(ins, point, settings.probes, samples, sink),
-        JvpMethod::CentralDifference => central_difference_jvps(ins, point, settings.probes, samples, sink),
+    let mut reached = vec![false; ins.layers().flat_params().0.len()];
+    let mut tracked = |jv: Vec<Tensor>| {
+        for (r, t) in reached.iter_mut().zip(&jv) {
+            *r |= t.defined();
+        }
+        sink(jv)
+    };
+    let mut ctx = match settings.method {
+        JvpMethod::DoubleBackward => double_backward_jvps(ins, point, settings.probes, samples, &mut tracked)?,
+        JvpMethod::CentralDifference => central_difference_jvps(ins, point, settings.probes, samples, &mut tracked)?,
+    };
+    ctx.reached = reached;
+    Ok(ctx)
+}
+
+impl ProbeContext {
+    /// Per layer: cut off from the inputs' autograd record ([`cut_layers`]).
+    fn cut(&self, layers: &LayerMap) -> Result<Vec<bool>> {
+        cut_layers(layers, &self.grads, &self.reached)
     }
 }
 
@@ -319,7 +373,8 @@ fn probe_squares(ins: &Inspection, point: &Point, settings: &SensitivitySettings
         rows.push(layers.param_norms(&jv)?);
         Ok(())
     })?;
-    Ok(JacobianSquares { per_probe: read_rows(layers, rows)?, grad_norms: ctx.grad_norms, used: ctx.used, probe_samples: ctx.probe_samples })
+    let cut = ctx.cut(layers)?;
+    Ok(JacobianSquares { per_probe: read_rows(layers, rows)?, grad_norms: ctx.grad_norms, used: ctx.used, probe_samples: ctx.probe_samples, cut })
 }
 
 /// One layer's released gradient and its K probe JVPs, each flattened over the layer's
@@ -343,6 +398,9 @@ pub struct JvpSamples {
     pub probe_samples: usize,
     /// How the JVPs were formed.
     pub method: JvpMethod,
+    /// Per layer: cut off from the inputs' autograd record, so measured by central differences
+    /// (`Sensitivity::graph_cut`).
+    pub graph_cut: Vec<bool>,
     /// One entry per layer, None where the loss does not reach the layer.
     pub layers: Vec<Option<LayerJvps>>,
     /// The seed and step that picked the probes.
@@ -373,14 +431,14 @@ impl JvpSamples {
         let values = if squares.is_empty() { vec![] } else { to_f64_vec(&Tensor::f_stack(&squares, 0).during("stacking probe norms")?)? };
         let mut values = values.into_iter();
         let mut out = Vec::new();
-        for (layer, kept) in layers.layers().iter().zip(&self.layers) {
+        for ((layer, kept), &graph_cut) in layers.layers().iter().zip(&self.layers).zip(&self.graph_cut) {
             let Some(kept) = kept else {
                 out.push(Metric::absent("layer not used by the loss (gradient undefined)"));
                 continue;
             };
             let per: Vec<f64> = values.by_ref().take(kept.jvps.len()).map(|v| v / self.n as f64).collect();
             let norm = values.next().unwrap_or(0.0).sqrt();
-            out.push(summarise_layer(&per, norm, layer.numel(), self));
+            out.push(summarise_layer(&per, norm, layer.numel(), self, graph_cut));
         }
         Ok(out)
     }
@@ -404,19 +462,29 @@ fn jvp_samples(ins: &Inspection, settings: &SensitivitySettings) -> Result<JvpSa
         }
         out.iter().map(|parts| Tensor::f_cat(parts, 0).during("joining a layer's JVP")).collect()
     };
-    let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
-    let ctx = probe_jvps(ins, &point, settings, n, &mut |jv| {
-        for (l, t) in flat_layer(&jv)?.into_iter().enumerate() {
-            per_layer[l].push(t);
-        }
-        Ok(())
-    })?;
+    let kept = |settings: &SensitivitySettings| -> Result<(ProbeContext, Vec<Vec<Tensor>>)> {
+        let mut per_layer: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
+        let ctx = probe_jvps(ins, &point, settings, n, &mut |jv| {
+            for (l, t) in flat_layer(&jv)?.into_iter().enumerate() {
+                per_layer[l].push(t);
+            }
+            Ok(())
+        })?;
+        Ok((ctx, per_layer))
+    };
+    let (mut ctx, mut per_layer) = kept(settings)?;
+    let graph_cut = ctx.cut(layers)?;
+    let settings = if graph_cut.contains(&true) { settings.by_differences() } else { settings.clone() };
+    if graph_cut.contains(&true) {
+        (ctx, per_layer) = kept(&settings)?;
+    }
     let grads = flat_layer(&ctx.grads)?;
     Ok(JvpSamples {
         n,
         probes: settings.probes,
         probe_samples: ctx.probe_samples,
         method: settings.method,
+        graph_cut,
         layers: grads
             .into_iter()
             .zip(per_layer)
@@ -454,17 +522,23 @@ fn exact_squares(ins: &Inspection, point: &Point, n: usize) -> Result<JacobianSq
     let graph = ins.graph_of(point)?;
     let x = &graph.x;
     let mut rows = Vec::new();
+    // Per parameter: whether any basis JVP (or VJP) reached it through the record.
+    let mut reached = vec![false; graph.grads.len()];
     if x.numel() <= layers.numel() {
         for j in 0..x.numel() as i64 {
             let e = x.f_zeros_like().and_then(|z| z.f_reshape([-1])).during("forming a basis vector")?;
             let _ = e.f_narrow(0, j, 1).and_then(|mut one| one.f_fill_(1.0)).during("forming a basis vector")?;
-            rows.push(layers.param_norms(&graph.jvp(&e.f_reshape(x.size()).during("forming a basis vector")?)?)?);
+            let jvp = graph.jvp(&e.f_reshape(x.size()).during("forming a basis vector")?)?;
+            for (r, t) in reached.iter_mut().zip(&jvp) {
+                *r |= t.defined();
+            }
+            rows.push(layers.param_norms(&jvp)?);
         }
     } else {
         // One VJP per parameter scalar: its squared norm belongs to that parameter's layer.
         let mut owners = Vec::new();
         let mut squares = Vec::new();
-        for (g, &l) in graph.grads.iter().zip(&graph.owner) {
+        for ((g, &l), r) in graph.grads.iter().zip(&graph.owner).zip(reached.iter_mut()) {
             if !g.defined() || !g.requires_grad() {
                 continue;
             }
@@ -473,6 +547,7 @@ fn exact_squares(ins: &Inspection, point: &Point, n: usize) -> Result<JacobianSq
                 let t = flat.f_get(q).during("selecting a parameter coordinate")?;
                 let row = Tensor::f_run_backward(&[&t], &[x], true, false).during("computing a basis VJP")?.remove(0);
                 if row.defined() {
+                    *r = true;
                     squares.push(sum_sq(&row)?);
                     owners.push(l);
                 }
@@ -485,7 +560,8 @@ fn exact_squares(ins: &Inspection, point: &Point, n: usize) -> Result<JacobianSq
                 total[l] += v;
             }
         }
-        return Ok(graph.squares(vec![total], n));
+        let cut = cut_layers(layers, &graph.grads, &reached)?;
+        return Ok(graph.squares(vec![total], n, cut));
     }
     let mut total = vec![0.0; l_count];
     for row in read_rows(layers, rows)? {
@@ -493,7 +569,8 @@ fn exact_squares(ins: &Inspection, point: &Point, n: usize) -> Result<JacobianSq
             *acc += v;
         }
     }
-    Ok(graph.squares(vec![total], n))
+    let cut = cut_layers(layers, &graph.grads, &reached)?;
+    Ok(graph.squares(vec![total], n, cut))
 }
 
 impl<'a> Inspection<'a> {

@@ -156,6 +156,12 @@ pub struct Sensitivity {
     /// sub-batch probes existed (every such report probed the full batch).
     #[serde(default)]
     pub probe_samples: Option<usize>,
+    /// Whether the layer's gradient moves with the inputs along a path the model's autograd
+    /// record does not hold (a `.detach()`, `torch.no_grad`, a once-differentiable function):
+    /// the double backward, which differentiates the record, would measure too little there (0
+    /// for a head on a no_grad backbone), so M1 was measured by central differences (`method`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub graph_cut: bool,
 }
 
 /// M2 for one layer.
@@ -252,23 +258,23 @@ pub struct GuardHealth {
     /// Policy reloads rejected so far (the policy in force stayed).
     #[serde(default)]
     pub policy_reload_failures: u64,
-    /// The check of M1's double backward against a central difference, made at the first
-    /// estimate (None before it, or where M1 is absent or measured by central differences from
-    /// the start).
+    /// Which layers the model's autograd record leaves cut off from the inputs, as the first
+    /// estimate's M1 found them (None before it, or where M1 is absent or set to central
+    /// differences from the start).
     #[serde(default)]
     pub autograd_check: Option<AutogradCheck>,
 }
 
-/// What the guard found when it checked, at its first estimate, that the model's autograd graph
-/// carries the whole dependence of the released gradient on the inputs (M1's double backward
-/// sees nothing else).
+/// What the first estimate's M1 found: whether the model's autograd record connects every layer's
+/// gradient to the inputs (M1's double backward differentiates the record and sees nothing
+/// else; [`Sensitivity::graph_cut`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AutogradCheck {
-    /// The step of the check.
+    /// The step of that estimate.
     pub step: u64,
     /// Layers whose gradient moves with the inputs along a path autograd did not record (a
     /// `.detach()`, `torch.no_grad`, a once-differentiable function): where any is, every M1
-    /// from the check on is measured by central differences, which re-run the forward.
+    /// from that estimate on is measured by central differences, which re-run the forward.
     pub cut_layers: Vec<String>,
 }
 

@@ -25,8 +25,8 @@ pub(super) struct Estimates {
     pub(super) isolation_step: Option<u64>,
     /// M1's route when the policy leaves `probe_samples` unset, calibrated on the model.
     pub(super) probe_route: ProbeRoute,
-    /// Whether the model's autograd graph carries the gradient's whole dependence on the
-    /// inputs, checked at the first estimate (`Inspection::graph_check`).
+    /// Whether the model's autograd record connects every layer's gradient to the inputs, as
+    /// the first estimate's M1 found it (`Sensitivity::graph_cut`).
     pub(super) autograd_check: Option<AutogradCheck>,
     /// The last M2 and M6 measurements' times at an estimate (seconds), the guesses for the next.
     pub(super) secondary_costs: SecondaryCosts,
@@ -148,19 +148,16 @@ impl Estimates {
         }
         let n = batch.validate()?;
         let mut m1_settings = self.probe_route.settings(settings.sensitivity(), n);
-        let m1_started = self.scheduler.now();
         if self.graph_is_cut() {
-            m1_settings = by_differences(m1_settings);
+            // Found at the first estimate: the double backward would measure too little, and
+            // the estimator would find that out again only after running it.
+            m1_settings = m1_settings.by_differences();
         }
-        let (mut sensitivity, mut kept) = measure_m1(layers, &look, &m1_settings, keep_jvps)?;
-        if m1_settings.method == JvpMethod::DoubleBackward && self.autograd_check.is_none() {
-            // After M1, whose double backward consumed the training step's graph: the check's
-            // own forward (batch norm updating its running statistics) would invalidate it.
-            check_graph(&mut self.autograd_check, &look, step)?;
-            if self.graph_is_cut() {
-                m1_settings = by_differences(m1_settings);
-                (sensitivity, kept) = measure_m1(layers, &look, &m1_settings, keep_jvps)?;
-            }
+        let m1_started = self.scheduler.now();
+        let (sensitivity, kept) = measure_m1(layers, &look, &m1_settings, keep_jvps)?;
+        if self.autograd_check.is_none() && m1_settings.method == JvpMethod::DoubleBackward && sensitivity.iter().any(|m| m.measured().is_some()) {
+            let cut_layers = layers.layers().iter().zip(&sensitivity).filter(|(_, m)| m.measured().is_some_and(|s| s.graph_cut)).map(|(l, _)| l.name.clone()).collect();
+            self.autograd_check = Some(AutogradCheck { step, cut_layers });
         }
         self.sensitivity = sensitivity;
         self.probe_route.observe(&settings.sensitivity(), n, &self.sensitivity, self.scheduler.now() - m1_started);
@@ -303,30 +300,6 @@ impl ReleaseProbe for JvpSamples {
     fn input_dims(&self) -> usize {
         self.input_dims
     }
-}
-
-/// At the first estimate that reaches M1: whether its double backward sees the whole dependence
-/// of the gradient on the inputs. Integer inputs without a split (M1 absent) leave it unchecked.
-fn check_graph(checked: &mut Option<AutogradCheck>, look: &Inspection, step: u64) -> Result<()> {
-    if checked.is_some() {
-        return Ok(());
-    }
-    match look.graph_check() {
-        Ok(check) => {
-            *checked = Some(AutogradCheck { step, cut_layers: check.cut_layers });
-            Ok(())
-        }
-        Err(GuardError::DiscreteInputs { .. }) => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// M1's settings for a model whose autograd record misses part of the gradient's dependence on
-/// the inputs: central differences, which re-run the forward (the double backward would
-/// measure too little, 0 for a head on a no_grad backbone); exact mode differentiates the same
-/// record, so probes replace it.
-fn by_differences(settings: SensitivitySettings) -> SensitivitySettings {
-    SensitivitySettings { method: JvpMethod::CentralDifference, exact: false, ..settings }
 }
 
 /// M1 of every layer, and the probe JVPs too when `keep_jvps` (none for integer inputs without
