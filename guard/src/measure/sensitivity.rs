@@ -62,9 +62,7 @@ impl SensitivitySettings {
         }
         Ok(())
     }
-}
 
-impl SensitivitySettings {
     /// These settings with central differences, which re-run the forward: what M1 falls back to
     /// where the autograd record does not connect a layer's gradient to the inputs (exact mode
     /// differentiates the same record, so probes replace it).
@@ -240,6 +238,11 @@ impl ProbeContext {
         let grad_norms = layers.layer_square_sums(&to_f64_vec(&layers.param_norms(&grads)?)?).into_iter().map(f64::sqrt).collect();
         Ok(Self { used, reached: Vec::new(), grad_norms, grads, probe_samples })
     }
+
+    /// Per layer: cut off from the inputs' autograd record ([`cut_layers`]).
+    fn cut(&self, layers: &LayerMap) -> Result<Vec<bool>> {
+        cut_layers(layers, &self.grads, &self.reached)
+    }
 }
 
 /// Gradients without their graph (undefined ones kept).
@@ -266,13 +269,6 @@ fn probe_jvps(ins: &Inspection, point: &Point, settings: &SensitivitySettings, n
     };
     ctx.reached = reached;
     Ok(ctx)
-}
-
-impl ProbeContext {
-    /// Per layer: cut off from the inputs' autograd record ([`cut_layers`]).
-    fn cut(&self, layers: &LayerMap) -> Result<Vec<bool>> {
-        cut_layers(layers, &self.grads, &self.reached)
-    }
 }
 
 /// The double-backward route: the whole batch's graph gives G, ||G_l|| and every probe's JVP.
