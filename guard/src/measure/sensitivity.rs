@@ -109,7 +109,9 @@ fn estimate_sensitivity(ins: &Inspection, settings: &SensitivitySettings) -> Res
 /// reached (`reached`, per parameter in `flat_params` order). Whether the record connects a
 /// parameter to the inputs does not depend on the direction, so any JVP tells. Such a layer's
 /// gradient still moves with the inputs (a head on a no_grad backbone gives its features
-/// back), and the double backward would measure 0 there.
+/// back), and the double backward would measure 0 there. Not found: a parameter reached along
+/// one path from the inputs and cut on another (a once-differentiable function on one branch
+/// only); its M1 lacks that path's part.
 fn cut_layers(layers: &LayerMap, grads: &[Tensor], reached: &[bool]) -> Result<Vec<bool>> {
     let mut cut = vec![false; layers.len()];
     if grads.iter().zip(reached).all(|(g, r)| *r || !g.defined()) {
