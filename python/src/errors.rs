@@ -9,7 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 create_exception!(gradguard, GradguardError, PyException, "Base class of every gradguard error.");
 create_exception!(gradguard, ConfigError, GradguardError, "A setting has an unknown key or a bad value (a round's config, a metrics address).");
 create_exception!(
-    gradguard_fl,
+    gradguard,
     ParameterError,
     GradguardError,
     "The given parameters do not match the local model (names, shapes, dtypes, values)."
@@ -17,7 +17,7 @@ create_exception!(
 create_exception!(gradguard, DataError, GradguardError, "The client's data partition cannot be used (empty, bad spec).");
 create_exception!(gradguard, PolicyError, GradguardError, "The privacy policy is invalid or does not fit the model.");
 create_exception!(
-    gradguard_fl,
+    gradguard,
     ModelError,
     GradguardError,
     "The model file cannot be used (missing, not TorchScript, does not fit the data); the message names the file."
@@ -31,7 +31,7 @@ create_exception!(
 create_exception!(gradguard, AuditError, GradguardError, "The audit log cannot be opened or written; the message names the file.");
 create_exception!(gradguard, InternalError, GradguardError, "A libtorch failure or a caught panic inside the extension.");
 create_exception!(
-    gradguard_fl,
+    gradguard,
     StateError,
     GradguardError,
     "The guard state saved beside the audit log is missing, rolled back, altered or unreadable: nothing is released until an operator resets it (`gradguard log reset-state LOG`)."
